@@ -1,0 +1,248 @@
+"""Frozen, typed configs: one per subsystem, saved inside every checkpoint and snapshot.
+
+Defaults are the paper's hyper-parameters. A config file (YAML or JSON) holds one section per
+subsystem (`encoder:`, `model:`, `training:`, `eval:`, `cache:`, `kafka:`); environment variables
+override single fields: `FELREC_<SECTION>__<FIELD>=value`, e.g. `FELREC_TRAINING__EPOCHS=5`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar
+
+from felrec_stream.errors import ConfigError
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The shared Transformer encoder (paper section 3 / appendix A)."""
+
+    d_model: int = 128
+    n_layers: int = 3
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.1
+    type_embedding: bool = True  # ablation "-noType" sets False
+
+    def __post_init__(self) -> None:
+        _check(self.d_model > 0 and self.d_model % self.n_heads == 0, "encoder.d_model must be a positive multiple of n_heads")
+        _check(self.n_layers >= 1 and self.d_ff >= 1, "encoder.n_layers and d_ff must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "encoder.dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """FELRec-Q (MoCo-style queue + InfoNCE) or FELRec-P (BYOL-style predictor), with ablations."""
+
+    variant: Literal["q", "p"] = "q"
+    queue_size: int = 8192  # K, FELRec-Q
+    temperature: float = 0.07  # T, FELRec-Q
+    norm: Literal["batch", "layer"] = "batch"  # ablation "-LN" uses layer norm in the MLPs
+    use_mlp: bool = True  # ablation "-noMLP": losses act on the encoder outputs directly
+    share_mlp: bool = False  # ablation "-shareMLP": users and items share their MLPs
+    proj_hidden: int = 256  # FELRec-P bottleneck projection 128 -> 256 -> 64
+    proj_out: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.variant in ("q", "p"), "model.variant must be 'q' or 'p'")
+        _check(self.norm in ("batch", "layer"), "model.norm must be 'batch' or 'layer'")
+        _check(self.queue_size >= 1, "model.queue_size must be >= 1")
+        _check(self.temperature > 0, "model.temperature must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Time-ordered replay training: SGD + cosine schedule with linear warm-up, per epoch."""
+
+    epochs: int = 100
+    warmup_epochs: int = 10
+    lr: float = 0.01
+    min_lr: float = 1e-7
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    # Collapse guard: stop when the spread of user vectors stays below this for `collapse_patience` epochs.
+    min_spread: float = 1e-3
+    collapse_patience: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")
+        _check(self.batch_size >= 1, "training.batch_size must be >= 1")
+        _check(self.lr > 0, "training.lr must be > 0")
+        _check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+               and self.val_fraction + self.test_fraction < 1, "training val/test fractions must leave a train part")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Online evaluation protocol."""
+
+    batch_size: int = 1024
+    num_negatives: int = 100  # HR@k is computed against this many sampled negatives
+    hr_k: int = 10
+    seed: int = 0
+    nn_neighbors: int = 10  # nearest-neighbour variant: average the scores of the user's 10 nearest users
+    mode: Literal["keep", "reset"] = "keep"  # keep the training cache, or start from an empty one
+
+    def __post_init__(self) -> None:
+        _check(self.num_negatives >= 1 and self.hr_k >= 1, "eval.num_negatives and hr_k must be >= 1")
+        _check(self.mode in ("keep", "reset"), "eval.mode must be 'keep' or 'reset'")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The representation cache: history length and (for the FAISS store) sharding/index."""
+
+    history_len: int = 64
+    shards: int = 1
+    index_type: Literal["flat", "hnsw", "ivf"] = "flat"
+    hnsw_m: int = 32
+    ivf_nlist: int = 1024
+    max_entities: int = 0  # 0 = unbounded; else least-recently-updated entities spill to disk
+
+    def __post_init__(self) -> None:
+        _check(self.history_len >= 1, "cache.history_len must be >= 1")
+        _check(self.shards >= 1, "cache.shards must be >= 1")
+        _check(self.index_type in ("flat", "hnsw", "ivf"), "cache.index_type must be flat, hnsw or ivf")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Connection settings; `security` passes through to kafka-python (sasl_*, ssl_*, security_protocol)."""
+
+    bootstrap_servers: str = ""  # empty = start the embedded broker
+    topic: str = "interactions"
+    dead_letter_topic: str = "interactions.dlq"
+    partitions: int = 1
+    client_id: str = "felrec-stream"
+    request_timeout_ms: int = 15000
+    connect_retries: int = 5
+    max_message_bytes: int = 65536
+    reorder_window: int = 1000  # events held back to restore event-time order across partitions
+    security: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.partitions >= 1, "kafka.partitions must be >= 1")
+        _check(self.reorder_window >= 0, "kafka.reorder_window must be >= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "encoder": EncoderConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "eval": EvalConfig,
+    "cache": CacheConfig,
+    "kafka": KafkaConfig,
+}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain, JSON-serialisable dict of a config dataclass."""
+    return {f.name: (dict(v) if isinstance(v := getattr(config, f.name), Mapping) else v)
+            for f in dataclasses.fields(config)}
+
+
+def from_dict(cls: type[C], values: Mapping[str, Any] | None, section: str = "") -> C:
+    """Build `cls` from a mapping, rejecting unknown keys and coercing/validating field types."""
+    values = dict(values or {})
+    name = section or cls.__name__
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {name} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    coerced = {key: _coerce(hints[key], value, f"{name}.{key}") for key, value in values.items()}
+    try:
+        return cls(**coerced)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {name}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where} must be one of {typing.get_args(hint)}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where} must be a boolean, got {value!r}")
+    if hint in (int, float, str):
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}") from None
+    if origin in (Mapping, dict) or hint is Mapping:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def env_overrides(section: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`FELREC_<SECTION>__<FIELD>` variables for one section, keyed by lower-case field name."""
+    environ = os.environ if environ is None else environ
+    prefix = f"FELREC_{section.upper()}__"
+    return {key[len(prefix):].lower(): value for key, value in environ.items() if key.startswith(prefix)}
+
+
+def read_config_file(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Sections of a YAML/JSON config file (empty when `path` is None)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # both parsers raise their own error types
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) in {path}: {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    return {k: dict(v or {}) for k, v in data.items()}
+
+
+def load_section(cls: type[C], section: str, file_sections: Mapping[str, Mapping[str, Any]] | None = None,
+                 overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> C:
+    """File values < environment variables < explicit overrides (e.g. CLI options that were given)."""
+    values: dict[str, Any] = dict((file_sections or {}).get(section, {}))
+    values.update(env_overrides(section, environ))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(cls, values, section)
+
+
+def replace(config: C, **changes: Any) -> C:
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,323 @@
+"""The representation cache: growing user/item tables of vectors and last-L histories.
+
+FELRec has no embedding layer: each entity's representation is whatever the encoder last wrote
+for it. A `RepresentationStore` holds, per kind (users, items):
+
+- an `IdMap` from external id (str) to a dense slot, growing as new ids appear;
+- a `VectorBackend` with one D-dim vector per slot (missing -> zero vector). `TensorVectors`
+  keeps them in a torch tensor (training, evaluation); the streaming worker swaps in a sharded
+  FAISS backend implementing the same interface;
+- a `HistoryBuffer`: the last L slots of the *other* kind each entity interacted with
+  (right-aligned, -1 padding), plus interaction counts and last-update times.
+
+Writes never go through autograd. All batch operations are vectorised (no per-event Python loop
+except the id dict lookups).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from felrec_stream.errors import StoreError
+
+
+class Kind(str, Enum):
+    USER = "user"
+    ITEM = "item"
+
+    @property
+    def other(self) -> "Kind":
+        return Kind.ITEM if self is Kind.USER else Kind.USER
+
+
+class IdMap:
+    """External id (str) <-> dense slot (0, 1, 2, ... in order of first appearance)."""
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._slot: dict[str, int] = {}
+        self._ids: list[str] = []
+        for external in ids:
+            self._slot[external] = len(self._ids)
+            self._ids.append(external)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, external: str) -> bool:
+        return external in self._slot
+
+    def lookup(self, ids: np.ndarray | list, create: bool = False) -> np.ndarray:
+        """Slots of `ids` (int64); unknown ids get new slots when `create`, else -1."""
+        get = self._slot.get
+        if not create:
+            return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        out = np.empty(len(ids), dtype=np.int64)
+        for n, external in enumerate(ids):
+            slot = get(external)
+            if slot is None:
+                slot = self._slot[external] = len(self._ids)
+                self._ids.append(external)
+            out[n] = slot
+        return out
+
+    def external(self, slots: np.ndarray) -> np.ndarray:
+        ids = np.asarray(self._ids, dtype=object)
+        return ids[np.asarray(slots, dtype=np.int64)]
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+
+class VectorBackend(abc.ABC):
+    """Dense per-slot vectors. Slot -1 reads as the zero vector; never-written slots read as zero."""
+
+    dim: int
+
+    @abc.abstractmethod
+    def ensure(self, size: int, ids: np.ndarray) -> None:
+        """Make room for slots [0, size); `ids` are the external ids of the new slots, in slot order."""
+
+    @abc.abstractmethod
+    def get(self, slots: torch.Tensor) -> torch.Tensor:
+        """(..., D) float32 vectors of `slots` (any shape, int64, -1 = missing), on `self.device`."""
+
+    @abc.abstractmethod
+    def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Overwrite rows `slots` (unique, >= 0) with `vectors` (N, D). Detached from autograd."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Zero every vector (the paper empties the cache at each epoch start); slots are kept."""
+
+    @abc.abstractmethod
+    def all(self) -> torch.Tensor:
+        """(size, D) vectors of every slot."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vectors": self.all().detach().cpu().numpy().copy()}
+
+    def load_state_dict(self, state: dict[str, Any], ids: np.ndarray) -> None:
+        vectors = np.asarray(state["vectors"], dtype=np.float32)
+        self.ensure(len(vectors), ids)
+        if len(vectors):
+            self.put(torch.arange(len(vectors)), torch.from_numpy(vectors))
+
+
+class TensorVectors(VectorBackend):
+    """Vectors in one growing torch tensor (capacity doubles), on any device."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu", capacity: int = 1024) -> None:
+        self.dim = dim
+        self._data = torch.zeros(max(capacity, 1), dim, device=torch.device(device))
+        self._size = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._data.device
+
+    def ensure(self, size: int, ids: np.ndarray) -> None:
+        if size > self._data.shape[0]:
+            grown = torch.zeros(max(size, 2 * self._data.shape[0]), self.dim, device=self.device)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+        self._size = max(self._size, size)
+
+    def get(self, slots: torch.Tensor) -> torch.Tensor:
+        slots = slots.to(self.device)
+        present = (slots >= 0).unsqueeze(-1)
+        return self._data[slots.clamp(min=0)] * present
+
+    def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
+        self._data[slots.to(self.device)] = vectors.detach().to(self.device, torch.float32)
+
+    def reset(self) -> None:
+        self._data.zero_()
+
+    def all(self) -> torch.Tensor:
+        return self._data[: self._size]
+
+
+@dataclass
+class HistoryPlan:
+    """Histories of one batch under the in-batch rule, and the rows to store once it commits."""
+
+    event_history: np.ndarray  # (B, L) int64, slots of the other kind, right-aligned, -1 padding
+    event_length: np.ndarray  # (B,) int64, valid entries per row
+    unique_slots: np.ndarray  # (G,) slots touched by the batch
+    new_rows: np.ndarray  # (G, L) their histories after the batch
+    new_lengths: np.ndarray  # (G,)
+    added: np.ndarray  # (G,) interactions added per slot
+
+
+class HistoryBuffer:
+    """Last-L interaction histories of every slot of one kind, plus interaction counts."""
+
+    def __init__(self, length: int, capacity: int = 1024) -> None:
+        self.length = length
+        self.rows = np.full((max(capacity, 1), length), -1, dtype=np.int64)
+        self.lengths = np.zeros(max(capacity, 1), dtype=np.int64)
+        self.counts = np.zeros(max(capacity, 1), dtype=np.int64)
+        self.last_time = np.zeros(max(capacity, 1), dtype=np.int64)
+        self.size = 0
+
+    def ensure(self, size: int) -> None:
+        if size > len(self.rows):
+            cap = max(size, 2 * len(self.rows))
+            self.rows = _grow(self.rows, cap, -1)
+            self.lengths = _grow(self.lengths, cap, 0)
+            self.counts = _grow(self.counts, cap, 0)
+            self.last_time = _grow(self.last_time, cap, 0)
+        self.size = max(self.size, size)
+
+    def reset(self) -> None:
+        self.rows[:] = -1
+        self.lengths[:] = 0
+        self.counts[:] = 0
+        self.last_time[:] = 0
+
+    def plan(self, slots: np.ndarray, others: np.ndarray) -> HistoryPlan:
+        """Histories for events (slots[i] interacted with others[i]), in batch order.
+
+        Event i sees every *earlier* interaction of its slot: the stored history plus the earlier
+        events of the same batch, at most L of them (the most recent).
+        """
+        L, B = self.length, len(slots)
+        order = np.argsort(slots, kind="stable")  # groups contiguous, batch order kept inside
+        sorted_slots = slots[order]
+        starts = np.ones(B, dtype=bool)
+        starts[1:] = sorted_slots[1:] != sorted_slots[:-1]
+        group_sorted = np.cumsum(starts) - 1  # (B,)
+        first_index = np.flatnonzero(starts)  # (G,)
+        rank_sorted = np.arange(B) - first_index[group_sorted]
+        unique_slots = sorted_slots[starts]
+        added = np.diff(np.append(first_index, B))  # (G,)
+        # M = [stored history (right-aligned in L) | this batch's others in order]
+        M = np.full((len(unique_slots), L + int(added.max(initial=0))), -1, dtype=np.int64)
+        M[:, :L] = self.rows[unique_slots]
+        M[group_sorted, L + rank_sorted] = others[order]
+        group = np.empty(B, dtype=np.int64)
+        rank = np.empty(B, dtype=np.int64)
+        group[order], rank[order] = group_sorted, rank_sorted
+        window = np.arange(L)
+        event_history = M[group[:, None], rank[:, None] + window]  # (B, L)
+        event_length = np.minimum(self.lengths[slots] + rank, L)
+        new_rows = M[np.arange(len(unique_slots))[:, None], added[:, None] + window]
+        new_lengths = np.minimum(self.lengths[unique_slots] + added, L)
+        return HistoryPlan(event_history, event_length, unique_slots, new_rows, new_lengths, added)
+
+    def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None) -> None:
+        self.rows[plan.unique_slots] = plan.new_rows
+        self.lengths[plan.unique_slots] = plan.new_lengths
+        self.counts[plan.unique_slots] += plan.added
+        if last_time is not None:
+            self.last_time[plan.unique_slots] = last_time
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        n = self.size
+        return {"rows": self.rows[:n].copy(), "lengths": self.lengths[:n].copy(),
+                "counts": self.counts[:n].copy(), "last_time": self.last_time[:n].copy()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        n = len(state["lengths"])
+        if state["rows"].shape[1:] != (self.length,):
+            raise StoreError(f"history length mismatch: snapshot has {state['rows'].shape[1:]}, store {self.length}")
+        self.ensure(n)
+        self.rows[:n], self.lengths[:n] = state["rows"], state["lengths"]
+        self.counts[:n], self.last_time[:n] = state["counts"], state["last_time"]
+
+
+def _grow(array: np.ndarray, capacity: int, fill: int) -> np.ndarray:
+    grown = np.full((capacity,) + array.shape[1:], fill, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
+
+
+def last_occurrence(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique slots and the batch position of the *latest* event of each (deterministic)."""
+    reversed_unique, reversed_index = np.unique(slots[::-1], return_index=True)
+    return reversed_unique, len(slots) - 1 - reversed_index
+
+
+class EntityTable:
+    """Ids, vectors and histories of one kind."""
+
+    def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int) -> None:
+        self.kind = kind
+        self.ids = IdMap()
+        self.vectors = vectors
+        self.history = HistoryBuffer(history_len)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def slots(self, ids: np.ndarray, create: bool = True) -> np.ndarray:
+        before = len(self.ids)
+        slots = self.ids.lookup(ids, create=create)
+        if len(self.ids) > before:
+            new_ids = np.asarray(self.ids.ids()[before:], dtype=object)
+            self.vectors.ensure(len(self.ids), new_ids)
+            self.history.ensure(len(self.ids))
+        return slots
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ids": self.ids.ids(), "vectors": self.vectors.state_dict(), "history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(self.ids):
+            raise StoreError("load_state_dict needs an empty table")
+        ids = list(state["ids"])
+        self.ids = IdMap(ids)
+        self.vectors.load_state_dict(state["vectors"], np.asarray(ids, dtype=object))
+        self.history.load_state_dict(state["history"])
+
+
+class RepresentationStore:
+    """User and item tables; the object the training loop, evaluator and worker all update."""
+
+    def __init__(self, dim: int, history_len: int = 64, device: torch.device | str = "cpu",
+                 user_vectors: VectorBackend | None = None, item_vectors: VectorBackend | None = None) -> None:
+        self.dim = dim
+        self.history_len = history_len
+        self.tables = {
+            Kind.USER: EntityTable(Kind.USER, user_vectors or TensorVectors(dim, device), history_len),
+            Kind.ITEM: EntityTable(Kind.ITEM, item_vectors or TensorVectors(dim, device), history_len),
+        }
+
+    @property
+    def users(self) -> EntityTable:
+        return self.tables[Kind.USER]
+
+    @property
+    def items(self) -> EntityTable:
+        return self.tables[Kind.ITEM]
+
+    @property
+    def device(self) -> torch.device:
+        return self.users.vectors.device
+
+    def reset(self) -> None:
+        """Empty the cache and histories but keep id->slot maps (cheap epoch restarts)."""
+        for table in self.tables.values():
+            table.vectors.reset()
+            table.history.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dim": self.dim, "history_len": self.history_len,
+                "users": self.users.state_dict(), "items": self.items.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["dim"] != self.dim or state["history_len"] != self.history_len:
+            raise StoreError(f"store shape mismatch: state dim={state['dim']} history_len={state['history_len']}, "
+                             f"store dim={self.dim} history_len={self.history_len}")
+        self.users.load_state_dict(state["users"])
+        self.items.load_state_dict(state["items"])
