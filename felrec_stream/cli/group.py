@@ -1,0 +1,45 @@
+"""The root click group and the error boundary of every command."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from felrec_stream import __version__
+from felrec_stream.errors import FelrecError
+from felrec_stream.log import configure_logging
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "FELREC"})
+@click.version_option(__version__, prog_name="felrec-stream")
+@click.option("--log-level", default="INFO", show_default=True, envvar="FELREC_LOG_LEVEL",
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Log level of the structured (structlog) logs on stderr.")
+@click.option("--log-json/--no-log-json", default=None, envvar="FELREC_LOG_JSON",
+              help="Force JSON log lines (default: JSON when stderr is not a terminal).")
+def cli(log_level: str, log_json: bool | None) -> None:
+    """felrec-stream: FELRec cold-start recommender on streams of interactions.
+
+    Every option can also be set by an environment variable FELREC_<COMMAND>_<OPTION>
+    (e.g. FELREC_TRAIN_EPOCHS=5); config files set whole sections (see --config).
+    """
+    configure_logging(level=log_level, json=log_json)
+
+
+def main() -> None:
+    """Console-script entry point: FelrecError -> one clear line on stderr, exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except FelrecError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
