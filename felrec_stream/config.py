@@ -105,6 +105,10 @@ class CacheConfig:
     """The representation cache: history length and (for the FAISS store) sharding/index."""
 
     history_len: int = 64
+    # Input of an entity's very first encoding (empty history): "id_seed" = a fixed pseudo-random
+    # vector derived from its external id (breaks the symmetry of an all-zero cache, see
+    # engine.py); "zero" = the paper's zero vector.
+    cold_start_input: Literal["id_seed", "zero"] = "id_seed"
     shards: int = 1
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
     hnsw_m: int = 32
@@ -114,6 +118,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         _check(self.history_len >= 1, "cache.history_len must be >= 1")
         _check(self.shards >= 1, "cache.shards must be >= 1")
+        _check(self.cold_start_input in ("id_seed", "zero"), "cache.cold_start_input must be id_seed or zero")
         _check(self.index_type in ("flat", "hnsw", "ivf"), "cache.index_type must be flat, hnsw or ivf")
 
 
@@ -131,10 +136,12 @@ class KafkaConfig:
     max_message_bytes: int = 65536
     reorder_window: int = 1000  # events held back to restore event-time order across partitions
     security: Mapping[str, Any] = field(default_factory=dict)
+    timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"  # unit of message `ts`; bounds the year-2200 check
 
     def __post_init__(self) -> None:
         _check(self.partitions >= 1, "kafka.partitions must be >= 1")
         _check(self.reorder_window >= 0, "kafka.reorder_window must be >= 0")
+        _check(self.timestamp_unit in ("s", "ms", "us", "ns"), "kafka.timestamp_unit must be s, ms, us or ns")
 
 
 SECTIONS: dict[str, type] = {

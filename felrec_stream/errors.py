@@ -37,5 +37,9 @@ class BrokerError(KafkaError):
     """The embedded broker could not be started, probed or stopped."""
 
 
+class ReplayError(KafkaError):
+    """A replay stopped before every event was acknowledged; carries counts for a safe re-run."""
+
+
 class ServiceError(FelrecError):
     """The query service cannot start or answer."""

@@ -1,0 +1,34 @@
+"""FELRec training objectives as small pure functions (paper section 3.2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
+    """InfoNCE of MoCo: q (B, C) and its positive k (B, C) against the negatives in queue (K, C).
+
+    All inputs are L2-normalised; k and queue carry no gradient (stop-gradient on the other branch).
+    """
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (B, 1)
+    l_neg = torch.einsum("nc,kc->nk", q, queue)  # (B, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / T  # (B, 1 + K)
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
+    return F.cross_entropy(logits, labels)
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's 2 - 2 cos(p, z), averaged over the batch; z carries no gradient."""
+    p = F.normalize(p, dim=-1)
+    z = F.normalize(z, dim=-1)
+    return (2 - 2 * (p * z).sum(dim=-1)).mean()
+
+
+def representation_spread(v: torch.Tensor) -> torch.Tensor:
+    """1 - |mean of the L2-normalised rows|: 0 when all vectors point the same way (collapse),
+    close to 1 for vectors spread over the sphere. Zero rows (never-written entries) are ignored."""
+    v = v[v.norm(dim=-1) > 0]
+    if v.shape[0] < 2:
+        return torch.zeros((), device=v.device)
+    return 1 - F.normalize(v, dim=-1).mean(dim=0).norm()

@@ -1,0 +1,188 @@
+"""SnapshotManager: exact state round trips, corruption fallback, retention, crash before commit."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from felrec_stream.config import CacheConfig
+from felrec_stream.errors import StoreError
+from felrec_stream.faiss_store import make_store
+from felrec_stream.snapshot import SnapshotManager, flatten_state, unflatten_state
+from felrec_stream.store import RepresentationStore
+
+D = 8
+
+
+def _filled(store: RepresentationStore, seed: int = 0) -> RepresentationStore:
+    rng = np.random.default_rng(seed)
+    for _ in range(4):
+        users = np.asarray([f"u{i}" for i in rng.integers(0, 20, 12)] + ["ü-ß-用户"], dtype=object)
+        items = np.asarray([f"i{i}" for i in rng.integers(0, 30, 13)], dtype=object)
+        u, i = store.users.slots(users), store.items.slots(items)
+        plan = store.users.history.plan(u, i)
+        store.users.history.apply(plan, last_time=np.arange(len(plan.unique_slots)))
+        store.items.history.apply(store.items.history.plan(i, u))
+        store.users.vectors.put(torch.from_numpy(plan.unique_slots),
+                                torch.from_numpy(rng.normal(size=(len(plan.unique_slots), D)).astype(np.float32)))
+    return store
+
+
+def _assert_same_state(a, b):
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same_state(a[key], b[key])
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("backend", ["tensor", "faiss"])
+def test_store_state_round_trips_exactly(tmp_path, backend):
+    make = (lambda: RepresentationStore(D, history_len=3)) if backend == "tensor" else \
+        (lambda: make_store(D, CacheConfig(history_len=3, shards=3)))
+    store = _filled(make())
+    manager = SnapshotManager(tmp_path)
+    extra = (lambda d: store.items.vectors.write_index_files(d / "faiss", prefix="items-")) if backend == "faiss" else None
+    manager.write_state(store.state_dict(), {"offsets": {"interactions": {"0": 41}}, "config_version": 1}, extra)
+    snap = manager.latest_valid()
+    assert snap.meta == {"offsets": {"interactions": {"0": 41}}, "config_version": 1}
+    _assert_same_state(snap.state(), store.state_dict())
+    if backend == "faiss":
+        assert "faiss/items-shard-0000.faiss" in snap.files and (snap.path / "faiss" / "items-index.json").is_file()
+    restored = make()
+    restored.load_state_dict(snap.state())
+    _assert_same_state(restored.state_dict(), store.state_dict())
+
+
+def test_flatten_state_handles_nested_values_without_pickle():
+    state = {"a": {"b": np.arange(6, dtype=np.int16).reshape(2, 3), "ids": ["x", "", "é"], "n": 3,
+                   "f": 0.1, "none": None, "flag": True, "empty": [], "ints": [1, 2]},
+             "t": torch.ones(2, 2), "obj": np.asarray(["p", "q"], dtype=object), "deep": [{"x": np.zeros(1)}]}
+    arrays, spec = flatten_state(state)
+    json.dumps(spec)
+    assert all(a.dtype != object for a in arrays.values())
+    back = unflatten_state(arrays, spec)
+    assert back["a"]["ids"] == ["x", "", "é"] and back["a"]["empty"] == [] and back["a"]["ints"] == [1, 2]
+    assert back["a"]["n"] == 3 and back["a"]["f"] == 0.1 and back["a"]["none"] is None and back["a"]["flag"] is True
+    np.testing.assert_array_equal(back["a"]["b"], state["a"]["b"])
+    assert isinstance(back["t"], torch.Tensor) and torch.equal(back["t"], state["t"])
+    assert back["obj"].dtype == object and back["obj"].tolist() == ["p", "q"]
+    np.testing.assert_array_equal(back["deep"][0]["x"], np.zeros(1))
+    with pytest.raises(StoreError):
+        flatten_state({"bad/key": 1})
+    with pytest.raises(StoreError):
+        flatten_state({"x": object()})
+
+
+def _write(manager, value, **extra_meta):
+    return manager.write({"v": np.full(1000, value, dtype=np.int64)}, {"value": value, **extra_meta})
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "missing_manifest", "missing_file", "bad_manifest"])
+def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, capsys):
+    manager = SnapshotManager(tmp_path)
+    _write(manager, 1)
+    newest = _write(manager, 2)
+    array = newest / "array-00000.npy"
+    if damage == "flip_byte":
+        _flip_byte(array)
+    elif damage == "truncate":
+        array.write_bytes(array.read_bytes()[:100])
+    elif damage == "missing_manifest":
+        (newest / "manifest.json").unlink()
+    elif damage == "missing_file":
+        array.unlink()
+    else:
+        (newest / "manifest.json").write_text("{not json")
+    snap = manager.latest_valid()
+    assert snap.meta["value"] == 1 and int(snap.arrays["v"][0]) == 1
+    assert "snapshot_corrupt" in capsys.readouterr().err
+
+
+def test_missing_current_still_recovers_newest_verified(tmp_path):
+    manager = SnapshotManager(tmp_path)
+    _write(manager, 1)
+    newest = _write(manager, 2)
+    (tmp_path / "CURRENT").unlink()
+    assert manager.latest_valid().meta["value"] == 2
+    _flip_byte(newest / "array-00000.npy")
+    assert manager.latest_valid().meta["value"] == 1
+    assert _write(manager, 3).name == "snap-000000000003"  # seqs never reused
+
+
+def test_crash_before_current_switch_keeps_old_snapshot_current(tmp_path):
+    manager = SnapshotManager(tmp_path)
+    _write(manager, 1)
+    # crash after writing files (no manifest yet) and crash after the manifest but before CURRENT
+    partial = tmp_path / "snap-000000000002"
+    partial.mkdir()
+    (partial / "array-00000.npy").write_bytes(b"half")
+    complete_uncommitted = tmp_path / "snap-000000000003"
+    _write(SnapshotManager(tmp_path / "elsewhere"), 3)
+    (tmp_path / "elsewhere" / "snap-000000000001").rename(complete_uncommitted)
+    assert manager.current_seq() == 1
+    assert manager.latest_valid().meta["value"] == 1
+    # the next write gets a fresh seq and clears the leftovers
+    path = _write(manager, 4)
+    assert path.name == "snap-000000000004" and manager.current_seq() == 4
+    assert manager.snapshots() == [1, 4] and manager.latest_valid().meta["value"] == 4
+
+
+def test_retention_keeps_newest_k_complete(tmp_path):
+    manager = SnapshotManager(tmp_path, keep=2)
+    for value in range(1, 6):
+        _write(manager, value)
+    assert manager.snapshots() == [4, 5]
+    assert json.loads((tmp_path / "CURRENT").read_text()) == {"seq": 5, "dir": "snap-000000000005"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_manifest_holds_checksums_sizes_meta_and_created_time(tmp_path):
+    manager = SnapshotManager(tmp_path)
+    path = manager.write({"x": np.arange(3.0)}, {"offsets": [1, 2]}, extra=lambda d: (d / "extra.bin").write_bytes(b"abc"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"array-00000.npy", "extra.bin"}
+    assert manifest["files"]["extra.bin"]["size"] == 3 and len(manifest["files"]["extra.bin"]["sha256"]) == 64
+    assert manifest["meta"] == {"offsets": [1, 2]} and manifest["created_at"] and manifest["seq"] == 1
+    (path / "extra.bin").write_bytes(b"abd")
+    assert manager.latest_valid() is None
+    with pytest.raises(StoreError):
+        manager.write({"ids": np.asarray(["a"], dtype=object)}, {})
+    with pytest.raises(StoreError):
+        manager.write({}, {"not_json": object()})
+
+
+def test_empty_root_has_no_snapshot(tmp_path):
+    assert SnapshotManager(tmp_path / "none").latest_valid() is None
+
+
+def test_second_writer_is_refused(tmp_path):
+    import fcntl
+    manager = SnapshotManager(tmp_path)
+    _write(manager, 1)
+    with open(tmp_path / ".lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        pid = os.fork()
+        if pid == 0:  # child: a second process must be refused while the lock is held
+            try:
+                _write(SnapshotManager(tmp_path), 2)
+                os._exit(1)
+            except StoreError:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
