@@ -4,7 +4,8 @@ Every loader keeps *every* data row (a rating of any value is an interaction), r
 strings, sets `event_id` to the 0-based data row number (blank lines and the header do not count)
 and returns the table stably sorted by (timestamp, event_id), i.e. timestamp ties keep file order.
 
-Parsing is done by `pyarrow.csv` with explicit column types (ML-25M has 25M rows). Only when
+Parsing is done by `pyarrow.csv` with explicit column types (ML-25M has 25M rows); quoted values
+may not span lines (Arrow's fast default), so a physical line is a row and errors can name it. Only when
 Arrow rejects a file do we look closer, on a slow path that never runs for good files: the file is
 re-read as raw bytes to find the rows that do not convert, and scanned line by line to report their
 1-based line numbers and text in a `DatasetError`.
@@ -21,6 +22,7 @@ import inspect
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -161,7 +163,7 @@ def write_events_file(table: pa.Table, path: str | Path) -> Path:
         table = sort_events(table)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
@@ -197,7 +199,7 @@ def _load_movielens_100k(path: Path) -> pa.Table:
     """`u.data`: user <tab> item <tab> rating <tab> unix seconds, no header."""
     spec = _CsvSpec(delimiter="\t", quoting=False, names=("user", "item", "rating", "timestamp"),
                     types={"user": _INT, "item": _INT, "timestamp": _INT})
-    return _events_from(read_csv_columns(path, spec), "user", "item", "timestamp")
+    return _events_from(_read_csv(path, spec), "user", "item", "timestamp")
 
 
 def _load_movielens_dat(path: Path) -> pa.Table:
@@ -207,13 +209,13 @@ def _load_movielens_dat(path: Path) -> pa.Table:
     spec = _CsvSpec(delimiter=":", quoting=False, names=names, field_width=2,
                     types={"user": _INT, "sep1": _SEP, "item": _INT, "sep2": _SEP, "sep3": _SEP,
                            "timestamp": _INT})
-    return _events_from(read_csv_columns(path, spec), "user", "item", "timestamp")
+    return _events_from(_read_csv(path, spec), "user", "item", "timestamp")
 
 
 def _load_movielens_csv(path: Path) -> pa.Table:
     """ML-20M/25M/latest `ratings.csv` with header userId,movieId,rating,timestamp."""
     spec = _CsvSpec(types={"userId": _INT, "movieId": _INT, "timestamp": _INT})
-    return _events_from(read_csv_columns(path, spec), "userId", "movieId", "timestamp")
+    return _events_from(_read_csv(path, spec), "userId", "movieId", "timestamp")
 
 
 def _load_twitch(path: Path) -> pa.Table:
@@ -221,7 +223,7 @@ def _load_twitch(path: Path) -> pa.Table:
     As in the paper, the item is the streamer and the time is the start of the watched slot."""
     spec = _CsvSpec(names=("user_id", "stream_id", "streamer_name", "time_start", "time_stop"),
                     types={"user_id": _INT, "streamer_name": _STR, "time_start": _INT})
-    return _events_from(read_csv_columns(path, spec), "user_id", "streamer_name", "time_start")
+    return _events_from(_read_csv(path, spec), "user_id", "streamer_name", "time_start")
 
 
 def load_csv(path: Path, user: str | int = "user", item: str | int = "item",
@@ -241,7 +243,7 @@ def load_csv(path: Path, user: str | int = "user", item: str | int = "item",
     if "event_id" in columns:
         types[columns["event_id"]] = _INT
     spec = _CsvSpec(delimiter=delimiter, names=None if header else tuple(names), types=types)
-    table = read_csv_columns(path, spec)
+    table = _read_csv(path, spec)
     return _events_from(table, columns["user"], columns["item"], columns["timestamp"], columns.get("event_id"))
 
 
@@ -320,7 +322,7 @@ class _CsvSpec:
     field_width: int = 1  # raw columns per field: 2 for '::' read as ':'
 
 
-def read_csv_columns(path: Path, spec: "_CsvSpec") -> pa.Table:
+def _read_csv(path: Path, spec: "_CsvSpec") -> pa.Table:
     """Read the typed columns of a delimited file; every malformed row becomes a DatasetError."""
     names = list(spec.names) if spec.names else _header_names(path, spec.delimiter, spec.quoting, True)
     _first_data_line(path, spec)  # raises on an empty file
