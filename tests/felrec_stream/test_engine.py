@@ -1,0 +1,103 @@
+"""The shared batch rules: pre-batch cache reads, in-batch histories, latest write wins."""
+
+import numpy as np
+import pytest
+import torch
+
+from felrec_stream.config import EncoderConfig, ModelConfig
+from felrec_stream.engine import commit_batch, encode, id_seed_vectors, infer_batch, prepare_batch
+from felrec_stream.events import EventBatch, iter_batches, make_events
+from felrec_stream.model import FELRec
+from felrec_stream.store import Kind, RepresentationStore
+
+TINY = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return FELRec(TINY, ModelConfig(queue_size=64)).eval()
+
+
+def batch(users, items):
+    n = len(users)
+    return EventBatch(np.array(users, dtype=object), np.array(items, dtype=object),
+                      np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+
+
+def test_batch_reads_the_cache_as_it_was_before_the_batch():
+    store = RepresentationStore(16, 8)
+    model = tiny_model()
+    infer_batch(model, store, batch(["a"], ["x"]))
+    before = store.items.vectors.all().clone()
+    inputs = prepare_batch(store, batch(["b", "c"], ["x", "x"]), "cpu")
+    # user c's history is empty; item x's users: a (stored) and, for the 2nd event, b (same batch, not yet written)
+    x_slot = store.items.ids.lookup(["x"])[0]
+    assert inputs.item_plan.event_history[1, -2:].tolist() == [store.users.ids.lookup(["a"])[0], store.users.ids.lookup(["b"])[0]]
+    b_slot = store.users.ids.lookup(["b"])[0]
+    assert store.users.vectors.get(torch.tensor([b_slot])).abs().sum() == 0  # b not written before the batch
+    torch.testing.assert_close(store.items.vectors.all(), before)  # prepare never writes
+    assert x_slot == 0
+
+
+def test_latest_event_of_a_duplicated_id_wins():
+    store = RepresentationStore(16, 8)
+    model = tiny_model()
+    inputs = prepare_batch(store, batch(["a", "a", "b"], ["x", "y", "x"]), "cpu")
+    u, x = encode(model, inputs)
+    commit_batch(store, inputs, u, x)
+    a, b = store.users.ids.lookup(["a", "b"])
+    torch.testing.assert_close(store.users.vectors.get(torch.tensor([a, b])), u[[1, 2]])
+    xs = store.items.ids.lookup(["x"])[0]
+    torch.testing.assert_close(store.items.vectors.get(torch.tensor([xs]))[0], x[2])
+
+
+def test_batching_changes_only_what_the_rules_say():
+    """One event per batch == a fully sequential replay; results are deterministic."""
+    events = make_events(["a", "b", "a", "c", "b"], ["x", "x", "y", "y", "z"], [0, 1, 2, 3, 4])
+    stores = []
+    for _ in range(2):
+        store, model = RepresentationStore(16, 8), tiny_model()
+        for b in iter_batches(events, 1):
+            infer_batch(model, store, b)
+        stores.append(store)
+    torch.testing.assert_close(stores[0].users.vectors.all(), stores[1].users.vectors.all())
+    assert stores[0].users.history.counts[:3].tolist() == [2, 2, 1]
+
+
+def test_sequences_are_trimmed_to_the_longest_history_in_the_batch():
+    store = RepresentationStore(16, 64)
+    model = tiny_model()
+    infer_batch(model, store, batch(["a", "a", "a"], ["x", "y", "z"]))
+    inputs = prepare_batch(store, batch(["a", "b"], ["w", "w"]), "cpu")
+    assert inputs.item_seq.shape[1] == 3  # a has 3 previous items, not 64
+    assert inputs.item_mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_cold_start_input_is_a_deterministic_id_seed():
+    store = RepresentationStore(16, 8)
+    inputs = prepare_batch(store, batch(["new-user"], ["new-item"]), "cpu", cold_start_input="id_seed")
+    expected = id_seed_vectors(np.array(["new-user"], dtype=object), Kind.USER, 16)
+    torch.testing.assert_close(inputs.item_seq[0, -1], expected[0])
+    zero = prepare_batch(RepresentationStore(16, 8), batch(["new-user"], ["new-item"]), "cpu", cold_start_input="zero")
+    assert zero.item_seq.abs().sum() == 0
+
+
+def test_distinct_new_entities_get_distinct_first_vectors():
+    store = RepresentationStore(16, 8)
+    _, u, _ = infer_batch(tiny_model(), store, batch(["a", "b"], ["x", "y"]))
+    assert not torch.allclose(u[0], u[1])
+
+
+@pytest.mark.parametrize("variant", ["q", "p"])
+def test_gradients_flow_to_encoder_but_never_into_the_cache(variant):
+    torch.manual_seed(0)
+    model = FELRec(TINY, ModelConfig(variant=variant, queue_size=64)).train()
+    store = RepresentationStore(16, 8)
+    b = batch(["a", "b", "c", "a"], ["x", "y", "x", "z"])
+    inputs = prepare_batch(store, b, "cpu")
+    u, x = encode(model, inputs)
+    loss = model.loss(u, x)
+    loss.backward()
+    commit_batch(store, inputs, u, x)
+    assert model.encoder.fc.weight.grad is not None and model.encoder.fc.weight.grad.abs().sum() > 0
+    assert not store.users.vectors.all().requires_grad
