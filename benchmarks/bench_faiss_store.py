@@ -88,12 +88,12 @@ def clustered(n: int, dim: int, seed: int, clusters: int = 100, noise: float = 1
     return centres[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, dim), dtype=np.float32)
 
 
-def ann_figures(n: int, dim: int, shards: int, batch: int) -> None:
-    """Update time and recall@10 vs exact for hnsw and ivf on clustered data after churn."""
-    x = clustered(n, dim, seed=0)
+def ann_figures(n: int, dim: int, shards: int, batch: int, clusters: int) -> None:
+    """Update time and recall@10 vs exact for hnsw and ivf after churn (clusters=1: isotropic worst case)."""
+    x = clustered(n, dim, seed=0, clusters=clusters)
     exact, _ = build(n, dim, shards, "flat", x=x)
-    q = clustered(200, dim, seed=99)
-    churn = clustered(20 * batch, dim, seed=7)
+    q = clustered(200, dim, seed=99, clusters=clusters)
+    churn = clustered(20 * batch, dim, seed=7, clusters=clusters)
     for kind, options in (("hnsw", {"hnsw_m": 32, "hnsw_ef_search": 64}),
                           ("ivf", {"ivf_nlist": 1024, "ivf_nprobe": 16})):
         backend, fill_s = build(n, dim, shards, kind, x=x, **options)
@@ -103,7 +103,7 @@ def ann_figures(n: int, dim: int, shards: int, batch: int) -> None:
         got = backend.search(q, 10)[1]
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
         one_ms, qps = time_search(backend, 1000, 10)
-        print(f"{kind}: n={n} fill={fill_s:.1f}s update_{batch}={update_ms:.2f}ms (mean {update_mean_ms:.1f}ms) recall@10={recall:.3f} "
+        print(f"{kind}: n={n} clusters={clusters} fill={fill_s:.1f}s update_{batch}={update_ms:.2f}ms (mean {update_mean_ms:.1f}ms) recall@10={recall:.3f} "
               f"search_1q={one_ms:.2f}ms batch_qps={qps:.0f} bytes/entity={backend.bytes_per_entity():.0f}")
 
 
@@ -128,7 +128,8 @@ def main() -> None:
               f"bytes/entity={backend.bytes_per_entity():.0f}")
         del backend
     if args.ann_size:
-        ann_figures(args.ann_size, args.dim, args.shards, args.batch)
+        for clusters in (100, 1):
+            ann_figures(args.ann_size, args.dim, args.shards, args.batch, clusters)
 
 
 if __name__ == "__main__":

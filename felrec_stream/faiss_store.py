@@ -38,7 +38,7 @@ import torch
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.store import RepresentationStore, VectorBackend
+from felrec_stream.store import RepresentationStore, VectorBackend, last_occurrence
 
 log = get_logger(__name__)
 
@@ -413,6 +413,9 @@ class ShardedFaissVectors(VectorBackend):
             raise StoreError(f"put: vectors have dim {values.shape[1]}, store has {self.dim}")
         if len(flat) and (flat < 0).any():
             raise StoreError("put: slots must be >= 0")
+        if len(np.unique(flat)) != len(flat):  # keep the latest write per slot, like the in-batch rule
+            flat, last = last_occurrence(flat)
+            values = values[last]
         self._write_unit(flat, *_unit_and_norm(values))
 
     def _write_unit(self, slots: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
@@ -477,7 +480,9 @@ class ShardedFaissVectors(VectorBackend):
         `exclude[q]` holds slots never returned for query q (e.g. items the user already saw).
         With "flat" (and IVF before training) the result equals one exact index over all slots.
         """
-        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.dim))
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        if q.ndim != 2 or q.shape[1] != self.dim or k < 1:
+            raise StoreError(f"search needs queries (Q, {self.dim}) and k >= 1, got {q.shape} and k={k}")
         if normalize:
             q = np.ascontiguousarray(_unit_and_norm(q)[0])
         excluded = _ExcludeSet(exclude, len(q))

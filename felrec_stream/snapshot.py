@@ -235,6 +235,7 @@ class SnapshotManager:
         meta = _json_checked(meta, "meta")
         self.root.mkdir(parents=True, exist_ok=True)
         with self._writer_lock():
+            previous = self.current_seq()
             seq = self._next_seq()
             path = self.root / f"snap-{seq:012d}"
             path.mkdir()
@@ -247,7 +248,7 @@ class SnapshotManager:
             _atomic_json(path / MANIFEST, manifest)
             _fsync_dir(path)
             self._commit(seq, path)
-            self._prune(seq)
+            self._prune(seq, previous)
         size = sum(f["size"] for f in files.values())
         log.info("snapshot_written", seq=seq, path=str(path), files=len(files), bytes=size,
                  seconds=round(time.perf_counter() - start, 3))
@@ -280,9 +281,17 @@ class SnapshotManager:
         _atomic_json(self.root / CURRENT, {"seq": seq, "dir": path.name})
         _fsync_dir(self.root)
 
-    def _prune(self, current: int) -> None:
-        """Keep the newest `keep` complete snapshots up to `current`; drop older and partial ones."""
-        complete = [s for s, p in self._snapshot_dirs() if s <= current and (p / MANIFEST).is_file()]
+    def _prune(self, current: int, previous: int | None) -> None:
+        """Keep the newest `keep` complete committed snapshots; drop older, partial and crashed ones.
+
+        Directories between the previous and the new CURRENT were never committed (a crash
+        before the switch): they go too, so "seq <= CURRENT" keeps meaning "committed".
+        """
+        def crashed(seq: int) -> bool:
+            return previous is not None and previous < seq < current
+
+        complete = [s for s, p in self._snapshot_dirs()
+                    if s <= current and not crashed(s) and (p / MANIFEST).is_file()]
         keep = set(sorted(complete)[-self.keep:])
         for seq, path in self._snapshot_dirs():
             if seq <= current and seq not in keep:

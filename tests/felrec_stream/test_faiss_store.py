@@ -107,6 +107,10 @@ def test_get_round_trips_raw_vectors_and_missing_slots_read_zero():
     np.testing.assert_array_equal(backend.get(torch.tensor([3])).numpy(), 0)
     with pytest.raises(StoreError):
         backend.get(torch.tensor([50]))
+    backend.put(torch.tensor([4, 9, 4]), torch.from_numpy(np.stack([x[0], x[1], x[2]])))  # duplicate: last wins
+    np.testing.assert_allclose(backend.get(torch.tensor([4, 9])).numpy(), x[[2, 1]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(StoreError):
+        backend.search(np.ones((1, D + 1), np.float32), 3)
 
 
 def test_in_place_update_changes_results_but_not_index_size():
@@ -184,7 +188,10 @@ def test_hnsw_recall_after_updates_and_rebuilds():
     print(f"hnsw recall@10={recall:.3f}")
     assert recall >= 0.9
     assert all(shard.ann.index.ntotal <= 1.3 * shard.size for shard in backend.shards)
+    backend.put(torch.tensor([3, 3]), torch.from_numpy(x[[4, 5]]))  # duplicate slots must not leave stale nodes
+    x[3] = x[5]
     scores, slots = backend.search(q[:3], 10)
+    assert all(len(set(row)) == len(row) for row in slots.tolist())
     np.testing.assert_allclose(scores, np.take_along_axis(_cosine(q[:3], x), slots, axis=1), atol=1e-5)
 
 
@@ -283,3 +290,27 @@ def test_get_returns_tensors_on_the_requested_cuda_device():
     store.items.vectors.put(torch.from_numpy(slots).cuda(), torch.ones(2, D, device="cuda"))
     got = store.items.vectors.get(torch.tensor([0, -1], device="cuda"))
     assert got.device.type == "cuda" and got[0].sum().item() == pytest.approx(D) and got[1].abs().sum().item() == 0
+
+
+def test_gpu_path_clones_flat_shards_and_reclones_after_writes(monkeypatch):
+    """The GPU branch with a stand-in cloner (CPU clone): searched shards are cloned once, re-cloned after a write."""
+    import felrec_stream.faiss_store as module
+    clones = []
+
+    def fake_cpu_to_gpu(resources, device, index):
+        clones.append(device)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(module, "faiss_gpu_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_cpu_to_gpu, raising=False)
+    backend, x = _filled(200, 2, use_gpu=True)
+    q = np.random.default_rng(11).normal(size=(4, D)).astype(np.float32)
+    _assert_same_ranking(backend.search(q, 10), _brute_force(q, x, 10))
+    backend.search(q, 10)
+    assert len(clones) == 2
+    backend.put(torch.tensor([0]), torch.from_numpy(q[:1] * 3))
+    x[0] = q[0] * 3
+    _assert_same_ranking(backend.search(q, 10), _brute_force(q, x, 10))
+    assert len(clones) == 3  # only the written shard was re-cloned

@@ -111,7 +111,8 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, damage, capsys):
         (newest / "manifest.json").write_text("{not json")
     snap = manager.latest_valid()
     assert snap.meta["value"] == 1 and int(snap.arrays["v"][0]) == 1
-    assert "snapshot_corrupt" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "snapshot_corrupt" in captured.out + captured.err  # stdout until configure_logging() runs
 
 
 def test_missing_current_still_recovers_newest_verified(tmp_path):
@@ -128,19 +129,28 @@ def test_missing_current_still_recovers_newest_verified(tmp_path):
 def test_crash_before_current_switch_keeps_old_snapshot_current(tmp_path):
     manager = SnapshotManager(tmp_path)
     _write(manager, 1)
-    # crash after writing files (no manifest yet) and crash after the manifest but before CURRENT
-    partial = tmp_path / "snap-000000000002"
+    committed = (tmp_path / "CURRENT").read_bytes()
+    _write(manager, 2)  # complete, but "crash" before the switch: CURRENT still names snap 1
+    (tmp_path / "CURRENT").write_bytes(committed)
+    partial = tmp_path / "snap-000000000003"  # crash while writing files: no manifest
     partial.mkdir()
     (partial / "array-00000.npy").write_bytes(b"half")
-    complete_uncommitted = tmp_path / "snap-000000000003"
-    _write(SnapshotManager(tmp_path / "elsewhere"), 3)
-    (tmp_path / "elsewhere" / "snap-000000000001").rename(complete_uncommitted)
     assert manager.current_seq() == 1
     assert manager.latest_valid().meta["value"] == 1
-    # the next write gets a fresh seq and clears the leftovers
+    # the next write gets a fresh seq and clears both leftovers
     path = _write(manager, 4)
     assert path.name == "snap-000000000004" and manager.current_seq() == 4
     assert manager.snapshots() == [1, 4] and manager.latest_valid().meta["value"] == 4
+
+
+def test_uncommitted_snapshot_is_last_resort_only(tmp_path):
+    manager = SnapshotManager(tmp_path)
+    first = _write(manager, 1)
+    committed = (tmp_path / "CURRENT").read_bytes()
+    _write(manager, 2)
+    (tmp_path / "CURRENT").write_bytes(committed)
+    _flip_byte(first / "array-00000.npy")
+    assert manager.latest_valid().meta["value"] == 2  # verified and self-consistent (own offsets)
 
 
 def test_retention_keeps_newest_k_complete(tmp_path):
