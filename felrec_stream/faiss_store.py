@@ -38,7 +38,7 @@ import torch
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.store import RepresentationStore, VectorBackend, last_occurrence
+from felrec_stream.store import RepresentationStore, VectorBackend, last_occurrence, raw_vectors  # noqa: F401 (re-exported)
 
 log = get_logger(__name__)
 
@@ -302,13 +302,6 @@ class _Shard:
     def memory_bytes(self) -> int:
         ann = self.ann.memory_bytes() if self.ann is not None else 0
         return 4 * self.dim * self.flat.ntotal + self.norms.nbytes + self.row_slot.nbytes + 8 * len(self.ids) + ann
-
-
-def raw_vectors(state: dict[str, Any]) -> np.ndarray:
-    """(size, D) raw vectors of a backend state of either format (ShardedFaissVectors or base)."""
-    if "unit" in state:
-        return np.asarray(state["unit"], np.float32) * np.asarray(state["norms"], np.float32)[:, None]
-    return np.asarray(state["vectors"], dtype=np.float32)
 
 
 class ShardedFaissVectors(VectorBackend):

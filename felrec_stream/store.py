@@ -107,10 +107,17 @@ class VectorBackend(abc.ABC):
         return {"vectors": self.all().detach().cpu().numpy().copy()}
 
     def load_state_dict(self, state: dict[str, Any], ids: np.ndarray) -> None:
-        vectors = np.asarray(state["vectors"], dtype=np.float32)
+        vectors = raw_vectors(state)
         self.ensure(len(vectors), ids)
         if len(vectors):
             self.put(torch.arange(len(vectors)), torch.from_numpy(vectors))
+
+
+def raw_vectors(state: dict[str, Any]) -> np.ndarray:
+    """(size, D) raw vectors of a backend state: {"vectors"} or the FAISS backend's {"unit", "norms"}."""
+    if "unit" in state:
+        return np.asarray(state["unit"], np.float32) * np.asarray(state["norms"], np.float32)[:, None]
+    return np.asarray(state["vectors"], dtype=np.float32)
 
 
 class TensorVectors(VectorBackend):
@@ -289,8 +296,8 @@ class RepresentationStore:
         self.dim = dim
         self.history_len = history_len
         self.tables = {
-            Kind.USER: EntityTable(Kind.USER, user_vectors or TensorVectors(dim, device), history_len),
-            Kind.ITEM: EntityTable(Kind.ITEM, item_vectors or TensorVectors(dim, device), history_len),
+            Kind.USER: EntityTable(Kind.USER, TensorVectors(dim, device) if user_vectors is None else user_vectors, history_len),
+            Kind.ITEM: EntityTable(Kind.ITEM, TensorVectors(dim, device) if item_vectors is None else item_vectors, history_len),
         }
 
     @property
