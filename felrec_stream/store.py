@@ -73,6 +73,10 @@ class IdMap:
     def ids(self) -> list[str]:
         return list(self._ids)
 
+    def names(self, slots: Iterable[int]) -> list[str]:
+        """External ids of a few slots in O(len(slots)) (`external` copies the whole id list)."""
+        return [self._ids[int(slot)] for slot in slots]
+
 
 class VectorBackend(abc.ABC):
     """Dense per-slot vectors. Slot -1 reads as the zero vector; never-written slots read as zero."""

@@ -1,0 +1,144 @@
+"""Typed HTTP client of the query API (`felrec_stream.serving`), for downstream services and tests.
+
+Deliberately light: httpx and the error classes only (no torch/faiss), so a downstream service can
+depend on it without the model stack. Ids are percent-encoded (the API accepts '/' inside ids).
+HTTP errors become exceptions carrying the server's message: 404 -> `NotFoundError`,
+422 -> `InvalidRequestError`, 503 -> `ServiceUnavailableError`, anything else -> `ClientError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+from urllib.parse import quote
+
+import httpx
+
+from felrec_stream.errors import ServiceError
+
+
+class ClientError(ServiceError):
+    """The query API answered with an error status (or could not be reached)."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class NotFoundError(ClientError):
+    """404: an unknown user/item id."""
+
+
+class InvalidRequestError(ClientError):
+    """422: a parameter outside the API's limits (k, number of ids, kind)."""
+
+
+class ServiceUnavailableError(ClientError):
+    """503: the service has no store loaded yet."""
+
+
+_ERRORS: dict[int, type[ClientError]] = {404: NotFoundError, 422: InvalidRequestError, 503: ServiceUnavailableError}
+
+
+@dataclass(frozen=True)
+class Scored:
+    id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Catalog:
+    users: int
+    items: int
+    dim: int
+    history_len: int
+    index_type: str
+    snapshot_seq: int | None
+    snapshot_created_at: str | None
+
+
+class FelrecClient:
+    """One keep-alive connection pool to a query API at `base_url` (e.g. http://127.0.0.1:8080)."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+
+    def recommendations(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> list[Scored]:
+        """Top-k items for `user_id` (cosine); `exclude_recent` leaves out items in its history."""
+        body = self._get(f"/v1/users/{_seg(user_id)}/recommendations",
+                         {"k": k, "exclude_recent": str(exclude_recent).lower()})
+        return _scored(body)
+
+    def similar_items(self, item_id: str, k: int = 10) -> list[Scored]:
+        return _scored(self._get(f"/v1/items/{_seg(item_id)}/similar", {"k": k}))
+
+    def similar_users(self, user_id: str, k: int = 10) -> list[Scored]:
+        return _scored(self._get(f"/v1/users/{_seg(user_id)}/similar", {"k": k}))
+
+    def vectors(self, kind: Literal["user", "item"], ids: Sequence[str]) -> dict[str, list[float]]:
+        """Raw representation vectors by id (every id must exist, else NotFoundError)."""
+        return self._request("POST", "/v1/vectors", json={"kind": kind, "ids": list(ids)})["vectors"]
+
+    def catalog(self) -> Catalog:
+        return Catalog(**self._get("/v1/catalog"))
+
+    def healthz(self) -> bool:
+        return self._get("/healthz").get("status") == "ok"
+
+    def readyz(self) -> bool:
+        """True when the service has a store loaded (503 -> False, not an exception)."""
+        try:
+            return self._get("/readyz").get("status") == "ready"
+        except ServiceUnavailableError:
+            return False
+
+    def metrics(self) -> str:
+        """Prometheus text exposition."""
+        return self._send("GET", "/metrics").text
+
+    def openapi(self) -> dict[str, Any]:
+        return self._get("/openapi.json")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "FelrecClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return self._request("GET", path, params=params)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._send(method, path, **kwargs).json()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            raise _ERRORS.get(response.status_code, ClientError)(
+                f"{method} {path} -> {response.status_code}: {_detail(response)}", response.status_code)
+        return response
+
+
+def _seg(external_id: str) -> str:
+    """One path segment: every reserved character (including '/') percent-encoded."""
+    return quote(external_id, safe="")
+
+
+def _scored(body: dict[str, Any]) -> list[Scored]:
+    return [Scored(r["id"], float(r["score"])) for r in body["results"]]
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        return response.text[:500]
+    if isinstance(detail, list):  # FastAPI validation errors: [{"loc": [...], "msg": ...}, ...]
+        return "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+    return str(detail)

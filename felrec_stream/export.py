@@ -1,0 +1,115 @@
+"""Export the representation store for offline jobs that must not depend on this package.
+
+Output directory (documented for consumers in docker/README.md, "Export layout"):
+
+    users.parquet, items.parquet   one row per entity, row number = slot
+        id                string
+        vector            fixed_size_list<float32>[dim]  raw encoder output (not normalised)
+        last_update_time  int64   event time of the entity's latest interaction (dataset unit)
+        interaction_count int64   interactions seen since the store started
+        history_length    int64   entries in its last-L history (<= history_len)
+    faiss/users/, faiss/items/     ShardedFaissVectors.write_index_files output per kind:
+        shard-NNNN.faiss           IndexFlatIP over *unit* vectors (inner product = cosine)
+        shard-NNNN.row_slot.npy    faiss row -> slot (= parquet row)
+        shard-NNNN.norms.npy       row -> norm (raw vector = unit * norm)
+        shard-NNNN.ids.json        row -> external id
+        shard-NNNN.hnsw.faiss (+ .hnsw_node_row.npy) / .ivf.faiss   optional ANN side index
+        index.json                 dim, shards, index_type, sizes
+    layout.json                    written last: its presence means the export is complete
+
+Plain pyarrow + faiss read all of it (tests/felrec_stream/test_export.py does exactly that).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from felrec_stream.config import CacheConfig, to_dict
+from felrec_stream.errors import ServiceError
+from felrec_stream.faiss_store import ShardedFaissVectors
+from felrec_stream.log import get_logger
+from felrec_stream.snapshot import SnapshotManager
+from felrec_stream.store import EntityTable, Kind, RepresentationStore
+
+log = get_logger(__name__)
+
+FORMAT = "felrec-export/1"
+LAYOUT = "layout.json"
+_TABLE_NAMES = {Kind.USER: "users", Kind.ITEM: "items"}
+
+
+def entity_table(table: EntityTable, dim: int) -> pa.Table:
+    """One kind as an Arrow table in slot order (row number = slot)."""
+    n = len(table)
+    vectors = table.vectors.all().detach().cpu().numpy().astype(np.float32, copy=False)[:n]
+    history = table.history
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=pa.float32())
+    schema = pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("last_update_time", pa.int64(), nullable=False),
+        pa.field("interaction_count", pa.int64(), nullable=False),
+        pa.field("history_length", pa.int64(), nullable=False),
+    ], metadata={"kind": table.kind.value, "dim": str(dim), "format": FORMAT})
+    return pa.table([
+        pa.array(table.ids.ids(), type=pa.string()),
+        pa.FixedSizeListArray.from_arrays(flat, dim),
+        pa.array(history.last_time[:n]), pa.array(history.counts[:n]), pa.array(history.lengths[:n]),
+    ], schema=schema)
+
+
+def _faiss_backend(table: EntityTable, dim: int, cache: CacheConfig) -> ShardedFaissVectors:
+    """The table's FAISS backend, or one built from its vectors (e.g. a TensorVectors store)."""
+    if isinstance(table.vectors, ShardedFaissVectors):
+        return table.vectors
+    backend = ShardedFaissVectors.from_config(dim, cache)
+    backend.load_state_dict(table.vectors.state_dict(), np.asarray(table.ids.ids(), dtype=object))
+    return backend
+
+
+def export_store(store: RepresentationStore, out_dir: str | Path, cache: CacheConfig | None = None,
+                 source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write parquet tables, FAISS files and layout.json (last) under `out_dir`; returns the layout.
+
+    The caller must keep writers out while this runs (hold the worker's lock, or export a snapshot).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LAYOUT).unlink(missing_ok=True)  # an interrupted re-export must not look complete
+    cache = cache or CacheConfig(history_len=store.history_len)
+    layout: dict[str, Any] = {"format": FORMAT, "created_at": datetime.now(timezone.utc).isoformat(),
+                              "dim": store.dim, "history_len": store.history_len, "cache": to_dict(cache),
+                              "source": dict(source or {}), "tables": {}, "faiss": {}}
+    for kind, name in _TABLE_NAMES.items():
+        table = store.tables[kind]
+        pq.write_table(entity_table(table, store.dim), out / f"{name}.parquet")
+        faiss_dir = out / "faiss" / name
+        written = _faiss_backend(table, store.dim, cache).write_index_files(faiss_dir)
+        layout["tables"][name] = {"path": f"{name}.parquet", "rows": len(table)}
+        layout["faiss"][name] = {"dir": f"faiss/{name}", "index": f"faiss/{name}/index.json",
+                                 "files": sorted(p.relative_to(out).as_posix() for p in written)}
+    (out / LAYOUT).write_text(json.dumps(layout, indent=1))
+    log.info("export_written", out=str(out), users=len(store.users), items=len(store.items))
+    return layout
+
+
+def export_snapshot(snapshot_dir: str | Path, out_dir: str | Path,
+                    cache_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Export the newest valid snapshot under `snapshot_dir` (see serving.load_store_from_snapshot)."""
+    from felrec_stream.serving import cache_config_from_meta, load_store_from_snapshot
+
+    snapshot = SnapshotManager(snapshot_dir).latest_valid()
+    if snapshot is None:
+        raise ServiceError(f"no valid snapshot under {snapshot_dir}")
+    store = load_store_from_snapshot(snapshot, cache_overrides)
+    cache = cache_config_from_meta(snapshot.meta, {**dict(cache_overrides or {}), "history_len": store.history_len})
+    source = {"snapshot_dir": str(snapshot_dir), "snapshot_seq": snapshot.seq,
+              "snapshot_created_at": snapshot.created_at}
+    return export_store(store, out_dir, cache, source)

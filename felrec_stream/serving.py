@@ -1,0 +1,647 @@
+"""Query service: the read side of the representation store for downstream services.
+
+Pieces, from the inside out:
+
+- `QueryEngine` answers top-k recommendations, similar items/users and raw vectors from one
+  `RepresentationStore`. Every read holds the *same* lock the streaming worker holds while it
+  applies a micro-batch, so a query never sees half a batch (a user's vector from after the batch
+  with item vectors from before it). FAISS-backed stores are searched through
+  `ShardedFaissVectors.search` (exact or ANN, as configured); any other backend gets an exact
+  cosine scan with the same ordering (score desc, slot asc), so results never depend on the backend.
+- `create_app(engine_provider)` is the FastAPI app. The provider is called once per request, so
+  the standalone server can swap in a new engine (a newer snapshot) by reassigning one reference:
+  a request in flight keeps the engine it started with, nothing is ever half-swapped.
+- `serve_in_thread` runs uvicorn in a daemon thread (`consume --serve`, tests);
+  `run_server` runs it in the main thread (the `serve` command, so SIGTERM stops it cleanly).
+- `SnapshotFollower` polls a snapshot root written by the worker, builds a complete engine from the
+  newest valid snapshot off to the side, then swaps it in.
+
+Snapshot layout read here (the worker writes it; `snapshot_state` builds it):
+`SnapshotManager.write_state({"store": store.state_dict(), ...anything else},
+meta={"cache": to_dict(cache_config), ...})`. A state that *is* a store state_dict (keys dim,
+history_len, users, items) is accepted too, and the cache config may also sit under
+meta["config"]["cache"] / meta["configs"]["cache"]; missing -> CacheConfig() defaults.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from pydantic import BaseModel, Field
+
+from felrec_stream import __version__
+from felrec_stream.config import CacheConfig, from_dict, to_dict
+from felrec_stream.errors import ServiceError
+from felrec_stream.faiss_store import ShardedFaissVectors, make_store
+from felrec_stream.log import get_logger
+from felrec_stream.snapshot import Snapshot, SnapshotManager
+from felrec_stream.store import Kind, RepresentationStore
+
+log = get_logger(__name__)
+
+MAX_K = 1000  # larger k is a bulk export, not a query: use `felrec-stream export`
+MAX_IDS = 1000  # ids per POST /v1/vectors
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class NotFound(ServiceError):
+    """An id the store has never seen (HTTP 404)."""
+
+
+class InvalidRequest(ServiceError):
+    """A query outside the service's limits (HTTP 422)."""
+
+
+class NotReady(ServiceError):
+    """No store is loaded yet (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    id: str
+    score: float
+
+
+# ---- freshness -----------------------------------------------------------------------------------
+
+class FreshnessTracker:
+    """Seconds from an event's arrival to it being queryable, as a histogram + last-batch figures.
+
+    Thread-safe: the worker records, the /metrics scrape reads.
+    """
+
+    def __init__(self, buckets: Sequence[float] = FRESHNESS_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self._lock = threading.Lock()
+        self._counts = np.zeros(len(self.buckets) + 1, dtype=np.int64)  # last one = +Inf
+        self._sum, self._n = 0.0, 0
+        self.last_max: float | None = None
+        self.last_median: float | None = None
+
+    def record(self, arrival_times: Iterable[float], now: float | None = None) -> np.ndarray:
+        """Record events that became queryable at `now` (time.time()); returns their freshness."""
+        arrivals = np.fromiter((float(t) for t in arrival_times), dtype=np.float64)
+        lag = np.maximum((time.time() if now is None else now) - arrivals, 0.0)
+        if not len(lag):
+            return lag
+        bins = np.searchsorted(np.asarray(self.buckets), lag, side="left")
+        with self._lock:
+            self._counts += np.bincount(bins, minlength=len(self._counts))
+            self._sum += float(lag.sum())
+            self._n += len(lag)
+            self.last_max, self.last_median = float(lag.max()), float(np.median(lag))
+        return lag
+
+    def histogram(self) -> tuple[list[tuple[str, int]], float, int]:
+        """(cumulative buckets [(le, count)], sum, count) in Prometheus' format."""
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total, n = self._sum, self._n
+        bounds = [repr(float(b)) for b in self.buckets] + ["+Inf"]
+        return list(zip(bounds, cumulative)), total, n
+
+
+# ---- engine --------------------------------------------------------------------------------------
+
+class QueryEngine:
+    """Consistent top-k / similarity / vector reads over one RepresentationStore.
+
+    `lock` must be the lock the writer holds while applying a batch (the worker passes its own);
+    a standalone engine over a frozen snapshot store gets a private one.
+    """
+
+    def __init__(self, store: RepresentationStore, lock: threading.RLock | None = None, *,
+                 snapshot_seq: int | None = None, snapshot_created_at: str | None = None,
+                 freshness: FreshnessTracker | None = None, max_k: int = MAX_K) -> None:
+        self.store = store
+        self.lock = lock if lock is not None else threading.RLock()
+        self.snapshot_seq, self.snapshot_created_at = snapshot_seq, snapshot_created_at
+        self.freshness = freshness or FreshnessTracker()
+        self.max_k = max_k
+
+    # -- queries --
+
+    def top_k_items(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> list[Scored]:
+        """Items by cosine to the user's vector; optionally without the items in its history."""
+        self._check_k(k)
+        with self.lock:
+            slot = self._slot(Kind.USER, user_id)
+            query = self._vector(Kind.USER, slot)
+            exclude = self._recent(Kind.USER, slot) if exclude_recent else np.zeros(0, np.int64)
+            return self._search(Kind.ITEM, query, k, exclude)
+
+    def similar_items(self, item_id: str, k: int = 10) -> list[Scored]:
+        """Items by cosine to the item's vector, the item itself left out."""
+        return self._similar(Kind.ITEM, item_id, k)
+
+    def similar_users(self, user_id: str, k: int = 10) -> list[Scored]:
+        """Users by cosine to the user's vector, the user itself left out."""
+        return self._similar(Kind.USER, user_id, k)
+
+    def vectors(self, kind: Kind | str, ids: Sequence[str]) -> dict[str, list[float]]:
+        """Raw encoder vectors of `ids` (all must exist: a partial answer would hide typos)."""
+        kind = Kind(kind)
+        if len(ids) > MAX_IDS:
+            raise InvalidRequest(f"at most {MAX_IDS} ids per request, got {len(ids)}")
+        with self.lock:
+            table = self.store.tables[kind]
+            slots = table.ids.lookup(list(ids))
+            missing = [i for i, s in zip(ids, slots) if s < 0]
+            if missing:
+                raise NotFound(f"unknown {kind.value} id(s): {_preview(missing)}")
+            values = table.vectors.get(torch.from_numpy(slots)).cpu().numpy()
+        return {external: row.tolist() for external, row in zip(ids, values)}
+
+    def sizes(self) -> dict[str, int]:
+        with self.lock:
+            return {"users": len(self.store.users), "items": len(self.store.items)}
+
+    def catalog(self) -> dict[str, Any]:
+        """Sizes plus where the data came from (snapshot seq/time, or live when None)."""
+        backend = self.store.items.vectors
+        return {**self.sizes(), "dim": self.store.dim, "history_len": self.store.history_len,
+                "index_type": getattr(backend, "index_type", "exact"),
+                "snapshot_seq": self.snapshot_seq, "snapshot_created_at": self.snapshot_created_at}
+
+    # -- writer hooks --
+
+    def note_batch_applied(self, arrival_times: Iterable[float], now: float | None = None) -> np.ndarray:
+        """Worker hook, called once a batch is applied and the lock released: records freshness."""
+        return self.freshness.record(arrival_times, now)
+
+    def note_snapshot(self, seq: int, created_at: str | None) -> None:
+        """Worker hook: the newest durable snapshot (shown by /v1/catalog and /metrics)."""
+        self.snapshot_seq, self.snapshot_created_at = seq, created_at
+
+    # -- internals (callers hold the lock) --
+
+    def _similar(self, kind: Kind, external: str, k: int) -> list[Scored]:
+        self._check_k(k)
+        with self.lock:
+            slot = self._slot(kind, external)
+            return self._search(kind, self._vector(kind, slot), k, np.asarray([slot], dtype=np.int64))
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_k:
+            raise InvalidRequest(f"k must be in [1, {self.max_k}], got {k}")
+
+    def _slot(self, kind: Kind, external: str) -> int:
+        slot = int(self.store.tables[kind].ids.lookup([external])[0])
+        if slot < 0:
+            raise NotFound(f"unknown {kind.value} id {external!r}")
+        return slot
+
+    def _vector(self, kind: Kind, slot: int) -> np.ndarray:
+        return self.store.tables[kind].vectors.get(torch.tensor([slot])).cpu().numpy()[0]
+
+    def _recent(self, kind: Kind, slot: int) -> np.ndarray:
+        """Slots of the other kind in the entity's last-L history (what it already interacted with)."""
+        history = self.store.tables[kind].history
+        n = int(history.lengths[slot])
+        return history.rows[slot, history.length - n:].copy() if n else np.zeros(0, np.int64)
+
+    def _search(self, kind: Kind, query: np.ndarray, k: int, exclude: np.ndarray) -> list[Scored]:
+        table = self.store.tables[kind]
+        if isinstance(table.vectors, ShardedFaissVectors):
+            scores, slots = table.vectors.search(query[None, :], k, exclude=[exclude])
+            scores, slots = scores[0], slots[0]
+        else:
+            scores, slots = exact_top_k(table.vectors.all(), query, k, exclude)
+        keep = (slots >= 0) & np.isfinite(scores)
+        names = table.ids.names(slots[keep])
+        return [Scored(name, float(score)) for name, score in zip(names, scores[keep])]
+
+
+def exact_top_k(vectors: torch.Tensor, query: np.ndarray, k: int,
+                exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k by (score desc, slot asc), like ShardedFaissVectors.search; zero rows score 0."""
+    x = vectors.detach().to("cpu", torch.float32)
+    q = torch.as_tensor(np.asarray(query, dtype=np.float32))
+    q = q / q.norm() if float(q.norm()) > 0 else q
+    norms = x.norm(dim=1)
+    scores = ((x @ q) / torch.where(norms > 0, norms, torch.ones_like(norms))).numpy().copy()
+    exclude = exclude[(exclude >= 0) & (exclude < len(scores))]
+    scores[exclude] = -np.inf
+    k = min(k, len(scores))
+    if k == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+    candidates = np.flatnonzero(scores >= kth)  # ties at the boundary resolve by slot below
+    order = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
+    return scores[order].astype(np.float32), order.astype(np.int64)
+
+
+def _preview(ids: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+# ---- snapshots -> store/engine ---------------------------------------------------------------
+
+def snapshot_state(store: RepresentationStore, cache: CacheConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) to pass to SnapshotManager.write_state; the worker adds its own keys to both."""
+    return {"store": store.state_dict()}, {"cache": to_dict(cache)}
+
+
+def cache_config_from_meta(meta: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> CacheConfig:
+    """The snapshot's cache config (see module docstring for where it may sit) plus overrides."""
+    values: dict[str, Any] = {}
+    for holder in (meta, meta.get("config") or {}, meta.get("configs") or {}):
+        if isinstance(holder, Mapping) and isinstance(holder.get("cache"), Mapping):
+            values = dict(holder["cache"])
+            break
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(CacheConfig, values, "cache")
+
+
+def load_store_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, Any] | None = None,
+                             device: torch.device | str = "cpu") -> RepresentationStore:
+    """A FAISS-backed RepresentationStore rebuilt from a worker snapshot.
+
+    `cache_overrides` (e.g. {"index_type": "hnsw", "shards": 4}) let a read replica index the same
+    vectors differently from the worker; history_len always comes from the stored state.
+    """
+    state = snapshot.state()
+    store_state = state["store"] if "store" in state else state
+    if not {"dim", "history_len", "users", "items"} <= set(store_state):
+        raise ServiceError(f"snapshot {snapshot.path} holds no representation store state")
+    cache = cache_config_from_meta(snapshot.meta, {**dict(cache_overrides or {}),
+                                                  "history_len": int(store_state["history_len"])})
+    store = make_store(int(store_state["dim"]), cache, device)
+    store.load_state_dict(store_state)
+    return store
+
+
+def engine_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, Any] | None = None) -> QueryEngine:
+    store = load_store_from_snapshot(snapshot, cache_overrides)
+    return QueryEngine(store, snapshot_seq=snapshot.seq, snapshot_created_at=snapshot.created_at)
+
+
+class SnapshotFollower:
+    """Serves the newest valid snapshot under `root`, swapping newer ones in as they appear.
+
+    The new engine is built completely before one reference assignment publishes it (atomic in
+    CPython), so requests never see a partly loaded store; in-flight requests finish on the old one.
+    A snapshot that fails to load is logged and the current engine stays.
+    """
+
+    def __init__(self, root: str | Path, poll_seconds: float = 2.0,
+                 cache_overrides: Mapping[str, Any] | None = None,
+                 build: Callable[[Snapshot], QueryEngine] | None = None) -> None:
+        self.manager = SnapshotManager(root)
+        self.poll_seconds = poll_seconds
+        self._build = build or (lambda snap: engine_from_snapshot(snap, cache_overrides))
+        self._engine: QueryEngine | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.swaps = 0
+
+    def current(self) -> QueryEngine | None:
+        """The engine provider for create_app."""
+        return self._engine
+
+    @property
+    def seq(self) -> int | None:
+        engine = self._engine
+        return engine.snapshot_seq if engine is not None else None
+
+    def poll_once(self) -> bool:
+        """Load and swap in a newer snapshot if there is one; True when a swap happened."""
+        if not self._newer_may_exist():
+            return False
+        snapshot = self.manager.latest_valid()
+        if snapshot is None or (self.seq is not None and snapshot.seq <= self.seq):
+            return False
+        start = time.perf_counter()
+        try:
+            engine = self._build(snapshot)
+        except Exception as exc:  # keep serving the old engine; retried at the next poll
+            log.error("snapshot_load_failed", seq=snapshot.seq, path=str(snapshot.path), error=str(exc))
+            return False
+        previous, self._engine = self.seq, engine
+        self.swaps += 1
+        log.info("snapshot_swapped", seq=snapshot.seq, previous_seq=previous, **engine.sizes(),
+                 seconds=round(time.perf_counter() - start, 3))
+        return True
+
+    def _newer_may_exist(self) -> bool:
+        """Cheap check (no checksums) before the full latest_valid() verification."""
+        if self.seq is None:
+            return True
+        current = self.manager.current_seq()
+        if current is not None:
+            return current > self.seq
+        return max(self.manager.snapshots(), default=-1) > self.seq
+
+    def start(self) -> "SnapshotFollower":
+        self._thread = threading.Thread(target=self._run, name="felrec-snapshot-follower", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll_once()
+            except Exception as exc:  # never let the follower thread die silently
+                log.error("snapshot_poll_failed", error=str(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, 2 * self.poll_seconds))
+
+
+# ---- HTTP API --------------------------------------------------------------------------------
+
+class ScoredOut(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity in [-1, 1]")
+
+
+class ResultsOut(BaseModel):
+    query_id: str
+    kind: Literal["user", "item"] = Field(description="kind of the returned entities")
+    k: int
+    results: list[ScoredOut]
+    snapshot_seq: int | None = None
+
+
+class VectorsIn(BaseModel):
+    kind: Kind
+    ids: list[str] = Field(min_length=1, max_length=MAX_IDS)
+
+
+class VectorsOut(BaseModel):
+    kind: Kind
+    dim: int
+    vectors: dict[str, list[float]]
+
+
+class CatalogOut(BaseModel):
+    users: int
+    items: int
+    dim: int
+    history_len: int
+    index_type: str
+    snapshot_seq: int | None
+    snapshot_created_at: str | None
+
+
+EngineProvider = Callable[[], "QueryEngine | None"]
+KParam = Annotated[int, Query(ge=1, le=MAX_K, description=f"number of results, 1..{MAX_K}")]
+
+
+def create_app(engine_provider: EngineProvider, title: str = "felrec-stream query API") -> FastAPI:
+    """The query API; `engine_provider()` is read once per request (see module docstring)."""
+    registry = CollectorRegistry()
+    latency = Histogram("felrec_http_request_duration_seconds", "HTTP request latency by route template",
+                        ["method", "route", "status"], registry=registry, buckets=LATENCY_BUCKETS)
+    registry.register(_EngineCollector(engine_provider))
+    app = FastAPI(title=title, version=__version__,
+                  description="Top-k recommendations and similarities from FELRec representations.")
+    app.add_middleware(_LatencyMiddleware, histogram=latency)
+    _add_error_handlers(app)
+    _add_query_routes(app, engine_provider)
+    _add_ops_routes(app, engine_provider, registry)
+    return app
+
+
+def _engine(provider: EngineProvider) -> QueryEngine:
+    engine = provider()
+    if engine is None:
+        raise NotReady("no representation store loaded yet")
+    return engine
+
+
+def _results(engine: QueryEngine, query_id: str, kind: Kind, k: int, results: list[Scored]) -> ResultsOut:
+    return ResultsOut(query_id=query_id, kind=kind.value, k=k, snapshot_seq=engine.snapshot_seq,
+                      results=[ScoredOut(id=r.id, score=r.score) for r in results])
+
+
+def _add_query_routes(app: FastAPI, provider: EngineProvider) -> None:
+    # {id:path}: ids may contain '/', sent percent-encoded by FelrecClient.
+    @app.get("/v1/users/{user_id:path}/recommendations", response_model=ResultsOut, tags=["query"])
+    def recommendations(user_id: str, k: KParam = 10, exclude_recent: bool = True) -> ResultsOut:
+        """Top-k items for a user by cosine; `exclude_recent` drops items in its last-L history."""
+        engine = _engine(provider)
+        return _results(engine, user_id, Kind.ITEM, k, engine.top_k_items(user_id, k, exclude_recent))
+
+    @app.get("/v1/items/{item_id:path}/similar", response_model=ResultsOut, tags=["query"])
+    def similar_items(item_id: str, k: KParam = 10) -> ResultsOut:
+        """Items most similar to an item (itself excluded)."""
+        engine = _engine(provider)
+        return _results(engine, item_id, Kind.ITEM, k, engine.similar_items(item_id, k))
+
+    @app.get("/v1/users/{user_id:path}/similar", response_model=ResultsOut, tags=["query"])
+    def similar_users(user_id: str, k: KParam = 10) -> ResultsOut:
+        """Users most similar to a user (itself excluded)."""
+        engine = _engine(provider)
+        return _results(engine, user_id, Kind.USER, k, engine.similar_users(user_id, k))
+
+    @app.post("/v1/vectors", response_model=VectorsOut, tags=["query"])
+    def vectors(body: VectorsIn) -> VectorsOut:
+        """Raw representation vectors; 404 when any id is unknown."""
+        engine = _engine(provider)
+        return VectorsOut(kind=body.kind, dim=engine.store.dim, vectors=engine.vectors(body.kind, body.ids))
+
+    @app.get("/v1/catalog", response_model=CatalogOut, tags=["query"])
+    def catalog() -> CatalogOut:
+        """Entity counts and the snapshot being served."""
+        return CatalogOut(**_engine(provider).catalog())
+
+
+def _add_ops_routes(app: FastAPI, provider: EngineProvider, registry: CollectorRegistry) -> None:
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"description": "no store loaded yet"}})
+    def readyz() -> Response:
+        """Readiness: a store is loaded and queries can be answered."""
+        engine = provider()
+        if engine is None:
+            return JSONResponse({"status": "not_ready"}, status_code=503)
+        return JSONResponse({"status": "ready", "snapshot_seq": engine.snapshot_seq, **engine.sizes()})
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    for error, status in ((NotFound, 404), (InvalidRequest, 422), (NotReady, 503)):
+        def handler(request: Request, exc: Exception, status: int = status) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=status)
+        app.add_exception_handler(error, handler)
+
+
+class _LatencyMiddleware:
+    """Pure ASGI middleware: latency per route *template* (bounded label set), method and status."""
+
+    def __init__(self, app: Any, histogram: Histogram) -> None:
+        self.app, self.histogram = app, histogram
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # the router fills scope["route"]
+            self.histogram.labels(scope["method"], route, str(status[0])).observe(time.perf_counter() - start)
+
+
+class _EngineCollector:
+    """Gauges read from the current engine at scrape time (so a swapped engine is reported)."""
+
+    def __init__(self, provider: EngineProvider) -> None:
+        self.provider = provider
+
+    def describe(self) -> list:
+        return []  # no collect() at registration: the engine may not exist yet
+
+    def collect(self) -> Iterable[Any]:
+        engine = self.provider()
+        yield GaugeMetricFamily("felrec_ready", "1 when a store is loaded", value=float(engine is not None))
+        if engine is None:
+            return
+        entities = GaugeMetricFamily("felrec_entities", "entities in the store", labels=["kind"])
+        for kind, n in engine.sizes().items():
+            entities.add_metric([kind], float(n))
+        yield entities
+        yield from _snapshot_metrics(engine)
+        yield from _freshness_metrics(engine.freshness)
+
+
+def _snapshot_metrics(engine: QueryEngine) -> Iterable[Any]:
+    if engine.snapshot_seq is None:
+        return
+    yield GaugeMetricFamily("felrec_snapshot_seq", "seq of the snapshot being served", value=engine.snapshot_seq)
+    try:
+        created = datetime.fromisoformat(engine.snapshot_created_at or "").timestamp()
+    except ValueError:  # a malformed time must not break the whole scrape
+        return
+    yield GaugeMetricFamily("felrec_snapshot_age_seconds", "age of the snapshot being served",
+                            value=time.time() - created)
+
+
+def _freshness_metrics(freshness: FreshnessTracker) -> Iterable[Any]:
+    buckets, total, n = freshness.histogram()
+    if freshness.last_max is not None:
+        yield GaugeMetricFamily("felrec_freshness_seconds",
+                                "seconds from arrival to queryable of the oldest event of the last applied batch",
+                                value=freshness.last_max)
+    yield HistogramMetricFamily("felrec_event_freshness_seconds",
+                                "seconds from an event's arrival to it being queryable",
+                                buckets=buckets, sum_value=total)
+
+
+# ---- servers ---------------------------------------------------------------------------------
+
+@dataclass
+class ServerHandle:
+    """A uvicorn server running in a daemon thread; `stop()` shuts it down gracefully."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(timeout)
+        log.info("api_stopped", url=self.url)
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind here (not in uvicorn) so errors surface in the caller and port 0 picks a free port."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ServiceError(f"cannot bind {host}:{port}: {exc}") from None
+    return sock
+
+
+def _server(app: FastAPI, log_level: str) -> uvicorn.Server:
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, log_config=None, lifespan="off")
+    return uvicorn.Server(config)
+
+
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, *,
+                    startup_timeout: float = 15.0, log_level: str = "warning") -> ServerHandle:
+    """Start `app` on host:port (0 = any free port) in a daemon thread; returns once it accepts."""
+    sock = _bind(host, port)
+    bound_port = sock.getsockname()[1]
+    server = _server(app, log_level)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name=f"felrec-api-{bound_port}")
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise ServiceError(f"query API on {host}:{bound_port} did not start within {startup_timeout}s")
+        time.sleep(0.01)
+    handle = ServerHandle(server, thread, host, bound_port)
+    log.info("api_started", url=handle.url)
+    return handle
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, log_level: str = "warning") -> None:
+    """Serve in the calling (main) thread until SIGINT/SIGTERM; SIGTERM ends with exit status 0.
+
+    uvicorn shuts down gracefully on the signal and then re-raises it against the previous
+    handler; the default SIGTERM handler would kill the process (status -15) before our cleanup,
+    so a no-op handler is installed for the duration (a container stop is a normal shutdown).
+    """
+    sock = _bind(host, port)
+    log.info("api_started", url=f"http://{host}:{sock.getsockname()[1]}")
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        _server(app, log_level).run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    log.info("api_stopped", host=host, port=port)

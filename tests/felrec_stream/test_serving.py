@@ -1,0 +1,402 @@
+"""Query service over real HTTP: correctness vs brute force, error paths, freshness, snapshot swaps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from felrec_stream.client import FelrecClient, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig
+from felrec_stream.engine import infer_batch
+from felrec_stream.errors import ServiceError
+from felrec_stream.events import EventBatch, make_events
+from felrec_stream.faiss_store import make_store
+from felrec_stream.model import FELRec
+from felrec_stream.serving import (MAX_K, QueryEngine, SnapshotFollower, create_app, serve_in_thread,
+                                   snapshot_state)
+from felrec_stream.snapshot import SnapshotManager
+from felrec_stream.store import Kind, RepresentationStore
+from felrec_stream.synthetic import SyntheticConfig, generate
+
+D = 16
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---- helpers (also used by test_export.py) -------------------------------------------------------
+
+def tiny_model(seed: int = 0) -> FELRec:
+    torch.manual_seed(seed)
+    model = FELRec(EncoderConfig(d_model=D, n_layers=1, n_heads=2, d_ff=32, dropout=0.0), ModelConfig(queue_size=64))
+    return model.eval()
+
+
+def synthetic_batches(n_events: int = 1500, batch_size: int = 128, seed: int = 0) -> list[EventBatch]:
+    data = generate(SyntheticConfig(n_users=60, n_items=80, n_events=n_events, n_clusters=4, seed=seed))
+    events = EventBatch.from_table(data.events)
+    return [events.take(slice(lo, lo + batch_size)) for lo in range(0, len(events), batch_size)]
+
+
+def filled_store(model: FELRec, batches: list[EventBatch], store: RepresentationStore | None = None,
+                 cache: CacheConfig | None = None) -> RepresentationStore:
+    """A store written only by engine.infer_batch, as the streaming worker writes it."""
+    store = store if store is not None else make_store(D, cache or CacheConfig(history_len=8, shards=2))
+    for batch in batches:
+        infer_batch(model, store, batch)
+    return store
+
+
+def brute_force(store: RepresentationStore, kind: Kind, query: np.ndarray, exclude: set[int]) -> dict[int, float]:
+    """Cosine of every non-excluded slot of `kind` against `query` (zero vectors score 0)."""
+    x = store.tables[kind].vectors.all().numpy().astype(np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    q = query.astype(np.float64) / max(np.linalg.norm(query), 1e-30)
+    scores = (x @ q) / np.where(norms > 0, norms, 1.0)
+    return {slot: float(s) for slot, s in enumerate(scores) if slot not in exclude}
+
+
+def assert_top_k(results, store: RepresentationStore, kind: Kind, query: np.ndarray, k: int, exclude: set[int]) -> None:
+    """Results are the k best by cosine: every score is its id's true cosine and the score sequence is
+    the brute-force one (ids may only differ inside float-noise ties)."""
+    truth = brute_force(store, kind, query, exclude)
+    expected = sorted(truth.values(), reverse=True)[:k]
+    slots = store.tables[kind].ids.lookup([r.id for r in results])
+    assert len(results) == len(expected)
+    assert not set(slots.tolist()) & exclude
+    np.testing.assert_allclose([truth[int(s)] for s in slots], [r.score for r in results], atol=1e-5)
+    np.testing.assert_allclose([r.score for r in results], expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model() -> FELRec:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def store(model) -> RepresentationStore:
+    return filled_store(model, synthetic_batches())
+
+
+@pytest.fixture(scope="module")
+def served(store):
+    engine = QueryEngine(store)
+    handle = serve_in_thread(create_app(lambda: engine), "127.0.0.1", 0)
+    client = FelrecClient(handle.url)
+    yield engine, client
+    client.close()
+    handle.stop()
+
+
+# ---- correctness -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exclude_recent", [True, False])
+def test_recommendations_equal_brute_force_cosine(served, store, exclude_recent):
+    _, client = served
+    for user in ["u0", "u7", "u33", "u59"]:
+        slot = int(store.users.ids.lookup([user])[0])
+        query = store.users.vectors.get(torch.tensor([slot])).numpy()[0]
+        history = store.users.history
+        recent = set(history.rows[slot, history.length - history.lengths[slot]:].tolist()) if exclude_recent else set()
+        assert not exclude_recent or recent, "test users must have histories"
+        results = client.recommendations(user, k=10, exclude_recent=exclude_recent)
+        assert_top_k(results, store, Kind.ITEM, query, 10, recent)
+
+
+def test_similar_items_and_users_equal_brute_force_and_exclude_self(served, store):
+    _, client = served
+    for kind, external, call in ((Kind.ITEM, "i3", client.similar_items), (Kind.USER, "u5", client.similar_users)):
+        slot = int(store.tables[kind].ids.lookup([external])[0])
+        query = store.tables[kind].vectors.get(torch.tensor([slot])).numpy()[0]
+        assert_top_k(call(external, k=7), store, kind, query, 7, {slot})
+
+
+def test_exact_backend_matches_faiss_backend(model, store):
+    """A TensorVectors store (training/eval) gives the same answers through the exact scan."""
+    tensor_store = filled_store(model, synthetic_batches(), RepresentationStore(D, history_len=8))
+    faiss_engine, tensor_engine = QueryEngine(store), QueryEngine(tensor_store)
+    for user in ["u1", "u20"]:
+        a, b = faiss_engine.top_k_items(user, 15), tensor_engine.top_k_items(user, 15)
+        np.testing.assert_allclose([r.score for r in a], [r.score for r in b], atol=1e-5)
+        slot = int(tensor_store.users.ids.lookup([user])[0])
+        query = tensor_store.users.vectors.get(torch.tensor([slot])).numpy()[0]
+        history = tensor_store.users.history
+        recent = set(history.rows[slot, history.length - history.lengths[slot]:].tolist())
+        assert_top_k(b, tensor_store, Kind.ITEM, query, 15, recent)
+
+
+def test_k_larger_than_catalog_returns_every_candidate(served, store):
+    _, client = served
+    assert len(client.similar_items("i0", k=MAX_K)) == len(store.items) - 1
+
+
+def test_vectors_round_trip_raw_store_vectors(served, store):
+    _, client = served
+    got = client.vectors("item", ["i2", "i9"])
+    want = store.items.vectors.get(torch.from_numpy(store.items.ids.lookup(["i2", "i9"]))).numpy()
+    np.testing.assert_allclose(np.asarray([got["i2"], got["i9"]]), want, rtol=1e-6)
+
+
+# ---- error paths -----------------------------------------------------------------------------
+
+def test_unknown_ids_are_404_with_the_id_in_the_message(served):
+    _, client = served
+    calls = [lambda: client.recommendations("nobody"), lambda: client.similar_items("no-item"),
+             lambda: client.similar_users("nobody"), lambda: client.vectors("user", ["u1", "ghost"])]
+    for call, missing in zip(calls, ["nobody", "no-item", "nobody", "ghost"]):
+        with pytest.raises(NotFoundError, match=missing) as info:
+            call()
+        assert info.value.status_code == 404
+
+
+def test_ids_with_slashes_and_spaces_are_routed(model):
+    store = filled_store(model, [EventBatch.from_table(make_events(["a/b c", "x"], ["i/1", "i 2"], [1, 2]))])
+    handle = serve_in_thread(create_app(lambda: QueryEngine(store)), "127.0.0.1", 0)
+    try:
+        with FelrecClient(handle.url) as client:
+            assert [r.id for r in client.recommendations("a/b c", k=5, exclude_recent=False)][0] in {"i/1", "i 2"}
+            assert [r.id for r in client.similar_items("i/1")] == ["i 2"]
+    finally:
+        handle.stop()
+
+
+@pytest.mark.parametrize("k", [0, -1, MAX_K + 1])
+def test_k_outside_limits_is_422(served, k):
+    _, client = served
+    for call in (client.recommendations, client.similar_items, client.similar_users):
+        with pytest.raises(InvalidRequestError, match="k") as info:
+            call("u1" if call is not client.similar_items else "i1", k=k)
+        assert info.value.status_code == 422
+
+
+def test_vectors_request_limits_are_422(served):
+    _, client = served
+    with pytest.raises(InvalidRequestError):
+        client.vectors("user", [f"u{i}" for i in range(1001)])
+    with pytest.raises(InvalidRequestError):
+        client.vectors("user", [])
+    with pytest.raises(InvalidRequestError):
+        client.vectors("movie", ["u1"])  # type: ignore[arg-type]
+
+
+def test_engine_raises_typed_errors_in_process(store):
+    engine = QueryEngine(store)
+    with pytest.raises(ServiceError, match="unknown user id"):
+        engine.top_k_items("nobody")
+    with pytest.raises(ServiceError, match="k must be"):
+        engine.similar_items("i1", k=MAX_K + 1)
+
+
+def test_not_ready_until_an_engine_exists():
+    holder: list[QueryEngine | None] = [None]
+    handle = serve_in_thread(create_app(lambda: holder[0]), "127.0.0.1", 0)
+    try:
+        with FelrecClient(handle.url) as client:
+            assert client.healthz() and not client.readyz()
+            with pytest.raises(ServiceUnavailableError):
+                client.recommendations("u1")
+            assert "felrec_ready 0.0" in client.metrics()
+            holder[0] = QueryEngine(RepresentationStore(D))
+            assert client.readyz() and client.catalog().users == 0
+    finally:
+        handle.stop()
+
+
+def test_bind_conflict_is_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ServiceError, match="cannot bind"):
+            serve_in_thread(create_app(lambda: None), "127.0.0.1", taken.getsockname()[1])
+
+
+# ---- freshness, metrics, OpenAPI ----------------------------------------------------------------
+
+def test_new_item_with_x_co_interactors_is_most_similar_to_x(model):
+    """Users u1..u4 interact with X, then with brand-new item N, in one micro-batch.
+
+    Why it must hold: with history_len L=3, X's latest event (u4, X) and N's latest event (u4, N)
+    both see the history [u1, u2, u3] (the in-batch rule) read from the same pre-batch cache, so
+    the encoder gets identical inputs and x_N == x_X: cosine 1, N is X's nearest item. Background
+    traffic before makes X an established item with an older history of other users.
+    """
+    store = make_store(D, CacheConfig(history_len=3, shards=2))
+    filled_store(model, synthetic_batches(n_events=600), store)
+    engine = QueryEngine(store)
+    handle = serve_in_thread(create_app(lambda: engine), "127.0.0.1", 0)
+    try:
+        users, x = ["u1", "u2", "u3", "u4"], "i5"
+        arrived = time.time()
+        batch = EventBatch.from_table(make_events(users + users, [x] * 4 + ["brand-new"] * 4,
+                                                  [2_000_000_000] * 8, np.arange(10**6, 10**6 + 8)))
+        with engine.lock:  # the worker's contract: apply under the engine's lock, then report
+            infer_batch(model, store, batch)
+        freshness = engine.note_batch_applied([arrived] * len(batch))
+        engine.note_snapshot(7, "2026-01-01T00:00:00+00:00")  # the worker's other hook
+        with FelrecClient(handle.url) as client:
+            similar = client.similar_items(x, k=5)
+            metrics = client.metrics()
+            assert client.catalog().snapshot_seq == 7
+        assert similar[0].id == "brand-new" and similar[0].score > 0.999
+        assert freshness.max() < 5.0
+        assert "felrec_freshness_seconds " in metrics and "felrec_event_freshness_seconds_count 8.0" in metrics
+    finally:
+        handle.stop()
+
+
+def test_metrics_latency_per_route_template_and_openapi(served):
+    _, client = served
+    client.recommendations("u1", k=3)
+    with pytest.raises(NotFoundError):
+        client.similar_users("nobody")
+    text = client.metrics()
+    assert 'route="/v1/users/{user_id:path}/recommendations",status="200"' in text
+    assert 'route="/v1/users/{user_id:path}/similar",status="404"' in text
+    assert 'felrec_entities{kind="items"}' in text
+    paths = client.openapi()["paths"]
+    for path in ["/v1/users/{user_id}/recommendations", "/v1/items/{item_id}/similar", "/v1/users/{user_id}/similar",
+                 "/v1/vectors", "/v1/catalog", "/healthz", "/readyz"]:
+        assert path in paths, sorted(paths)
+
+
+# ---- concurrency -------------------------------------------------------------------------------
+
+def test_reads_under_the_writer_lock_are_never_torn(store):
+    """A writer rewrites the user and then every item to one shared direction per batch, in two
+    separate puts, holding the lock; a reader must always see cosine 1 (both from the same batch)."""
+    lone = make_store(D, CacheConfig(history_len=4))
+    user_slot = lone.users.slots(np.asarray(["u"], dtype=object))
+    item_slots = lone.items.slots(np.asarray([f"i{n}" for n in range(50)], dtype=object))
+    engine, stop, bad = QueryEngine(lone), threading.Event(), []
+
+    def write() -> None:
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            v = torch.from_numpy(rng.standard_normal(D).astype(np.float32))
+            with engine.lock:
+                lone.users.vectors.put(torch.from_numpy(user_slot), v[None])
+                time.sleep(0.0005)  # widen the window a torn read would fall into
+                lone.items.vectors.put(torch.from_numpy(item_slots), v.repeat(50, 1))
+
+    with engine.lock:
+        lone.users.vectors.put(torch.from_numpy(user_slot), torch.ones(1, D))
+        lone.items.vectors.put(torch.from_numpy(item_slots), torch.ones(50, D))
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(300):
+            scores = [r.score for r in engine.top_k_items("u", k=3, exclude_recent=False)]
+            bad += [s for s in scores if abs(s - 1.0) > 1e-4]
+    finally:
+        stop.set()
+        writer.join()
+    assert not bad
+
+
+def test_snapshot_swaps_under_concurrent_requests_never_fail(tmp_path, model):
+    """Five snapshots swapped in while three threads query: zero failed requests, seqs only grow."""
+    batches = synthetic_batches(n_events=1500)
+    live = make_store(D, CacheConfig(history_len=8, shards=2))
+    manager, cache = SnapshotManager(tmp_path, keep=3), CacheConfig(history_len=8, shards=2)
+    filled_store(model, batches[:4], live)
+    user, item = live.users.ids.ids()[0], live.items.ids.ids()[0]  # present in every snapshot
+    manager.write_state(*snapshot_state(live, cache))
+    follower = SnapshotFollower(tmp_path, poll_seconds=0.02)
+    assert follower.poll_once()
+    handle = serve_in_thread(create_app(follower.current), "127.0.0.1", 0)
+    follower.start()
+    stop, errors, seen = threading.Event(), [], {}
+
+    def query(name: str) -> None:
+        seqs = seen.setdefault(name, [])
+        with FelrecClient(handle.url) as client:
+            while not stop.is_set():
+                try:
+                    client.recommendations(user, k=5)
+                    client.similar_items(item, k=5)
+                    seqs.append(client.catalog().snapshot_seq)
+                except Exception as exc:  # any failure is the bug under test
+                    errors.append(repr(exc))
+
+    threads = [threading.Thread(target=query, args=(f"t{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for lo in range(4, 9):
+            filled_store(model, batches[lo:lo + 1], live)
+            seq = int(manager.write_state(*snapshot_state(live, cache)).name.split("-")[1])
+            deadline = time.monotonic() + 20
+            while follower.seq != seq and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert follower.seq == seq
+            time.sleep(0.1)  # let requests run against the new engine
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        follower.stop()
+        handle.stop()
+    assert not errors, errors[:5]
+    assert follower.swaps == 6
+    for seqs in seen.values():
+        assert len(seqs) > 5 and seqs == sorted(seqs), seqs
+    assert max(max(s) for s in seen.values()) == follower.seq
+
+
+def test_follower_keeps_serving_when_a_newer_snapshot_cannot_be_loaded(tmp_path, model):
+    manager, cache = SnapshotManager(tmp_path), CacheConfig(history_len=8)
+    manager.write_state(*snapshot_state(filled_store(model, synthetic_batches()[:2]), cache))
+    follower = SnapshotFollower(tmp_path)
+    assert follower.poll_once()
+    first = follower.current()
+    manager.write_state({"something": np.zeros(3)}, {"cache": {}})  # not a store state
+    assert not follower.poll_once()
+    assert follower.current() is first
+
+
+# ---- the standalone command ------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_command_serves_snapshots_and_stops_on_sigterm(tmp_path, model):
+    store = filled_store(model, synthetic_batches()[:3])
+    SnapshotManager(tmp_path).write_state(*snapshot_state(store, CacheConfig(history_len=8)))
+    port = _free_port()
+    cmd = [sys.executable, "-c", "from felrec_stream.cli import main; main()", "serve",
+           "--snapshot-dir", str(tmp_path), "--port", str(port), "--poll-seconds", "0.2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FELREC_LOG_JSON": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with FelrecClient(f"http://127.0.0.1:{port}", timeout=2.0) as client:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if client.readyz():
+                        break
+                except Exception:
+                    pass
+                time.sleep(0.2)
+            assert client.catalog().snapshot_seq == 1
+            assert len(client.recommendations(store.users.ids.ids()[0], k=3)) == 3
+            metrics = client.metrics()
+            assert "felrec_snapshot_seq 1.0" in metrics and "felrec_snapshot_age_seconds " in metrics
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, output
+    assert "snapshot_swapped" in output and "api_stopped" in output
