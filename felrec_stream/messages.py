@@ -52,6 +52,7 @@ TS_UNITS: Mapping[str, int] = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000
 _MAX_EXACT_FLOAT = 2**53
 _BOM = b"\xef\xbb\xbf"
 # C0/C1 control characters and lone surrogates (json.loads accepts "\\ud800"; UTF-8 cannot hold it).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)  # reused: hot path
 _BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
@@ -120,7 +121,7 @@ def encode_event(user: str, item: str, ts: int, event_id: int | None = None, *,
             body["event_id"] = _check_int("event_id", event_id, DERIVED_EVENT_ID_BASE - 1)
     except _Invalid as exc:
         raise DatasetError(f"event cannot be encoded: {exc.reason}") from None
-    value = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    value = _ENCODER.encode(body).encode("utf-8")
     if max_bytes is not None and len(value) > max_bytes:
         raise DatasetError(f"event cannot be encoded: {len(value)} bytes > max_message_bytes={max_bytes}")
     return user.encode("utf-8"), value
@@ -135,7 +136,7 @@ def decode_event(raw: bytes | None, max_bytes: int = 65536, *, key: bytes | None
         user, item, ts, event_id = _fields(body, ts_unit)
         if key is not None and key != user.encode("utf-8"):
             raise _Invalid("key_mismatch", "key",
-                           f"message key {key[:64]!r} differs from user {user[:64]!r}: producers must key by user id")
+                           f"message 'key' {key[:64]!r} differs from field 'user' {user[:64]!r}: producers must key by user id")
     except _Invalid as exc:
         return PoisonMessage(exc.kind, exc.field, exc.reason, raw, key, topic, partition, offset)
     if event_id is None and partition is not None and offset is not None:
@@ -162,7 +163,7 @@ def _parse(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise _Invalid("not_utf8", None, f"value is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        body = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        body = _DECODER.decode(text)
     except _Invalid:
         raise
     except (ValueError, RecursionError) as exc:
@@ -174,11 +175,13 @@ def _parse(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """JSON objects with a repeated key are ambiguous (which one wins differs between libraries)."""
-    out: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in out:
-            raise _Invalid("duplicate_key", name, f"field {name!r} appears more than once")
-        out[name] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find the first repeated name for the reason
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _Invalid("duplicate_key", name, f"field {name!r} appears more than once")
+            seen.add(name)
     return out
 
 
@@ -194,7 +197,7 @@ def _fields(body: Mapping[str, Any], ts_unit: str) -> tuple[str, str, int, int |
     if type(version) is not int:
         raise _Invalid("wrong_type", "v", f"field 'v' must be an integer, got {_json_type(version)}")
     if version != SCHEMA_VERSION:
-        raise _Invalid("unknown_version", "v", f"schema version {version} is not supported (expected {SCHEMA_VERSION})")
+        raise _Invalid("unknown_version", "v", f"field 'v': schema version {version} is not supported (expected {SCHEMA_VERSION})")
     for name in ("user", "item", "ts"):
         if name not in body:
             raise _Invalid("missing_field", name, f"field {name!r} is missing")
@@ -237,6 +240,9 @@ def _check_int(name: str, value: Any, maximum: int, unit: str | None = None) -> 
         what = f"after the year 2200 in unit {unit!r}" if unit else f"above {maximum}"
         raise _Invalid("out_of_range", name, f"field {name!r} = {value} is {what}")
     return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)  # reused: hot path
 
 
 def _json_type(value: Any) -> str:

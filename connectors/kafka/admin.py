@@ -81,6 +81,25 @@ def new_consumer(kafka_config: KafkaConfig, **overrides: Any) -> Any:
         return KafkaConsumer(**client_kwargs(kafka_config), **settings)
 
 
+def close_producer(producer: Any, timeout_s: float = 5.0) -> None:
+    """Close a producer without hanging or leaking its IO thread when records are still pending.
+
+    kafka-python's close() flushes first and raises KafkaTimeoutError when records are pending,
+    even with timeout 0, leaving its sender thread alive; an idempotent producer whose broker died
+    keeps such records forever (it waits for a new producer id before expiring them). Then the
+    sender is force-closed through kafka-python's own (private) hook, best effort.
+    """
+    try:
+        producer.close(timeout=timeout_s)
+    except Exception as exc:  # KafkaTimeoutError from the flush inside close()
+        sender = getattr(producer, "_sender", None)
+        if sender is not None and hasattr(sender, "force_close"):
+            sender.force_close()
+        with contextlib.suppress(Exception):
+            producer._closed = True  # its __del__ would otherwise retry (and fail) the flush
+        log.warning("producer_force_closed", reason=f"{type(exc).__name__}: {exc}")
+
+
 class TopicAdmin:
     """Topic operations on one connection. Use as a context manager (closes the admin client)."""
 
@@ -179,7 +198,7 @@ class TopicAdmin:
 
 
 def end_offsets(kafka_config: KafkaConfig, topic: str, partitions: Iterable[int] | None = None,
-                timeout_s: float | None = None) -> dict[int, int]:
+                timeout_s: float | None = None, isolation_level: str = "read_committed") -> dict[int, int]:
     """Per-partition end offsets (offset of the next record) = max(ListOffsets latest, high watermark).
 
     The high watermark comes from a fetch: seek one record before the listed end (never beyond
@@ -192,7 +211,8 @@ def end_offsets(kafka_config: KafkaConfig, topic: str, partitions: Iterable[int]
         with TopicAdmin(kafka_config) as admin:
             partitions = admin.partitions(topic)
     tps = [TopicPartition(topic, p) for p in partitions]
-    consumer = new_consumer(kafka_config, fetch_max_wait_ms=10, max_partition_fetch_bytes=65536)
+    consumer = new_consumer(kafka_config, fetch_max_wait_ms=10, max_partition_fetch_bytes=65536,
+                            isolation_level=isolation_level)
     try:
         with kafka_errors(f"reading end offsets of {topic!r}", _servers(kafka_config)):
             consumer.assign(tps)

@@ -57,7 +57,10 @@ def free_port(host: str = HOST) -> int:
 
 
 def port_is_free(port: int, host: str = HOST) -> bool:
+    """No listener on the port. SO_REUSEADDR like the broker itself: a just-stopped broker's
+    TIME_WAIT connections do not make the port busy, a live listener does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -292,6 +295,7 @@ class EmbeddedBroker:
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """SIGTERM, then SIGKILL after `timeout_s`; also stops a broker found only via the pid file."""
+        self.port = self.port or self._read_int(self.port_file)
         stopped = self._terminate(timeout_s)
         if not stopped and self.pid_file.exists():
             stopped = self._terminate_pid(self._read_int(self.pid_file), timeout_s)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from connectors.kafka.admin import TopicAdmin, kafka_errors, new_producer
+from connectors.kafka.admin import TopicAdmin, close_producer, kafka_errors, new_producer
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import KafkaError
 from felrec_stream.log import get_logger
@@ -103,4 +103,4 @@ class KafkaDeadLetters:
                              f"to {self.topic!r}: {'; '.join(self.failed[:3])}")
 
     def close(self) -> None:
-        self._producer.close(timeout=5)
+        close_producer(self._producer)
