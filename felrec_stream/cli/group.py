@@ -30,7 +30,10 @@ def cli(log_level: str, log_json: bool | None) -> None:
 def main() -> None:
     """Console-script entry point: FelrecError -> one clear line on stderr, exit code 2."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
+        # standalone_mode=False returns ctx.exit()'s code instead of exiting with it
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
