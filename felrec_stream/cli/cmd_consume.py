@@ -1,0 +1,127 @@
+"""`felrec-stream consume`: the streaming worker (Kafka -> FELRec encoder -> sharded FAISS store).
+
+Composition only: options -> configs -> broker (embedded when no servers are given) -> worker
+(pipelines.worker) -> optional metrics endpoint and query service. Guarantees are documented in
+pipelines/worker.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from felrec_stream.cli.group import cli
+from felrec_stream.errors import ConfigError
+
+
+@cli.command("consume")
+@click.option("--topic", default="interactions", show_default=True, help="Topic of interaction events.")
+@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Trained FELRec checkpoint (felrec-stream train).")
+@click.option("--bootstrap-servers", default=None, envvar="FELREC_BOOTSTRAP_SERVERS",
+              help="Kafka bootstrap servers; empty: reuse `broker start` or start an embedded broker.")
+@click.option("--dead-letter-topic", default=None, help="Where poison messages go [default: <topic>.dlq].")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="YAML/JSON config file (kafka and cache sections are used).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-wait-ms", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Follow mode: cut a short batch when its oldest event waited this long.")
+@click.option("--shards", default=None, type=click.IntRange(min=1),
+              help="FAISS shards per kind (default: cache config).")
+@click.option("--index-type", default=None, type=click.Choice(["flat", "hnsw", "ivf"]))
+@click.option("--snapshot-dir", default=None, type=click.Path(file_okay=False),
+              help="Snapshot directory [default: $FELREC_HOME/snapshots/<topic>].")
+@click.option("--snapshot-every-events", default=50_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--snapshot-every-seconds", default=60.0, show_default=True, type=click.FloatRange(min=0.001))
+@click.option("--keep-snapshots", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--metrics-port", default=None, type=click.IntRange(1, 65535), help="Prometheus /metrics on 127.0.0.1.")
+@click.option("--max-events", default=None, type=click.IntRange(min=1),
+              help="Stop at the first batch boundary after this many events (tests).")
+@click.option("--until-end", is_flag=True, help="Stop at the end of the topic (deterministic batches).")
+@click.option("--allow-model-change", is_flag=True, help="Restore a snapshot made with another checkpoint.")
+@click.option("--group-id", default=None,
+              help="Consumer group for monitoring commits [default: felrec-consume-<topic>].")
+@click.option("--serve", is_flag=True, help="Also answer recommendation queries over HTTP from the live store.")
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+def consume(**opts: Any) -> None:
+    """Apply a topic of interactions to the representation store, exactly once, with snapshots.
+
+    Runs until SIGTERM/SIGINT (finishes the batch in progress, writes a final snapshot, exits 0),
+    or until --until-end / --max-events. Prints a JSON summary on stdout.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/faiss load (2-core hosts)
+    from connectors.kafka.broker import ensure_broker
+    from felrec_stream.config import KafkaConfig, env_overrides, load_section, read_config_file, replace
+    from pipelines.worker import WorkerOptions, build_worker
+
+    sections = read_config_file(opts["config_file"])
+    kafka = load_section(KafkaConfig, "kafka", sections, {"bootstrap_servers": opts["bootstrap_servers"],
+                                                          "topic": opts["topic"],
+                                                          "dead_letter_topic": opts["dead_letter_topic"]})
+    if not (opts["dead_letter_topic"] or "dead_letter_topic" in sections.get("kafka", {})
+            or "dead_letter_topic" in env_overrides("kafka")):
+        kafka = replace(kafka, dead_letter_topic=f"{opts['topic']}.dlq")  # one dead-letter topic per topic
+    options = WorkerOptions(
+        topic=opts["topic"], batch_size=opts["batch_size"], max_wait_ms=opts["max_wait_ms"],
+        until_end=opts["until_end"], max_events=opts["max_events"],
+        snapshot_every_events=opts["snapshot_every_events"], snapshot_every_seconds=opts["snapshot_every_seconds"],
+        allow_model_change=opts["allow_model_change"], group_id=opts["group_id"] or f"felrec-consume-{opts['topic']}")
+    with ensure_broker(kafka) as servers:
+        worker = build_worker(opts["checkpoint"], replace(kafka, bootstrap_servers=servers), options,
+                              shards=opts["shards"], index_type=opts["index_type"], device=opts["device"],
+                              snapshot_dir=opts["snapshot_dir"] or _default_snapshot_dir(opts["topic"]),
+                              keep_snapshots=opts["keep_snapshots"])
+        if opts["metrics_port"]:
+            worker.metrics.serve(opts["metrics_port"])
+        with _stop_on_signals(worker), _maybe_serve(worker, opts["serve"], opts["http_port"]):
+            result = worker.run()
+    click.echo(json.dumps(dataclasses.asdict(result), default=str))
+
+
+def _default_snapshot_dir(topic: str) -> Path:
+    home = os.environ.get("FELREC_HOME")
+    return (Path(home) if home else Path.home() / ".felrec-stream") / "snapshots" / topic
+
+
+@contextlib.contextmanager
+def _stop_on_signals(worker: Any) -> Iterator[None]:
+    """SIGTERM/SIGINT -> graceful stop (finish batch, final snapshot, exit 0); a second one aborts
+    at once (exit 130, no final snapshot: the previous snapshot stays the restart point)."""
+    def handler(signum: int, _frame: Any) -> None:
+        if worker.stopping:
+            raise KeyboardInterrupt
+        worker.request_stop(f"signal:{signal.Signals(signum).name}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _maybe_serve(worker: Any, serve: bool, port: int) -> Iterator[None]:
+    """Query service on the live store, sharing the worker's lock (felrec_stream.serving)."""
+    if not serve:
+        yield
+        return
+    try:
+        from felrec_stream import serving
+    except ImportError:
+        raise ConfigError("--serve needs felrec_stream.serving, which this build does not have yet") from None
+    engine = serving.QueryEngine(worker.store, worker.lock)
+    worker.observers.append(engine)  # freshness and snapshot seq on /metrics and /v1/catalog
+    handle = serving.serve_in_thread(serving.create_app(lambda: engine), port=port)
+    try:
+        yield
+    finally:
+        handle.stop()

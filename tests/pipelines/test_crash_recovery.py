@@ -1,0 +1,191 @@
+"""Crash drills: `felrec-stream consume` SIGKILLed at random points (one of them mid-snapshot), stopped
+with SIGTERM once, restarted each time; the final store must equal an uninterrupted run bit for bit,
+and every event must be applied exactly once. Also: a corrupt newest snapshot falls back to the
+previous one with the same final result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from connectors.kafka.admin import TopicAdmin, end_offsets, new_producer
+from connectors.kafka.replay import replay_events
+from felrec_stream.config import CacheConfig, KafkaConfig, from_dict
+from felrec_stream.faiss_store import make_store
+from felrec_stream.snapshot import MANIFEST, SnapshotManager
+from pipelines.worker import WorkerOptions, build_worker, store_fingerprint
+from tests.pipelines import assert_histories_match_table, assert_same_store, synthetic_events, write_tiny_checkpoint
+
+pytestmark = pytest.mark.kafka
+
+ROOT = Path(__file__).resolve().parents[2]
+N_EVENTS, BATCH, SNAPSHOT_EVERY = 3000, 64, 256
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def kafka(kafka_bootstrap: str) -> KafkaConfig:
+    return KafkaConfig(bootstrap_servers=kafka_bootstrap, request_timeout_ms=5000, connect_retries=3,
+                       dead_letter_topic=f"dlq-crash-{uuid.uuid4().hex[:8]}")
+
+
+POISON = [(b"u1", b"not json"), (b"u2", b'{"v":1,"user":"u2","ts":5}'), (b"u3", None),
+          (b"u4", b'{"v":1,"user":"someone-else","item":"i1","ts":5}')]
+
+
+@pytest.fixture(scope="module")
+def stream(kafka: KafkaConfig):
+    """3000 events in 2 partitions with 4 poison messages half-way."""
+    table = synthetic_events(N_EVENTS, n_users=150, n_items=100, seed=3)
+    topic = f"t-crash-{uuid.uuid4().hex[:8]}"
+    with TopicAdmin(kafka) as admin:
+        admin.create_topic(topic, 2)
+    replay_events(table.slice(0, N_EVENTS // 2), kafka, topic, progress=False)
+    producer = new_producer(kafka)
+    for key, value in POISON:
+        producer.send(topic, key=key, value=value).get(timeout=10)
+    producer.close()
+    replay_events(table.slice(N_EVENTS // 2), kafka, topic, progress=False)
+    return topic, table
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, kafka, stream) -> dict[str, Any]:
+    """The uninterrupted run (in-process, no snapshots)."""
+    topic, table = stream
+    worker = build_worker(checkpoint, kafka, WorkerOptions(topic, batch_size=BATCH, until_end=True), device="cpu")
+    result = worker.run()
+    assert (result.applied_total, result.dead_letters) == (N_EVENTS, len(POISON))
+    fingerprint = store_fingerprint(worker.store)
+    assert_histories_match_table(fingerprint, table, worker.bundle.cache.history_len)
+    return fingerprint
+
+
+def _final_store_fingerprint(snapshot_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    snapshot = SnapshotManager(snapshot_dir).latest_valid()
+    state = snapshot.state()["store"]
+    store = make_store(int(state["dim"]), from_dict(CacheConfig, snapshot.meta["cache"], "cache"))
+    store.load_state_dict(state)
+    return store_fingerprint(store), snapshot.meta
+
+
+def _command(checkpoint: Path, kafka: KafkaConfig, topic: str, snapshot_dir: Path) -> list[str]:
+    return [sys.executable, "-c", "from felrec_stream.cli import main; main()", "--log-json", "consume",
+            "--topic", topic, "--checkpoint", str(checkpoint), "--bootstrap-servers", kafka.bootstrap_servers,
+            "--batch-size", str(BATCH), "--snapshot-dir", str(snapshot_dir),
+            "--snapshot-every-events", str(SNAPSHOT_EVERY), "--keep-snapshots", "3", "--device", "cpu", "--until-end"]
+
+
+def _run(command: list[str], env: dict[str, str], trigger: Callable[[dict], bool] | None,
+         sig: int = signal.SIGKILL, delay_s: float = 0.0) -> tuple[int, list[dict], str]:
+    """Run one worker process; send `sig` `delay_s` after the first log record `trigger` accepts."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=ROOT)
+    records, sent = [], False
+    try:
+        for line in proc.stderr:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            records.append(record)
+            if trigger is not None and not sent and trigger(record):
+                time.sleep(delay_s)
+                proc.send_signal(sig)
+                sent = True
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return rc, records, proc.stdout.read()
+
+
+def _applied_at_least(target: int) -> Callable[[dict], bool]:
+    return lambda record: record.get("event") == "batch_applied" and record["applied"] >= target
+
+
+def _in_snapshot_write(record: dict) -> bool:
+    return record.get("event") == "snapshot_writing"
+
+
+def _started_at(records: list[dict]) -> int:
+    return next(r["applied"] for r in records if r.get("event") == "worker_started")
+
+
+def test_sigkill_restarts_equal_an_uninterrupted_run(checkpoint, kafka, stream, reference, tmp_path):
+    topic, table = stream
+    snapshot_dir = tmp_path / "snap"
+    command = _command(checkpoint, kafka, topic, snapshot_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FELREC_HOME": str(tmp_path / "home"), "FELREC_LOG_JSON": "1",
+           "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    rng = random.Random(20261128)
+    # (events past the last restart at which to signal, or None = inside the first snapshot write; signal)
+    plan = [(rng.randint(150, 600), signal.SIGKILL), (None, signal.SIGKILL),
+            (rng.randint(100, 500), signal.SIGTERM),  # graceful: finish the batch, final snapshot, exit 0
+            (rng.randint(100, 600), signal.SIGKILL), (rng.randint(100, 400), signal.SIGKILL)]
+    durable, starts = 0, []
+    for events, sig in plan:
+        trigger = _in_snapshot_write if events is None else _applied_at_least(durable + events)
+        # a snapshot write takes ~60-90 ms here (16 fsyncs): 20 ms in usually lands inside it
+        rc, records, out = _run(command, env, trigger, sig, 0.02 if events is None else 0.0)
+        assert rc == (0 if sig == signal.SIGTERM else -signal.SIGKILL), records[-3:]
+        started = _started_at(records)
+        # resumes at a durable snapshot: never behind the previous resume point, always on the batch grid
+        assert started >= durable and started % BATCH == 0
+        applied = max([started] + [r["applied"] for r in records if r.get("event") == "batch_applied"])
+        durable = started
+        starts.append(started)
+        if sig == signal.SIGTERM:
+            summary = json.loads(out)
+            assert summary["stopped_by"] == "signal:SIGTERM" and summary["applied_total"] == applied
+            assert SnapshotManager(snapshot_dir).latest_valid().meta["applied_events"] == applied
+            durable = applied
+
+    rc, records, out = _run(command, env, None)
+    assert rc == 0, records[-3:]
+    summary = json.loads(out)
+    assert (summary["applied_total"], summary["stopped_by"]) == (N_EVENTS, "end_of_topic")
+    assert sum(n > 0 for n in starts + [_started_at(records)]) >= 3, f"too few restores from snapshots: {starts}"
+
+    fingerprint, meta = _final_store_fingerprint(snapshot_dir)
+    assert (meta["applied_events"], meta["dead_letters"]) == (N_EVENTS, len(POISON))  # exact despite re-sends
+    assert end_offsets(kafka, f"{topic}.dlq", [0])[0] >= len(POISON)  # at least once
+    assert_same_store(fingerprint, reference)  # bit-exact, vectors included
+    assert_histories_match_table(fingerprint, table, 8)  # nothing lost, nothing applied twice
+
+
+def test_corrupt_newest_snapshot_falls_back_to_the_previous(checkpoint, kafka, stream, reference, tmp_path):
+    topic, table = stream
+    snapshot_dir = tmp_path / "snap"
+    first = WorkerOptions(topic, batch_size=BATCH, until_end=True, max_events=640, snapshot_every_events=128)
+    assert build_worker(checkpoint, kafka, first, device="cpu", snapshot_dir=snapshot_dir).run().applied_total == 640
+    manager = SnapshotManager(snapshot_dir)
+    newest = manager.current_seq()
+    path = snapshot_dir / f"snap-{newest:012d}"
+    manifest = json.loads((path / MANIFEST).read_text())
+    victim = path / max(manifest["files"], key=lambda name: manifest["files"][name]["size"])
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+    rest = WorkerOptions(topic, batch_size=BATCH, until_end=True, snapshot_every_events=10**6)
+    worker = build_worker(checkpoint, kafka, rest, device="cpu", snapshot_dir=snapshot_dir)
+    result = worker.run()
+    assert worker.restored_seq is not None and worker.restored_seq < newest
+    assert result.applied_this_run == N_EVENTS - 512  # resumed at the previous snapshot (512 events)
+    assert_same_store(store_fingerprint(worker.store), reference)
