@@ -1,0 +1,55 @@
+"""`experiment`: the paper's Tables 1-3 and Figure 2 for one dataset, in one resumable command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from felrec_stream.cli.group import cli
+
+DEFAULT_MODELS = "felrec-q,felrec-p,sasrec,gru4rec,gru4rec-bptt,bpr-mf,jodie,popularity"
+
+
+def _load(spec: str, path: str | None = None):  # -> pa.Table
+    from connectors.datasets import load_dataset
+
+    return load_dataset(spec, path)
+
+
+def _zero_shot(value: str | None):
+    """"DATASET:PATH" (or "DATASET" for generated ones such as synthetic) -> (label, events) or None."""
+    if not value:
+        return None
+    name, _, path = value.partition(":")
+    return name, _load(name, path or None)
+
+
+@cli.command("experiment")
+@click.option("--dataset", required=True, help="Dataset name (ml-100k, ml-1m, ..., twitch, csv, parquet, synthetic).")
+@click.option("--path", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Dataset folder or file (not for synthetic).")
+@click.option("--models", default=DEFAULT_MODELS, show_default=True,
+              help="Comma-separated rows: felrec-q, felrec-p, felrec-{q,p}-{reset,zero,nn,ln,nomlp,sharemlp,notype}, "
+                   "sasrec, gru4rec, gru4rec-bptt, bpr-mf, jodie, popularity; or 'all'.")
+@click.option("--zero-shot-from", default=None, metavar="DATASET:PATH",
+              help="Dataset the -zero rows are trained on (e.g. ml-1m:/data/ml-1m, or synthetic).")
+@click.option("--size", type=click.Choice(["small", "paper", "tiny"]), default="small", show_default=True,
+              help="small: CPU-sized models and few epochs; paper: the paper's hyper-parameters; tiny: smoke runs.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default runs/experiment-<dataset>-<size>). Finished rows are not recomputed.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def experiment(dataset: str, path: Path | None, models: str, zero_shot_from: str | None, size: str,
+               out_dir: Path | None, seed: int) -> None:
+    """Train and evaluate every model on DATASET; write table.md/json, figure2.png and per-event Parquet."""
+    from training.experiment import ExperimentConfig, run_experiment
+
+    events = _load(dataset, str(path) if path else None)
+    zero = _zero_shot(zero_shot_from)
+    cfg = ExperimentConfig(dataset=dataset, models=tuple(m for m in models.split(",") if m.strip()), size=size,
+                           seed=seed, zero_shot_dataset=zero[0] if zero else None)
+    out = out_dir or Path("runs") / f"experiment-{dataset}-{size}"
+    result = run_experiment(events, cfg, out, zero_shot_events=zero[1] if zero else None)
+    click.echo(result.table_md.read_text())
+    click.echo(f"table: {result.table_md}  json: {result.table_json}  figure: {result.figure}  "
+               f"computed now: {', '.join(result.computed) or 'nothing (all rows were finished)'}")

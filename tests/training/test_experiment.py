@@ -1,0 +1,135 @@
+"""The experiment harness: row parsing, FELRec switches, the table renderer, resumability, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from felrec_stream.config import EvalConfig
+from felrec_stream.errors import ConfigError
+from felrec_stream.synthetic import SyntheticConfig, generate
+from training.experiment import (ExperimentConfig, expand_models, felrec_setup, format_params, parse_row,
+                                 run_experiment, table_json, table_markdown)
+
+EVAL = EvalConfig(batch_size=256, num_negatives=50)
+
+
+@pytest.fixture(scope="module")
+def events():
+    return generate(SyntheticConfig(n_users=120, n_items=80, n_events=3000, seed=5)).events
+
+
+def test_rows_parse_and_expand():
+    assert parse_row("felrec-q").family == "felrec" and parse_row("felrec-q").train_key == "felrec-q"
+    ln = parse_row("felrec-p-ln")
+    assert (ln.variant, ln.extra, ln.display, ln.train_key) == ("p", "ln", "FELRec-P-LN", "felrec-p-ln")
+    assert parse_row("felrec-q-nn").train_key == "felrec-q" and parse_row("felrec-q-reset").train_key == "felrec-q"
+    assert parse_row("FELRec-Q-noMLP").display == "FELRec-Q-noMLP"
+    assert parse_row("jodie").display == "JODIE*" and parse_row("popularity").family == "popularity"
+    for bad in ("felrec-x", "felrec-q-foo", "svd"):
+        with pytest.raises(ConfigError):
+            parse_row(bad)
+    every = expand_models(["all"], zero_shot=False)
+    assert "felrec-q-zero" not in every and "felrec-p-notype" in every and "popularity" in every
+    assert "felrec-q-zero" in expand_models(["all"], zero_shot=True)
+    assert expand_models(["sasrec", "sasrec", "bpr-mf"], False) == ["sasrec", "bpr-mf"]
+
+
+def test_felrec_ablation_switches():
+    base = felrec_setup("small", "q", None, 0)
+    assert felrec_setup("small", "q", "ln", 0).model.norm == "layer" and base.model.norm == "batch"
+    assert felrec_setup("small", "p", "nomlp", 0).model.use_mlp is False
+    assert felrec_setup("small", "q", "sharemlp", 0).model.share_mlp is True
+    assert felrec_setup("small", "q", "notype", 0).encoder.type_embedding is False
+    assert felrec_setup("paper", "p", None, 3).model.variant == "p" and felrec_setup("paper", "p", None, 3).training.seed == 3
+    assert felrec_setup("paper", "q", None, 0).encoder.d_model == 128
+    with pytest.raises(ConfigError):
+        felrec_setup("huge", "q", None, 0)
+
+
+def _summary(served, ranks, total):
+    parts = {}
+    shares = {"observed": 0.6, "new_user": 0.3, "new_item": 0.1}
+    for name, share in shares.items():
+        ok = name in served
+        parts[name] = {"count": int(share * 100), "share": share, "served": ok,
+                       "rank": ranks.get(name) if ok else None, "hit_rate": 0.5 if ok else None}
+    return {"model": "x", "hr_k": 10, "num_negatives": 100, "n_events": 100, "served": sorted(served),
+            "partitions": parts, "total": {"count": 100, "share": 1.0, "served": True, "rank": total, "hit_rate": 0.5}}
+
+
+def test_table_renderer_on_fixed_inputs():
+    rows = [
+        {"key": "felrec-q", "model": "FELRec-Q", "params": 123_456, "params_grow": False,
+         "summary": _summary({"observed", "new_user", "new_item"}, {"observed": 0.1, "new_user": 0.2, "new_item": 0.3}, 0.15)},
+        {"key": "bpr-mf", "model": "BPR-MF", "params": 2_500_000, "params_grow": True,
+         "summary": _summary({"observed"}, {"observed": 0.125}, 0.125)},
+    ]
+    md = table_markdown(rows, "toy")
+    lines = md.splitlines()
+    assert lines[0] == "**toy** — 100 test events"
+    assert "observed (60.0%) rank ↓" in lines[2] and "new users (30.0%)" in lines[2] and "new items (10.0%)" in lines[2]
+    assert lines[4] == "| FELRec-Q | 123.5K | 0.100 | 0.500 | 0.200 | 0.500 | 0.300 | 0.500 | 0.150 | 0.500 |"
+    assert lines[5] == "| BPR-MF | 2.50M+ | 0.125 | 0.500 | – | – | – | – | 0.125† | 0.500† |"
+    data = table_json(rows, ExperimentConfig("toy"))
+    assert data["rows"][1]["partitions"]["new_user"]["rank"] is None
+    assert format_params(999, False) == "999" and format_params(1000, True) == "1.0K+"
+
+
+def test_runner_is_resumable(events, tmp_path):
+    cfg = ExperimentConfig("synthetic", models=("popularity", "bpr-mf", "felrec-q", "felrec-q-reset"), size="tiny",
+                           eval=EVAL)
+    first = run_experiment(events, cfg, tmp_path)
+    assert first.computed == ["popularity", "bpr-mf", "felrec-q", "felrec-q-reset"]
+    results = tmp_path / "results"
+    stamps = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    checkpoint = tmp_path / "checkpoints" / "felrec-q" / "best.pt"
+    assert checkpoint.is_file() and not (tmp_path / "checkpoints" / "felrec-q-reset").exists()
+    ckpt_stamp = checkpoint.stat().st_mtime_ns
+    table = first.table_md.read_text()
+
+    second = run_experiment(events, cfg, tmp_path)
+    assert second.computed == []
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == stamps
+    assert second.table_md.read_text() == table
+
+    (results / "felrec-q-reset.json").unlink()
+    third = run_experiment(events, cfg, tmp_path)
+    assert third.computed == ["felrec-q-reset"] and checkpoint.stat().st_mtime_ns == ckpt_stamp
+    assert third.figure is not None and third.figure.stat().st_size > 0
+    row = json.loads((results / "felrec-q.json").read_text())
+    assert row["params"] > 0 and row["params_grow"] is False and row["train"]["best_epoch"] >= 1
+    per_event = pq.read_table(results / "bpr-mf.parquet")
+    assert per_event.num_rows == row["summary"]["n_events"]
+    bpr = json.loads((results / "bpr-mf.json").read_text())["summary"]
+    assert bpr["partitions"]["new_user"]["rank"] is None and bpr["partitions"]["new_item"]["rank"] is None
+    assert "| BPR-MF |" in table and "| – | – | – | – |" in table
+
+
+def test_zero_shot_rows(events, tmp_path):
+    cfg = ExperimentConfig("synthetic", models=("felrec-p-zero",), size="tiny", eval=EVAL, zero_shot_dataset="other")
+    with pytest.raises(ConfigError, match="zero-shot"):
+        run_experiment(events, cfg, tmp_path)
+    other = generate(SyntheticConfig(n_users=60, n_items=50, n_events=1500, seed=9)).events
+    result = run_experiment(events, cfg, tmp_path, zero_shot_events=other)
+    row = result.rows[0]
+    assert row["train"]["trained_on"] == "other" and row["train"]["mode"] == "zero-shot"
+    assert row["summary"]["total"]["rank"] is not None
+
+
+def test_cli_experiment(events, tmp_path):
+    from felrec_stream.cli import cli
+
+    data = tmp_path / "events.parquet"
+    pq.write_table(events, data)
+    out = tmp_path / "run"
+    args = ["experiment", "--dataset", "parquet", "--path", str(data), "--models", "popularity,bpr-mf",
+            "--size", "tiny", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "| Popularity |" in result.output and (out / "table.json").is_file()
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "nothing (all rows were finished)" in again.output

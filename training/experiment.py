@@ -1,0 +1,331 @@
+"""The paper's experiment in one call: every model trained, checkpointed on validation, replayed on
+test by the shared online evaluator, and laid out like Tables 1-3 plus Figure 2.
+
+Rows (keys as given to `--models`):
+- baselines: `bpr-mf`, `gru4rec`, `gru4rec-bptt`, `sasrec`, `jodie` (training.baselines), `popularity`;
+- FELRec: `felrec-q`, `felrec-p` and extra rows `felrec-{q,p}-<extra>`:
+  `reset` (same weights, empty cache when the replay after training starts), `zero` (trained on
+  another dataset, empty cache), `nn` (scores of the 10 nearest users), and the ablations `ln`
+  (LayerNorm in the MLPs), `nomlp`, `sharemlp`, `notype` (ModelConfig/EncoderConfig switches).
+
+Protocol, identical for every row: chronological 80/10/10 split; training on the first part; the
+checkpoint with the best validation rank is kept; the evaluator replays the validation events
+as warm-up (unscored) and then scores the test events (same catalog, same negatives, same
+partitions). FELRec's rows `-reset`/`-nn` reuse the trained FELRec checkpoint.
+
+Output in `out_dir`: `results/<key>.json` (one row: summary, parameter count, training log) and
+`results/<key>.parquet` (per event), `table.md`, `table.json`, `figure2.png`. A row whose
+result file exists is not recomputed (resumable); FELRec training also resumes from its last
+checkpoint. Every number in the table comes from these result files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from felrec_stream.checkpoint import load_checkpoint
+from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig, replace,
+                                  to_dict)
+from felrec_stream.errors import ConfigError
+from felrec_stream.log import get_logger
+from felrec_stream.model import count_parameters
+from felrec_stream.report import plot_rank_vs_prior
+from felrec_stream.split import PARTITIONS, Split, chronological_split
+from training.baselines import build_baseline, fit, make_config
+from training.baselines.configs import config_to_dict
+from training.evaluate import EvalResult, evaluate
+from training.felrec_online import PopularityOnline, build_felrec
+from training.train import resolve_device, train
+
+log = get_logger(__name__)
+
+BASELINE_ROWS = {"bpr-mf": "BPR-MF", "gru4rec": "GRU4Rec", "gru4rec-bptt": "GRU4Rec-BPTT", "sasrec": "SASRec",
+                 "jodie": "JODIE*", "popularity": "Popularity"}
+FELREC_EXTRAS = {"reset": "reset", "zero": "zero", "nn": "NN", "ln": "LN", "nomlp": "noMLP",
+                 "sharemlp": "shareMLP", "notype": "noType"}
+ABLATIONS = ("ln", "nomlp", "sharemlp", "notype")
+DEFAULT_MODELS = ("felrec-q", "felrec-p", "sasrec", "gru4rec", "gru4rec-bptt", "bpr-mf", "jodie", "popularity")
+FIGURE_ROWS = ("felrec-q", "felrec-p", "sasrec")  # Figure 2 overlays FELRec and SASRec
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One table row: which model, trained how, evaluated how."""
+
+    key: str  # e.g. "felrec-q-ln"
+    display: str  # e.g. "FELRec-Q-LN"
+    family: Literal["felrec", "baseline", "popularity"]
+    variant: str | None = None  # FELRec "q" / "p"
+    extra: str | None = None  # one of FELREC_EXTRAS
+
+    @property
+    def train_key(self) -> str:
+        """Checkpoint folder: -reset and -nn reuse the plain FELRec training."""
+        return f"felrec-{self.variant}" if self.extra in (None, "reset", "nn") else self.key
+
+
+def parse_row(key: str) -> RowSpec:
+    key = key.strip().lower()
+    if key == "popularity":
+        return RowSpec(key, BASELINE_ROWS[key], "popularity")
+    if key in BASELINE_ROWS:
+        return RowSpec(key, BASELINE_ROWS[key], "baseline")
+    parts = key.split("-")
+    if parts[0] == "felrec" and len(parts) in (2, 3) and parts[1] in ("q", "p"):
+        extra = parts[2] if len(parts) == 3 else None
+        if extra is None or extra in FELREC_EXTRAS:
+            display = f"FELRec-{parts[1].upper()}" + (f"-{FELREC_EXTRAS[extra]}" if extra else "")
+            return RowSpec(key, display, "felrec", parts[1], extra)
+    known = list(BASELINE_ROWS) + ["felrec-q", "felrec-p"] + [f"felrec-q-{e}" for e in FELREC_EXTRAS]
+    raise ConfigError(f"unknown model {key!r}; known: {', '.join(known)} (and felrec-p-<extra>)")
+
+
+def expand_models(names: Sequence[str], zero_shot: bool) -> list[str]:
+    """Model keys; "all" = every row (the -zero rows only with a zero-shot dataset)."""
+    out: list[str] = []
+    for name in names:
+        if name.strip().lower() == "all":
+            extras = [e for e in FELREC_EXTRAS if zero_shot or e != "zero"]
+            out += [f"felrec-{v}" for v in "qp"] + [f"felrec-{v}-{e}" for v in "qp" for e in extras]
+            out += list(BASELINE_ROWS)
+        else:
+            out.append(name.strip().lower())
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class FELRecSetup:
+    encoder: EncoderConfig
+    model: ModelConfig
+    training: TrainingConfig
+    cache: CacheConfig
+
+
+def felrec_setup(size: str, variant: str, extra: str | None, seed: int) -> FELRecSetup:
+    """FELRec configs of a size preset, with the row's ablation switch applied."""
+    if size == "paper":
+        setup = FELRecSetup(EncoderConfig(), ModelConfig(variant=variant), TrainingConfig(seed=seed), CacheConfig())
+    elif size == "small":  # about 20 s per ML-100K epoch on one CPU core
+        setup = FELRecSetup(EncoderConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64),
+                            ModelConfig(variant=variant, queue_size=1024, proj_hidden=64, proj_out=16),
+                            TrainingConfig(epochs=5, warmup_epochs=1, lr=0.01, seed=seed),
+                            CacheConfig(history_len=16))
+    elif size == "tiny":  # tests and smoke runs
+        setup = FELRecSetup(EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32),
+                            ModelConfig(variant=variant, queue_size=256, proj_hidden=32, proj_out=8),
+                            TrainingConfig(epochs=2, warmup_epochs=1, lr=0.01, batch_size=256, seed=seed),
+                            CacheConfig(history_len=8))
+    else:
+        raise ConfigError(f"unknown size {size!r}; known: small, paper, tiny")
+    switches = {"ln": {"norm": "layer"}, "nomlp": {"use_mlp": False}, "sharemlp": {"share_mlp": True}}
+    if extra in switches:
+        setup = replace(setup, model=replace(setup.model, **switches[extra]))
+    if extra == "notype":
+        setup = replace(setup, encoder=replace(setup.encoder, type_embedding=False))
+    return setup
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    dataset: str  # label shown in the table
+    models: tuple[str, ...] = DEFAULT_MODELS
+    size: Literal["small", "paper", "tiny"] = "small"
+    seed: int = 0
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    zero_shot_dataset: str | None = None  # label of the dataset the -zero rows were trained on
+
+
+@dataclass
+class ExperimentResult:
+    rows: list[dict[str, Any]]
+    table_md: Path
+    table_json: Path
+    figure: Path | None
+    computed: list[str]  # keys trained/evaluated in this call (the others came from result files)
+
+
+def run_experiment(events: pa.Table, cfg: ExperimentConfig, out_dir: str | Path,
+                   zero_shot_events: pa.Table | None = None) -> ExperimentResult:
+    """Train and evaluate every row of `cfg.models` (skipping rows with a result file), then render."""
+    out = Path(out_dir)
+    specs = [parse_row(k) for k in expand_models(cfg.models, zero_shot_events is not None)]
+    if any(s.extra == "zero" for s in specs) and zero_shot_events is None:
+        raise ConfigError("the -zero rows need another dataset to train on (--zero-shot-from DATASET:PATH)")
+    split = chronological_split(events, TrainingConfig().val_fraction, TrainingConfig().test_fraction)
+    log.info("experiment_started", dataset=cfg.dataset, size=cfg.size, rows=len(specs), out_dir=str(out),
+             train=len(split.train), val=len(split.val), test=len(split.test))
+    rows, computed = [], []
+    for spec in specs:
+        path = out / "results" / f"{spec.key}.json"
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+            log.info("experiment_row_skipped", model=spec.key, result=str(path))
+            continue
+        rows.append(_run_row(spec, cfg, events, split, out, zero_shot_events))
+        computed.append(spec.key)
+    return _render(rows, cfg, out, computed)
+
+
+def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Split, out: Path,
+             zero_shot_events: pa.Table | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if spec.family == "popularity":
+        result = evaluate(PopularityOnline([split.train]), split.test, split.train, cfg.eval, warmup=split.val)
+        info: dict[str, Any] = {"params": 0, "params_grow": False, "train": {}, "config": {}}
+    elif spec.family == "baseline":
+        result, info = _run_baseline(spec, cfg, split)
+    else:
+        result, info = _run_felrec(spec, cfg, events, split, out, zero_shot_events)
+    result.model = spec.display
+    row = {"key": spec.key, "model": spec.display, "dataset": cfg.dataset, "size": cfg.size, **info,
+           "summary": result.summary(), "seconds": round(time.perf_counter() - started, 1)}
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    pq.write_table(result.events, results / f"{spec.key}.parquet")
+    _write_atomic(results / f"{spec.key}.json", json.dumps(row, indent=2))  # written last: marks the row done
+    total = row["summary"]["total"]
+    log.info("experiment_row_done", model=spec.key, rank=total["rank"], hit_rate=total["hit_rate"],
+             params=row["params"], seconds=row["seconds"])
+    return row
+
+
+def _run_baseline(spec: RowSpec, cfg: ExperimentConfig, split: Split) -> tuple[EvalResult, dict[str, Any]]:
+    config = make_config(spec.key, cfg.size, seed=cfg.seed)
+    adapter = build_baseline(spec.key, config, split.train)
+    fitted = fit(adapter, split.train, lambda m: evaluate(m, split.val, split.train, cfg.eval).mean_rank)
+    result = evaluate(fitted.model, split.test, split.train, cfg.eval, warmup=split.val)
+    train_info = {"best_epoch": fitted.best_epoch, "best_val_rank": fitted.best_val_rank, "history": fitted.history}
+    return result, {"params": fitted.model.num_parameters, "params_grow": fitted.model.params_grow_with_data,
+                    "train": train_info, "config": config_to_dict(config)}
+
+
+def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Split, out: Path,
+                zero_shot_events: pa.Table | None) -> tuple[EvalResult, dict[str, Any]]:
+    """Train (or resume / reuse) the row's FELRec, then replay validation + test with it."""
+    assert spec.variant is not None
+    setup = felrec_setup(cfg.size, spec.variant, spec.extra, cfg.seed)
+    train_events = zero_shot_events if spec.extra == "zero" else events
+    ckpt_dir = out / "checkpoints" / spec.train_key
+    trained = train(train_events, setup.encoder, setup.model, setup.training, setup.cache, cfg.eval, ckpt_dir,
+                    resume=(ckpt_dir / "last.pt").is_file())
+    checkpoint = load_checkpoint(trained.best_checkpoint or trained.last_checkpoint)
+    mode = {"reset": "reset", "zero": "zero-shot"}.get(spec.extra or "", "keep")
+    online = build_felrec(checkpoint, mode, resolve_device(setup.training.device),
+                          nn_neighbors=cfg.eval.nn_neighbors if spec.extra == "nn" else None)
+    result = evaluate(online, split.test, split.train, cfg.eval, warmup=split.val)
+    train_info = {"best_epoch": trained.best_epoch, "best_val_rank": trained.best_val_rank,
+                  "history": trained.history, "checkpoint": str(ckpt_dir),
+                  "trained_on": cfg.zero_shot_dataset if spec.extra == "zero" else cfg.dataset, "mode": mode}
+    config = {"encoder": to_dict(setup.encoder), "model": to_dict(setup.model),
+              "training": to_dict(setup.training), "cache": to_dict(setup.cache)}
+    return result, {"params": count_parameters(online.model), "params_grow": False, "train": train_info,
+                    "config": config}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering (Tables 1-3 layout, Figure 2)
+
+DASH = "–"
+PARTITION_TITLES = {"observed": "observed", "new_user": "new users", "new_item": "new items"}
+
+
+def format_params(n: int, grows: bool) -> str:
+    """1234 -> "1.2K"; a trailing "+" marks counts that grow with the dataset (embedding tables)."""
+    text = f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+    return text + ("+" if grows else "")
+
+
+def _fmt(value: float | None) -> str:
+    return DASH if value is None else f"{value:.3f}"
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], dataset: str) -> str:
+    """Markdown table laid out like the paper's Tables 1-3 (rows: models; per partition rank, HR@k)."""
+    if not rows:
+        return "(no results)\n"
+    first = rows[0]["summary"]
+    k = first["hr_k"]
+    header = ["model", "params"]
+    for name in PARTITIONS:
+        share = first["partitions"][name]["share"]
+        header += [f"{PARTITION_TITLES[name]} ({share:.1%}) rank ↓", f"HR@{k} ↑"]
+    header += ["total rank ↓", f"HR@{k} ↑"]
+    lines = [f"**{dataset}** — {first['n_events']} test events", "",
+             "| " + " | ".join(header) + " |", "| --- | ---: |" + " ---: |" * (len(header) - 2)]
+    for row in rows:
+        lines.append("| " + " | ".join(_row_cells(row)) + " |")
+    lines += ["", f"Normalized rank over all catalog items (0 best, 0.5 random); HR@{k} against "
+                  f"{first['num_negatives']} sampled negatives. {DASH}: partition the model cannot serve. "
+                  "Params: trainable parameters; \"+\" = grows with the number of users/items. "
+                  "†: total over the served partitions only (not comparable with full totals)."]
+    return "\n".join(lines) + "\n"
+
+
+def _row_cells(row: dict[str, Any]) -> list[str]:
+    summary = row["summary"]
+    cells = [row["model"], format_params(int(row["params"]), bool(row["params_grow"]))]
+    present = {name for name, part in summary["partitions"].items() if part["count"] > 0}
+    for name in PARTITIONS:
+        part = summary["partitions"][name]
+        cells += [_fmt(part["rank"]), _fmt(part["hit_rate"])]
+    partial = not present <= set(summary["served"])
+    mark = "†" if partial and summary["total"]["rank"] is not None else ""
+    cells += [_fmt(summary["total"]["rank"]) + mark, _fmt(summary["total"]["hit_rate"]) + mark]
+    return cells
+
+
+def table_json(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> dict[str, Any]:
+    """The table as data: per row model, params and the per-partition cells (None = not served)."""
+    cells = []
+    for row in rows:
+        s = row["summary"]
+        cells.append({"key": row["key"], "model": row["model"], "params": row["params"],
+                      "params_grow": row["params_grow"], "served": s["served"],
+                      "partitions": {n: {"share": p["share"], "rank": p["rank"], "hit_rate": p["hit_rate"]}
+                                     for n, p in s["partitions"].items()},
+                      "total": {"rank": s["total"]["rank"], "hit_rate": s["total"]["hit_rate"]}})
+    return {"dataset": cfg.dataset, "size": cfg.size, "seed": cfg.seed, "rows": cells}
+
+
+def row_order(key: str) -> tuple[int, str]:
+    """Paper order: baselines (popularity first), then FELRec-Q and its extra rows, then FELRec-P."""
+    keys = ["popularity", "bpr-mf", "gru4rec", "gru4rec-bptt", "sasrec", "jodie"]
+    keys += [f"felrec-{v}" + (f"-{e}" if e else "") for v in "qp" for e in (None, *FELREC_EXTRAS)]
+    return (keys.index(key), key) if key in keys else (len(keys), key)
+
+
+def _render(rows: list[dict[str, Any]], cfg: ExperimentConfig, out: Path, computed: list[str]) -> ExperimentResult:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: row_order(r["key"]))
+    md, js = out / "table.md", out / "table.json"
+    _write_atomic(md, table_markdown(rows, cfg.dataset))
+    _write_atomic(js, json.dumps(table_json(rows, cfg), indent=2))
+    figure_rows = [r for r in rows if r["key"] in FIGURE_ROWS]
+    figure = None
+    if figure_rows:
+        summaries = [{**r["summary"], "model": r["model"]} for r in figure_rows]
+        figure = plot_rank_vs_prior(summaries, out / "figure2.png", f"{cfg.dataset}: rank vs item prior interactions")
+    log.info("experiment_done", table=str(md), rows=len(rows), computed=len(computed))
+    return ExperimentResult(rows, md, js, figure, computed)
