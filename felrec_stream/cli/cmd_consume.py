@@ -50,6 +50,8 @@ from felrec_stream.errors import ConfigError
 @click.option("--group-id", default=None,
               help="Consumer group for monitoring commits [default: felrec-consume-<topic>].")
 @click.option("--serve", is_flag=True, help="Also answer recommendation queries over HTTP from the live store.")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="Address of the query API (no authentication: keep it on loopback unless proxied).")
 @click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 def consume(**opts: Any) -> None:
     """Apply a topic of interactions to the representation store, exactly once, with snapshots.
@@ -81,7 +83,7 @@ def consume(**opts: Any) -> None:
                               keep_snapshots=opts["keep_snapshots"])
         if opts["metrics_port"]:
             worker.metrics.serve(opts["metrics_port"])
-        with _stop_on_signals(worker), _maybe_serve(worker, opts["serve"], opts["http_port"]):
+        with _stop_on_signals(worker), _maybe_serve(worker, opts["serve"], opts["http_host"], opts["http_port"]):
             result = worker.run()
     click.echo(json.dumps(dataclasses.asdict(result), default=str))
 
@@ -109,7 +111,7 @@ def _stop_on_signals(worker: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _maybe_serve(worker: Any, serve: bool, port: int) -> Iterator[None]:
+def _maybe_serve(worker: Any, serve: bool, host: str, port: int) -> Iterator[None]:
     """Query service on the live store, sharing the worker's lock (felrec_stream.serving)."""
     if not serve:
         yield
@@ -120,7 +122,7 @@ def _maybe_serve(worker: Any, serve: bool, port: int) -> Iterator[None]:
         raise ConfigError("--serve needs felrec_stream.serving, which this build does not have yet") from None
     engine = serving.QueryEngine(worker.store, worker.lock)
     worker.observers.append(engine)  # freshness and snapshot seq on /metrics and /v1/catalog
-    handle = serving.serve_in_thread(serving.create_app(lambda: engine), port=port)
+    handle = serving.serve_in_thread(serving.create_app(lambda: engine), host=host, port=port)
     try:
         yield
     finally:
