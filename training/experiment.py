@@ -13,6 +13,9 @@ checkpoint with the best validation rank is kept; the evaluator replays the vali
 as warm-up (unscored) and then scores the test events (same catalog, same negatives, same
 partitions). FELRec's rows `-reset`/`-nn` reuse the trained FELRec checkpoint.
 
+A row that fails (FelrecError, e.g. a representation collapse) is shown as failed, with its
+reason under the table and no numbers; it writes no result file, so the next run retries it.
+
 Output in `out_dir`: `results/<key>.json` (one row: summary, parameter count, training log) and
 `results/<key>.parquet` (per event), `table.md`, `table.json`, `figure2.png`. A row whose
 result file exists is not recomputed (resumable); FELRec training also resumes from its last
@@ -37,7 +40,7 @@ import torch
 from felrec_stream.checkpoint import load_checkpoint
 from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig, replace,
                                   to_dict)
-from felrec_stream.errors import ConfigError
+from felrec_stream.errors import ConfigError, FelrecError
 from felrec_stream.log import get_logger
 from felrec_stream.model import count_parameters
 from felrec_stream.report import plot_rank_vs_prior
@@ -172,8 +175,12 @@ def run_experiment(events: pa.Table, cfg: ExperimentConfig, out_dir: str | Path,
             rows.append(json.loads(path.read_text()))
             log.info("experiment_row_skipped", model=spec.key, result=str(path))
             continue
-        rows.append(_run_row(spec, cfg, events, split, out, zero_shot_events))
-        computed.append(spec.key)
+        try:
+            rows.append(_run_row(spec, cfg, events, split, out, zero_shot_events))
+            computed.append(spec.key)
+        except FelrecError as exc:  # e.g. a collapsed FELRec: the other rows still run
+            log.error("experiment_row_failed", model=spec.key, error=str(exc))
+            rows.append({"key": spec.key, "model": spec.display, "failed": str(exc)})
     return _render(rows, cfg, out, computed)
 
 
@@ -263,9 +270,10 @@ def _fmt(value: float | None) -> str:
 
 def table_markdown(rows: Sequence[dict[str, Any]], dataset: str) -> str:
     """Markdown table laid out like the paper's Tables 1-3 (rows: models; per partition rank, HR@k)."""
-    if not rows:
-        return "(no results)\n"
-    first = rows[0]["summary"]
+    done = [r for r in rows if "failed" not in r]
+    if not done:
+        return "(no results)\n" + "".join(f"- {r['model']} failed: {r['failed']}\n" for r in rows)
+    first = done[0]["summary"]
     k = first["hr_k"]
     header = ["model", "params"]
     for name in PARTITIONS:
@@ -274,12 +282,18 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str) -> str:
     header += ["total rank ↓", f"HR@{k} ↑"]
     lines = [f"**{dataset}** — {first['n_events']} test events", "",
              "| " + " | ".join(header) + " |", "| --- | ---: |" + " ---: |" * (len(header) - 2)]
+    failures = []
     for row in rows:
-        lines.append("| " + " | ".join(_row_cells(row)) + " |")
+        if "failed" in row:
+            failures.append(f"- {row['model']} failed: {row['failed']}")
+            lines.append("| " + " | ".join([f"{row['model']} (failed)"] + [DASH] * (len(header) - 1)) + " |")
+        else:
+            lines.append("| " + " | ".join(_row_cells(row)) + " |")
     lines += ["", f"Normalized rank over all catalog items (0 best, 0.5 random); HR@{k} against "
                   f"{first['num_negatives']} sampled negatives. {DASH}: partition the model cannot serve. "
                   "Params: trainable parameters; \"+\" = grows with the number of users/items. "
                   "†: total over the served partitions only (not comparable with full totals)."]
+    lines += ["", *failures] if failures else []
     return "\n".join(lines) + "\n"
 
 
@@ -298,8 +312,11 @@ def _row_cells(row: dict[str, Any]) -> list[str]:
 
 def table_json(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> dict[str, Any]:
     """The table as data: per row model, params and the per-partition cells (None = not served)."""
-    cells = []
+    cells: list[dict[str, Any]] = []
     for row in rows:
+        if "failed" in row:
+            cells.append({"key": row["key"], "model": row["model"], "failed": row["failed"]})
+            continue
         s = row["summary"]
         cells.append({"key": row["key"], "model": row["model"], "params": row["params"],
                       "params_grow": row["params_grow"], "served": s["served"],
@@ -322,7 +339,7 @@ def _render(rows: list[dict[str, Any]], cfg: ExperimentConfig, out: Path, comput
     md, js = out / "table.md", out / "table.json"
     _write_atomic(md, table_markdown(rows, cfg.dataset))
     _write_atomic(js, json.dumps(table_json(rows, cfg), indent=2))
-    figure_rows = [r for r in rows if r["key"] in FIGURE_ROWS]
+    figure_rows = [r for r in rows if r["key"] in FIGURE_ROWS and "failed" not in r]
     figure = None
     if figure_rows:
         summaries = [{**r["summary"], "model": r["model"]} for r in figure_rows]

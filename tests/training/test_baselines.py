@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from felrec_stream.config import EncoderConfig, EvalConfig
 from felrec_stream.errors import ConfigError, TrainingError
-from felrec_stream.events import EventBatch, iter_batches, make_events
+from felrec_stream.events import EventBatch, make_events
 from felrec_stream.model import Encoder
 from felrec_stream.split import chronological_split
 from felrec_stream.synthetic import SyntheticConfig, generate
@@ -107,8 +108,6 @@ def test_scores_never_use_the_events_own_item(split, name):
     catalog = Catalog()
     catalog.add(np.asarray(split.train.column("item").to_pylist(), dtype=object))
     catalog.add(batch.item)
-    import copy
-
     a, b = copy.deepcopy(adapter), copy.deepcopy(adapter)
     torch.manual_seed(0)
     s1 = a.score_batch(batch, catalog)

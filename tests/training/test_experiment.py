@@ -133,3 +133,22 @@ def test_cli_experiment(events, tmp_path):
     assert "| Popularity |" in result.output and (out / "table.json").is_file()
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "nothing (all rows were finished)" in again.output
+
+
+def test_failed_row_is_shown_without_numbers_and_retried(events, tmp_path, monkeypatch):
+    import training.experiment as experiment
+    from felrec_stream.errors import TrainingError
+
+    def collapse(*args, **kwargs):
+        raise TrainingError("representation collapse")
+
+    monkeypatch.setattr(experiment, "_run_felrec", collapse)
+    cfg = ExperimentConfig("synthetic", models=("felrec-q", "popularity"), size="tiny", eval=EVAL)
+    result = run_experiment(events, cfg, tmp_path)
+    assert result.computed == ["popularity"] and not (tmp_path / "results" / "felrec-q.json").exists()
+    md = result.table_md.read_text()
+    assert "| FELRec-Q (failed) | – | – | – | – | – | – | – | – | – |" in md
+    assert "- FELRec-Q failed: representation collapse" in md
+    assert json.loads(result.table_json.read_text())["rows"][1]["failed"] == "representation collapse"
+    monkeypatch.undo()
+    assert run_experiment(events, cfg, tmp_path).computed == ["felrec-q"]  # retried, popularity kept
