@@ -1,0 +1,160 @@
+"""Training checkpoints (atomic, versioned) and the per-epoch cosine LR schedule with warm-up.
+
+A checkpoint is one `torch.save` file holding plain data only (tensors, numbers, strings, lists,
+dicts), so it loads with `weights_only=True` (no pickled code). Numpy arrays (the optional store
+state) travel as tensors and come back as numpy arrays. Configs are saved as dicts and rebuilt
+with `config.from_dict`, which rejects unknown fields.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
+                                  from_dict, to_dict)
+from felrec_stream.errors import ModelError
+
+FORMAT_VERSION = 1
+CONFIG_CLASSES = {"encoder": EncoderConfig, "model": ModelConfig, "training": TrainingConfig,
+                  "cache": CacheConfig, "eval": EvalConfig}
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to resume training or to evaluate a trained FELRec."""
+
+    model_state: dict[str, torch.Tensor]
+    configs: dict[str, Any]  # section name -> frozen config object (see CONFIG_CLASSES)
+    epoch: int  # epochs completed
+    best_val_rank: float = math.inf
+    best_epoch: int = -1
+    optimizer_state: dict[str, Any] | None = None
+    schedule_state: dict[str, Any] | None = None
+    spread_history: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one `epoch_done` record per epoch
+    store_state: dict[str, Any] | None = None  # the cache after the epoch's training pass ("keep")
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def variant(self) -> str:
+        return self.configs["model"].variant
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "model_state": self.model_state,
+            "configs": {name: to_dict(cfg) for name, cfg in self.configs.items()},
+            "variant": self.variant,
+            "epoch": self.epoch,
+            "best_val_rank": float(self.best_val_rank),
+            "best_epoch": self.best_epoch,
+            "optimizer_state": self.optimizer_state,
+            "schedule_state": self.schedule_state,
+            "spread_history": [float(s) for s in self.spread_history],
+            "history": list(self.history),
+            "store_state": _numpy_to_torch(self.store_state),
+        }
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
+    """Write atomically: a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(checkpoint.to_payload(), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate a checkpoint written by `save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt / foreign files
+        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise ModelError(f"{path} is not a felrec-stream checkpoint")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise ModelError(f"checkpoint {path} has format version {payload['format_version']}, "
+                         f"this felrec-stream reads version {FORMAT_VERSION}")
+    configs = {name: from_dict(cls, payload["configs"].get(name), name) for name, cls in CONFIG_CLASSES.items()}
+    return Checkpoint(
+        model_state=payload["model_state"], configs=configs, epoch=int(payload["epoch"]),
+        best_val_rank=float(payload["best_val_rank"]), best_epoch=int(payload["best_epoch"]),
+        optimizer_state=payload["optimizer_state"], schedule_state=payload["schedule_state"],
+        spread_history=list(payload["spread_history"]), history=list(payload["history"]),
+        store_state=_torch_to_numpy(payload["store_state"]),
+    )
+
+
+def _numpy_to_torch(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _numpy_to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_numpy_to_torch(v) for v in obj]
+    return obj
+
+
+def _torch_to_numpy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _torch_to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_torch_to_numpy(v) for v in obj]
+    return obj
+
+
+class CosineWarmupSchedule:
+    """Per-epoch LR: linear warm-up over `warmup_epochs`, then cosine from `base_lr` to `min_lr`.
+
+    Epoch e (0-based) trains with lr_at(e): (e + 1) / warmup * base_lr during warm-up, then
+    min_lr + (base_lr - min_lr) * (1 + cos(pi * (e - warmup) / (epochs - warmup))) / 2.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, min_lr: float,
+                 warmup_epochs: int, epochs: int) -> None:
+        self.optimizer = optimizer
+        self.base_lr, self.min_lr = base_lr, min_lr
+        self.warmup_epochs, self.epochs = warmup_epochs, epochs
+        self.epoch = 0  # the epoch whose LR is set next
+
+    def lr_at(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.base_lr * (epoch + 1) / self.warmup_epochs
+        span = max(self.epochs - self.warmup_epochs, 1)
+        progress = min((epoch - self.warmup_epochs) / span, 1.0)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def start_epoch(self, epoch: int) -> float:
+        """Set the optimizer's LR for `epoch` and return it."""
+        self.epoch = epoch
+        lr = self.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_lr": self.base_lr, "min_lr": self.min_lr, "warmup_epochs": self.warmup_epochs,
+                "epochs": self.epochs, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])

@@ -1,0 +1,150 @@
+"""`felrec-stream train` and `felrec-stream evaluate`: thin wrappers around training.train / evaluate.
+
+Both work on an events table (`load_events`), so a Kafka topic can be supported later by reading
+the topic into a table and passing it to the same functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from felrec_stream.cli.group import cli
+
+DATASET_HELP = ("Dataset name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest, twitch, csv, parquet, "
+                "synthetic).")
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    from felrec_stream.errors import ConfigError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--dataset-option must look like KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value
+    return options
+
+
+def load_events(dataset: str, path: str | None, cache_dir: str | None, options: dict[str, Any]) -> Any:
+    """The canonical events table of a dataset (the one place a future `--topic` would plug in)."""
+    from connectors.datasets import load_dataset
+
+    return load_dataset(dataset, path, cache_dir=cache_dir, **options)
+
+
+def _dataset_options(func: Any) -> Any:
+    func = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                        help="Folder for a Parquet cache of the parsed dataset (default: no cache).")(func)
+    func = click.option("--dataset-option", "dataset_options", multiple=True, metavar="KEY=VALUE",
+                        help="Loader option, repeatable (e.g. size=medium for synthetic, delimiter=; for csv).")(func)
+    func = click.option("--path", type=click.Path(exists=True), default=None,
+                        help="Dataset file or folder (e.g. ../shared/data/ml-100k). Not for synthetic.")(func)
+    return click.option("--dataset", required=True, help=DATASET_HELP)(func)
+
+
+@cli.command("train")
+@_dataset_options
+@click.option("--variant", type=click.Choice(["q", "p"]), default=None,
+              help="FELRec-Q (queue + InfoNCE) or FELRec-P (predictor, BYOL-style). Default: model.variant (q).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML/JSON file with encoder/model/training/eval/cache sections; FELREC_<SECTION>__<FIELD> "
+                   "environment variables override it, these options override both.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (training.epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Events per training micro-batch (training.batch_size).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak SGD learning rate after warm-up (training.lr).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="auto = cuda when available, else cpu (training.device).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/felrec", show_default=True,
+              help="Folder for last.pt, best.pt and train_result.json.")
+@click.option("--resume", is_flag=True, help="Continue from <out>/last.pt (same encoder/model/cache configs).")
+def train_command(dataset: str, path: str | None, dataset_options: tuple[str, ...], cache_dir: str | None,
+                  variant: str | None, config_file: str | None, epochs: int | None, batch_size: int | None,
+                  lr: float | None, device: str | None, out_dir: str, resume: bool) -> None:
+    """Train FELRec on the first (1 - val - test) of a dataset's events in time order.
+
+    After every epoch the validation events are scored online; the last and the best checkpoint
+    (lowest validation rank) are written to --out. Evaluate them with `felrec-stream evaluate`.
+    """
+    import json
+
+    from training.train import train
+
+    cfgs = _load_configs(config_file, {"model": {"variant": variant},
+                                       "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                                    "device": device}})
+    events = load_events(dataset, path, cache_dir, _parse_options(dataset_options))
+    result = train(events, cfgs["encoder"], cfgs["model"], cfgs["training"], cfgs["cache"], cfgs["eval"],
+                   out_dir, resume=resume)
+    summary = {"dataset": dataset, "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
+               "best_val_rank": result.best_val_rank, "last_checkpoint": str(result.last_checkpoint),
+               "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+               "history": result.history}
+    Path(out_dir, "train_result.json").write_text(json.dumps(summary, indent=2))
+    click.echo(f"trained {result.epochs_completed} epoch(s); best validation rank {result.best_val_rank:.4f} "
+               f"at epoch {result.best_epoch}; checkpoints: {result.best_checkpoint}, {result.last_checkpoint}")
+
+
+def _load_configs(config_file: str | None, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
+                                      load_section, read_config_file)
+
+    sections = read_config_file(config_file)
+    classes = {"encoder": EncoderConfig, "model": ModelConfig, "training": TrainingConfig,
+               "eval": EvalConfig, "cache": CacheConfig}
+    return {name: load_section(cls, name, sections, overrides.get(name)) for name, cls in classes.items()}
+
+
+@cli.command("evaluate")
+@click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A checkpoint written by `felrec-stream train` (best.pt or last.pt).")
+@_dataset_options
+@click.option("--mode", type=click.Choice(["keep", "reset", "zero-shot"]), default="keep", show_default=True,
+              help="keep: continue from the training cache; reset: same weights, empty cache; zero-shot: "
+                   "weights trained on another dataset, empty cache.")
+@click.option("--nn", "nn", is_flag=True, help="Also report FELRec-NN (scores averaged over the user's "
+                                               "eval.nn_neighbors nearest users).")
+@click.option("--baseline", type=click.Choice(["popularity", "none"]), default="popularity", show_default=True,
+              help="Baseline row evaluated on the same events.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for report.md, <model>.json, <model>.parquet (per event) and rank_vs_prior.png.")
+def evaluate_command(checkpoint_path: str, dataset: str, path: str | None, dataset_options: tuple[str, ...],
+                     cache_dir: str | None, mode: str, nn: bool, baseline: str, out_dir: str | None) -> None:
+    """Score the test events online (after replaying the validation events) and print Table 1.
+
+    The split is the checkpoint's (training.val_fraction / test_fraction), so keep/reset use the
+    same test events as training held out. Partitions: observed, new users, new items (relative
+    to the training events).
+    """
+    from felrec_stream.checkpoint import load_checkpoint
+    from felrec_stream.report import plot_rank_vs_prior, table1_markdown
+    from felrec_stream.split import chronological_split
+    from training.evaluate import evaluate
+    from training.felrec_online import PopularityOnline, build_felrec
+    from training.train import resolve_device
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    cfgs = checkpoint.configs
+    split = chronological_split(load_events(dataset, path, cache_dir, _parse_options(dataset_options)),
+                                cfgs["training"].val_fraction, cfgs["training"].test_fraction)
+    device = resolve_device(cfgs["training"].device if cfgs["training"].device != "cuda" else "auto")
+    models = [build_felrec(checkpoint, mode, device)]
+    if nn:
+        models.append(build_felrec(checkpoint, mode, device, nn_neighbors=cfgs["eval"].nn_neighbors))
+    if baseline == "popularity":
+        models.append(PopularityOnline([split.train]))
+    results = [evaluate(model, split.test, split.train, cfgs["eval"], warmup=split.val) for model in models]
+    summaries = [r.summary() for r in results]
+    report = table1_markdown(summaries, title=f"{dataset}: test events {len(split.test)}, mode {mode}")
+    click.echo(report)
+    if out_dir:
+        for result in results:
+            result.save(out_dir)
+        Path(out_dir, "report.md").write_text(report)
+        plot_rank_vs_prior(summaries, Path(out_dir) / "rank_vs_prior.png", title=f"{dataset} ({mode})")
+        click.echo(f"results written to {out_dir}")

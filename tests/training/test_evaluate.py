@@ -1,0 +1,151 @@
+import hashlib
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig
+from felrec_stream.events import EventBatch, make_events
+from felrec_stream.metrics import cosine_scores
+from felrec_stream.model import FELRec
+from felrec_stream.report import table1_markdown
+from felrec_stream.store import RepresentationStore
+from training.evaluate import evaluate, item_prior_interactions, log_binned_means
+from training.felrec_online import FELRecOnline, PopularityOnline
+from training.protocol import PARTITIONS, Catalog, OnlineModel
+
+
+def _score(user: str, item: str) -> float:
+    """A fixed pseudo-random score in {0, ..., 3}: many ties."""
+    return float(hashlib.md5(f"{user}|{item}".encode()).digest()[0] % 4)
+
+
+class HashModel:
+    def __init__(self, partitions=frozenset(PARTITIONS), name="hash"):
+        self.name, self.partitions = name, frozenset(partitions)
+        self.seen: list[list[str]] = []
+
+    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+        self.seen.append(list(batch.item))
+        return torch.tensor([[_score(u, i) for i in catalog.ids] for u in batch.user])
+
+
+def _tables():
+    rng = np.random.default_rng(3)
+    users = [f"u{k}" for k in rng.integers(0, 6, 40)]
+    items = [f"i{k}" for k in rng.integers(0, 12, 40)]
+    table = make_events(users, items, np.arange(40) // 2)  # timestamp ties, ordered by event_id
+    return table.slice(0, 20), table.slice(20, 6), table.slice(26)
+
+
+def _brute_force(train, warmup, events, batch_size, score, served_all=True):
+    """Per-event (rank, hit with every other catalog item as negative, partition, prior count)."""
+    train_items, train_users = set(train.column("item").to_pylist()), set(train.column("user").to_pylist())
+    catalog = set(train_items) | set(warmup.column("item").to_pylist())
+    history = train.column("item").to_pylist() + warmup.column("item").to_pylist()
+    users, items = events.column("user").to_pylist(), events.column("item").to_pylist()
+    out = []
+    for start in range(0, len(items), batch_size):
+        catalog |= set(items[start:start + batch_size])
+        for n in range(start, min(start + batch_size, len(items))):
+            s, u, i = score(n), users[n], items[n]
+            others = [s(u, j) for j in catalog if j != i]
+            rank = (sum(o > s(u, i) for o in others) + 0.5 * sum(o == s(u, i) for o in others)) / max(len(others), 1)
+            part = "new_item" if i not in train_items else "new_user" if u not in train_users else "observed"
+            prior = history.count(i) + items[:n].count(i)
+            out.append((rank, rank * len(others) < 3, part, prior))
+    return out
+
+
+def test_evaluator_matches_brute_force():
+    train, warmup, test = _tables()
+    cfg = EvalConfig(batch_size=4, num_negatives=1000, hr_k=3)
+    model = HashModel()
+    result = evaluate(model, test, train, cfg, warmup=warmup)
+    expected = _brute_force(train, warmup, test, 4, lambda n: _score)
+    assert isinstance(model, OnlineModel)
+    assert model.seen[:2] == [warmup.column("item").to_pylist()[:4], warmup.column("item").to_pylist()[4:]]
+    t = result.events
+    np.testing.assert_allclose(t.column("rank").to_numpy(), [e[0] for e in expected])
+    assert t.column("hit").to_pylist() == [e[1] for e in expected]
+    assert t.column("partition").to_pylist() == [e[2] for e in expected]
+    assert t.column("item_prior_interactions").to_pylist() == [e[3] for e in expected]
+    assert t.column("event_id").to_pylist() == test.column("event_id").to_pylist()
+    summary = result.summary()
+    assert summary["total"]["rank"] == pytest.approx(np.mean([e[0] for e in expected]))
+    assert sum(p["share"] for p in summary["partitions"].values()) == pytest.approx(1.0)
+
+
+def test_popularity_counts_only_earlier_batches():
+    train, warmup, test = _tables()
+    cfg = EvalConfig(batch_size=4, num_negatives=1000, hr_k=3)
+    result = evaluate(PopularityOnline([train]), test, train, cfg, warmup=warmup)
+    history = train.column("item").to_pylist() + warmup.column("item").to_pylist()
+    items = test.column("item").to_pylist()
+
+    def scorer(n):
+        seen = history + items[: n // 4 * 4]  # the batch itself is counted only after scoring
+        return lambda u, i: float(seen.count(i))
+
+    expected = _brute_force(train, warmup, test, 4, scorer)
+    np.testing.assert_allclose(result.events.column("rank").to_numpy(), [e[0] for e in expected])
+
+
+def test_unserved_partitions_are_missing_and_excluded_from_total():
+    train, warmup, test = _tables()
+    result = evaluate(HashModel({"observed"}, "observed-only"), test, train, EvalConfig(batch_size=4), warmup)
+    summary = result.summary()
+    parts = summary["partitions"]
+    assert parts["new_user"]["rank"] is None and parts["new_item"]["hit_rate"] is None
+    assert parts["observed"]["rank"] is not None
+    assert summary["total"]["count"] == parts["observed"]["count"] < len(test)
+    row = table1_markdown([summary]).splitlines()[2]
+    assert row.count("–") == 4
+
+
+def test_item_prior_interactions_and_log_bins():
+    history = make_events(["a", "b", "c"], ["x", "x", "y"], [0, 1, 2])
+    events = make_events(["a", "b", "c", "d"], ["x", "z", "x", "z"], [3, 4, 5, 6])
+    assert item_prior_interactions([history], events).tolist() == [2, 0, 3, 1]
+    bins = log_binned_means(np.array([0, 1, 2, 3, 4, 9]), np.array([0.5, 0.4, 0.3, 0.1, 0.2, 0.0]))
+    assert [(b["lo"], b["hi"], b["count"]) for b in bins] == [(0, 0, 1), (1, 1, 1), (2, 3, 2), (4, 7, 1), (8, 15, 1)]
+    assert bins[2]["rank"] == pytest.approx(0.2)
+
+
+def test_result_serialisation(tmp_path):
+    train, warmup, test = _tables()
+    result = evaluate(HashModel(name="FELRec-Q (keep)"), test, train, EvalConfig(batch_size=8), warmup)
+    paths = result.save(tmp_path)
+    assert json.loads(paths["json"].read_text())["model"] == "FELRec-Q (keep)"
+    assert pq.read_table(paths["parquet"]).equals(result.events)
+
+
+def _tiny_felrec():
+    torch.manual_seed(0)
+    enc = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    model = FELRec(enc, ModelConfig(variant="q", queue_size=64))
+    return model, RepresentationStore(16, 8)
+
+
+@pytest.mark.parametrize("nn_neighbors", [None, 2])
+def test_felrec_online_scores_are_cosines_against_the_catalog(nn_neighbors):
+    model, store = _tiny_felrec()
+    train, warmup, test = _tables()
+    online = FELRecOnline(model, store, CacheConfig(), nn_neighbors=nn_neighbors)
+    catalog = Catalog()
+    catalog.add(np.asarray(train.column("item").to_pylist(), dtype=object))  # not yet in the store
+    batch = EventBatch.from_table(test.slice(0, 8))
+    catalog.add(batch.item)
+    scores = online.score_batch(batch, catalog)
+    assert scores.shape == (8, len(catalog)) and model.training  # train/eval mode restored
+    in_store = store.items.ids.lookup(catalog.ids)
+    assert (scores[:, in_store < 0] == 0).all()  # items without a cached vector score 0
+    if nn_neighbors is None:
+        users, counts = np.unique(batch.user, return_counts=True)
+        once = [n for n, u in enumerate(batch.user) if counts[list(users).index(u)] == 1]
+        u_vec = store.users.vectors.get(torch.from_numpy(store.users.ids.lookup(batch.user[once])))
+        items = store.items.vectors.get(torch.from_numpy(in_store))
+        torch.testing.assert_close(scores[once], cosine_scores(u_vec, items))
+    assert online.name == ("FELRec-Q-NN" if nn_neighbors else "FELRec-Q")
