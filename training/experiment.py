@@ -34,6 +34,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -201,12 +202,23 @@ def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Spli
            "summary": result.summary(), "seconds": round(time.perf_counter() - started, 1)}
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    pq.write_table(result.events, results / f"{spec.key}.parquet")
+    pq.write_table(served_events(result), results / f"{spec.key}.parquet")
     _write_atomic(results / f"{spec.key}.json", json.dumps(row, indent=2))  # written last: marks the row done
     total = row["summary"]["total"]
     log.info("experiment_row_done", model=spec.key, rank=total["rank"], hit_rate=total["hit_rate"],
              params=row["params"], seconds=row["seconds"])
     return row
+
+
+def served_events(result: EvalResult) -> pa.Table:
+    """Per-event results with rank/hit set to null for events of partitions the model does not serve
+    (what it returned there, e.g. ties against -inf, is no measurement)."""
+    table = result.events
+    served = pc.is_in(table.column("partition"), value_set=pa.array(sorted(result.served), pa.string()))
+    for name, kind in (("rank", pa.float64()), ("hit", pa.bool_())):
+        column = pc.if_else(served, table.column(name), pa.scalar(None, kind))
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
 
 
 def _run_baseline(spec: RowSpec, cfg: ExperimentConfig, split: Split) -> tuple[EvalResult, dict[str, Any]]:

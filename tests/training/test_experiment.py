@@ -102,8 +102,11 @@ def test_runner_is_resumable(events, tmp_path):
     assert third.figure is not None and third.figure.stat().st_size > 0
     row = json.loads((results / "felrec-q.json").read_text())
     assert row["params"] > 0 and row["params_grow"] is False and row["train"]["best_epoch"] >= 1
-    per_event = pq.read_table(results / "bpr-mf.parquet")
-    assert per_event.num_rows == row["summary"]["n_events"]
+    per_event = pq.read_table(results / "bpr-mf.parquet").to_pylist()
+    assert len(per_event) == row["summary"]["n_events"]
+    unserved = [e for e in per_event if e["partition"] != "observed"]
+    assert unserved and all(e["rank"] is None and e["hit"] is None for e in unserved)
+    assert all(e["rank"] is not None for e in per_event if e["partition"] == "observed")
     bpr = json.loads((results / "bpr-mf.json").read_text())["summary"]
     assert bpr["partitions"]["new_user"]["rank"] is None and bpr["partitions"]["new_item"]["rank"] is None
     assert "| BPR-MF |" in table and "| – | – | – | – |" in table
