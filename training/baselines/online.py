@@ -384,7 +384,8 @@ class SequenceOnline(BaselineOnline):
         self.model.eval()
         plan, _, _ = self._plan(batch)
         seq, lengths = self._sequences(plan, np.arange(len(batch)))  # (B, T)
-        out = self.model(seq)[torch.arange(len(batch), device=self.device), torch.from_numpy(lengths - 1)]  # (B, D)
+        last = torch.from_numpy(lengths - 1).to(self.device)
+        out = self.model(seq)[torch.arange(len(batch), device=self.device), last]  # (B, D)
         self.history.apply(plan)
         return gather_catalog(self.model.score_all(out), self.columns(catalog, self.device))
 
