@@ -30,8 +30,13 @@ class EncoderConfig:
     d_ff: int = 256
     dropout: float = 0.1
     type_embedding: bool = True  # ablation "-noType" sets False
+    # Not in the paper. "batch": standardise the encoder outputs with BatchNorm statistics kept per
+    # kind (users, items). The cache -> encoder -> cache recursion averages vectors over and over
+    # (power iteration): without it every vector drifts to one shared direction; see model.py.
+    output_norm: Literal["none", "batch"] = "none"
 
     def __post_init__(self) -> None:
+        _check(self.output_norm in ("none", "batch"), "encoder.output_norm must be 'none' or 'batch'")
         _check(self.d_model > 0 and self.d_model % self.n_heads == 0, "encoder.d_model must be a positive multiple of n_heads")
         _check(self.n_layers >= 1 and self.d_ff >= 1, "encoder.n_layers and d_ff must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "encoder.dropout must be in [0, 1)")

@@ -35,6 +35,9 @@ class Encoder(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(D)  # pre-norm blocks need a final norm
         self.fc = nn.Linear(D, D)
+        # Optional output standardisation, one BatchNorm per kind of sequence element (USER, ITEM).
+        self.output_norm = (nn.ModuleList([nn.BatchNorm1d(D, affine=False, momentum=0.01) for _ in range(2)])
+                            if config.output_norm == "batch" else None)
         self._init_near_identity()
 
     def _init_near_identity(self) -> None:
@@ -57,7 +60,27 @@ class Encoder(nn.Module):
         z = self.norm(self.transformer(h, src_key_padding_mask=~mask))  # (B, N, D)
         m = mask.unsqueeze(-1).to(z.dtype)  # (B, N, 1)
         pooled = (z * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, D) masked mean
-        return self.fc(pooled)
+        out = self.fc(pooled)  # (B, D)
+        return out if self.output_norm is None else self._standardise(out, kinds)
+
+    def _standardise(self, out: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """Per-kind BatchNorm of the outputs (config.output_norm == "batch").
+
+        Each encoding averages cached vectors, so replaying the cache is a power iteration whose
+        dominant eigenvector is one direction shared by everyone (collapse). Removing the per-kind
+        mean removes that direction and lets the next ones (the cluster structure) dominate.
+        Batch statistics in training, running ones in eval and for a kind with one row in a batch.
+        """
+        result = torch.empty_like(out)
+        for kind, norm in enumerate(self.output_norm):
+            rows = kinds == kind
+            n = int(rows.sum())
+            if n == 0:
+                continue
+            use_batch = self.training and n >= 2
+            result[rows] = F.batch_norm(out[rows], norm.running_mean, norm.running_var, training=use_batch,
+                                        momentum=norm.momentum, eps=norm.eps)
+        return result
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, norm: str) -> nn.Sequential:

@@ -104,9 +104,9 @@ def _load_configs(config_file: str | None, overrides: dict[str, dict[str, Any]])
 @click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A checkpoint written by `felrec-stream train` (best.pt or last.pt).")
 @_dataset_options
-@click.option("--mode", type=click.Choice(["keep", "reset", "zero-shot"]), default="keep", show_default=True,
+@click.option("--mode", type=click.Choice(["keep", "reset", "zero-shot"]), default=None,
               help="keep: continue from the training cache; reset: same weights, empty cache; zero-shot: "
-                   "weights trained on another dataset, empty cache.")
+                   "weights trained on another dataset, empty cache. Default: the checkpoint's eval.mode (keep).")
 @click.option("--nn", "nn", is_flag=True, help="Also report FELRec-NN (scores averaged over the user's "
                                                "eval.nn_neighbors nearest users).")
 @click.option("--baseline", type=click.Choice(["popularity", "none"]), default="popularity", show_default=True,
@@ -114,7 +114,7 @@ def _load_configs(config_file: str | None, overrides: dict[str, dict[str, Any]])
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for report.md, <model>.json, <model>.parquet (per event) and rank_vs_prior.png.")
 def evaluate_command(checkpoint_path: str, dataset: str, path: str | None, dataset_options: tuple[str, ...],
-                     cache_dir: str | None, mode: str, nn: bool, baseline: str, out_dir: str | None) -> None:
+                     cache_dir: str | None, mode: str | None, nn: bool, baseline: str, out_dir: str | None) -> None:
     """Score the test events online (after replaying the validation events) and print Table 1.
 
     The split is the checkpoint's (training.val_fraction / test_fraction), so keep/reset use the
@@ -130,6 +130,7 @@ def evaluate_command(checkpoint_path: str, dataset: str, path: str | None, datas
 
     checkpoint = load_checkpoint(checkpoint_path)
     cfgs = checkpoint.configs
+    mode = mode or cfgs["eval"].mode
     split = chronological_split(load_events(dataset, path, cache_dir, _parse_options(dataset_options)),
                                 cfgs["training"].val_fraction, cfgs["training"].test_fraction)
     device = resolve_device(cfgs["training"].device if cfgs["training"].device != "cuda" else "auto")
