@@ -66,7 +66,8 @@ def broker_status() -> None:
 @cli.command("replay")
 @click.option("--dataset", required=True, help="Dataset name (connectors.datasets), e.g. ml-100k, twitch, synthetic, csv.")
 @click.option("--path", default=None, type=click.Path(exists=True), help="Dataset file or folder.")
-@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Dataset loader option (repeatable).")
+@click.option("--dataset-option", "--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Dataset loader option (repeatable), e.g. size=medium for synthetic.")
 @click.option("--topic", default="interactions", show_default=True)
 @click.option("--partitions", default=None, type=click.IntRange(min=1),
               help="Partitions when the topic is created [default: kafka.partitions, 1].")
