@@ -1,7 +1,6 @@
 """Typed configs (file < env < options) and the canonical event table."""
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from felrec_stream.config import EncoderConfig, TrainingConfig, from_dict, load_section, read_config_file, to_dict

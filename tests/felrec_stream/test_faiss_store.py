@@ -11,8 +11,8 @@ import torch
 
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
-from felrec_stream.faiss_store import ShardedFaissVectors, make_store, raw_vectors, shard_of
-from felrec_stream.store import Kind, RepresentationStore
+from felrec_stream.faiss_store import ShardedFaissVectors, make_store, shard_of
+from felrec_stream.store import RepresentationStore, raw_vectors
 
 D = 16
 

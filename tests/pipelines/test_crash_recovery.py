@@ -26,7 +26,7 @@ from felrec_stream.config import CacheConfig, KafkaConfig, from_dict
 from felrec_stream.faiss_store import make_store
 from felrec_stream.snapshot import MANIFEST, SnapshotManager
 from pipelines.worker import WorkerOptions, build_worker, store_fingerprint
-from tests.pipelines import assert_histories_match_table, assert_same_store, synthetic_events, write_tiny_checkpoint
+from tests.pipelines import assert_histories_match_table, assert_same_store, synthetic_events
 
 pytestmark = pytest.mark.kafka
 
@@ -34,15 +34,6 @@ ROOT = Path(__file__).resolve().parents[2]
 N_EVENTS, BATCH, SNAPSHOT_EVERY = 3000, 64, 256
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def kafka(kafka_bootstrap: str) -> KafkaConfig:
-    return KafkaConfig(bootstrap_servers=kafka_bootstrap, request_timeout_ms=5000, connect_retries=3,
-                       dead_letter_topic=f"dlq-crash-{uuid.uuid4().hex[:8]}")
 
 
 POISON = [(b"u1", b"not json"), (b"u2", b'{"v":1,"user":"u2","ts":5}'), (b"u3", None),

@@ -35,15 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 N_EVENTS, BATCH = 600, 32
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def kafka(kafka_bootstrap: str) -> KafkaConfig:
-    return KafkaConfig(bootstrap_servers=kafka_bootstrap, request_timeout_ms=5000, connect_retries=3,
-                       dead_letter_topic=f"dlq-worker-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture(scope="module")
