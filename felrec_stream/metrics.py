@@ -7,6 +7,9 @@
 - `nearest_neighbour_scores`: the paper's NN variant, which averages the item scores of the user's
   n nearest users instead of using the user's own vector.
 
+NaN scores are rejected (`NaNScoresError`, a ValueError): NaN compares false with everything, so
+a diverged model would otherwise get a negative rank and HR@k 1.0 (every comparison a "win").
+
 Everything is memory-bounded: rows are processed in chunks so that B x C (or B x U) temporaries
 stay around `MAX_CHUNK_ELEMENTS` elements, whatever the catalog size.
 """
@@ -16,7 +19,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from felrec_stream.errors import ModelError
+
 MAX_CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 per temporary
+
+
+class NaNScoresError(ModelError, ValueError):
+    """Scores hold NaN (a diverged model); a FelrecError, so a harness marks the row failed."""
+
+
+def _reject_nan(scores: torch.Tensor, metric: str) -> None:
+    bad_rows = int(torch.isnan(scores).any(dim=1).sum()) if scores.numel() else 0
+    if bad_rows:
+        raise NaNScoresError(f"{metric}: {bad_rows} of {scores.shape[0]} score rows contain NaN (the model "
+                             f"diverged?); NaN compares false with every score, so the rank would come out "
+                             f"negative and HR@k 1.0")
 
 
 def _chunk_len(n_cols: int) -> int:
@@ -26,9 +43,11 @@ def _chunk_len(n_cols: int) -> int:
 def normalized_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B,) float: (#items scoring higher than the true item + 0.5 * #other ties) / (C - 1).
 
-    scores: (B, C) higher = better; target: (B,) catalog index of the true item. 0 when C == 1.
+    scores: (B, C) higher = better (NaN -> NaNScoresError); target: (B,) catalog index of the true
+    item. 0 when C == 1.
     """
     B, C = scores.shape
+    _reject_nan(scores, "normalized_rank")
     if C <= 1:
         return torch.zeros(B, device=scores.device)
     true = scores.gather(1, target.view(-1, 1).to(scores.device))  # (B, 1)
@@ -58,8 +77,10 @@ def sample_negatives(target: torch.Tensor, n_items: int, num_negatives: int,
 
 def sampled_hit_rate(scores: torch.Tensor, target: torch.Tensor, num_negatives: int = 100, k: int = 10,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) bool: the true item ranks < k among itself and its sampled negatives (ties half)."""
+    """(B,) bool: the true item ranks < k among itself and its sampled negatives (ties half).
+    NaN scores -> NaNScoresError."""
     B, C = scores.shape
+    _reject_nan(scores, "sampled_hit_rate")
     target = target.to(scores.device)
     negatives = sample_negatives(target, C, num_negatives, generator)  # (B, N)
     true = scores.gather(1, target.view(-1, 1))  # (B, 1)

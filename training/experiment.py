@@ -8,6 +8,14 @@ Rows (keys as given to `--models`):
   another dataset, empty cache), `nn` (scores of the 10 nearest users), and the ablations `ln`
   (LayerNorm in the MLPs), `nomlp`, `sharemlp`, `notype` (ModelConfig/EncoderConfig switches).
 
+FELRec presets (`ExperimentConfig.felrec_preset`): "paper" = the paper's setup (MLP heads, queue
+8192, T 0.07) scaled by `size`; "stable" = the recipe of `config.PRESETS` (per-kind BatchNorm of
+the encoder outputs, no MLP heads, T 0.5, queue 256, no warm-up, batch 256; at size small the
+"small" preset's d_model 32 / 1 layer / 2 heads / d_ff 64 / 5 epochs). Ablation rows apply their
+switch on top; without MLP heads `ln`, `sharemlp` and `nomlp` switch nothing, so those rows reuse
+the base checkpoint and the table says so under it. The evaluation config (`eval`) is one for all
+rows, whatever the preset (the presets' `eval:` sections are not used).
+
 Protocol, identical for every row: chronological 80/10/10 split; training on the first part; the
 checkpoint with the best validation rank is kept; the evaluator replays the validation events
 as warm-up (unscored) and then scores the test events (same catalog, same negatives, same
@@ -19,12 +27,16 @@ reason under the table and no numbers; it writes no result file, so the next run
 Output in `out_dir`: `results/<key>.json` (one row: summary, parameter count, training log) and
 `results/<key>.parquet` (per event), `table.md`, `table.json`, `figure2.png`. A row whose
 result file exists is not recomputed (resumable); FELRec training also resumes from its last
-checkpoint. Every number in the table comes from these result files.
+checkpoint. Every number in the table comes from these result files. With a FELRec preset other
+than "paper", FELRec result files and checkpoints are keyed `<key>@<preset>` and the table files
+are `table-<preset>.md/.json`, `figure2-<preset>.png`: both presets can share one folder (and its
+baseline rows, which do not depend on the preset) without mixing their FELRec rows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -39,10 +51,11 @@ import pyarrow.parquet as pq
 import torch
 
 from felrec_stream.checkpoint import load_checkpoint
-from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig, replace,
-                                  to_dict)
+from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
+                                  preset_sections, replace, to_dict)
 from felrec_stream.errors import ConfigError, FelrecError
 from felrec_stream.log import get_logger
+from felrec_stream.metrics import NaNScoresError
 from felrec_stream.model import count_parameters
 from felrec_stream.report import plot_rank_vs_prior
 from felrec_stream.split import PARTITIONS, Split, chronological_split
@@ -59,6 +72,10 @@ BASELINE_ROWS = {"bpr-mf": "BPR-MF", "gru4rec": "GRU4Rec", "gru4rec-bptt": "GRU4
 FELREC_EXTRAS = {"reset": "reset", "zero": "zero", "nn": "NN", "ln": "LN", "nomlp": "noMLP",
                  "sharemlp": "shareMLP", "notype": "noType"}
 ABLATIONS = ("ln", "nomlp", "sharemlp", "notype")
+MLP_ABLATIONS = ("ln", "sharemlp", "nomlp")  # switches of the MLP heads: no-ops when the base has none
+FELREC_PRESETS = ("paper", "stable")
+# config.PRESETS entry holding the stable recipe at each experiment size ("small" = stable, CPU-sized)
+STABLE_PRESET_OF_SIZE = {"paper": "stable", "small": "small", "tiny": "stable"}
 DEFAULT_MODELS = ("felrec-q", "felrec-p", "sasrec", "gru4rec", "gru4rec-bptt", "bpr-mf", "jodie", "popularity")
 FIGURE_ROWS = ("felrec-q", "felrec-p", "sasrec")  # Figure 2 overlays FELRec and SASRec
 
@@ -116,8 +133,39 @@ class FELRecSetup:
     cache: CacheConfig
 
 
-def felrec_setup(size: str, variant: str, extra: str | None, seed: int) -> FELRecSetup:
-    """FELRec configs of a size preset, with the row's ablation switch applied."""
+def felrec_setup(size: str, variant: str, extra: str | None, seed: int, preset: str = "paper") -> FELRecSetup:
+    """FELRec configs of a size and FELRec preset, with the row's ablation switch applied on top."""
+    if preset not in FELREC_PRESETS:
+        raise ConfigError(f"unknown FELRec preset {preset!r}; known: {', '.join(FELREC_PRESETS)}")
+    setup = _stable_setup(size, variant, seed) if preset == "stable" else _paper_setup(size, variant, seed)
+    switches = {"ln": {"norm": "layer"}, "nomlp": {"use_mlp": False}, "sharemlp": {"share_mlp": True}}
+    if extra in switches:
+        setup = replace(setup, model=replace(setup.model, **switches[extra]))
+    if extra == "notype":
+        setup = replace(setup, encoder=replace(setup.encoder, type_embedding=False))
+    return setup
+
+
+def ablation_is_noop(base: FELRecSetup, extra: str | None) -> bool:
+    """-LN/-shareMLP/-noMLP change the MLP heads only: without heads the model is the base model."""
+    return extra in MLP_ABLATIONS and not base.model.use_mlp
+
+
+def _stable_setup(size: str, variant: str, seed: int) -> FELRecSetup:
+    """config.PRESETS' stable recipe over the typed defaults (tiny: over the tiny sizes)."""
+    if size not in STABLE_PRESET_OF_SIZE:
+        raise ConfigError(f"unknown size {size!r}; known: small, paper, tiny")
+    base = (_paper_setup("tiny", variant, seed) if size == "tiny" else
+            FELRecSetup(EncoderConfig(), ModelConfig(variant=variant), TrainingConfig(seed=seed), CacheConfig()))
+    sections = preset_sections(STABLE_PRESET_OF_SIZE[size])
+    return FELRecSetup(replace(base.encoder, **sections.get("encoder", {})),
+                       replace(base.model, **sections.get("model", {})),
+                       replace(base.training, **sections.get("training", {})),
+                       replace(base.cache, **sections.get("cache", {})))
+
+
+def _paper_setup(size: str, variant: str, seed: int) -> FELRecSetup:
+    """The paper's setup (MLP heads, queue, T 0.07) at a size."""
     if size == "paper":
         setup = FELRecSetup(EncoderConfig(), ModelConfig(variant=variant), TrainingConfig(seed=seed), CacheConfig())
     elif size == "small":  # about 20 s per ML-100K epoch on one CPU core
@@ -132,11 +180,6 @@ def felrec_setup(size: str, variant: str, extra: str | None, seed: int) -> FELRe
                             CacheConfig(history_len=8))
     else:
         raise ConfigError(f"unknown size {size!r}; known: small, paper, tiny")
-    switches = {"ln": {"norm": "layer"}, "nomlp": {"use_mlp": False}, "sharemlp": {"share_mlp": True}}
-    if extra in switches:
-        setup = replace(setup, model=replace(setup.model, **switches[extra]))
-    if extra == "notype":
-        setup = replace(setup, encoder=replace(setup.encoder, type_embedding=False))
     return setup
 
 
@@ -148,6 +191,21 @@ class ExperimentConfig:
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     zero_shot_dataset: str | None = None  # label of the dataset the -zero rows were trained on
+    felrec_preset: Literal["paper", "stable"] = "paper"  # FELRec rows' recipe (baselines do not depend on it)
+
+    def __post_init__(self) -> None:
+        if self.felrec_preset not in FELREC_PRESETS:
+            raise ConfigError(f"unknown FELRec preset {self.felrec_preset!r}; known: {', '.join(FELREC_PRESETS)}")
+
+    def result_key(self, spec: RowSpec) -> str:
+        """File stem of a row's results/checkpoints: FELRec rows of a non-paper preset get "@<preset>"."""
+        if spec.family != "felrec" or self.felrec_preset == "paper":
+            return spec.key
+        return f"{spec.key}@{self.felrec_preset}"
+
+    def output_name(self, stem: str, suffix: str) -> str:
+        """table.md / figure2.png (paper) or table-stable.md / figure2-stable.png."""
+        return f"{stem}{suffix}" if self.felrec_preset == "paper" else f"{stem}-{self.felrec_preset}{suffix}"
 
 
 @dataclass
@@ -167,13 +225,13 @@ def run_experiment(events: pa.Table, cfg: ExperimentConfig, out_dir: str | Path,
     if any(s.extra == "zero" for s in specs) and zero_shot_events is None:
         raise ConfigError("the -zero rows need another dataset to train on (--zero-shot-from DATASET:PATH)")
     split = chronological_split(events, TrainingConfig().val_fraction, TrainingConfig().test_fraction)
-    log.info("experiment_started", dataset=cfg.dataset, size=cfg.size, rows=len(specs), out_dir=str(out),
-             train=len(split.train), val=len(split.val), test=len(split.test))
+    log.info("experiment_started", dataset=cfg.dataset, size=cfg.size, felrec_preset=cfg.felrec_preset,
+             rows=len(specs), out_dir=str(out), train=len(split.train), val=len(split.val), test=len(split.test))
     rows, computed = [], []
     for spec in specs:
-        path = out / "results" / f"{spec.key}.json"
+        path = out / "results" / f"{cfg.result_key(spec)}.json"
         if path.is_file():
-            rows.append(json.loads(path.read_text()))
+            rows.append(_finished_row(path, spec, cfg))
             log.info("experiment_row_skipped", model=spec.key, result=str(path))
             continue
         try:
@@ -183,6 +241,15 @@ def run_experiment(events: pa.Table, cfg: ExperimentConfig, out_dir: str | Path,
             log.error("experiment_row_failed", model=spec.key, error=str(exc))
             rows.append({"key": spec.key, "model": spec.display, "failed": str(exc)})
     return _render(rows, cfg, out, computed)
+
+
+def _finished_row(path: Path, spec: RowSpec, cfg: ExperimentConfig) -> dict[str, Any]:
+    row = json.loads(path.read_text())
+    found = row.get("felrec_preset", "paper")  # rows written before presets existed are paper rows
+    if spec.family == "felrec" and found != cfg.felrec_preset:
+        raise ConfigError(f"{path} holds a FELRec row of preset {found!r}, not {cfg.felrec_preset!r}; "
+                          "move it away or use another output folder")
+    return row
 
 
 def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Split, out: Path,
@@ -198,12 +265,14 @@ def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Spli
     else:
         result, info = _run_felrec(spec, cfg, events, split, out, zero_shot_events)
     result.model = spec.display
-    row = {"key": spec.key, "model": spec.display, "dataset": cfg.dataset, "size": cfg.size, **info,
-           "summary": result.summary(), "seconds": round(time.perf_counter() - started, 1)}
+    stem = cfg.result_key(spec)
+    preset = {"felrec_preset": cfg.felrec_preset} if spec.family == "felrec" else {}
+    row = {"key": spec.key, "result_key": stem, "model": spec.display, "dataset": cfg.dataset, "size": cfg.size,
+           **preset, **info, "summary": result.summary(), "seconds": round(time.perf_counter() - started, 1)}
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    pq.write_table(served_events(result), results / f"{spec.key}.parquet")
-    _write_atomic(results / f"{spec.key}.json", json.dumps(row, indent=2))  # written last: marks the row done
+    pq.write_table(served_events(result), results / f"{stem}.parquet")
+    _write_atomic(results / f"{stem}.json", json.dumps(row, indent=2))  # written last: marks the row done
     total = row["summary"]["total"]
     log.info("experiment_row_done", model=spec.key, rank=total["rank"], hit_rate=total["hit_rate"],
              params=row["params"], seconds=row["seconds"])
@@ -224,20 +293,36 @@ def served_events(result: EvalResult) -> pa.Table:
 def _run_baseline(spec: RowSpec, cfg: ExperimentConfig, split: Split) -> tuple[EvalResult, dict[str, Any]]:
     config = make_config(spec.key, cfg.size, seed=cfg.seed)
     adapter = build_baseline(spec.key, config, split.train)
-    fitted = fit(adapter, split.train, lambda m: evaluate(m, split.val, split.train, cfg.eval).mean_rank)
+    fitted = fit(adapter, split.train, lambda m: _validation_rank(m, split, cfg.eval))
     result = evaluate(fitted.model, split.test, split.train, cfg.eval, warmup=split.val)
     train_info = {"best_epoch": fitted.best_epoch, "best_val_rank": fitted.best_val_rank, "history": fitted.history}
     return result, {"params": fitted.model.num_parameters, "params_grow": fitted.model.params_grow_with_data,
                     "train": train_info, "config": config_to_dict(config)}
 
 
+def _validation_rank(model: Any, split: Split, eval_cfg: EvalConfig) -> float:
+    """Mean validation rank; NaN when the model scores NaN, which `fit` takes for divergence (it
+    stops and keeps the best earlier epoch) instead of failing the whole row."""
+    try:
+        return evaluate(model, split.val, split.train, eval_cfg).mean_rank
+    except NaNScoresError as exc:
+        log.warning("baseline_nan_scores", model=getattr(model, "name", "?"), error=str(exc))
+        return math.nan
+
+
 def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Split, out: Path,
                 zero_shot_events: pa.Table | None) -> tuple[EvalResult, dict[str, Any]]:
     """Train (or resume / reuse) the row's FELRec, then replay validation + test with it."""
     assert spec.variant is not None
-    setup = felrec_setup(cfg.size, spec.variant, spec.extra, cfg.seed)
+    setup = felrec_setup(cfg.size, spec.variant, spec.extra, cfg.seed, cfg.felrec_preset)
+    base = felrec_setup(cfg.size, spec.variant, None, cfg.seed, cfg.felrec_preset)
+    noop = ablation_is_noop(base, spec.extra)
+    if noop:  # the same model as the base row (bit-identical training): reuse its checkpoint
+        spec_trained, setup = parse_row(f"felrec-{spec.variant}"), base
+    else:
+        spec_trained = parse_row(spec.train_key)
     train_events = zero_shot_events if spec.extra == "zero" else events
-    ckpt_dir = out / "checkpoints" / spec.train_key
+    ckpt_dir = out / "checkpoints" / cfg.result_key(spec_trained)
     trained = train(train_events, setup.encoder, setup.model, setup.training, setup.cache, cfg.eval, ckpt_dir,
                     resume=(ckpt_dir / "last.pt").is_file())
     checkpoint = load_checkpoint(trained.best_checkpoint or trained.last_checkpoint)
@@ -248,6 +333,8 @@ def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: S
     train_info = {"best_epoch": trained.best_epoch, "best_val_rank": trained.best_val_rank,
                   "history": trained.history, "checkpoint": str(ckpt_dir),
                   "trained_on": cfg.zero_shot_dataset if spec.extra == "zero" else cfg.dataset, "mode": mode}
+    if noop:
+        train_info["same_model_as"] = spec_trained.key
     config = {"encoder": to_dict(setup.encoder), "model": to_dict(setup.model),
               "training": to_dict(setup.training), "cache": to_dict(setup.cache)}
     return result, {"params": count_parameters(online.model), "params_grow": False, "train": train_info,
@@ -280,8 +367,9 @@ def _fmt(value: float | None) -> str:
     return DASH if value is None else f"{value:.3f}"
 
 
-def table_markdown(rows: Sequence[dict[str, Any]], dataset: str) -> str:
-    """Markdown table laid out like the paper's Tables 1-3 (rows: models; per partition rank, HR@k)."""
+def table_markdown(rows: Sequence[dict[str, Any]], dataset: str, notes: Sequence[str] = ()) -> str:
+    """Markdown table laid out like the paper's Tables 1-3 (rows: models; per partition rank, HR@k);
+    `notes`: extra paragraphs under the table's legend."""
     done = [r for r in rows if "failed" not in r]
     if not done:
         return "(no results)\n" + "".join(f"- {r['model']} failed: {r['failed']}\n" for r in rows)
@@ -305,6 +393,8 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str) -> str:
                   f"{first['num_negatives']} sampled negatives. {DASH}: partition the model cannot serve. "
                   "Params: trainable parameters; \"+\" = grows with the number of users/items. "
                   "†: total over the served partitions only (not comparable with full totals)."]
+    for note in notes:
+        lines += ["", note]
     lines += ["", *failures] if failures else []
     return "\n".join(lines) + "\n"
 
@@ -322,6 +412,36 @@ def _row_cells(row: dict[str, Any]) -> list[str]:
     return cells
 
 
+def felrec_notes(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
+    """What the FELRec rows are when they are not the paper's setup; nothing for the paper preset."""
+    if cfg.felrec_preset == "paper" or not any(r["key"].startswith("felrec-") for r in rows):
+        return []
+    base = felrec_setup(cfg.size, "q", None, cfg.seed, cfg.felrec_preset)
+    e, m, t = base.encoder, base.model, base.training
+    notes = [f"FELRec rows: preset \"{cfg.felrec_preset}\", not the paper's setup — encoder outputs standardised "
+             f"per kind (encoder.output_norm={e.output_norm}), "
+             f"{'MLP heads' if m.use_mlp else 'no MLP heads (losses on the encoder outputs)'}, "
+             f"T {m.temperature:g}, queue {m.queue_size}, warm-up {t.warmup_epochs} epochs, batch {t.batch_size}, "
+             f"lr {t.lr:g}, {t.epochs} epochs; d_model {e.d_model}, {e.n_layers} layer(s), {e.n_heads} heads, "
+             f"d_ff {e.d_ff}, history {base.cache.history_len}. Baselines and the evaluation protocol are the "
+             "same as with the paper preset."]
+    noop = [r["model"] for r in rows if (spec := _felrec_spec(r["key"])) and ablation_is_noop(base, spec.extra)]
+    if noop:
+        notes.append(f"{', '.join(noop)}: -LN (LayerNorm in the MLP heads), -shareMLP (heads shared by users and "
+                     "items) and -noMLP (heads removed) only change the MLP heads, and this preset has none. These "
+                     "rows are the base FELRec-Q/P model (same checkpoint, same numbers), not ablations; "
+                     "re-enabling the paper's heads for them would change two things at once.")
+    return notes
+
+
+def _felrec_spec(key: str) -> RowSpec | None:
+    try:
+        spec = parse_row(key)
+    except ConfigError:
+        return None
+    return spec if spec.family == "felrec" else None
+
+
 def table_json(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> dict[str, Any]:
     """The table as data: per row model, params and the per-partition cells (None = not served)."""
     cells: list[dict[str, Any]] = []
@@ -335,7 +455,8 @@ def table_json(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> dict[st
                       "partitions": {n: {"share": p["share"], "rank": p["rank"], "hit_rate": p["hit_rate"]}
                                      for n, p in s["partitions"].items()},
                       "total": {"rank": s["total"]["rank"], "hit_rate": s["total"]["hit_rate"]}})
-    return {"dataset": cfg.dataset, "size": cfg.size, "seed": cfg.seed, "rows": cells}
+    return {"dataset": cfg.dataset, "size": cfg.size, "seed": cfg.seed, "felrec_preset": cfg.felrec_preset,
+            "notes": felrec_notes(rows, cfg), "rows": cells}
 
 
 def row_order(key: str) -> tuple[int, str]:
@@ -348,13 +469,16 @@ def row_order(key: str) -> tuple[int, str]:
 def _render(rows: list[dict[str, Any]], cfg: ExperimentConfig, out: Path, computed: list[str]) -> ExperimentResult:
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: row_order(r["key"]))
-    md, js = out / "table.md", out / "table.json"
-    _write_atomic(md, table_markdown(rows, cfg.dataset))
+    md, js = out / cfg.output_name("table", ".md"), out / cfg.output_name("table", ".json")
+    _write_atomic(md, table_markdown(rows, cfg.dataset, felrec_notes(rows, cfg)))
     _write_atomic(js, json.dumps(table_json(rows, cfg), indent=2))
     figure_rows = [r for r in rows if r["key"] in FIGURE_ROWS and "failed" not in r]
     figure = None
     if figure_rows:
         summaries = [{**r["summary"], "model": r["model"]} for r in figure_rows]
-        figure = plot_rank_vs_prior(summaries, out / "figure2.png", f"{cfg.dataset}: rank vs item prior interactions")
+        title = f"{cfg.dataset}: rank vs item prior interactions"
+        if cfg.felrec_preset != "paper":
+            title += f" (FELRec preset {cfg.felrec_preset})"
+        figure = plot_rank_vs_prior(summaries, out / cfg.output_name("figure2", ".png"), title)
     log.info("experiment_done", table=str(md), rows=len(rows), computed=len(computed))
     return ExperimentResult(rows, md, js, figure, computed)

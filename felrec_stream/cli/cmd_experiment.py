@@ -36,18 +36,24 @@ def _zero_shot(value: str | None):
               help="Dataset the -zero rows are trained on (e.g. ml-1m:/data/ml-1m, or synthetic).")
 @click.option("--size", type=click.Choice(["small", "paper", "tiny"]), default="small", show_default=True,
               help="small: CPU-sized models and few epochs; paper: the paper's hyper-parameters; tiny: smoke runs.")
+@click.option("--felrec-preset", type=click.Choice(["paper", "stable"]), default="paper", show_default=True,
+              help="FELRec rows' recipe. paper: MLP heads, queue 8192, T 0.07 (scaled by --size); stable: per-kind "
+                   "BatchNorm of the encoder outputs, no MLP heads, T 0.5, queue 256, no warm-up, batch 256 (config "
+                   "presets 'stable'/'small'). Ablation rows apply on top. Non-paper FELRec results are keyed "
+                   "<row>@<preset>, so both presets can share one --out folder and its baseline rows.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default runs/experiment-<dataset>-<size>). Finished rows are not recomputed.")
+              help="Output folder (default runs/experiment-<dataset>-<size>, shared by both FELRec presets). "
+                   "Finished rows are not recomputed.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def experiment(dataset: str, path: Path | None, models: str, zero_shot_from: str | None, size: str,
-               out_dir: Path | None, seed: int) -> None:
+               felrec_preset: str, out_dir: Path | None, seed: int) -> None:
     """Train and evaluate every model on DATASET; write table.md/json, figure2.png and per-event Parquet."""
     from training.experiment import ExperimentConfig, run_experiment
 
     events = _load(dataset, str(path) if path else None)
     zero = _zero_shot(zero_shot_from)
     cfg = ExperimentConfig(dataset=dataset, models=tuple(m for m in models.split(",") if m.strip()), size=size,
-                           seed=seed, zero_shot_dataset=zero[0] if zero else None)
+                           seed=seed, zero_shot_dataset=zero[0] if zero else None, felrec_preset=felrec_preset)
     out = out_dir or Path("runs") / f"experiment-{dataset}-{size}"
     result = run_experiment(events, cfg, out, zero_shot_events=zero[1] if zero else None)
     click.echo(result.table_md.read_text())

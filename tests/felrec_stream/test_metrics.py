@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from felrec_stream import metrics
-from felrec_stream.metrics import (cosine_scores, nearest_neighbour_scores, normalized_rank, sample_negatives,
-                                   sampled_hit_rate)
+from felrec_stream.errors import FelrecError
+from felrec_stream.metrics import (NaNScoresError, cosine_scores, nearest_neighbour_scores, normalized_rank,
+                                   sample_negatives, sampled_hit_rate)
 
 
 def _brute_rank(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -33,6 +34,31 @@ def test_normalized_rank_orientation_is_never_flipped():
     scores = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [1.0, 1.0, 1.0]])
     ranks = normalized_rank(scores, torch.tensor([0, 2, 1]))
     assert ranks.tolist() == [0.0, 1.0, 0.5]  # best, worst, all tied -> 0.5
+
+
+@pytest.mark.parametrize("where", ["target", "other", "all"])
+def test_nan_scores_are_rejected_not_ranked(where):
+    """Unchecked, a NaN true score gives higher=0 and ties=-1: rank -0.5/(C-1) and a hit on every event."""
+    scores = torch.tensor([[0.3, 0.2, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    target = torch.tensor([2, 0])
+    if where == "target":
+        scores[1, 0] = float("nan")
+    elif where == "other":
+        scores[0, 3] = float("nan")
+    else:
+        scores[:] = float("nan")
+    with pytest.raises(ValueError, match=r"normalized_rank: \d of 2 score rows contain NaN"):
+        normalized_rank(scores, target)
+    with pytest.raises(NaNScoresError, match="sampled_hit_rate"):
+        sampled_hit_rate(scores, target, num_negatives=2, k=1, generator=torch.Generator().manual_seed(0))
+    assert issubclass(NaNScoresError, FelrecError)  # a harness marks the row failed instead of crashing
+
+
+def test_infinite_scores_are_still_ranked():
+    scores = torch.tensor([[float("-inf"), 1.0, float("-inf")], [float("inf"), 0.0, 1.0]])
+    assert normalized_rank(scores, torch.tensor([0, 0])).tolist() == [0.75, 0.0]
+    assert sampled_hit_rate(scores, torch.tensor([0, 0]), num_negatives=2, k=1).tolist() == [False, True]
+    assert normalized_rank(torch.empty(0, 3), torch.empty(0, dtype=torch.long)).shape == (0,)
 
 
 def _brute_hits(scores: np.ndarray, target: np.ndarray, negatives: np.ndarray, k: int) -> np.ndarray:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from felrec_stream.config import EvalConfig
+from felrec_stream.config import PRESETS, EvalConfig
 from felrec_stream.errors import ConfigError
 from felrec_stream.synthetic import SyntheticConfig, generate
-from training.experiment import (ExperimentConfig, expand_models, felrec_setup, format_params, parse_row,
-                                 run_experiment, table_json, table_markdown)
+from training.experiment import (ExperimentConfig, ablation_is_noop, expand_models, felrec_setup, format_params,
+                                 parse_row, run_experiment, table_json, table_markdown)
 
 EVAL = EvalConfig(batch_size=256, num_negatives=50)
 
@@ -48,6 +49,101 @@ def test_felrec_ablation_switches():
     assert felrec_setup("paper", "q", None, 0).encoder.d_model == 128
     with pytest.raises(ConfigError):
         felrec_setup("huge", "q", None, 0)
+
+
+def test_stable_preset_configs():
+    """The stable recipe at every size, from config.PRESETS; ablations on top."""
+    for size in ("tiny", "small", "paper"):
+        s = felrec_setup(size, "q", None, 4, "stable")
+        assert s.encoder.output_norm == "batch" and s.model.use_mlp is False and s.model.variant == "q"
+        assert (s.model.temperature, s.model.queue_size) == (0.5, 256)
+        assert (s.training.warmup_epochs, s.training.batch_size, s.training.seed) == (0, 256, 4)
+        assert felrec_setup(size, "q", None, 4).model.use_mlp is True  # paper preset unchanged
+    small = felrec_setup("small", "p", None, 0, "stable")
+    enc = PRESETS["small"]["encoder"]
+    assert (small.encoder.d_model, small.encoder.n_layers, small.encoder.n_heads, small.encoder.d_ff) == (
+        enc["d_model"], enc["n_layers"], enc["n_heads"], enc["d_ff"]) == (32, 1, 2, 64)
+    assert small.training.epochs == 5 and small.training.lr == 0.01 and small.model.variant == "p"
+    assert felrec_setup("paper", "q", None, 0, "stable").encoder.d_model == 128
+    tiny = felrec_setup("tiny", "q", None, 0, "stable")
+    assert tiny.encoder.d_model == felrec_setup("tiny", "q", None, 0).encoder.d_model == 16
+
+    notype = felrec_setup("small", "q", "notype", 0, "stable")
+    assert notype.encoder.type_embedding is False and notype.encoder.output_norm == "batch"
+    assert felrec_setup("small", "q", "ln", 0, "stable").model.norm == "layer"
+    base = felrec_setup("small", "q", None, 0, "stable")
+    assert all(ablation_is_noop(base, e) for e in ("ln", "sharemlp", "nomlp"))
+    assert not any(ablation_is_noop(base, e) for e in (None, "notype", "reset", "nn", "zero"))
+    assert not ablation_is_noop(felrec_setup("small", "q", None, 0), "ln")  # paper heads: a real ablation
+    with pytest.raises(ConfigError, match="preset"):
+        felrec_setup("small", "q", None, 0, "huge")
+    with pytest.raises(ConfigError, match="preset"):
+        ExperimentConfig("x", felrec_preset="huge")
+
+
+def test_presets_are_keyed_separately_and_share_baselines(events, tmp_path):
+    models = ("popularity", "felrec-q", "felrec-q-ln", "felrec-q-notype")
+    paper = run_experiment(events, ExperimentConfig("synthetic", models=models[:2], size="tiny", eval=EVAL), tmp_path)
+    assert paper.computed == ["popularity", "felrec-q"]
+    paper_md = paper.table_md.read_text()
+
+    cfg = ExperimentConfig("synthetic", models=models, size="tiny", eval=EVAL, felrec_preset="stable")
+    stable = run_experiment(events, cfg, tmp_path)
+    assert stable.computed == ["felrec-q", "felrec-q-ln", "felrec-q-notype"]  # popularity reused
+    results, ckpts = tmp_path / "results", tmp_path / "checkpoints"
+    assert {p.name for p in results.glob("*.json")} == {
+        "popularity.json", "felrec-q.json", "felrec-q@stable.json", "felrec-q-ln@stable.json",
+        "felrec-q-notype@stable.json"}
+    assert {p.name for p in ckpts.iterdir()} == {"felrec-q", "felrec-q@stable", "felrec-q-notype@stable"}
+    assert stable.table_md.name == "table-stable.md" and (tmp_path / "table.md").read_text() == paper_md
+
+    rows = {r["key"]: r for r in stable.rows}
+    q, ln, notype = rows["felrec-q"], rows["felrec-q-ln"], rows["felrec-q-notype"]
+    assert q["felrec_preset"] == "stable" and q["result_key"] == "felrec-q@stable"
+    assert q["config"]["encoder"]["output_norm"] == "batch" and q["config"]["model"]["use_mlp"] is False
+    assert (q["config"]["model"]["temperature"], q["config"]["model"]["queue_size"]) == (0.5, 256)
+    assert q["config"]["training"]["batch_size"] == 256 and q["config"]["training"]["warmup_epochs"] == 0
+    assert notype["config"]["encoder"]["type_embedding"] is False
+    assert ln["train"]["same_model_as"] == "felrec-q" and ln["train"]["checkpoint"] == q["train"]["checkpoint"]
+    assert ln["summary"]["partitions"] == q["summary"]["partitions"] and ln["summary"]["total"] == q["summary"]["total"]
+    paper_q = json.loads((results / "felrec-q.json").read_text())
+    assert paper_q["config"]["model"]["use_mlp"] is True and paper_q["summary"]["total"] != q["summary"]["total"]
+    md = stable.table_md.read_text()
+    assert 'FELRec rows: preset "stable"' in md and "FELRec-Q-LN: -LN" in md and "not ablations" in md
+    assert json.loads(stable.table_json.read_text())["felrec_preset"] == "stable"
+
+    assert run_experiment(events, cfg, tmp_path).computed == []  # resumable per preset
+    (results / "felrec-q@stable.json").rename(results / "moved.json")
+    (results / "felrec-q.json").rename(results / "felrec-q@stable.json")  # a paper row under a stable key
+    with pytest.raises(ConfigError, match="preset 'paper'"):
+        run_experiment(events, cfg, tmp_path)
+
+
+def test_nan_validation_scores_end_a_baseline_like_divergence(events, monkeypatch):
+    """A baseline scoring NaN at validation: fit stops and keeps the earlier epoch (not a crash, not rank < 0)."""
+    import torch
+
+    from felrec_stream.split import chronological_split
+    from training.baselines import build_baseline, fit, make_config
+    from training.experiment import _validation_rank
+
+    split = chronological_split(events, 0.1, 0.1)
+    adapter = build_baseline("bpr-mf", make_config("bpr-mf", "tiny", epochs=4, eval_every=1), split.train)
+    epochs, real_train, real_score = [], adapter.train_epoch, type(adapter).score_batch
+
+    def train_epoch(train):
+        epochs.append(1)
+        return real_train(train)
+
+    def score_batch(self, batch, catalog):
+        scores = real_score(self, batch, catalog)
+        return scores if len(epochs) < 2 else torch.full_like(scores, float("nan"))
+
+    monkeypatch.setattr(adapter, "train_epoch", train_epoch)
+    monkeypatch.setattr(type(adapter), "score_batch", score_batch)
+    fitted = fit(adapter, split.train, lambda m: _validation_rank(m, split, EVAL))
+    assert fitted.best_epoch == 1 and 0 <= fitted.best_val_rank <= 1
+    assert len(fitted.history) == 2 and math.isnan(fitted.history[1]["val_rank"])
 
 
 def _summary(served, ranks, total):
@@ -136,6 +232,10 @@ def test_cli_experiment(events, tmp_path):
     assert "| Popularity |" in result.output and (out / "table.json").is_file()
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "nothing (all rows were finished)" in again.output
+    stable = CliRunner().invoke(cli, args + ["--felrec-preset", "stable"])
+    assert stable.exit_code == 0 and (out / "table-stable.md").is_file()
+    assert "nothing (all rows were finished)" in stable.output  # baselines are shared between presets
+    assert CliRunner().invoke(cli, args + ["--felrec-preset", "huge"]).exit_code != 0
 
 
 def test_failed_row_is_shown_without_numbers_and_retried(events, tmp_path, monkeypatch):
