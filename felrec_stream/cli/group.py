@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-import click
+# faiss and torch each load an OpenMP runtime; with the default spin-waiting their threads starve
+# each other (and the broker) on small machines. Must be set before either library is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from felrec_stream import __version__
-from felrec_stream.errors import FelrecError
-from felrec_stream.log import configure_logging
+import click  # noqa: E402
+
+from felrec_stream import __version__  # noqa: E402
+from felrec_stream.errors import FelrecError  # noqa: E402
+from felrec_stream.log import configure_logging  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "FELREC"})
