@@ -36,10 +36,10 @@ class EncoderConfig:
     output_norm: Literal["none", "batch"] = "none"
 
     def __post_init__(self) -> None:
-        _check(self.output_norm in ("none", "batch"), "encoder.output_norm must be 'none' or 'batch'")
-        _check(self.d_model > 0 and self.d_model % self.n_heads == 0, "encoder.d_model must be a positive multiple of n_heads")
-        _check(self.n_layers >= 1 and self.d_ff >= 1, "encoder.n_layers and d_ff must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, "encoder.dropout must be in [0, 1)")
+        check(self.output_norm in ("none", "batch"), "encoder.output_norm must be 'none' or 'batch'")
+        check(self.d_model > 0 and self.d_model % self.n_heads == 0, "encoder.d_model must be a positive multiple of n_heads")
+        check(self.n_layers >= 1 and self.d_ff >= 1, "encoder.n_layers and d_ff must be >= 1")
+        check(0.0 <= self.dropout < 1.0, "encoder.dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,10 @@ class ModelConfig:
     proj_out: int = 64
 
     def __post_init__(self) -> None:
-        _check(self.variant in ("q", "p"), "model.variant must be 'q' or 'p'")
-        _check(self.norm in ("batch", "layer"), "model.norm must be 'batch' or 'layer'")
-        _check(self.queue_size >= 1, "model.queue_size must be >= 1")
-        _check(self.temperature > 0, "model.temperature must be > 0")
+        check(self.variant in ("q", "p"), "model.variant must be 'q' or 'p'")
+        check(self.norm in ("batch", "layer"), "model.norm must be 'batch' or 'layer'")
+        check(self.queue_size >= 1, "model.queue_size must be >= 1")
+        check(self.temperature > 0, "model.temperature must be > 0")
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,10 @@ class TrainingConfig:
     collapse_patience: int = 3
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")
-        _check(self.batch_size >= 1, "training.batch_size must be >= 1")
-        _check(self.lr > 0, "training.lr must be > 0")
-        _check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+        check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")
+        check(self.batch_size >= 1, "training.batch_size must be >= 1")
+        check(self.lr > 0, "training.lr must be > 0")
+        check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
                and self.val_fraction + self.test_fraction < 1, "training val/test fractions must leave a train part")
 
 
@@ -101,8 +101,8 @@ class EvalConfig:
     mode: Literal["keep", "reset"] = "keep"  # keep the training cache, or start from an empty one
 
     def __post_init__(self) -> None:
-        _check(self.num_negatives >= 1 and self.hr_k >= 1, "eval.num_negatives and hr_k must be >= 1")
-        _check(self.mode in ("keep", "reset"), "eval.mode must be 'keep' or 'reset'")
+        check(self.num_negatives >= 1 and self.hr_k >= 1, "eval.num_negatives and hr_k must be >= 1")
+        check(self.mode in ("keep", "reset"), "eval.mode must be 'keep' or 'reset'")
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,10 @@ class CacheConfig:
     max_entities: int = 0  # 0 = unbounded; else least-recently-updated entities spill to disk
 
     def __post_init__(self) -> None:
-        _check(self.history_len >= 1, "cache.history_len must be >= 1")
-        _check(self.shards >= 1, "cache.shards must be >= 1")
-        _check(self.cold_start_input in ("id_seed", "zero"), "cache.cold_start_input must be id_seed or zero")
-        _check(self.index_type in ("flat", "hnsw", "ivf"), "cache.index_type must be flat, hnsw or ivf")
+        check(self.history_len >= 1, "cache.history_len must be >= 1")
+        check(self.shards >= 1, "cache.shards must be >= 1")
+        check(self.cold_start_input in ("id_seed", "zero"), "cache.cold_start_input must be id_seed or zero")
+        check(self.index_type in ("flat", "hnsw", "ivf"), "cache.index_type must be flat, hnsw or ivf")
 
 
 @dataclass(frozen=True)
@@ -144,9 +144,9 @@ class KafkaConfig:
     timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"  # unit of message `ts`; bounds the year-2200 check
 
     def __post_init__(self) -> None:
-        _check(self.partitions >= 1, "kafka.partitions must be >= 1")
-        _check(self.reorder_window >= 0, "kafka.reorder_window must be >= 0")
-        _check(self.timestamp_unit in ("s", "ms", "us", "ns"), "kafka.timestamp_unit must be s, ms, us or ns")
+        check(self.partitions >= 1, "kafka.partitions must be >= 1")
+        check(self.reorder_window >= 0, "kafka.reorder_window must be >= 0")
+        check(self.timestamp_unit in ("s", "ms", "us", "ns"), "kafka.timestamp_unit must be s, ms, us or ns")
 
 
 SECTIONS: dict[str, type] = {
@@ -199,7 +199,8 @@ def merge_sections(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
     return merged
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok: validation in every config's __post_init__."""
     if not ok:
         raise ConfigError(message)
 

@@ -22,17 +22,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from felrec_stream.config import from_dict, to_dict
+from felrec_stream.config import check, from_dict, to_dict
 from felrec_stream.errors import ConfigError
 from felrec_stream.events import make_events
 
 ARRIVALS = (0.05, 0.95)  # late users/items arrive evenly spread over this part of the timeline
 N_BINS = 200  # item weights are recomputed per time bin; releases happen at bin starts
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -55,14 +50,14 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(1 <= self.n_clusters <= min(self.n_users, self.n_items), "synthetic.n_clusters must be in [1, min(n_users, n_items)]")
-        _check(self.n_events >= self.n_users, "synthetic.n_events must be >= n_users (every user acts once)")
-        _check(0.0 <= self.affinity <= 1.0, "synthetic.affinity must be in [0, 1]")
-        _check(self.popularity_exponent >= 0, "synthetic.popularity_exponent must be >= 0")
-        _check(0.0 <= self.late_item_fraction < 1.0 and 0.0 <= self.late_user_fraction < 1.0,
+        check(1 <= self.n_clusters <= min(self.n_users, self.n_items), "synthetic.n_clusters must be in [1, min(n_users, n_items)]")
+        check(self.n_events >= self.n_users, "synthetic.n_events must be >= n_users (every user acts once)")
+        check(0.0 <= self.affinity <= 1.0, "synthetic.affinity must be in [0, 1]")
+        check(self.popularity_exponent >= 0, "synthetic.popularity_exponent must be >= 0")
+        check(0.0 <= self.late_item_fraction < 1.0 and 0.0 <= self.late_user_fraction < 1.0,
                "synthetic late fractions must be in [0, 1)")
-        _check(self.novelty_boost >= 0 and self.novelty_decay > 0, "synthetic.novelty_boost >= 0 and novelty_decay > 0")
-        _check(self.activity_sigma >= 0 and self.seconds_per_event >= 1, "synthetic.activity_sigma >= 0, seconds_per_event >= 1")
+        check(self.novelty_boost >= 0 and self.novelty_decay > 0, "synthetic.novelty_boost >= 0 and novelty_decay > 0")
+        check(self.activity_sigma >= 0 and self.seconds_per_event >= 1, "synthetic.activity_sigma >= 0, seconds_per_event >= 1")
 
 
 PRESETS: dict[str, SyntheticConfig] = {

@@ -16,13 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from felrec_stream.config import EncoderConfig
+from felrec_stream.config import EncoderConfig, check
 from felrec_stream.errors import ConfigError
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -43,12 +38,12 @@ class BaselineConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1 and self.batch_size >= 1, "baseline epochs and batch_size must be >= 1")
-        _check(1 <= self.num_negatives <= 4096, "baseline num_negatives must be in [1, 4096]")
-        _check(self.lr > 0 and 0 <= self.momentum < 1, "baseline lr must be > 0 and momentum in [0, 1)")
-        _check(0.0 <= self.dropout < 1.0, "baseline dropout must be in [0, 1)")
-        _check(self.eval_every >= 1 and self.patience >= 0, "baseline eval_every >= 1 and patience >= 0")
-        _check(self.max_grad_norm >= 0, "baseline max_grad_norm must be >= 0")
+        check(self.epochs >= 1 and self.batch_size >= 1, "baseline epochs and batch_size must be >= 1")
+        check(1 <= self.num_negatives <= 4096, "baseline num_negatives must be in [1, 4096]")
+        check(self.lr > 0 and 0 <= self.momentum < 1, "baseline lr must be > 0 and momentum in [0, 1)")
+        check(0.0 <= self.dropout < 1.0, "baseline dropout must be in [0, 1)")
+        check(self.eval_every >= 1 and self.patience >= 0, "baseline eval_every >= 1 and patience >= 0")
+        check(self.max_grad_norm >= 0, "baseline max_grad_norm must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ class BPRMFConfig(BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.dim >= 1, "bpr-mf dim must be >= 1")
+        check(self.dim >= 1, "bpr-mf dim must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ class GRU4RecConfig(BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.hidden >= 1 and self.n_layers >= 1, "gru4rec hidden and n_layers must be >= 1")
+        check(self.hidden >= 1 and self.n_layers >= 1, "gru4rec hidden and n_layers must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -89,7 +84,7 @@ class GRU4RecBPTTConfig(BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.dim >= 1 and self.n_layers >= 1 and self.max_len >= 1, "gru4rec-bptt dims must be >= 1")
+        check(self.dim >= 1 and self.n_layers >= 1 and self.max_len >= 1, "gru4rec-bptt dims must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -103,7 +98,7 @@ class SASRecConfig(BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.max_len >= 1, "sasrec max_len must be >= 1")
+        check(self.max_len >= 1, "sasrec max_len must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -124,7 +119,7 @@ class JodieConfig(BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.dim >= 1 and self.static_dim >= 1 and self.bptt_batches >= 1, "jodie dims must be >= 1")
+        check(self.dim >= 1 and self.static_dim >= 1 and self.bptt_batches >= 1, "jodie dims must be >= 1")
 
 
 CONFIG_CLASSES: dict[str, type[BaselineConfig]] = {
