@@ -28,7 +28,7 @@ from felrec_stream.config import EvalConfig
 from felrec_stream.events import iter_batches
 from felrec_stream.log import get_logger
 from felrec_stream.metrics import normalized_rank, sampled_hit_rate
-from felrec_stream.split import label_partitions
+from felrec_stream.split import Split, label_partitions
 from training.protocol import PARTITIONS, Catalog, OnlineModel
 
 log = get_logger(__name__)
@@ -94,6 +94,26 @@ def evaluate(model: OnlineModel, events: pa.Table, train: pa.Table, eval_cfg: Ev
     log.info("evaluation_done", model=model.name, events=len(events), rank=total["rank"],
              hit_rate=total["hit_rate"], seconds=round(result.seconds, 3))
     return result
+
+
+def evaluate_and_report(models: list[OnlineModel], split: Split, eval_cfg: EvalConfig, title: str,
+                        out_dir: str | Path | None = None, plot_title: str | None = None) -> str:
+    """Evaluate every model on the test events (after replaying validation) and render Table 1.
+
+    With `out_dir`: per-model JSON/Parquet, report.md and the rank-vs-prior plot (Figure 2).
+    """
+    from felrec_stream.report import plot_rank_vs_prior, table1_markdown
+
+    results = [evaluate(m, split.test, split.train, eval_cfg, warmup=split.val) for m in models]
+    summaries = [r.summary() for r in results]
+    report = table1_markdown(summaries, title=title)
+    if out_dir is not None:
+        out = Path(out_dir)
+        for result in results:
+            result.save(out)
+        (out / "report.md").write_text(report)
+        plot_rank_vs_prior(summaries, out / "rank_vs_prior.png", title=plot_title or title)
+    return report
 
 
 def _score_events(model: OnlineModel, events: pa.Table, catalog: Catalog,

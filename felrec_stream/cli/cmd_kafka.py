@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from felrec_stream.cli.group import cli
+from felrec_stream.cli.group import cli, parse_key_values
 
 
 @cli.group("broker")
@@ -100,7 +100,7 @@ def replay(**opts: Any) -> None:
     kafka = load_section(KafkaConfig, "kafka", read_config_file(opts["config_file"]),
                          {"bootstrap_servers": opts["bootstrap_servers"], "topic": opts["topic"],
                           "partitions": opts["partitions"]})
-    table = load_dataset(opts["dataset"], opts["path"], **_parse_options(opts["options"]))
+    table = load_dataset(opts["dataset"], opts["path"], **parse_key_values(opts["options"]))
     with ensure_broker(kafka, keep=True) as servers:
         kafka = replace(kafka, bootstrap_servers=servers)
         _prepare_topic(kafka, opts["recreate"], opts["start_from"])
@@ -109,16 +109,6 @@ def replay(**opts: Any) -> None:
                                splits=split_indices(len(table), opts["val_fraction"], opts["test_fraction"]),
                                meta={"dataset": opts["dataset"], "path": opts["path"]})
     click.echo(json.dumps({**result_dict(result), "bootstrap_servers": servers}, default=str))
-
-
-def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
-        out[key.strip()] = value
-    return out
 
 
 def _prepare_topic(kafka: Any, recreate: bool, start_from: int) -> None:

@@ -72,9 +72,8 @@ def train_and_report(events: Any, overrides: dict[str, dict[str, Any]], out: Pat
     """Train on the events' training split, evaluate the best checkpoint and popularity; Table 1."""
     from felrec_stream.checkpoint import load_checkpoint
     from felrec_stream.config import SECTIONS, load_section
-    from felrec_stream.report import plot_rank_vs_prior, table1_markdown
     from felrec_stream.split import chronological_split
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate_and_report
     from training.felrec_online import PopularityOnline, build_felrec
     from training.train import resolve_device, train
 
@@ -83,11 +82,4 @@ def train_and_report(events: Any, overrides: dict[str, dict[str, Any]], out: Pat
     checkpoint = load_checkpoint(result.best_checkpoint or result.last_checkpoint)
     split = chronological_split(events, cfgs["training"].val_fraction, cfgs["training"].test_fraction)
     models = [build_felrec(checkpoint, "keep", resolve_device(cfgs["training"].device)), PopularityOnline([split.train])]
-    results = [evaluate(m, split.test, split.train, cfgs["eval"], warmup=split.val) for m in models]
-    summaries = [r.summary() for r in results]
-    report = table1_markdown(summaries, title=title)
-    for r in results:
-        r.save(out)
-    (out / "report.md").write_text(report)
-    plot_rank_vs_prior(summaries, out / "rank_vs_prior.png", title=title)
-    return report
+    return evaluate_and_report(models, split, cfgs["eval"], title, out)

@@ -11,22 +11,10 @@ from typing import Any
 
 import click
 
-from felrec_stream.cli.group import cli
+from felrec_stream.cli.group import cli, parse_key_values
 
 DATASET_HELP = ("Dataset name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest, twitch, csv, parquet, "
                 "synthetic).")
-
-
-def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
-    from felrec_stream.errors import ConfigError
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--dataset-option must look like KEY=VALUE, got {pair!r}")
-        options[key.strip()] = value
-    return options
 
 
 def load_events(dataset: str | None, path: str | None, cache_dir: str | None, options: dict[str, Any],
@@ -109,7 +97,7 @@ def train_command(dataset: str | None, path: str | None, dataset_options: tuple[
     cfgs = _load_configs(config_file, {"model": {"variant": variant},
                                        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                                                     "device": device}}, preset)
-    events = load_events(dataset, path, cache_dir, _parse_options(dataset_options), topic, bootstrap_servers)
+    events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
     result = train(events, cfgs["encoder"], cfgs["model"], cfgs["training"], cfgs["cache"], cfgs["eval"],
                    out_dir, resume=resume)
     summary = {"dataset": dataset, "topic": topic, "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
@@ -154,16 +142,15 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
     to the training events).
     """
     from felrec_stream.checkpoint import load_checkpoint
-    from felrec_stream.report import plot_rank_vs_prior, table1_markdown
     from felrec_stream.split import chronological_split
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate_and_report
     from training.felrec_online import PopularityOnline, build_felrec
     from training.train import resolve_device
 
     checkpoint = load_checkpoint(checkpoint_path)
     cfgs = checkpoint.configs
     mode = mode or cfgs["eval"].mode
-    events = load_events(dataset, path, cache_dir, _parse_options(dataset_options), topic, bootstrap_servers)
+    events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
     dataset = dataset or f"topic {topic}"
     split = chronological_split(events,
                                 cfgs["training"].val_fraction, cfgs["training"].test_fraction)
@@ -173,13 +160,8 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
         models.append(build_felrec(checkpoint, mode, device, nn_neighbors=cfgs["eval"].nn_neighbors))
     if baseline == "popularity":
         models.append(PopularityOnline([split.train]))
-    results = [evaluate(model, split.test, split.train, cfgs["eval"], warmup=split.val) for model in models]
-    summaries = [r.summary() for r in results]
-    report = table1_markdown(summaries, title=f"{dataset}: test events {len(split.test)}, mode {mode}")
+    report = evaluate_and_report(models, split, cfgs["eval"], f"{dataset}: test events {len(split.test)}, mode {mode}",
+                                 out_dir, plot_title=f"{dataset} ({mode})")
     click.echo(report)
     if out_dir:
-        for result in results:
-            result.save(out_dir)
-        Path(out_dir, "report.md").write_text(report)
-        plot_rank_vs_prior(summaries, Path(out_dir) / "rank_vs_prior.png", title=f"{dataset} ({mode})")
         click.echo(f"results written to {out_dir}")

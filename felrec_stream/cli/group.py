@@ -32,6 +32,17 @@ def cli(log_level: str, log_json: bool | None) -> None:
     configure_logging(level=log_level, json=log_json)
 
 
+def parse_key_values(pairs: tuple[str, ...], option: str = "--dataset-option") -> dict[str, str]:
+    """Repeated KEY=VALUE options (dataset loader options) as a dict; a malformed pair is a usage error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
+        out[key.strip()] = value
+    return out
+
+
 def main() -> None:
     """Console-script entry point: FelrecError -> one clear line on stderr, exit code 2."""
     try:
