@@ -27,15 +27,15 @@ def test_broker_start_status_stop(tmp_path, monkeypatch):
         pytest.skip(f"kafka: embedded broker binary unavailable: {exc}")
     monkeypatch.setenv("FELREC_HOME", str(tmp_path))
     started = _run("broker", "start")
-    servers = started.output.strip().splitlines()[-1]
+    servers = started.stdout.strip().splitlines()[-1]
     try:
         assert started.exit_code == 0 and servers.startswith("127.0.0.1:")
         status = _run("broker", "status")
-        assert json.loads(status.output)["bootstrap_servers"] == servers
+        assert json.loads(status.stdout)["bootstrap_servers"] == servers
         again = _run("broker", "start")
-        assert again.output.strip().splitlines()[-1] == servers  # reuses, never a second broker
+        assert again.stdout.strip().splitlines()[-1] == servers  # reuses, never a second broker
     finally:
-        assert _run("broker", "stop").output.strip() == "stopped"
+        assert _run("broker", "stop").stdout.strip() == "stopped"
     assert _run("broker", "status").exit_code == 1
 
 
@@ -45,7 +45,7 @@ def test_replay_creates_the_topic_publishes_splits_and_refuses_a_second_copy(kaf
             "--partitions", "3", "--no-progress"]
     result = _run(*args, env=env)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.strip().splitlines()[-1])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["produced"] == summary["acknowledged"] == 600 and summary["partitions"] == 3
     config = KafkaConfig(bootstrap_servers=kafka_bootstrap)
     assert len(read_topic_table(config, topic_name)) == 600
