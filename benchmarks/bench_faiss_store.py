@@ -18,7 +18,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from felrec_stream.faiss_store import ShardedFaissVectors  # noqa: E402
+from felrec_stream.state.faiss_store import ShardedFaissVectors  # noqa: E402
 
 
 def build(n: int, dim: int, shards: int, index_type: str = "flat", x: np.ndarray | None = None,

@@ -36,15 +36,15 @@ from connectors.kafka.broker import ensure_broker  # noqa: E402
 from connectors.kafka.replay import replay_events  # noqa: E402
 from connectors.kafka.source import KafkaSource, read_topic_table  # noqa: E402
 from felrec_stream.config import KafkaConfig, replace  # noqa: E402
-from felrec_stream.events import iter_batches, make_events  # noqa: E402
+from felrec_stream.stream.events import iter_batches, make_events  # noqa: E402
 from felrec_stream.log import configure_logging  # noqa: E402
-from felrec_stream.messages import Event, decode_event, encode_event  # noqa: E402
+from felrec_stream.stream.messages import Event, decode_event, encode_event  # noqa: E402
 
 
 def make_table(n: int) -> pa.Table:
-    """Synthetic events (felrec_stream.synthetic when present, else random ids and times)."""
+    """Synthetic events (felrec_stream.data.synthetic when present, else random ids and times)."""
     try:
-        from felrec_stream.synthetic import config_from_options, generate
+        from felrec_stream.data.synthetic import config_from_options, generate
 
         return generate(config_from_options("small", n_events=n, n_users=max(300, n // 50),
                                             n_items=max(200, n // 100))).events

@@ -1,4 +1,4 @@
-"""Dataset files -> the canonical event table (`felrec_stream.events.EVENT_SCHEMA`).
+"""Dataset files -> the canonical event table (`felrec_stream.stream.events.EVENT_SCHEMA`).
 
 Every loader keeps *every* data row (a rating of any value is an interaction), renders ids as
 strings, sets `event_id` to the 0-based data row number (blank lines and the header do not count)
@@ -33,9 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from felrec_stream import synthetic
+from felrec_stream.data import synthetic
 from felrec_stream.errors import DatasetError
-from felrec_stream.events import EVENT_SCHEMA, is_time_ordered, make_events, sort_events, validate_events
+from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered, make_events, sort_events, validate_events
 from felrec_stream.log import get_logger
 
 log = get_logger(__name__)
@@ -271,7 +271,7 @@ def load_parquet(path: Path, user: str = "user", item: str = "item", timestamp: 
 
 
 def load_synthetic(**options: Any) -> pa.Table:
-    """The seeded synthetic stream (`felrec_stream.synthetic`); options are `size` (a preset name)
+    """The seeded synthetic stream (`felrec_stream.data.synthetic`); options are `size` (a preset name)
     and any `SyntheticConfig` field."""
     return synthetic.generate(synthetic.config_from_options(**options)).events
 

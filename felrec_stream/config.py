@@ -32,7 +32,7 @@ class EncoderConfig:
     type_embedding: bool = True  # ablation "-noType" sets False
     # Not in the paper. "batch": standardise the encoder outputs with BatchNorm statistics kept per
     # kind (users, items). The cache -> encoder -> cache recursion averages vectors over and over
-    # (power iteration): without it every vector drifts to one shared direction; see model.py.
+    # (power iteration): without it every vector drifts to one shared direction; see model/felrec.py.
     output_norm: Literal["none", "batch"] = "none"
 
     def __post_init__(self) -> None:
@@ -112,7 +112,7 @@ class CacheConfig:
     history_len: int = 64
     # Input of an entity's very first encoding (empty history): "id_seed" = a fixed pseudo-random
     # vector derived from its external id (breaks the symmetry of an all-zero cache, see
-    # engine.py); "zero" = the paper's zero vector.
+    # state/engine.py); "zero" = the paper's zero vector.
     cold_start_input: Literal["id_seed", "zero"] = "id_seed"
     shards: int = 1
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"

@@ -6,7 +6,7 @@ training MLPs are never used), so a user or item gets a representation on its ve
 
 State and positions
 -------------------
-A snapshot (`felrec_stream.snapshot.SnapshotManager`: fsynced files, checksummed manifest,
+A snapshot (`felrec_stream.state.snapshot.SnapshotManager`: fsynced files, checksummed manifest,
 atomic CURRENT switch, newest K kept) holds, together and only together:
 
 - the store: every vector (unit + norm, bit-exact), every history, count and last-update time,
@@ -82,18 +82,18 @@ import torch
 
 from connectors.kafka.dlq import KafkaDeadLetters
 from connectors.kafka.source import KafkaSource
-from felrec_stream.checkpoint import load_checkpoint
+from felrec_stream.state.checkpoint import load_checkpoint
 from felrec_stream.config import CacheConfig, KafkaConfig, replace, to_dict
-from felrec_stream.engine import infer_batch
+from felrec_stream.state.engine import infer_batch
 from felrec_stream.errors import ConfigError, KafkaError, ModelError, StoreError
-from felrec_stream.events import EventBatch
-from felrec_stream.faiss_store import make_store
+from felrec_stream.stream.events import EventBatch
+from felrec_stream.state.faiss_store import make_store
 from felrec_stream.log import get_logger
-from felrec_stream.messages import TS_UNITS, PoisonMessage
-from felrec_stream.model import FELRec
-from felrec_stream.snapshot import Snapshot, SnapshotManager
-from felrec_stream.store import RepresentationStore
-from pipelines.metrics import WorkerMetrics
+from felrec_stream.stream.messages import TS_UNITS, PoisonMessage
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.state.snapshot import Snapshot, SnapshotManager
+from felrec_stream.state.store import RepresentationStore
+from pipelines.prometheus import WorkerMetrics
 
 log = get_logger(__name__)
 

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import torch
 
 from felrec_stream.config import EvalConfig
-from felrec_stream.events import iter_batches
+from felrec_stream.stream.events import iter_batches
 from felrec_stream.log import get_logger
-from felrec_stream.metrics import normalized_rank, sampled_hit_rate
-from felrec_stream.split import Split, label_partitions
+from felrec_stream.model.ranking import normalized_rank, sampled_hit_rate
+from felrec_stream.data.split import Split, label_partitions
 from training.protocol import PARTITIONS, Catalog, OnlineModel
 
 log = get_logger(__name__)
@@ -102,7 +102,7 @@ def evaluate_and_report(models: list[OnlineModel], split: Split, eval_cfg: EvalC
 
     With `out_dir`: per-model JSON/Parquet, report.md and the rank-vs-prior plot (Figure 2).
     """
-    from felrec_stream.report import plot_rank_vs_prior, table1_markdown
+    from training.report import plot_rank_vs_prior, table1_markdown
 
     results = [evaluate(m, split.test, split.train, eval_cfg, warmup=split.val) for m in models]
     summaries = [r.summary() for r in results]

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from felrec_stream.events import EventBatch
+from felrec_stream.stream.events import EventBatch
 
 PARTITIONS = ("observed", "new_user", "new_item")
 

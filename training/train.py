@@ -22,16 +22,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from felrec_stream.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
+from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
 from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig
-from felrec_stream.engine import commit_batch, encode, infer_batch, prepare_batch
+from felrec_stream.state.engine import commit_batch, encode, infer_batch, prepare_batch
 from felrec_stream.errors import ModelError, TrainingError
-from felrec_stream.events import EventBatch, iter_batches
+from felrec_stream.stream.events import EventBatch, iter_batches
 from felrec_stream.log import get_logger
-from felrec_stream.losses import representation_spread
-from felrec_stream.model import FELRec
-from felrec_stream.split import chronological_split
-from felrec_stream.store import RepresentationStore
+from felrec_stream.model.losses import representation_spread
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.data.split import chronological_split
+from felrec_stream.state.store import RepresentationStore
 from training.evaluate import evaluate
 from training.felrec_online import FELRecOnline
 

@@ -21,7 +21,7 @@ from connectors.kafka.admin import TopicAdmin, close_producer, kafka_errors, new
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import KafkaError
 from felrec_stream.log import get_logger
-from felrec_stream.messages import PoisonMessage
+from felrec_stream.stream.messages import PoisonMessage
 
 log = get_logger(__name__)
 

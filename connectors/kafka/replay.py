@@ -30,10 +30,10 @@ import pyarrow as pa
 from connectors.kafka.admin import TopicAdmin, close_producer, end_offsets, new_consumer, new_producer
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import ConfigError, DatasetError, ReplayError
-from felrec_stream.events import is_time_ordered, sort_events, validate_events
+from felrec_stream.stream.events import is_time_ordered, sort_events, validate_events
 from felrec_stream.log import get_logger
-from felrec_stream.messages import TS_UNITS, encode_event, max_timestamp
-from felrec_stream.split import split_sizes
+from felrec_stream.stream.messages import TS_UNITS, encode_event, max_timestamp
+from felrec_stream.data.split import split_sizes
 
 log = get_logger(__name__)
 
@@ -67,7 +67,7 @@ def meta_topic(topic: str) -> str:
 
 
 def split_indices(n_events: int, val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, int]:
-    """Rows where validation and test begin, by the same rule as `felrec_stream.split.chronological_split`."""
+    """Rows where validation and test begin, by the same rule as `felrec_stream.data.split.chronological_split`."""
     n_train, n_val, _ = split_sizes(n_events, val_fraction, test_fraction)
     return {"val": n_train, "test": n_train + n_val}
 

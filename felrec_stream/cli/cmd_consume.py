@@ -18,7 +18,6 @@ from typing import Any, Iterator
 import click
 
 from felrec_stream.cli.group import cli
-from felrec_stream.errors import ConfigError
 
 
 @cli.command("consume")
@@ -112,17 +111,15 @@ def _stop_on_signals(worker: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _maybe_serve(worker: Any, serve: bool, host: str, port: int) -> Iterator[None]:
-    """Query service on the live store, sharing the worker's lock (felrec_stream.serving)."""
+    """Query service on the live store, sharing the worker's lock (felrec_stream.serving.app)."""
     if not serve:
         yield
         return
-    try:
-        from felrec_stream import serving
-    except ImportError:
-        raise ConfigError("--serve needs felrec_stream.serving, which this build does not have yet") from None
-    engine = serving.QueryEngine(worker.store, worker.lock)
+    from felrec_stream.serving.app import QueryEngine, create_app, serve_in_thread
+
+    engine = QueryEngine(worker.store, worker.lock)
     worker.observers.append(engine)  # freshness and snapshot seq on /metrics and /v1/catalog
-    handle = serving.serve_in_thread(serving.create_app(lambda: engine), host=host, port=port)
+    handle = serve_in_thread(create_app(lambda: engine), host=host, port=port)
     try:
         yield
     finally:

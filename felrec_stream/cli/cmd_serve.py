@@ -31,7 +31,7 @@ def _overrides(index_type: str | None, shards: int | None) -> dict[str, Any]:
 def serve(snapshot_dir: Path, host: str, port: int, poll_seconds: float, index_type: str | None,
           shards: int | None) -> None:
     """Serve top-k recommendations and similarities from the newest snapshot, following new ones."""
-    from felrec_stream.serving import SnapshotFollower, create_app, run_server
+    from felrec_stream.serving.app import SnapshotFollower, create_app, run_server
 
     follower = SnapshotFollower(snapshot_dir, poll_seconds, _overrides(index_type, shards))
     follower.poll_once()  # ready at once when a snapshot exists
@@ -51,7 +51,7 @@ def serve(snapshot_dir: Path, host: str, port: int, poll_seconds: float, index_t
 @click.option("--shards", type=click.IntRange(min=1), default=None, help="Shard count of the written FAISS files.")
 def export(snapshot_dir: Path, out_dir: Path, index_type: str | None, shards: int | None) -> None:
     """Write the store as parquet + FAISS index files that offline jobs read without felrec-stream."""
-    from felrec_stream.export import export_snapshot
+    from felrec_stream.serving.export import export_snapshot
 
     layout = export_snapshot(snapshot_dir, out_dir, _overrides(index_type, shards))
     summary = {"out": str(out_dir), **{name: t["rows"] for name, t in layout["tables"].items()},

@@ -9,7 +9,7 @@ import pytest
 
 from connectors.datasets import dataset_names, load_dataset, read_events_file, write_events_file
 from felrec_stream.errors import ConfigError, DatasetError
-from felrec_stream.events import EVENT_SCHEMA, is_time_ordered, make_events
+from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered, make_events
 
 ML100K = Path(__file__).resolve().parents[2].parent / "shared/data/ml-100k"
 

@@ -15,7 +15,7 @@ from connectors.kafka.replay import read_replay_meta, replay_events, split_indic
 from connectors.kafka.source import read_topic_table
 from felrec_stream.config import KafkaConfig, replace
 from felrec_stream.errors import ConfigError, DatasetError, KafkaError, ReplayError
-from felrec_stream.events import make_events
+from felrec_stream.stream.events import make_events
 
 pytestmark = pytest.mark.kafka
 

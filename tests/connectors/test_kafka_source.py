@@ -14,8 +14,8 @@ from connectors.kafka.replay import replay_events
 from connectors.kafka.source import KafkaSource, PartitionMerger, read_topic_table
 from felrec_stream.config import replace
 from felrec_stream.errors import KafkaError
-from felrec_stream.events import EventBatch, is_time_ordered, make_events
-from felrec_stream.messages import Event, encode_event
+from felrec_stream.stream.events import EventBatch, is_time_ordered, make_events
+from felrec_stream.stream.messages import Event, encode_event
 from tests.felrec_stream.test_messages import POISON_CASES
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from felrec_stream.batcher import MicroBatcher
+from felrec_stream.stream.batcher import MicroBatcher
 
 
 class FakeClock:

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from felrec_stream.cli import cli
 from felrec_stream.cli.cmd_quickstart import replay_and_read_back
 from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig
-from felrec_stream.synthetic import SyntheticConfig, generate
+from felrec_stream.data.synthetic import SyntheticConfig, generate
 
 pytestmark = pytest.mark.kafka
 
@@ -20,7 +20,7 @@ TINY = dict(encoder=EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32),
 
 
 def _train(events, out):
-    from felrec_stream.checkpoint import load_checkpoint
+    from felrec_stream.state.checkpoint import load_checkpoint
     from training.train import train
 
     c = TINY

@@ -5,7 +5,7 @@ import pytest
 
 from felrec_stream.config import EncoderConfig, TrainingConfig, from_dict, load_section, read_config_file, to_dict
 from felrec_stream.errors import ConfigError, DatasetError
-from felrec_stream.events import EVENT_SCHEMA, EventBatch, is_time_ordered, iter_batches, make_events
+from felrec_stream.stream.events import EVENT_SCHEMA, EventBatch, is_time_ordered, iter_batches, make_events
 
 
 def test_config_precedence_file_env_override(tmp_path):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from felrec_stream.config import EncoderConfig, ModelConfig
-from felrec_stream.engine import commit_batch, encode, id_seed_vectors, infer_batch, prepare_batch
-from felrec_stream.events import EventBatch, iter_batches, make_events
-from felrec_stream.model import FELRec
-from felrec_stream.store import Kind, RepresentationStore
+from felrec_stream.state.engine import commit_batch, encode, id_seed_vectors, infer_batch, prepare_batch
+from felrec_stream.stream.events import EventBatch, iter_batches, make_events
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.state.store import Kind, RepresentationStore
 
 TINY = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
 

@@ -11,8 +11,8 @@ import torch
 
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
-from felrec_stream.faiss_store import ShardedFaissVectors, make_store, shard_of
-from felrec_stream.store import RepresentationStore, raw_vectors
+from felrec_stream.state.faiss_store import ShardedFaissVectors, make_store, shard_of
+from felrec_stream.state.store import RepresentationStore, raw_vectors
 
 D = 16
 
@@ -294,7 +294,7 @@ def test_get_returns_tensors_on_the_requested_cuda_device():
 
 def test_gpu_path_clones_flat_shards_and_reclones_after_writes(monkeypatch):
     """The GPU branch with a stand-in cloner (CPU clone): searched shards are cloned once, re-cloned after a write."""
-    import felrec_stream.faiss_store as module
+    import felrec_stream.state.faiss_store as module
     clones = []
 
     def fake_cpu_to_gpu(resources, device, index):

@@ -1,4 +1,4 @@
-from felrec_stream.report import plot_rank_vs_prior, table1_markdown
+from training.report import plot_rank_vs_prior, table1_markdown
 
 
 def _summary(model, served, cells, total):

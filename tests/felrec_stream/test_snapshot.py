@@ -11,9 +11,9 @@ import torch
 
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
-from felrec_stream.faiss_store import make_store
-from felrec_stream.snapshot import SnapshotManager, flatten_state, unflatten_state
-from felrec_stream.store import RepresentationStore
+from felrec_stream.state.faiss_store import make_store
+from felrec_stream.state.snapshot import SnapshotManager, flatten_state, unflatten_state
+from felrec_stream.state.store import RepresentationStore
 
 D = 8
 

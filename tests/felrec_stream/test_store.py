@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from felrec_stream.errors import StoreError
-from felrec_stream.store import HistoryBuffer, IdMap, Kind, RepresentationStore, TensorVectors, last_occurrence
+from felrec_stream.state.store import HistoryBuffer, IdMap, Kind, RepresentationStore, TensorVectors, last_occurrence
 
 
 def brute_force_histories(slots, others, L, stored=None):

@@ -23,8 +23,8 @@ import torch
 from connectors.kafka.admin import TopicAdmin, end_offsets, new_producer
 from connectors.kafka.replay import replay_events
 from felrec_stream.config import CacheConfig, KafkaConfig, from_dict
-from felrec_stream.faiss_store import make_store
-from felrec_stream.snapshot import MANIFEST, SnapshotManager
+from felrec_stream.state.faiss_store import make_store
+from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from pipelines.worker import WorkerOptions, build_worker, store_fingerprint
 from tests.pipelines import assert_histories_match_table, assert_same_store, synthetic_events
 

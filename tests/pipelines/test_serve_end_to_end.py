@@ -20,8 +20,8 @@ import pytest
 from connectors.kafka.admin import TopicAdmin
 from connectors.kafka.broker import free_port
 from connectors.kafka.replay import replay_events
-from felrec_stream.client import FelrecClient
-from felrec_stream.events import make_events
+from felrec_stream.serving.client import FelrecClient
+from felrec_stream.stream.events import make_events
 from tests.pipelines import synthetic_events
 
 pytestmark = pytest.mark.kafka

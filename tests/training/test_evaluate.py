@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig
-from felrec_stream.events import EventBatch, make_events
-from felrec_stream.metrics import cosine_scores
-from felrec_stream.model import FELRec
-from felrec_stream.report import table1_markdown
-from felrec_stream.store import RepresentationStore
+from felrec_stream.stream.events import EventBatch, make_events
+from felrec_stream.model.ranking import cosine_scores
+from felrec_stream.model.felrec import FELRec
+from training.report import table1_markdown
+from felrec_stream.state.store import RepresentationStore
 from training.evaluate import evaluate, item_prior_interactions, log_binned_means
 from training.felrec_online import FELRecOnline, PopularityOnline
 from training.protocol import PARTITIONS, Catalog, OnlineModel

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from felrec_stream.config import PRESETS, EvalConfig
 from felrec_stream.errors import ConfigError
-from felrec_stream.synthetic import SyntheticConfig, generate
+from felrec_stream.data.synthetic import SyntheticConfig, generate
 from training.experiment import (ExperimentConfig, ablation_is_noop, expand_models, felrec_setup, format_params,
                                  parse_row, run_experiment, table_json, table_markdown)
 
@@ -123,7 +123,7 @@ def test_nan_validation_scores_end_a_baseline_like_divergence(events, monkeypatc
     """A baseline scoring NaN at validation: fit stops and keeps the earlier epoch (not a crash, not rank < 0)."""
     import torch
 
-    from felrec_stream.split import chronological_split
+    from felrec_stream.data.split import chronological_split
     from training.baselines import build_baseline, fit, make_config
     from training.experiment import _validation_rank
 

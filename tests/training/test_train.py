@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from felrec_stream import synthetic
-from felrec_stream.checkpoint import (FORMAT_VERSION, Checkpoint, CosineWarmupSchedule, load_checkpoint,
+from felrec_stream.data import synthetic
+from felrec_stream.state.checkpoint import (FORMAT_VERSION, Checkpoint, CosineWarmupSchedule, load_checkpoint,
                                       save_checkpoint)
 from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig, replace
 from felrec_stream.errors import ModelError, TrainingError
-from felrec_stream.split import chronological_split
+from felrec_stream.data.split import chronological_split
 from training.evaluate import evaluate
 from training.felrec_online import PopularityOnline, build_felrec
 from training.train import is_collapsed, train
@@ -107,7 +107,7 @@ def test_resume_continues_from_the_saved_epoch_with_identical_state(tiny_events,
 
 
 def test_output_norm_standardises_each_kind():
-    from felrec_stream.model import ITEM, USER, Encoder
+    from felrec_stream.model.felrec import ITEM, USER, Encoder
 
     torch.manual_seed(0)
     encoder = Encoder(replace(ENC, output_norm="batch"))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from felrec_stream.config import EncoderConfig
-from felrec_stream.model import Encoder
+from felrec_stream.model.felrec import Encoder
 
 PAD, START, FIRST_ITEM = 0, 1, 2  # sequence-model vocabulary
 

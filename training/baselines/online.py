@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from felrec_stream.errors import TrainingError
-from felrec_stream.events import EventBatch, iter_batches
+from felrec_stream.stream.events import EventBatch, iter_batches
 from felrec_stream.log import get_logger
-from felrec_stream.store import HistoryBuffer, IdMap, last_occurrence
+from felrec_stream.state.store import HistoryBuffer, IdMap, last_occurrence
 from training.baselines import models as M
 from training.baselines.configs import (BaselineConfig, BPRMFConfig, GRU4RecBPTTConfig, GRU4RecConfig,
                                         JodieConfig, SASRecConfig)

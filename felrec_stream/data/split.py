@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from felrec_stream.errors import DatasetError
-from felrec_stream.events import is_time_ordered, sort_events, validate_events
+from felrec_stream.stream.events import is_time_ordered, sort_events, validate_events
 
 PARTITIONS = ("observed", "new_user", "new_item")
 

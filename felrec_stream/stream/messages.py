@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from felrec_stream.errors import DatasetError
-from felrec_stream.events import EventBatch
+from felrec_stream.stream.events import EventBatch
 
 SCHEMA_VERSION = 1
 MAX_ID_CHARS = 256

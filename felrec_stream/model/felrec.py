@@ -6,7 +6,7 @@ masks padding, adds a learned type embedding (user/item) to every sequence eleme
 the valid positions and ends in a linear layer. FELRec-Q trains it with InfoNCE against a
 MoCo-style queue; FELRec-P with a BYOL-style predictor (section 3.2).
 
-Pure modules: the cache lives outside (felrec_stream.store); forward() never writes it.
+Pure modules: the cache lives outside (felrec_stream.state.store); forward() never writes it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from felrec_stream.config import EncoderConfig, ModelConfig
-from felrec_stream.losses import byol_loss, info_nce
+from felrec_stream.model.losses import byol_loss, info_nce
 
 USER, ITEM = 0, 1  # type-embedding rows: the kind of the *sequence elements*
 

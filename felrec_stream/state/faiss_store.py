@@ -38,7 +38,7 @@ import torch
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.store import RepresentationStore, VectorBackend, last_occurrence
+from felrec_stream.state.store import RepresentationStore, VectorBackend, last_occurrence
 
 log = get_logger(__name__)
 

@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 
 from felrec_stream.config import CacheConfig, to_dict
 from felrec_stream.errors import ServiceError
-from felrec_stream.faiss_store import ShardedFaissVectors
+from felrec_stream.state.faiss_store import ShardedFaissVectors
 from felrec_stream.log import get_logger
-from felrec_stream.snapshot import SnapshotManager
-from felrec_stream.store import EntityTable, Kind, RepresentationStore
+from felrec_stream.state.snapshot import SnapshotManager
+from felrec_stream.state.store import EntityTable, Kind, RepresentationStore
 
 log = get_logger(__name__)
 
@@ -103,7 +103,7 @@ def export_store(store: RepresentationStore, out_dir: str | Path, cache: CacheCo
 def export_snapshot(snapshot_dir: str | Path, out_dir: str | Path,
                     cache_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Export the newest valid snapshot under `snapshot_dir` (see serving.load_store_from_snapshot)."""
-    from felrec_stream.serving import cache_config_from_meta, load_store_from_snapshot
+    from felrec_stream.serving.app import cache_config_from_meta, load_store_from_snapshot
 
     snapshot = SnapshotManager(snapshot_dir).latest_valid()
     if snapshot is None:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from felrec_stream.config import check, from_dict, to_dict
 from felrec_stream.errors import ConfigError
-from felrec_stream.events import make_events
+from felrec_stream.stream.events import make_events
 
 ARRIVALS = (0.05, 0.95)  # late users/items arrive evenly spread over this part of the timeline
 N_BINS = 200  # item weights are recomputed per time bin; releases happen at bin starts

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from felrec_stream.events import EventBatch
-from felrec_stream.model import FELRec
-from felrec_stream.store import HistoryPlan, Kind, RepresentationStore, last_occurrence
+from felrec_stream.stream.events import EventBatch
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.state.store import HistoryPlan, Kind, RepresentationStore, last_occurrence
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Typed HTTP client of the query API (`felrec_stream.serving`), for downstream services and tests.
+"""Typed HTTP client of the query API (`felrec_stream.serving.app`), for downstream services and tests.
 
 Deliberately light: httpx and the error classes only (no torch/faiss), so a downstream service can
 depend on it without the model stack. Ids are percent-encoded (the API accepts '/' inside ids).

@@ -46,10 +46,10 @@ from pydantic import BaseModel, Field
 from felrec_stream import __version__
 from felrec_stream.config import CacheConfig, from_dict, to_dict
 from felrec_stream.errors import ServiceError
-from felrec_stream.faiss_store import ShardedFaissVectors, make_store
+from felrec_stream.state.faiss_store import ShardedFaissVectors, make_store
 from felrec_stream.log import get_logger
-from felrec_stream.snapshot import Snapshot, SnapshotManager
-from felrec_stream.store import Kind, RepresentationStore
+from felrec_stream.state.snapshot import Snapshot, SnapshotManager
+from felrec_stream.state.store import Kind, RepresentationStore
 
 log = get_logger(__name__)
 
