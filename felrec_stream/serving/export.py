@@ -17,7 +17,7 @@ Output directory (documented for consumers in docker/README.md, "Export layout")
         index.json                 dim, shards, index_type, sizes
     layout.json                    written last: its presence means the export is complete
 
-Plain pyarrow + faiss read all of it (tests/felrec_stream/test_export.py does exactly that).
+Plain pyarrow + faiss read all of it (tests/felrec_stream/serving/test_export.py does exactly that).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from felrec_stream.config import replace
 from felrec_stream.errors import KafkaError
 from felrec_stream.stream.events import EventBatch, is_time_ordered, make_events
 from felrec_stream.stream.messages import Event, encode_event
-from tests.felrec_stream.test_messages import POISON_CASES
+from tests.felrec_stream.stream.test_messages import POISON_CASES
 
 
 # ----------------------------------------------------------------------------- pure merge logic

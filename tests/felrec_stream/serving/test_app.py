@@ -29,7 +29,7 @@ from felrec_stream.state.store import Kind, RepresentationStore
 from felrec_stream.data.synthetic import SyntheticConfig, generate
 
 D = 16
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # ---- helpers (also used by test_export.py) -------------------------------------------------------
