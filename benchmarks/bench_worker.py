@@ -36,8 +36,7 @@ from connectors.kafka.admin import TopicAdmin  # noqa: E402
 from connectors.kafka.broker import EmbeddedBroker  # noqa: E402
 from connectors.kafka.replay import replay_events  # noqa: E402
 from felrec_stream.state.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, KafkaConfig, ModelConfig,  # noqa: E402
-                                  TrainingConfig)
+from felrec_stream.config import CacheConfig, Configs, EncoderConfig, KafkaConfig, ModelConfig  # noqa: E402
 from felrec_stream.state.engine import commit_batch, encode, prepare_batch  # noqa: E402
 from felrec_stream.stream.events import iter_batches  # noqa: E402
 from felrec_stream.state.faiss_store import make_store  # noqa: E402
@@ -56,8 +55,7 @@ SIZES = {
 def write_checkpoint(path: Path, encoder: EncoderConfig, history_len: int) -> Path:
     torch.manual_seed(0)
     model = FELRec(encoder, ModelConfig())
-    configs = {"encoder": encoder, "model": ModelConfig(), "training": TrainingConfig(),
-               "cache": CacheConfig(history_len=history_len), "eval": EvalConfig()}
+    configs = Configs(encoder=encoder, model=ModelConfig(), cache=CacheConfig(history_len=history_len))
     return save_checkpoint(Checkpoint(model.state_dict(), configs, epoch=0), path)
 
 
@@ -69,7 +67,7 @@ def offline_stages(checkpoint: Path, table, batch_size: int) -> dict[str, np.nda
     with torch.no_grad():
         for batch in iter_batches(table, batch_size):
             t0 = time.perf_counter()
-            inputs = prepare_batch(store, batch, "cpu", bundle.cache.cold_start_input)
+            inputs = prepare_batch(store, batch, "cpu", bundle.cache)
             t1 = time.perf_counter()
             u, x = encode(bundle.model, inputs)
             t2 = time.perf_counter()

@@ -19,6 +19,12 @@ from felrec_stream.errors import ConfigError
 
 C = TypeVar("C")
 
+# How an evaluation starts (training/felrec_online.py): "keep" continues from the training cache;
+# "reset" keeps the weights with an empty cache; "zero-shot" is reset with weights trained on
+# another dataset. The one list of modes: EvalConfig, the CLI's --mode and build_felrec read it.
+EvalMode = Literal["keep", "reset", "zero-shot"]
+EVAL_MODES: tuple[str, ...] = typing.get_args(EvalMode)
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -98,11 +104,11 @@ class EvalConfig:
     hr_k: int = 10
     seed: int = 0
     nn_neighbors: int = 10  # nearest-neighbour variant: average the scores of the user's 10 nearest users
-    mode: Literal["keep", "reset"] = "keep"  # keep the training cache, or start from an empty one
+    mode: EvalMode = "keep"
 
     def __post_init__(self) -> None:
         check(self.num_negatives >= 1 and self.hr_k >= 1, "eval.num_negatives and hr_k must be >= 1")
-        check(self.mode in ("keep", "reset"), "eval.mode must be 'keep' or 'reset'")
+        check(self.mode in EVAL_MODES, f"eval.mode must be one of {', '.join(EVAL_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -149,14 +155,43 @@ class KafkaConfig:
         check(self.timestamp_unit in ("s", "ms", "us", "ns"), "kafka.timestamp_unit must be s, ms, us or ns")
 
 
-SECTIONS: dict[str, type] = {
-    "encoder": EncoderConfig,
-    "model": ModelConfig,
-    "training": TrainingConfig,
-    "eval": EvalConfig,
-    "cache": CacheConfig,
-    "kafka": KafkaConfig,
-}
+@dataclass(frozen=True)
+class Configs:
+    """The sections that define a trained FELRec and how it was trained and evaluated.
+
+    Saved inside every checkpoint as plain dicts (`to_dict`) and rebuilt with `from_dict`, which
+    rejects unknown fields. Kafka settings are not part of it: they belong to a deployment, not
+    to a model.
+    """
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: to_dict(getattr(self, name)) for name in BUNDLED_SECTIONS}
+
+    @classmethod
+    def from_dict(cls, sections: Mapping[str, Mapping[str, Any] | None] | None) -> "Configs":
+        """From plain dicts (a missing section gets its defaults)."""
+        sections = sections or {}
+        return cls(**{name: from_dict(SECTIONS[name], sections.get(name), name) for name in BUNDLED_SECTIONS})
+
+    @classmethod
+    def load(cls, file_sections: Mapping[str, Mapping[str, Any]] | None = None,
+             overrides: Mapping[str, Mapping[str, Any]] | None = None,
+             environ: Mapping[str, str] | None = None) -> "Configs":
+        """Every section by `load_section`: file values < environment < explicit overrides."""
+        overrides = overrides or {}
+        return cls(**{name: load_section(SECTIONS[name], name, file_sections, overrides.get(name), environ)
+                      for name in BUNDLED_SECTIONS})
+
+
+# The one map from section name to config class (config files, environment, checkpoints).
+SECTIONS: dict[str, type] = {**typing.get_type_hints(Configs), "kafka": KafkaConfig}
+BUNDLED_SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Configs))
 
 
 # Named starting points below a config file: preset < file < environment < command-line options.
@@ -197,6 +232,11 @@ def merge_sections(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
         for section, values in layer.items():
             merged.setdefault(section, {}).update(values)
     return merged
+
+
+def literal_choices(cls: type, name: str) -> tuple[str, ...]:
+    """The values a Literal-typed config field accepts (e.g. for click.Choice: one source of truth)."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
 
 
 def check(ok: bool, message: str) -> None:

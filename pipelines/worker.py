@@ -83,7 +83,8 @@ import torch
 from connectors.kafka.dlq import KafkaDeadLetters
 from connectors.kafka.source import KafkaSource
 from felrec_stream.state.checkpoint import load_checkpoint
-from felrec_stream.config import CacheConfig, KafkaConfig, replace, to_dict
+from felrec_stream.config import CacheConfig, Configs, KafkaConfig, replace, to_dict
+from felrec_stream.device import resolve_device
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.errors import ConfigError, KafkaError, ModelError, StoreError
 from felrec_stream.stream.events import EventBatch
@@ -110,8 +111,8 @@ class ModelBundle:
     """The trained encoder (eval mode) plus the configs and version the worker records in snapshots."""
 
     model: FELRec
-    cache: CacheConfig
-    configs: dict[str, dict[str, Any]]
+    cache: CacheConfig  # as run: the checkpoint's, with the worker's shards/index_type overrides
+    configs: Configs  # as saved in the checkpoint
     version: str
     path: str
 
@@ -120,16 +121,7 @@ class ModelBundle:
         return self.model.encoder_config.d_model
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def model_version(model_state: Mapping[str, torch.Tensor], configs: Mapping[str, Any]) -> str:
+def model_version(model_state: Mapping[str, torch.Tensor], configs: Configs) -> str:
     """sha256 over the weights and the configs that change what the encoder writes.
 
     Why not the file hash: re-saving the same weights (another epoch counter, optimizer state)
@@ -140,8 +132,8 @@ def model_version(model_state: Mapping[str, torch.Tensor], configs: Mapping[str,
         tensor = model_state[name].detach().cpu().contiguous()
         sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    shaping = {"encoder": configs["encoder"], "model": configs["model"],
-               "history_len": configs["cache"]["history_len"], "cold_start_input": configs["cache"]["cold_start_input"]}
+    shaping = {"encoder": to_dict(configs.encoder), "model": to_dict(configs.model),
+               "history_len": configs.cache.history_len, "cold_start_input": configs.cache.cold_start_input}
     sha.update(json.dumps(shaping, sort_keys=True).encode())
     return sha.hexdigest()[:16]
 
@@ -149,15 +141,14 @@ def model_version(model_state: Mapping[str, torch.Tensor], configs: Mapping[str,
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
     """Load a trained FELRec checkpoint for inference (eval mode: no dropout, BatchNorm frozen)."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    encoder, model_config, cache = (checkpoint.configs[k] for k in ("encoder", "model", "cache"))
-    model = FELRec(encoder, model_config)
+    configs = checkpoint.configs
+    model = FELRec(configs.encoder, configs.model)
     try:
         model.load_state_dict(checkpoint.model_state)
     except RuntimeError as exc:
         raise ModelError(f"checkpoint {path} does not match its own configs: {exc}") from exc
     model.eval().requires_grad_(False).to(device)
-    configs = {name: to_dict(cfg) for name, cfg in checkpoint.configs.items()}
-    return ModelBundle(model, cache, configs, model_version(checkpoint.model_state, configs), str(path))
+    return ModelBundle(model, configs.cache, configs, model_version(checkpoint.model_state, configs), str(path))
 
 
 # ---- options and progress ---------------------------------------------------------------------
@@ -354,7 +345,7 @@ class StreamWorker:
         """infer_batch on the store (under the lock), then counters, metrics and `batch_applied`."""
         started = time.perf_counter()
         with self.lock:
-            infer_batch(self.bundle.model, self.store, batch, self.bundle.cache.cold_start_input)
+            infer_batch(self.bundle.model, self.store, batch, self.bundle.cache)
         seconds = time.perf_counter() - started
         self.progress.applied += len(batch)
         self.progress.batches += 1
@@ -454,7 +445,7 @@ class StreamWorker:
                 "late_events": p.late, "batch_size": self.options.batch_size,
                 "model_version": self.bundle.version, "checkpoint": self.bundle.path,
                 "cache": to_dict(self.bundle.cache),  # as run (shards, index); serving reads it
-                "configs": {k: self.bundle.configs[k] for k in ("encoder", "model", "cache")}}
+                "configs": {k: to_dict(getattr(self.bundle.configs, k)) for k in ("encoder", "model", "cache")}}
 
     def restore(self) -> dict[int, int] | None:
         """Load the newest valid snapshot into the (empty) store; returns its offsets (None: none)."""

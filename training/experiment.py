@@ -51,8 +51,9 @@ import pyarrow.parquet as pq
 import torch
 
 from felrec_stream.state.checkpoint import load_checkpoint
-from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
+from felrec_stream.config import (CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
                                   preset_sections, replace, to_dict)
+from felrec_stream.device import resolve_device
 from felrec_stream.errors import ConfigError, FelrecError
 from felrec_stream.log import get_logger
 from felrec_stream.model.ranking import NaNScoresError
@@ -63,7 +64,7 @@ from training.baselines import build_baseline, fit, make_config
 from training.baselines.configs import config_to_dict
 from training.evaluate import EvalResult, evaluate
 from training.felrec_online import PopularityOnline, build_felrec
-from training.train import resolve_device, train
+from training.train import train
 
 log = get_logger(__name__)
 
@@ -323,8 +324,8 @@ def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: S
         spec_trained = parse_row(spec.train_key)
     train_events = zero_shot_events if spec.extra == "zero" else events
     ckpt_dir = out / "checkpoints" / cfg.result_key(spec_trained)
-    trained = train(train_events, setup.encoder, setup.model, setup.training, setup.cache, cfg.eval, ckpt_dir,
-                    resume=(ckpt_dir / "last.pt").is_file())
+    configs = Configs(setup.encoder, setup.model, setup.training, cfg.eval, setup.cache)
+    trained = train(train_events, configs, ckpt_dir, resume=(ckpt_dir / "last.pt").is_file())
     checkpoint = load_checkpoint(trained.best_checkpoint or trained.last_checkpoint)
     mode = {"reset": "reset", "zero": "zero-shot"}.get(spec.extra or "", "keep")
     online = build_felrec(checkpoint, mode, resolve_device(setup.training.device),

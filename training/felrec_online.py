@@ -3,7 +3,7 @@
 FELRec scores a batch the way the streaming worker serves it: `engine.infer_batch` encodes every
 event's user u and item x from their cached histories (which never contain the event itself) and
 writes them back; u is then compared by cosine with the cached vectors of every catalog item.
-Evaluation modes:
+Evaluation modes (`config.EVAL_MODES`):
 
 - "keep": continue from the cache the model had at the end of training (store from the checkpoint);
 - "reset": same weights, empty cache (every entity starts cold);
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 
 from felrec_stream.state.checkpoint import Checkpoint
-from felrec_stream.config import CacheConfig
+from felrec_stream.config import EVAL_MODES, CacheConfig
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.errors import ModelError
 from felrec_stream.stream.events import EventBatch
@@ -28,8 +28,6 @@ from felrec_stream.model.ranking import cosine_scores, nearest_neighbour_scores
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.state.store import RepresentationStore
 from training.protocol import PARTITIONS, Catalog
-
-MODES = ("keep", "reset", "zero-shot")
 
 
 class FELRecOnline:
@@ -50,7 +48,7 @@ class FELRecOnline:
         was_training = self.model.training
         self.model.eval()
         try:
-            inputs, u, _ = infer_batch(self.model, self.store, batch, self.cache_cfg.cold_start_input)
+            inputs, u, _ = infer_batch(self.model, self.store, batch, self.cache_cfg)
         finally:
             self.model.train(was_training)
         slots = torch.from_numpy(self._catalog_slots(catalog))
@@ -105,17 +103,17 @@ class PopularityOnline:
 def build_felrec(checkpoint: Checkpoint, mode: str = "keep", device: torch.device | str = "cpu",
                  nn_neighbors: int | None = None) -> FELRecOnline:
     """A FELRecOnline from a checkpoint: weights always; the training cache only in "keep" mode."""
-    if mode not in MODES:
-        raise ModelError(f"evaluation mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in EVAL_MODES:
+        raise ModelError(f"evaluation mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
     cfg = checkpoint.configs
-    model = FELRec(cfg["encoder"], cfg["model"])
+    model = FELRec(cfg.encoder, cfg.model)
     model.load_state_dict(checkpoint.model_state)
     model.to(device).eval()
-    store = RepresentationStore(cfg["encoder"].d_model, cfg["cache"].history_len, device=device)
+    store = RepresentationStore(cfg.encoder.d_model, cfg.cache.history_len, device=device)
     if mode == "keep":
         if checkpoint.store_state is None:
             raise ModelError("this checkpoint holds no cache: evaluate it with --mode reset or zero-shot")
         store.load_state_dict(checkpoint.store_state)
-    online = FELRecOnline(model, store, cfg["cache"], nn_neighbors)
+    online = FELRecOnline(model, store, cfg.cache, nn_neighbors)
     online.name = f"{online.name} ({mode})"
     return online

@@ -23,8 +23,9 @@ import pyarrow as pa
 import torch
 
 from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
-from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig
-from felrec_stream.state.engine import commit_batch, encode, infer_batch, prepare_batch
+from felrec_stream.config import CacheConfig, Configs
+from felrec_stream.device import resolve_device
+from felrec_stream.state.engine import DEFAULT_CACHE, commit_batch, encode, infer_batch, prepare_batch
 from felrec_stream.errors import ModelError, TrainingError
 from felrec_stream.stream.events import EventBatch, iter_batches
 from felrec_stream.log import get_logger
@@ -59,7 +60,7 @@ class _State:
     store: RepresentationStore
     optimizer: torch.optim.SGD
     schedule: CosineWarmupSchedule
-    configs: dict[str, Any]
+    configs: Configs
     epoch: int = 0
     best_val_rank: float = math.inf
     best_epoch: int = -1
@@ -67,36 +68,24 @@ class _State:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
 
-def train(events: pa.Table, encoder_cfg: EncoderConfig, model_cfg: ModelConfig, training_cfg: TrainingConfig,
-          cache_cfg: CacheConfig, eval_cfg: EvalConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
+def train(events: pa.Table, configs: Configs, out_dir: str | Path, resume: bool = False) -> TrainResult:
     """Train FELRec on the chronological training part of `events`; checkpoints go to out_dir."""
     out = Path(out_dir)
+    training_cfg = configs.training
     split = chronological_split(events, training_cfg.val_fraction, training_cfg.test_fraction)
     device = resolve_device(training_cfg.device)
-    configs = {"encoder": encoder_cfg, "model": model_cfg, "training": training_cfg,
-               "cache": cache_cfg, "eval": eval_cfg}
     state = _new_state(configs, device)
     if resume:
         _resume(state, out / LAST)
     if training_cfg.warmup_epochs >= training_cfg.epochs > 0:
         log.warning("warmup_covers_all_epochs", warmup_epochs=training_cfg.warmup_epochs, epochs=training_cfg.epochs)
     log.info("training_started", train_events=len(split.train), val_events=len(split.val),
-             test_events=len(split.test), variant=model_cfg.variant, device=str(device),
+             test_events=len(split.test), variant=configs.model.variant, device=str(device),
              start_epoch=state.epoch, epochs=training_cfg.epochs, out_dir=str(out))
     while state.epoch < training_cfg.epochs:
         _run_epoch(state, split.train, split.val, out)
@@ -104,11 +93,11 @@ def train(events: pa.Table, encoder_cfg: EncoderConfig, model_cfg: ModelConfig, 
                        state.best_val_rank, state.best_epoch, list(state.history))
 
 
-def _new_state(configs: dict[str, Any], device: torch.device) -> _State:
-    training_cfg: TrainingConfig = configs["training"]
+def _new_state(configs: Configs, device: torch.device) -> _State:
+    training_cfg = configs.training
     seed_everything(training_cfg.seed)
-    model = FELRec(configs["encoder"], configs["model"]).to(device)
-    store = RepresentationStore(configs["encoder"].d_model, configs["cache"].history_len, device=device)
+    model = FELRec(configs.encoder, configs.model).to(device)
+    store = RepresentationStore(configs.encoder.d_model, configs.cache.history_len, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=training_cfg.lr, momentum=training_cfg.momentum,
                                 weight_decay=training_cfg.weight_decay)
     schedule = CosineWarmupSchedule(optimizer, training_cfg.lr, training_cfg.min_lr,
@@ -119,9 +108,10 @@ def _new_state(configs: dict[str, Any], device: torch.device) -> _State:
 def _resume(state: _State, path: Path) -> None:
     checkpoint = load_checkpoint(path, map_location=state.store.device)
     for name in ("encoder", "model", "cache"):
-        if checkpoint.configs[name] != state.configs[name]:
-            raise ModelError(f"cannot resume from {path}: its {name} config {checkpoint.configs[name]} "
-                             f"differs from the requested {state.configs[name]}")
+        saved, requested = getattr(checkpoint.configs, name), getattr(state.configs, name)
+        if saved != requested:
+            raise ModelError(f"cannot resume from {path}: its {name} config {saved} "
+                             f"differs from the requested {requested}")
     state.model.load_state_dict(checkpoint.model_state)
     if checkpoint.optimizer_state is not None:
         state.optimizer.load_state_dict(checkpoint.optimizer_state)
@@ -136,15 +126,15 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     """One epoch: replay, validate, checkpoint, collapse check."""
     cfgs = state.configs
     epoch = state.epoch
-    torch.manual_seed(cfgs["training"].seed + epoch)  # per-epoch seed: a resumed run replays identically
+    torch.manual_seed(cfgs.training.seed + epoch)  # per-epoch seed: a resumed run replays identically
     lr = state.schedule.start_epoch(epoch)
     started = time.perf_counter()
-    loss = train_epoch(state.model, state.store, state.optimizer, train_events, cfgs["training"].batch_size,
-                       cfgs["cache"].cold_start_input, desc=f"epoch {epoch + 1}/{cfgs['training'].epochs}")
+    loss = train_epoch(state.model, state.store, state.optimizer, train_events, cfgs.training.batch_size,
+                       cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}")
     seconds = time.perf_counter() - started
     spread = float(representation_spread(state.store.users.vectors.all()))
     store_state = state.store.state_dict()  # the cache after training, before validation moves it on
-    val = evaluate(FELRecOnline(state.model, state.store, cfgs["cache"]), val_events, train_events, cfgs["eval"])
+    val = evaluate(FELRecOnline(state.model, state.store, cfgs.cache), val_events, train_events, cfgs.eval)
     val_rank = val.mean_rank
     state.epoch = epoch + 1
     state.spread_history.append(spread)
@@ -160,19 +150,19 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     save_checkpoint(checkpoint, out / LAST)
     if improved:
         save_checkpoint(checkpoint, out / BEST)
-    if is_collapsed(state.spread_history, cfgs["training"].min_spread, cfgs["training"].collapse_patience):
+    if is_collapsed(state.spread_history, cfgs.training.min_spread, cfgs.training.collapse_patience):
         log.error("representation_collapse", epoch=epoch + 1, spread=spread,
-                  min_spread=cfgs["training"].min_spread, patience=cfgs["training"].collapse_patience)
+                  min_spread=cfgs.training.min_spread, patience=cfgs.training.collapse_patience)
         raise TrainingError(
             f"representation collapse: the spread of the user vectors stayed below "
-            f"{cfgs['training'].min_spread} for {cfgs['training'].collapse_patience} epoch(s) "
+            f"{cfgs.training.min_spread} for {cfgs.training.collapse_patience} epoch(s) "
             f"(last {spread:.2e}); every user gets the same vector. Check cache.cold_start_input "
             f"(id_seed avoids the all-zero start), lower the learning rate, or use the other variant.")
 
 
 def _checkpoint(state: _State, store_state: dict[str, Any]) -> Checkpoint:
     return Checkpoint(
-        model_state=state.model.state_dict(), configs=dict(state.configs), epoch=state.epoch,
+        model_state=state.model.state_dict(), configs=state.configs, epoch=state.epoch,
         best_val_rank=state.best_val_rank, best_epoch=state.best_epoch,
         optimizer_state=state.optimizer.state_dict(), schedule_state=state.schedule.state_dict(),
         spread_history=list(state.spread_history), history=list(state.history), store_state=store_state)
@@ -186,7 +176,7 @@ def is_collapsed(spread_history: list[float], min_spread: float, patience: int) 
 
 
 def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer,
-                events: pa.Table, batch_size: int, cold_start_input: str = "id_seed", desc: str = "epoch",
+                events: pa.Table, batch_size: int, cache: CacheConfig = DEFAULT_CACHE, desc: str = "epoch",
                 timer: dict[str, float] | None = None) -> float:
     """Empty the cache, replay `events` in order; returns the mean training loss per batch."""
     from tqdm import tqdm
@@ -196,7 +186,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     losses = []
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for batch in iter_batches(events, batch_size):
-            loss = train_step(model, store, optimizer, batch, cold_start_input, timer)
+            loss = train_step(model, store, optimizer, batch, cache, timer)
             if loss is not None:
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -205,15 +195,15 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
 
 
 def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, batch: EventBatch,
-               cold_start_input: str = "id_seed", timer: dict[str, float] | None = None) -> float | None:
+               cache: CacheConfig = DEFAULT_CACHE, timer: dict[str, float] | None = None) -> float | None:
     """prepare -> encode -> loss -> SGD step -> commit. A batch of one event (BatchNorm needs two)
     only updates the cache. Returns the loss, or None for such a batch."""
     if len(batch) < 2:
-        infer_batch(model, store, batch, cold_start_input)
+        infer_batch(model, store, batch, cache)
         return None
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    inputs = prepare_batch(store, batch, device, cold_start_input)
+    inputs = prepare_batch(store, batch, device, cache)
     t1 = time.perf_counter()
     u, x = encode(model, inputs)  # (B, D), (B, D)
     loss = model.loss(u, x)

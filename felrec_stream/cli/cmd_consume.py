@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import click
 
 from felrec_stream.cli.group import cli
+from felrec_stream.config import CacheConfig, literal_choices
 
 
 @cli.command("consume")
@@ -34,7 +35,7 @@ from felrec_stream.cli.group import cli
               help="Follow mode: cut a short batch when its oldest event waited this long.")
 @click.option("--shards", default=None, type=click.IntRange(min=1),
               help="FAISS shards per kind (default: cache config).")
-@click.option("--index-type", default=None, type=click.Choice(["flat", "hnsw", "ivf"]))
+@click.option("--index-type", default=None, type=click.Choice(literal_choices(CacheConfig, "index_type")))
 @click.option("--snapshot-dir", default=None, type=click.Path(file_okay=False),
               help="Snapshot directory [default: $FELREC_HOME/snapshots/<topic>].")
 @click.option("--snapshot-every-events", default=50_000, show_default=True, type=click.IntRange(min=1))

@@ -71,15 +71,16 @@ def replay_and_read_back(table: Any, kafka: Any) -> Any:
 def train_and_report(events: Any, overrides: dict[str, dict[str, Any]], out: Path, title: str) -> str:
     """Train on the events' training split, evaluate the best checkpoint and popularity; Table 1."""
     from felrec_stream.state.checkpoint import load_checkpoint
-    from felrec_stream.config import SECTIONS, load_section
+    from felrec_stream.config import Configs
+    from felrec_stream.device import resolve_device
     from felrec_stream.data.split import chronological_split
     from training.evaluate import evaluate_and_report
     from training.felrec_online import PopularityOnline, build_felrec
-    from training.train import resolve_device, train
+    from training.train import train
 
-    cfgs = {name: load_section(SECTIONS[name], name, overrides) for name in ("encoder", "model", "training", "eval", "cache")}
-    result = train(events, cfgs["encoder"], cfgs["model"], cfgs["training"], cfgs["cache"], cfgs["eval"], out / "model")
+    cfgs = Configs.load(overrides)
+    result = train(events, cfgs, out / "model")
     checkpoint = load_checkpoint(result.best_checkpoint or result.last_checkpoint)
-    split = chronological_split(events, cfgs["training"].val_fraction, cfgs["training"].test_fraction)
-    models = [build_felrec(checkpoint, "keep", resolve_device(cfgs["training"].device)), PopularityOnline([split.train])]
-    return evaluate_and_report(models, split, cfgs["eval"], title, out)
+    split = chronological_split(events, cfgs.training.val_fraction, cfgs.training.test_fraction)
+    models = [build_felrec(checkpoint, "keep", resolve_device(cfgs.training.device)), PopularityOnline([split.train])]
+    return evaluate_and_report(models, split, cfgs.eval, title, out)

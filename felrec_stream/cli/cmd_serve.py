@@ -9,8 +9,9 @@ from typing import Any
 import click
 
 from felrec_stream.cli.group import cli
+from felrec_stream.config import CacheConfig, literal_choices
 
-_INDEX_TYPES = click.Choice(["flat", "hnsw", "ivf"])
+_INDEX_TYPES = click.Choice(literal_choices(CacheConfig, "index_type"))
 
 
 def _overrides(index_type: str | None, shards: int | None) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any
 import click
 
 from felrec_stream.cli.group import cli, parse_key_values
+from felrec_stream.config import (EVAL_MODES, PRESETS, Configs, ModelConfig, literal_choices, merge_sections,
+                                  preset_sections, read_config_file)
 
 DATASET_HELP = ("Dataset name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest, twitch, csv, parquet, "
                 "synthetic).")
@@ -63,9 +65,9 @@ def _dataset_options(func: Any) -> Any:
 
 @cli.command("train")
 @_dataset_options
-@click.option("--variant", type=click.Choice(["q", "p"]), default=None,
+@click.option("--variant", type=click.Choice(literal_choices(ModelConfig, "variant")), default=None,
               help="FELRec-Q (queue + InfoNCE) or FELRec-P (predictor, BYOL-style). Default: model.variant (q).")
-@click.option("--preset", type=click.Choice(["paper", "stable", "small"]), default=None,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Named starting configuration below --config: paper (the typed defaults), stable (output "
                    "standardisation, no MLP heads; best measured on ML-100K), small (stable at laptop size).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -98,8 +100,7 @@ def train_command(dataset: str | None, path: str | None, dataset_options: tuple[
                                        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                                                     "device": device}}, preset)
     events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
-    result = train(events, cfgs["encoder"], cfgs["model"], cfgs["training"], cfgs["cache"], cfgs["eval"],
-                   out_dir, resume=resume)
+    result = train(events, cfgs, out_dir, resume=resume)
     summary = {"dataset": dataset, "topic": topic, "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
                "best_val_rank": result.best_val_rank, "last_checkpoint": str(result.last_checkpoint),
                "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
@@ -110,21 +111,16 @@ def train_command(dataset: str | None, path: str | None, dataset_options: tuple[
 
 
 def _load_configs(config_file: str | None, overrides: dict[str, dict[str, Any]],
-                  preset: str | None = None) -> dict[str, Any]:
-    from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
-                                      load_section, merge_sections, preset_sections, read_config_file)
-
-    sections = merge_sections(preset_sections(preset), read_config_file(config_file))
-    classes = {"encoder": EncoderConfig, "model": ModelConfig, "training": TrainingConfig,
-               "eval": EvalConfig, "cache": CacheConfig}
-    return {name: load_section(cls, name, sections, overrides.get(name)) for name, cls in classes.items()}
+                  preset: str | None = None) -> Configs:
+    """preset < config file < environment < the options that were given."""
+    return Configs.load(merge_sections(preset_sections(preset), read_config_file(config_file)), overrides)
 
 
 @cli.command("evaluate")
 @click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A checkpoint written by `felrec-stream train` (best.pt or last.pt).")
 @_dataset_options
-@click.option("--mode", type=click.Choice(["keep", "reset", "zero-shot"]), default=None,
+@click.option("--mode", type=click.Choice(list(EVAL_MODES)), default=None,
               help="keep: continue from the training cache; reset: same weights, empty cache; zero-shot: "
                    "weights trained on another dataset, empty cache. Default: the checkpoint's eval.mode (keep).")
 @click.option("--nn", "nn", is_flag=True, help="Also report FELRec-NN (scores averaged over the user's "
@@ -145,22 +141,22 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
     from felrec_stream.data.split import chronological_split
     from training.evaluate import evaluate_and_report
     from training.felrec_online import PopularityOnline, build_felrec
-    from training.train import resolve_device
+    from felrec_stream.device import resolve_device
 
     checkpoint = load_checkpoint(checkpoint_path)
     cfgs = checkpoint.configs
-    mode = mode or cfgs["eval"].mode
+    mode = mode or cfgs.eval.mode
     events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
     dataset = dataset or f"topic {topic}"
-    split = chronological_split(events,
-                                cfgs["training"].val_fraction, cfgs["training"].test_fraction)
-    device = resolve_device(cfgs["training"].device if cfgs["training"].device != "cuda" else "auto")
+    split = chronological_split(events, cfgs.training.val_fraction, cfgs.training.test_fraction)
+    # a checkpoint trained on a GPU stays usable on a machine without one
+    device = resolve_device(cfgs.training.device if cfgs.training.device != "cuda" else "auto")
     models = [build_felrec(checkpoint, mode, device)]
     if nn:
-        models.append(build_felrec(checkpoint, mode, device, nn_neighbors=cfgs["eval"].nn_neighbors))
+        models.append(build_felrec(checkpoint, mode, device, nn_neighbors=cfgs.eval.nn_neighbors))
     if baseline == "popularity":
         models.append(PopularityOnline([split.train]))
-    report = evaluate_and_report(models, split, cfgs["eval"], f"{dataset}: test events {len(split.test)}, mode {mode}",
+    report = evaluate_and_report(models, split, cfgs.eval, f"{dataset}: test events {len(split.test)}, mode {mode}",
                                  out_dir, plot_title=f"{dataset} ({mode})")
     click.echo(report)
     if out_dir:

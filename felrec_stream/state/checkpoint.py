@@ -2,8 +2,8 @@
 
 A checkpoint is one `torch.save` file holding plain data only (tensors, numbers, strings, lists,
 dicts), so it loads with `weights_only=True` (no pickled code). Numpy arrays (the optional store
-state) travel as tensors and come back as numpy arrays. Configs are saved as dicts and rebuilt
-with `config.from_dict`, which rejects unknown fields.
+state) travel as tensors and come back as numpy arrays. Configs are saved as plain dicts
+(`Configs.to_dict`) and rebuilt with `Configs.from_dict`, which rejects unknown fields.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from felrec_stream.config import (CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
-                                  from_dict, to_dict)
+from felrec_stream.config import Configs
 from felrec_stream.errors import ModelError
 
 FORMAT_VERSION = 1
-CONFIG_CLASSES = {"encoder": EncoderConfig, "model": ModelConfig, "training": TrainingConfig,
-                  "cache": CacheConfig, "eval": EvalConfig}
 
 
 @dataclass
@@ -32,7 +29,7 @@ class Checkpoint:
     """Everything needed to resume training or to evaluate a trained FELRec."""
 
     model_state: dict[str, torch.Tensor]
-    configs: dict[str, Any]  # section name -> frozen config object (see CONFIG_CLASSES)
+    configs: Configs
     epoch: int  # epochs completed
     best_val_rank: float = math.inf
     best_epoch: int = -1
@@ -45,13 +42,13 @@ class Checkpoint:
 
     @property
     def variant(self) -> str:
-        return self.configs["model"].variant
+        return self.configs.model.variant
 
     def to_payload(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
             "model_state": self.model_state,
-            "configs": {name: to_dict(cfg) for name, cfg in self.configs.items()},
+            "configs": self.configs.to_dict(),
             "variant": self.variant,
             "epoch": self.epoch,
             "best_val_rank": float(self.best_val_rank),
@@ -91,9 +88,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if payload["format_version"] != FORMAT_VERSION:
         raise ModelError(f"checkpoint {path} has format version {payload['format_version']}, "
                          f"this felrec-stream reads version {FORMAT_VERSION}")
-    configs = {name: from_dict(cls, payload["configs"].get(name), name) for name, cls in CONFIG_CLASSES.items()}
     return Checkpoint(
-        model_state=payload["model_state"], configs=configs, epoch=int(payload["epoch"]),
+        model_state=payload["model_state"], configs=Configs.from_dict(payload["configs"]), epoch=int(payload["epoch"]),
         best_val_rank=float(payload["best_val_rank"]), best_epoch=int(payload["best_epoch"]),
         optimizer_state=payload["optimizer_state"], schedule_state=payload["schedule_state"],
         spread_history=list(payload["spread_history"]), history=list(payload["history"]),

@@ -13,7 +13,7 @@ the same batching rules (see DEVELOPERS.md):
 Cold start. The cache starts empty (all zero) at every epoch, and the encoder is a shared
 function of cached vectors: with zero inputs every entity gets the same vector, and the encoder
 applied to its own outputs drifts to one fixed point (measured: loss stuck at 2 ln(K+1), spread
-0). With `cold_start_input="id_seed"` (default) the single input of an entity's *first* encoding
+0). With `cache.cold_start_input="id_seed"` (default) the single input of an entity's *first* encoding
 is a fixed pseudo-random vector derived from a hash of its external id instead of the zero vector:
 no parameters, no table, defined for ids never seen before, identical across runs and restarts.
 `"zero"` keeps the paper's behaviour.
@@ -27,9 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from felrec_stream.config import CacheConfig
 from felrec_stream.stream.events import EventBatch
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.state.store import HistoryPlan, Kind, RepresentationStore, last_occurrence
+
+DEFAULT_CACHE = CacheConfig()  # frozen: safe as a default argument
 
 
 @dataclass
@@ -48,7 +51,7 @@ class BatchInputs:
 
 
 def prepare_batch(store: RepresentationStore, batch: EventBatch, device: torch.device | str,
-                  cold_start_input: str = "id_seed") -> BatchInputs:
+                  cache: CacheConfig = DEFAULT_CACHE) -> BatchInputs:
     """Register new ids, build the batch's histories and gather their (pre-batch) cached vectors."""
     user_slots = store.users.slots(batch.user, create=True)
     item_slots = store.items.slots(batch.item, create=True)
@@ -56,7 +59,7 @@ def prepare_batch(store: RepresentationStore, batch: EventBatch, device: torch.d
     item_plan = store.items.history.plan(item_slots, user_slots)
     item_seq, item_mask = _gather_sequences(store, Kind.ITEM, user_plan, device)
     user_seq, user_mask = _gather_sequences(store, Kind.USER, item_plan, device)
-    if cold_start_input == "id_seed":
+    if cache.cold_start_input == "id_seed":
         _seed_empty_histories(item_seq, user_plan, batch.user, Kind.USER)
         _seed_empty_histories(user_seq, item_plan, batch.item, Kind.ITEM)
     return BatchInputs(batch, user_slots, item_slots, user_plan, item_plan, item_seq, item_mask, user_seq, user_mask)
@@ -109,10 +112,10 @@ def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tenso
 
 @torch.no_grad()
 def infer_batch(model: FELRec, store: RepresentationStore, batch: EventBatch,
-                cold_start_input: str = "id_seed") -> tuple[BatchInputs, torch.Tensor, torch.Tensor]:
+                cache: CacheConfig = DEFAULT_CACHE) -> tuple[BatchInputs, torch.Tensor, torch.Tensor]:
     """Inference step (evaluation, streaming worker): prepare, encode without MLPs, commit."""
     device = next(model.parameters()).device
-    inputs = prepare_batch(store, batch, device, cold_start_input)
+    inputs = prepare_batch(store, batch, device, cache)
     u, x = encode(model, inputs)
     commit_batch(store, inputs, u, x)
     return inputs, u, x

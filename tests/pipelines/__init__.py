@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 
 from felrec_stream.state.checkpoint import Checkpoint, save_checkpoint
-from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig, replace
+from felrec_stream.config import CacheConfig, Configs, EncoderConfig, ModelConfig, replace
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.stream.events import iter_batches
 from felrec_stream.state.faiss_store import make_store
@@ -28,8 +28,7 @@ def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     model = FELRec(TINY_ENCODER, ModelConfig(queue_size=32))
     for parameter in model.encoder.parameters():  # move off the near-identity init: a real function
         parameter.data.add_(0.05 * torch.randn_like(parameter))
-    configs = {"encoder": TINY_ENCODER, "model": ModelConfig(queue_size=32), "training": TrainingConfig(),
-               "cache": TINY_CACHE, "eval": EvalConfig()}
+    configs = Configs(encoder=TINY_ENCODER, model=ModelConfig(queue_size=32), cache=TINY_CACHE)
     return save_checkpoint(Checkpoint(model.state_dict(), configs, epoch=0), path)
 
 
@@ -43,7 +42,7 @@ def offline_replay(model: FELRec, table: pa.Table, batch_size: int, cache: Cache
     """engine.infer_batch over the table in order, `batch_size` events per batch (the reference)."""
     store = store if store is not None else make_store(model.encoder_config.d_model, cache)
     for batch in iter_batches(table, batch_size):
-        infer_batch(model, store, batch, cache.cold_start_input)
+        infer_batch(model, store, batch, cache)
     return store
 
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from felrec_stream.data import synthetic
 from felrec_stream.state.checkpoint import (FORMAT_VERSION, Checkpoint, CosineWarmupSchedule, load_checkpoint,
                                       save_checkpoint)
-from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig, replace
+from felrec_stream.config import CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig, replace
 from felrec_stream.errors import ModelError, TrainingError
 from felrec_stream.data.split import chronological_split
 from training.evaluate import evaluate
@@ -29,6 +29,10 @@ def _model_cfg(variant: str) -> ModelConfig:
 def _training_cfg(**changes) -> TrainingConfig:
     base = TrainingConfig(epochs=2, warmup_epochs=0, lr=0.01, momentum=0.9, batch_size=256, device="cpu")
     return replace(base, **changes)
+
+
+def _configs(encoder: EncoderConfig, model: ModelConfig, training: TrainingConfig) -> Configs:
+    return Configs(encoder, model, training, EVAL, CACHE)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ SETUPS = {  # name -> (encoder, model, epochs): the paper's Q and P, and the set
 def trained(request, clusters, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"felrec_{request.param}")
     encoder, model, epochs = SETUPS[request.param]
-    result = train(clusters, encoder, model, _training_cfg(epochs=epochs), CACHE, EVAL, out)
+    result = train(clusters, _configs(encoder, model, _training_cfg(epochs=epochs)), out)
     return request.param, model.variant, result
 
 
@@ -91,10 +95,10 @@ def _comparable(history):
 
 def test_resume_continues_from_the_saved_epoch_with_identical_state(tiny_events, tmp_path):
     cfg = _training_cfg(batch_size=133)  # 1200 training events: the last batch has one event
-    straight = train(tiny_events, ENC, _model_cfg("q"), cfg, CACHE, EVAL, tmp_path / "a")
-    first = train(tiny_events, ENC, _model_cfg("q"), replace(cfg, epochs=1), CACHE, EVAL, tmp_path / "b")
+    straight = train(tiny_events, _configs(ENC, _model_cfg("q"), cfg), tmp_path / "a")
+    first = train(tiny_events, _configs(ENC, _model_cfg("q"), replace(cfg, epochs=1)), tmp_path / "b")
     assert first.epochs_completed == 1
-    resumed = train(tiny_events, ENC, _model_cfg("q"), cfg, CACHE, EVAL, tmp_path / "b", resume=True)
+    resumed = train(tiny_events, _configs(ENC, _model_cfg("q"), cfg), tmp_path / "b", resume=True)
     assert resumed.epochs_completed == 2 and len(resumed.history) == 2
     assert _comparable(resumed.history) == _comparable(straight.history)
     a, b = load_checkpoint(straight.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
@@ -103,7 +107,7 @@ def test_resume_continues_from_the_saved_epoch_with_identical_state(tiny_events,
         assert torch.equal(a.model_state[key], b.model_state[key]), key
     assert a.schedule_state == b.schedule_state
     with pytest.raises(ModelError, match="encoder config"):
-        train(tiny_events, replace(ENC, d_ff=32), _model_cfg("q"), cfg, CACHE, EVAL, tmp_path / "b", resume=True)
+        train(tiny_events, _configs(replace(ENC, d_ff=32), _model_cfg("q"), cfg), tmp_path / "b", resume=True)
 
 
 def test_output_norm_standardises_each_kind():
@@ -141,13 +145,13 @@ def test_training_stops_on_collapse(tiny_events, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "representation_spread", lambda v: torch.tensor(next(spreads)))
     cfg = _training_cfg(epochs=4, collapse_patience=2, min_spread=1e-3)
     with pytest.raises(TrainingError, match="representation collapse.*below 0.001 for 2 epoch"):
-        train(tiny_events, ENC, _model_cfg("q"), cfg, CACHE, EVAL, tmp_path)
+        train(tiny_events, _configs(ENC, _model_cfg("q"), cfg), tmp_path)
     last = load_checkpoint(tmp_path / "last.pt")
     assert last.epoch == 3 and last.spread_history == pytest.approx([0.5, 1e-4, 1e-5])
 
 
 def test_checkpoint_round_trip_and_version_check(tmp_path):
-    cfgs = {"encoder": ENC, "model": _model_cfg("p"), "training": _training_cfg(), "cache": CACHE, "eval": EVAL}
+    cfgs = _configs(ENC, _model_cfg("p"), _training_cfg())
     store_state = {"dim": 4, "users": {"ids": ["a", "b"], "rows": torch.arange(4).numpy()}}
     ck = Checkpoint(model_state={"w": torch.ones(2)}, configs=cfgs, epoch=3, best_val_rank=0.2, best_epoch=2,
                     spread_history=[0.5, 0.4, 0.3], history=[{"epoch": 1}], store_state=store_state)

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
+from felrec_stream.device import resolve_device
 from felrec_stream.errors import TrainingError
 from felrec_stream.stream.events import EventBatch, iter_batches
 from felrec_stream.log import get_logger
@@ -40,12 +41,6 @@ log = get_logger(__name__)
 OBSERVED = frozenset({"observed"})
 NO_NEW_ITEMS = frozenset({"observed", "new_user"})
 ALL = frozenset({"observed", "new_user", "new_item"})
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def unique_ids(table: pa.Table, column: str) -> list[str]:

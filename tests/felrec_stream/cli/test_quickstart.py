@@ -8,23 +8,22 @@ from click.testing import CliRunner
 
 from felrec_stream.cli import cli
 from felrec_stream.cli.cmd_quickstart import replay_and_read_back
-from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig
+from felrec_stream.config import CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig
 from felrec_stream.data.synthetic import SyntheticConfig, generate
 
 pytestmark = pytest.mark.kafka
 
-TINY = dict(encoder=EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32),
-            model=ModelConfig(queue_size=256),
-            training=TrainingConfig(epochs=2, warmup_epochs=1, batch_size=128, device="cpu"),
-            cache=CacheConfig(), eval=EvalConfig(batch_size=128))
+TINY = Configs(encoder=EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32),
+               model=ModelConfig(queue_size=256),
+               training=TrainingConfig(epochs=2, warmup_epochs=1, batch_size=128, device="cpu"),
+               cache=CacheConfig(), eval=EvalConfig(batch_size=128))
 
 
 def _train(events, out):
     from felrec_stream.state.checkpoint import load_checkpoint
     from training.train import train
 
-    c = TINY
-    result = train(events, c["encoder"], c["model"], c["training"], c["cache"], c["eval"], out)
+    result = train(events, TINY, out)
     return result, load_checkpoint(result.last_checkpoint)
 
 

@@ -1,0 +1,24 @@
+"""The one place a device name from a config or an option becomes a torch.device."""
+
+from __future__ import annotations
+
+import torch
+
+from felrec_stream.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else is passed to torch.device.
+
+    Asking for CUDA where torch sees none fails here, with one line, instead of as a torch
+    traceback at the first tensor moved there.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # torch's message for a malformed name is multi-line
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but torch sees no CUDA device")
+    return device
