@@ -59,11 +59,14 @@ Guarantees
 5. Bounded memory (`CacheConfig.max_entities`) is not implemented: the store grows with the
    number of distinct users and items.
 
+The worker reads through the `felrec_stream.stream.source.Source` protocol (`KafkaSource` in
+production, `InMemorySource` in tests) and counts dead letters through `CountingDeadLetters`.
+
 Event-to-update latency (metric and `observers`) is wall-clock now minus the event timestamp when
 timestamps are wall-clock (the newest event of the batch lies within a day of now). Otherwise
-(historical replays) it would be now minus the Kafka record timestamp (broker write time), read
-from `source.last_batch_kafka_timestamps_ms` when a source offers it; `KafkaSource` does not yet,
-so for historical topics the metric stays empty.
+(historical replays) it would be now minus the record timestamp (broker write time), read from
+`source.last_batch_record_times_ms()`; `KafkaSource` returns None there yet, so for historical
+topics the metric stays empty.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ import time
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -91,6 +94,7 @@ from felrec_stream.stream.events import EventBatch
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.log import get_logger
 from felrec_stream.stream.messages import TS_UNITS, PoisonMessage
+from felrec_stream.stream.source import DeadLetterSink, Source
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
 from felrec_stream.state.store import RepresentationStore
@@ -215,8 +219,9 @@ class CountingDeadLetters:
     sent and counted again after a restart. The inner sink is created on the first poison message.
     """
 
-    def __init__(self, make_inner: Callable[[], Any]) -> None:
-        self._make_inner, self._inner = make_inner, None
+    def __init__(self, make_inner: Callable[[], DeadLetterSink]) -> None:
+        self._make_inner: Callable[[], DeadLetterSink] = make_inner
+        self._inner: DeadLetterSink | None = None
         self.sent = 0  # this run
         self.settled = 0  # this run, behind the positions of the latest settle()
         self._ahead: list[tuple[int, int]] = []  # (partition, offset) not yet behind a position
@@ -252,17 +257,15 @@ def make_source(kafka_config: KafkaConfig, options: WorkerOptions, **kwargs: Any
                        max_wait_s=max_wait_s, group_id=options.group_id, **kwargs)
 
 
-def source_lag(source: Any) -> dict[int, int]:
-    """Records between the applied position and the fetch high watermark, per partition.
-
-    `KafkaSource.lag()` uses the fetch high watermark, right on Tansu and Apache Kafka alike
-    (Tansu's ListOffsets "latest" is not). Empty for sources that cannot tell.
-    """
-    lag = getattr(source, "lag", None)
-    return dict(lag()) if callable(lag) else {}
-
-
 # ---- the worker -------------------------------------------------------------------------------
+
+class WorkerObserver(Protocol):
+    """Read-side hooks: called after a batch is applied (lock released) and after a durable snapshot."""
+
+    def note_batch_applied(self, arrival_times: np.ndarray) -> Any: ...
+
+    def note_snapshot(self, seq: int, created_at: str | None) -> None: ...
+
 
 class StreamWorker:
     """Restore -> open the source at the restored offsets -> apply batches -> snapshot -> stop.
@@ -272,7 +275,7 @@ class StreamWorker:
     `lock` serialises store writes against readers (the query service shares it).
     """
 
-    def __init__(self, bundle: ModelBundle, store: RepresentationStore, source: Any, options: WorkerOptions,
+    def __init__(self, bundle: ModelBundle, store: RepresentationStore, source: Source, options: WorkerOptions,
                  snapshots: SnapshotManager | None = None, metrics: WorkerMetrics | None = None,
                  lock: Any = None, timestamp_unit: str = "s", dead_letters: CountingDeadLetters | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -293,16 +296,13 @@ class StreamWorker:
         self._dlq_restored = 0
         self._seen_poison = 0
         self._seen_late = 0
-        # Read-side hooks (e.g. serving.QueryEngine): note_batch_applied(arrival_times), note_snapshot(seq, created_at)
-        self.observers: list[Any] = []
+        self.observers: list[WorkerObserver] = []  # read side, e.g. serving.app.QueryEngine
 
     def request_stop(self, reason: str = "signal") -> None:
         """Finish the current batch, snapshot, return from run(). Safe in a signal handler."""
         if self._stop_reason is None:
             self._stop_reason = reason
-        stop = getattr(self.source, "stop", None)
-        if callable(stop):
-            stop()
+        self.source.stop()
 
     def run(self) -> WorkerResult:
         started = time.perf_counter()
@@ -328,7 +328,7 @@ class StreamWorker:
         """Poll with a short timeout (not `source.batches()`) so time-based snapshots also happen
         while the topic is idle and a stop request is seen within ~0.1 s."""
         while self._stop_reason is None:
-            if getattr(self.source, "exhausted", False):
+            if self.source.exhausted:
                 self._stop_reason = "end_of_topic"
                 return
             batch = self.source.poll_batch(0.1)
@@ -351,7 +351,7 @@ class StreamWorker:
         self.progress.batches += 1
         self._run_applied += len(batch)
         dead, late = self._source_deltas()
-        lag = source_lag(self.source)
+        lag = self.source.lag()  # KafkaSource: against the fetch high watermark, right on Tansu too
         users, items = len(self.store.users), len(self.store.items)
         self.metrics.observe_batch(len(batch), seconds, dead, late, self.progress.applied, users, items)
         self.metrics.set_lag(lag)
@@ -366,9 +366,9 @@ class StreamWorker:
 
     def _source_deltas(self) -> tuple[int, int]:
         """New dead letters and late events since the previous batch (counters are per run)."""
-        stats = getattr(self.source, "stats", None)
-        late = stats.late if stats is not None else 0
-        poison = self.dead_letters.sent if self.dead_letters is not None else getattr(stats, "poison", 0)
+        stats = self.source.stats
+        late = stats.late
+        poison = self.dead_letters.sent if self.dead_letters is not None else stats.poison
         dead, new_late = poison - self._seen_poison, late - self._seen_late
         self._seen_poison, self._seen_late = poison, late
         self.progress.dead_letters = self._dlq_restored + poison  # sent so far (each once per run)
@@ -379,7 +379,7 @@ class StreamWorker:
         """Wall-clock seconds at which the batch's events happened, for event-to-update latency.
 
         Event timestamps when they are wall-clock (the newest within a day of now); else the Kafka
-        record timestamps when the source exposes them (`last_batch_kafka_timestamps_ms`, one per
+        record timestamps when the source knows them (`last_batch_record_times_ms()`, one per
         event); else None (historical replays through a source without record timestamps).
         """
         if not len(batch):
@@ -387,8 +387,8 @@ class StreamWorker:
         seconds = batch.timestamp.astype(np.float64) * self.ts_scale
         if abs(time.time() - float(seconds.max())) <= _WALL_CLOCK_WINDOW_S:
             return seconds
-        kafka_ms = getattr(self.source, "last_batch_kafka_timestamps_ms", None)
-        return None if kafka_ms is None else np.asarray(kafka_ms, dtype=np.float64) / 1000.0
+        record_ms = self.source.last_batch_record_times_ms()
+        return None if record_ms is None else np.asarray(record_ms, dtype=np.float64) / 1000.0
 
     # -- snapshots --
 

@@ -1,4 +1,5 @@
-"""Dead-letter sinks: where poison messages go so that nothing is dropped silently.
+"""Dead-letter sinks (`felrec_stream.stream.source.DeadLetterSink`): where poison messages go so
+that nothing is dropped silently.
 
 Each `PoisonMessage` is written to the dead-letter topic (`KafkaConfig.dead_letter_topic`) with
 its raw bytes as the value (None for a tombstone), the original key, and headers that say why and
@@ -15,7 +16,7 @@ position before a poison message writes it again.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from connectors.kafka.admin import TopicAdmin, close_producer, kafka_errors, new_producer
 from felrec_stream.config import KafkaConfig
@@ -24,16 +25,6 @@ from felrec_stream.log import get_logger
 from felrec_stream.stream.messages import PoisonMessage
 
 log = get_logger(__name__)
-
-
-class DeadLetters(Protocol):
-    """What a source needs from a dead-letter sink."""
-
-    def send(self, poison: PoisonMessage) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def dead_letter_headers(poison: PoisonMessage) -> list[tuple[str, bytes]]:

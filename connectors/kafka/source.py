@@ -1,6 +1,6 @@
 """Ordered event source over Kafka partitions: decode, dead-letter, merge by event time, micro-batch.
 
-Lifecycle (`Source`):
+`KafkaSource` implements `felrec_stream.stream.source.Source` (lifecycle documented there):
     open(positions=None)       assign partitions explicitly (no group rebalancing: the job owns its
                                position) and seek to `positions` or to the beginning
     poll_batch() / batches()   EventBatch micro-batches in (timestamp, event_id) order
@@ -37,21 +37,21 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from connectors.kafka.admin import TopicAdmin, end_offsets, kafka_errors, new_consumer
 from connectors.kafka.broker import tcp_reachable
-from connectors.kafka.dlq import DeadLetters, KafkaDeadLetters, MemoryDeadLetters
+from connectors.kafka.dlq import KafkaDeadLetters, MemoryDeadLetters
 from felrec_stream.stream.batcher import MicroBatcher
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import DatasetError, KafkaError
 from felrec_stream.stream.events import EVENT_SCHEMA, EventBatch, sort_events
 from felrec_stream.log import get_logger
 from felrec_stream.stream.messages import Event, PoisonMessage, decode_event, events_to_batch
+from felrec_stream.stream.source import DeadLetterSink, SourceStats
 
 log = get_logger(__name__)
 
@@ -64,33 +64,6 @@ _POISON_LOG_LIMIT = 100  # individual poison log lines; the dead-letter topic ha
 # read_committed: records of aborted transactions are never events (Tansu ignores it, harmlessly).
 _FETCH_SETTINGS = {"max_poll_records": 2**31 - 1, "max_partition_fetch_bytes": 1 << 20, "fetch_max_bytes": 8 << 20,
                    "isolation_level": "read_committed"}
-
-
-class Source(Protocol):
-    """A resumable, ordered stream of event micro-batches (see the module docstring)."""
-
-    def open(self, positions: Mapping[int, int] | None = None) -> "Source": ...
-
-    def poll_batch(self, timeout_s: float = 0.1) -> EventBatch | None: ...
-
-    def batches(self) -> Iterator[EventBatch]: ...
-
-    def positions(self) -> dict[int, int]: ...
-
-    def commit(self, positions: Mapping[int, int] | None = None) -> None: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass
-class SourceStats:
-    """Counters a job reports: yielded events, dead letters, late and early-released events."""
-
-    events: int = 0
-    batches: int = 0
-    poison: int = 0
-    late: int = 0
-    released_early: int = 0
 
 
 class PartitionMerger:
@@ -178,7 +151,7 @@ class KafkaSource:
     def __init__(self, kafka_config: KafkaConfig, topic: str | None = None, *,
                  partitions: Sequence[int] | None = None, until_end: bool = True, batch_size: int = 1024,
                  max_wait_s: float = 0.05, max_delay_s: float = 1.0, group_id: str | None = None,
-                 dead_letters: DeadLetters | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 dead_letters: DeadLetterSink | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.kafka_config = kafka_config
         self.topic = topic or kafka_config.topic
         self.until_end = until_end
@@ -446,6 +419,10 @@ class KafkaSource:
                 out[p] = max(0, int(highwater) - positions[p])
         return out
 
+    def last_batch_record_times_ms(self) -> np.ndarray | None:
+        """Not tracked yet: the worker's event-to-update latency then stays empty for historical topics."""
+        return None
+
     def commit(self, positions: Mapping[int, int] | None = None) -> None:
         """Commit positions to the consumer group (monitoring/lag only); no-op without group_id."""
         from kafka.structs import OffsetAndMetadata
@@ -462,7 +439,7 @@ class KafkaSource:
 
 
 def read_topic_table(kafka_config: KafkaConfig, topic: str | None = None,
-                     dead_letters: DeadLetters | None = None, batch_size: int = 8192) -> pa.Table:
+                     dead_letters: DeadLetterSink | None = None, batch_size: int = 8192) -> pa.Table:
     """The whole topic (up to its end at open) as the canonical event table, for training/evaluation.
 
     Poison messages are counted and logged, and kept in memory unless a sink is given (reading a

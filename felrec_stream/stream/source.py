@@ -1,0 +1,161 @@
+"""The seams every stream job reads and writes through: `Source`, `DeadLetterSink`, and an in-memory source.
+
+A `Source` is a resumable, ordered stream of event micro-batches. Lifecycle, as the streaming
+worker (pipelines/worker.py) drives it:
+
+    open(positions)        once. `positions` ({partition: next offset}) come from the job's own
+                           durable state (a snapshot); None = from the beginning.
+    poll_batch(timeout_s)  repeatedly: the next micro-batch in (timestamp, event_id) order, or
+                           None when none is due within about `timeout_s` (the caller stays
+                           responsive: time-based snapshots, stop requests).
+    exhausted              True once a bounded source (a historical topic up to its end at open,
+                           a table) has yielded every event; an unbounded source never is.
+    positions()            between batches: per partition, the next offset after the last
+                           *yielded* event. Events still held in a merge buffer or batcher are not
+                           yielded, so the position stays at or before them. Persist positions
+                           together with the state the yielded events produced; `open(positions)`
+                           then resumes exactly: nothing lost, nothing repeated. Flushes the
+                           dead-letter sink first, so persisted positions never pass a dead letter
+                           that was not written.
+    commit(positions)      optional, only after that state is durable: publishes the positions for
+                           monitoring (a consumer group's lag). Never read back.
+    lag()                  events between positions() and the end the source knows of, per
+                           partition (monitoring; empty when it cannot tell).
+    stats                  counters since open (`SourceStats`).
+    last_batch_record_times_ms()  broker write times of the last batch's events, or None.
+    stop()                 may be called from a signal handler or another thread: stop waiting for
+                           data; the caller finishes its batch, persists and closes.
+    close()                once, also after an error: flushes dead letters, releases connections.
+
+Implementations: `connectors.kafka.source.KafkaSource` (Kafka partitions, k-way merged by event
+time) and `InMemorySource` below (tests, offline runs: no broker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+
+from felrec_stream.errors import DatasetError
+from felrec_stream.stream.events import EventBatch
+from felrec_stream.stream.messages import PoisonMessage
+
+
+@dataclass
+class SourceStats:
+    """Counters a job reports: yielded events, dead letters, late and early-released events."""
+
+    events: int = 0
+    batches: int = 0
+    poison: int = 0
+    late: int = 0
+    released_early: int = 0
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A resumable, ordered stream of event micro-batches (lifecycle in the module docstring)."""
+
+    stats: SourceStats
+
+    @property
+    def exhausted(self) -> bool: ...
+
+    def open(self, positions: Mapping[int, int] | None = None) -> "Source": ...
+
+    def poll_batch(self, timeout_s: float = 0.1) -> EventBatch | None: ...
+
+    def positions(self) -> dict[int, int]: ...
+
+    def commit(self, positions: Mapping[int, int] | None = None) -> None: ...
+
+    def lag(self) -> dict[int, int]: ...
+
+    def last_batch_record_times_ms(self) -> np.ndarray | None: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class DeadLetterSink(Protocol):
+    """Where poison messages go, so that nothing is dropped silently.
+
+    `send()` per poison message (may be asynchronous); `flush()` before the caller persists or
+    commits positions past those messages (raises when a dead letter could not be written);
+    `close()` once. Delivery is at-least-once: a job that restarts from a position before a
+    poison message sends it again.
+    """
+
+    def send(self, poison: PoisonMessage) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class InMemorySource:
+    """A `Source` over events already in memory: one partition (0) whose offsets are row numbers.
+
+    Batches are cut by count only (`batch_size` events, the last one shorter), so a run resumed
+    from a position on the batch grid sees the same batches as an uninterrupted one. There are no
+    poison messages (the events are already decoded) and no broker times.
+    """
+
+    PARTITION = 0
+
+    def __init__(self, events: pa.Table | EventBatch, batch_size: int = 1024) -> None:
+        if batch_size < 1:
+            raise DatasetError("batch_size must be >= 1")
+        self._events = events if isinstance(events, EventBatch) else EventBatch.from_table(events)
+        self.batch_size = batch_size
+        self.stats = SourceStats()
+        self.committed: dict[int, int] = {}  # the last commit() (monitoring only, as on Kafka)
+        self.stopped = False
+        self._next = 0
+        self._open = False
+
+    @property
+    def exhausted(self) -> bool:
+        return self._next >= len(self._events)
+
+    def open(self, positions: Mapping[int, int] | None = None) -> "InMemorySource":
+        start = dict(positions or {}).get(self.PARTITION, 0)
+        if not 0 <= start <= len(self._events):
+            raise DatasetError(f"position {start} is outside the {len(self._events)} events of this source")
+        self._next, self._open = start, True
+        return self
+
+    def poll_batch(self, timeout_s: float = 0.1) -> EventBatch | None:
+        if not self._open:
+            raise DatasetError("source is not open: call open() first")
+        if self.exhausted:
+            return None
+        end = min(self._next + self.batch_size, len(self._events))
+        batch = self._events.take(slice(self._next, end))
+        self._next = end
+        self.stats.events += len(batch)
+        self.stats.batches += 1
+        return batch
+
+    def positions(self) -> dict[int, int]:
+        return {self.PARTITION: self._next}
+
+    def commit(self, positions: Mapping[int, int] | None = None) -> None:
+        self.committed = dict(self.positions() if positions is None else positions)
+
+    def lag(self) -> dict[int, int]:
+        return {self.PARTITION: len(self._events) - self._next}
+
+    def last_batch_record_times_ms(self) -> np.ndarray | None:
+        return None
+
+    def stop(self) -> None:
+        self.stopped = True  # nothing to wake up: poll_batch never waits
+
+    def close(self) -> None:
+        self._open = False
