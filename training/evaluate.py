@@ -29,7 +29,7 @@ from felrec_stream.stream.events import iter_batches
 from felrec_stream.log import get_logger
 from felrec_stream.model.ranking import normalized_rank, sampled_hit_rate
 from felrec_stream.data.split import Split, label_partitions
-from training.protocol import PARTITIONS, Catalog, OnlineModel
+from training.protocol import PARTITIONS, ItemCatalog, OnlineModel
 
 log = get_logger(__name__)
 
@@ -74,7 +74,7 @@ def evaluate(model: OnlineModel, events: pa.Table, train: pa.Table, eval_cfg: Ev
              warmup: pa.Table | None = None) -> EvalResult:
     """Replay `warmup` (unscored), then score every event of `events` in time order."""
     started = time.perf_counter()
-    catalog = Catalog()
+    catalog = ItemCatalog()
     catalog.add(np.asarray(pc.unique(train.column("item")).to_pylist(), dtype=object))
     if warmup is not None and len(warmup):
         for batch in iter_batches(warmup, eval_cfg.batch_size):
@@ -116,7 +116,7 @@ def evaluate_and_report(models: list[OnlineModel], split: Split, eval_cfg: EvalC
     return report
 
 
-def _score_events(model: OnlineModel, events: pa.Table, catalog: Catalog,
+def _score_events(model: OnlineModel, events: pa.Table, catalog: ItemCatalog,
                   eval_cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
     """(N,) normalized ranks and (N,) HR@k hits of the events, batch by batch."""
     ranks, hits = [], []

@@ -27,7 +27,7 @@ from felrec_stream.stream.events import EventBatch
 from felrec_stream.model.ranking import cosine_scores, nearest_neighbour_scores
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.state.store import RepresentationStore
-from training.protocol import PARTITIONS, Catalog
+from training.protocol import PARTITIONS, ItemCatalog
 
 
 class FELRecOnline:
@@ -41,10 +41,10 @@ class FELRecOnline:
         self.nn_neighbors = nn_neighbors
         variant = f"FELRec-{model.config.variant.upper()}"
         self.name = name or (f"{variant}-NN" if nn_neighbors else variant)
-        self._catalog: Catalog | None = None
+        self._catalog: ItemCatalog | None = None
         self._slots = np.empty(0, dtype=np.int64)  # store item slot of each catalog position
 
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
         try:
@@ -59,7 +59,7 @@ class FELRecOnline:
         return nearest_neighbour_scores(u, users, items, self.nn_neighbors,
                                         self_index=torch.from_numpy(inputs.user_slots))
 
-    def _catalog_slots(self, catalog: Catalog) -> np.ndarray:
+    def _catalog_slots(self, catalog: ItemCatalog) -> np.ndarray:
         """(C,) store slots of the catalog items, extended incrementally as the catalog grows."""
         if catalog is not self._catalog:
             self._catalog, self._slots = catalog, np.empty(0, dtype=np.int64)
@@ -85,10 +85,10 @@ class PopularityOnline:
             counts = pc.value_counts(table.column("item"))
             for item, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
                 self._base[item] = self._base.get(item, 0) + n
-        self._catalog: Catalog | None = None
+        self._catalog: ItemCatalog | None = None
         self._counts = np.zeros(0, dtype=np.float32)  # per catalog position
 
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         if catalog is not self._catalog:
             self._catalog, self._counts = catalog, np.zeros(0, dtype=np.float32)
         known = len(self._counts)

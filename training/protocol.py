@@ -1,7 +1,7 @@
 """The contract between the online evaluator and every model it evaluates (FELRec, baselines).
 
 The evaluator replays events in time order in micro-batches. For each batch it first adds the
-batch's new items to the `Catalog` (items seen so far, in order of first appearance: catalog
+batch's new items to the `ItemCatalog` (items seen so far, in order of first appearance: catalog
 index = position), then asks the model for scores of every event's user against the whole
 catalog. The model may update its state from the batch *as the paper's protocol does* (FELRec
 encodes u and x from their histories, which never include the event itself, then writes them);
@@ -21,8 +21,8 @@ from felrec_stream.stream.events import EventBatch
 PARTITIONS = ("observed", "new_user", "new_item")
 
 
-class Catalog:
-    """Items seen so far; grows as batches arrive."""
+class ItemCatalog:
+    """The evaluator's items seen so far; grows as batches arrive (not the query API's CatalogInfo)."""
 
     def __init__(self) -> None:
         self._index: dict[str, int] = {}
@@ -53,6 +53,6 @@ class OnlineModel(Protocol):
     # Partitions it can serve; the report shows a dash for the others (never a made-up number).
     partitions: frozenset[str]
 
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         """(B, len(catalog)) scores of each event's user against every catalog item (higher = better)."""
         ...

@@ -48,6 +48,7 @@ from felrec_stream.config import CacheConfig, from_dict, to_dict
 from felrec_stream.errors import ServiceError
 from felrec_stream.state.faiss_store import ShardedFaissVectors, make_store
 from felrec_stream.log import get_logger
+from felrec_stream.serving.schema import CatalogInfo, Scored
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
 
@@ -69,12 +70,6 @@ class InvalidRequest(ServiceError):
 
 class NotReady(ServiceError):
     """No store is loaded yet (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class Scored:
-    id: str
-    score: float
 
 
 # ---- freshness -----------------------------------------------------------------------------------
@@ -171,12 +166,12 @@ class QueryEngine:
         with self.lock:
             return {"users": len(self.store.users), "items": len(self.store.items)}
 
-    def catalog(self) -> dict[str, Any]:
+    def catalog(self) -> CatalogInfo:
         """Sizes plus where the data came from (snapshot seq/time, or live when None)."""
         backend = self.store.items.vectors
-        return {**self.sizes(), "dim": self.store.dim, "history_len": self.store.history_len,
-                "index_type": getattr(backend, "index_type", "exact"),
-                "snapshot_seq": self.snapshot_seq, "snapshot_created_at": self.snapshot_created_at}
+        return CatalogInfo(**self.sizes(), dim=self.store.dim, history_len=self.store.history_len,
+                           index_type=getattr(backend, "index_type", "exact"),
+                           snapshot_seq=self.snapshot_seq, snapshot_created_at=self.snapshot_created_at)
 
     # -- writer hooks --
 
@@ -392,16 +387,6 @@ class VectorsOut(BaseModel):
     vectors: dict[str, list[float]]
 
 
-class CatalogOut(BaseModel):
-    users: int
-    items: int
-    dim: int
-    history_len: int
-    index_type: str
-    snapshot_seq: int | None
-    snapshot_created_at: str | None
-
-
 EngineProvider = Callable[[], "QueryEngine | None"]
 KParam = Annotated[int, Query(ge=1, le=MAX_K, description=f"number of results, 1..{MAX_K}")]
 
@@ -459,10 +444,10 @@ def _add_query_routes(app: FastAPI, provider: EngineProvider) -> None:
         engine = _engine(provider)
         return VectorsOut(kind=body.kind, dim=engine.store.dim, vectors=engine.vectors(body.kind, body.ids))
 
-    @app.get("/v1/catalog", response_model=CatalogOut, tags=["query"])
-    def catalog() -> CatalogOut:
+    @app.get("/v1/catalog", response_model=CatalogInfo, tags=["query"])
+    def catalog() -> CatalogInfo:
         """Entity counts and the snapshot being served."""
-        return CatalogOut(**_engine(provider).catalog())
+        return _engine(provider).catalog()
 
 
 def _add_ops_routes(app: FastAPI, provider: EngineProvider, registry: CollectorRegistry) -> None:

@@ -1,6 +1,6 @@
 """Typed HTTP client of the query API (`felrec_stream.serving.app`), for downstream services and tests.
 
-Deliberately light: httpx and the error classes only (no torch/faiss), so a downstream service can
+Deliberately light: httpx, the error classes and `serving.schema` only (no FastAPI/torch/faiss), so a downstream service can
 depend on it without the model stack. Ids are percent-encoded (the API accepts '/' inside ids).
 HTTP errors become exceptions carrying the server's message: 404 -> `NotFoundError`,
 422 -> `InvalidRequestError`, 503 -> `ServiceUnavailableError`, anything else -> `ClientError`.
@@ -8,13 +8,13 @@ HTTP errors become exceptions carrying the server's message: 404 -> `NotFoundErr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 from urllib.parse import quote
 
 import httpx
 
 from felrec_stream.errors import ServiceError
+from felrec_stream.serving.schema import CatalogInfo, Scored
 
 
 class ClientError(ServiceError):
@@ -40,23 +40,6 @@ class ServiceUnavailableError(ClientError):
 _ERRORS: dict[int, type[ClientError]] = {404: NotFoundError, 422: InvalidRequestError, 503: ServiceUnavailableError}
 
 
-@dataclass(frozen=True)
-class Scored:
-    id: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Catalog:
-    users: int
-    items: int
-    dim: int
-    history_len: int
-    index_type: str
-    snapshot_seq: int | None
-    snapshot_created_at: str | None
-
-
 class FelrecClient:
     """One keep-alive connection pool to a query API at `base_url` (e.g. http://127.0.0.1:8080)."""
 
@@ -79,8 +62,8 @@ class FelrecClient:
         """Raw representation vectors by id (every id must exist, else NotFoundError)."""
         return self._request("POST", "/v1/vectors", json={"kind": kind, "ids": list(ids)})["vectors"]
 
-    def catalog(self) -> Catalog:
-        return Catalog(**self._get("/v1/catalog"))
+    def catalog(self) -> CatalogInfo:
+        return CatalogInfo(**self._get("/v1/catalog"))
 
     def healthz(self) -> bool:
         return self._get("/healthz").get("status") == "ok"

@@ -19,7 +19,7 @@ from training.baselines import ADAPTERS, BASELINES, build_baseline, fit, make_co
 from training.baselines import models as M
 from training.baselines.online import gather_catalog, rank_within
 from training.evaluate import evaluate
-from training.protocol import Catalog, OnlineModel
+from training.protocol import ItemCatalog, OnlineModel
 
 EVAL = EvalConfig(batch_size=256, num_negatives=50)
 SERVED = {"bpr-mf": {"observed"}, "gru4rec": {"observed", "new_user"}, "gru4rec-bptt": {"observed", "new_user"},
@@ -105,7 +105,7 @@ def test_scores_never_use_the_events_own_item(split, name):
     batch = EventBatch.from_table(split.val.slice(0, 64))
     other = batch.item.copy()
     other[-1] = batch.item[0] if batch.item[0] != batch.item[-1] else batch.item[1]
-    catalog = Catalog()
+    catalog = ItemCatalog()
     catalog.add(np.asarray(split.train.column("item").to_pylist(), dtype=object))
     catalog.add(batch.item)
     a, b = copy.deepcopy(adapter), copy.deepcopy(adapter)
@@ -119,7 +119,7 @@ def test_scores_never_use_the_events_own_item(split, name):
 
 def test_unknown_items_score_minus_inf_and_jodie_scores_them(split):
     new = make_events(["u1", "u_new"], ["i_new", "i_new"], [2_000_000_000, 2_000_000_001])
-    catalog = Catalog()
+    catalog = ItemCatalog()
     catalog.add(np.asarray(split.train.column("item").to_pylist(), dtype=object))
     catalog.add(np.asarray(["i_new"], dtype=object))
     for name in BASELINES:
@@ -134,7 +134,7 @@ def test_unknown_items_score_minus_inf_and_jodie_scores_them(split):
 
 def test_gru4rec_reuses_cached_session_state(split):
     adapter = build_baseline("gru4rec", make_config("gru4rec", "tiny"), split.train)
-    catalog = Catalog()
+    catalog = ItemCatalog()
     catalog.add(np.asarray(split.train.column("item").to_pylist(), dtype=object))
     first = make_events(["u1", "u1"], ["i1", "i2"], [10, 11])
     adapter.score_batch(EventBatch.from_table(first), catalog)

@@ -14,7 +14,7 @@ from training.report import table1_markdown
 from felrec_stream.state.store import RepresentationStore
 from training.evaluate import evaluate, item_prior_interactions, log_binned_means
 from training.felrec_online import FELRecOnline, PopularityOnline
-from training.protocol import PARTITIONS, Catalog, OnlineModel
+from training.protocol import PARTITIONS, ItemCatalog, OnlineModel
 
 
 def _score(user: str, item: str) -> float:
@@ -27,7 +27,7 @@ class HashModel:
         self.name, self.partitions = name, frozenset(partitions)
         self.seen: list[list[str]] = []
 
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         self.seen.append(list(batch.item))
         return torch.tensor([[_score(u, i) for i in catalog.ids] for u in batch.user])
 
@@ -134,7 +134,7 @@ def test_felrec_online_scores_are_cosines_against_the_catalog(nn_neighbors):
     model, store = _tiny_felrec()
     train, warmup, test = _tables()
     online = FELRecOnline(model, store, CacheConfig(), nn_neighbors=nn_neighbors)
-    catalog = Catalog()
+    catalog = ItemCatalog()
     catalog.add(np.asarray(train.column("item").to_pylist(), dtype=object))  # not yet in the store
     batch = EventBatch.from_table(test.slice(0, 8))
     catalog.add(batch.item)

@@ -34,7 +34,7 @@ from felrec_stream.state.store import HistoryBuffer, IdMap, last_occurrence
 from training.baselines import models as M
 from training.baselines.configs import (BaselineConfig, BPRMFConfig, GRU4RecBPTTConfig, GRU4RecConfig,
                                         JodieConfig, SASRecConfig)
-from training.protocol import Catalog
+from training.protocol import ItemCatalog
 
 log = get_logger(__name__)
 
@@ -77,10 +77,10 @@ class CatalogColumns:
 
     def __init__(self, lookup: Callable[[list[str]], np.ndarray]) -> None:
         self._lookup = lookup
-        self._catalog: Catalog | None = None
+        self._catalog: ItemCatalog | None = None
         self._columns = np.empty(0, dtype=np.int64)
 
-    def __call__(self, catalog: Catalog, device: torch.device) -> torch.Tensor:
+    def __call__(self, catalog: ItemCatalog, device: torch.device) -> torch.Tensor:
         if catalog is not self._catalog:
             self._catalog, self._columns = catalog, np.empty(0, dtype=np.int64)
         if len(catalog) > len(self._columns):
@@ -147,7 +147,7 @@ class BaselineOnline:
         """One pass over the training events; returns the mean loss."""
         raise NotImplementedError
 
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -223,7 +223,7 @@ class BPRMFOnline(BaselineOnline):
         return total / max(len(order), 1)
 
     @torch.no_grad()
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         self.model.eval()
         users = torch.from_numpy(self.users(batch.user)).to(self.device)
         return gather_catalog(self.model.score_all(users), self.columns(catalog, self.device))  # (B, C)
@@ -291,7 +291,7 @@ class GRU4RecOnline(BaselineOnline):
         return total / max(n, 1)
 
     @torch.no_grad()
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         self.model.eval()
         out, _ = self._replay(batch)
         return gather_catalog(self.model.score_all(out), self.columns(catalog, self.device))
@@ -375,7 +375,7 @@ class SequenceOnline(BaselineOnline):
         return M.bpr_loss(pos, neg, mask), int(mask.sum())
 
     @torch.no_grad()
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         self.model.eval()
         plan, _, _ = self._plan(batch)
         seq, lengths = self._sequences(plan, np.arange(len(batch)))  # (B, T)
@@ -482,7 +482,7 @@ class JodieOnline(BaselineOnline):
         out = self.model.item_targets(self._static_index(flat, len(self.train_items)), dyn)
         return out.reshape(*slots.shape, -1)
 
-    def _step(self, batch: EventBatch, catalog: Catalog | None) -> tuple[torch.Tensor | None, float]:
+    def _step(self, batch: EventBatch, catalog: ItemCatalog | None) -> tuple[torch.Tensor | None, float]:
         """Predict, (score), loss, mutual RNN update and write-back of one batch -> (scores, loss)."""
         us, it = self._user_slots(batch.user), self._item_slots(batch.item)
         columns = self.columns(catalog, self.device).cpu().numpy() if catalog is not None else None
@@ -537,7 +537,7 @@ class JodieOnline(BaselineOnline):
         self.flush()
         return float(np.mean(losses)) if losses else 0.0
 
-    def score_batch(self, batch: EventBatch, catalog: Catalog) -> torch.Tensor:
+    def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         """Score, then learn from the batch (the paper's test-time updates of JODIE)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.test_time_lr or self.config.lr
