@@ -109,7 +109,21 @@ class GRU4Rec(nn.Module):
         return out @ self.W_out.weight.T + self.b_out.weight.T
 
 
-class GRU4RecBPTT(nn.Module):
+class TiedItemScores:
+    """Prediction layer tied to the item embedding `E` (I+2, D), shared by GRU4Rec-BPTT and SASRec."""
+
+    E: nn.Embedding
+
+    def score(self, out: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """out (..., D), items (..., N) -> (..., N)."""
+        return (out.unsqueeze(-2) * self.E(items)).sum(-1)
+
+    def score_all(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, I+2) (columns PAD and START are not items)."""
+        return out @ self.E.weight.T
+
+
+class GRU4RecBPTT(TiedItemScores, nn.Module):
     """Item embedding -> GRU over the whole left-aligned sequence -> tied prediction layer."""
 
     def __init__(self, n_items: int, dim: int, n_layers: int, dropout: float) -> None:
@@ -126,16 +140,8 @@ class GRU4RecBPTT(nn.Module):
         out, _ = self.gru(self.dropout(self.E(seq)))
         return self.dropout(out)
 
-    def score(self, out: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """out (..., D), items (..., N) -> (..., N) with the tied item embedding."""
-        return (out.unsqueeze(-2) * self.E(items)).sum(-1)
 
-    def score_all(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, I+2) (columns PAD and START are not items)."""
-        return out @ self.E.weight.T
-
-
-class SASRec(nn.Module):
+class SASRec(TiedItemScores, nn.Module):
     """Item + positional embedding -> FELRec's encoder blocks (causal) -> LayerNorm -> Linear ->
     prediction layer tied to the item embedding."""
 
@@ -161,14 +167,6 @@ class SASRec(nn.Module):
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=seq.device)  # (T, T)
         z = self.norm(self.transformer(h, mask=causal, is_causal=True))  # (B, T, D)
         return self.fc(z)
-
-    def score(self, out: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """out (..., D), items (..., N) -> (..., N)."""
-        return (out.unsqueeze(-2) * self.E(items)).sum(-1)
-
-    def score_all(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, I+2)."""
-        return out @ self.E.weight.T
 
 
 class Jodie(nn.Module):

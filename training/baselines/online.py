@@ -407,6 +407,30 @@ class SASRecOnline(SequenceOnline):
 # JODIE*
 
 
+@dataclass
+class JodieState:
+    """One kind's dynamic JODIE state (users or items), grown as new ids arrive."""
+
+    ids: IdMap
+    dyn: torch.Tensor  # u(t) or i(t), (n, D)
+    seen: np.ndarray  # (n,) bool: updated at least once
+    last: np.ndarray  # (n,) int64: time of the latest interaction
+
+    @classmethod
+    def fresh(cls, ids: list[str], dim: int, device: torch.device) -> "JodieState":
+        n = len(ids)
+        return cls(IdMap(ids), torch.zeros(n, dim, device=device), np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64))
+
+    def slots(self, ids: Any) -> tuple[np.ndarray, int]:
+        """(slots of `ids`, number of new slots); new ids get zero rows."""
+        slots = self.ids.lookup(ids, create=True)
+        grow = len(self.ids) - len(self.seen)
+        if grow > 0:
+            self.dyn = torch.cat([self.dyn, self.dyn.new_zeros(grow, self.dyn.shape[1])])
+            self.seen, self.last = np.append(self.seen, np.zeros(grow, bool)), np.append(self.last, np.zeros(grow, np.int64))
+        return slots, grow
+
+
 class JodieOnline(BaselineOnline):
     """JODIE* with the naive time-ordered batching of FELRec: every event of a batch reads the
     dynamic embeddings as they were before the batch; each user/item touched keeps the embedding
@@ -430,40 +454,25 @@ class JodieOnline(BaselineOnline):
 
     def reset_state(self) -> None:
         """Fresh dynamic state (JODIE re-initialises it every epoch); training entities keep slots."""
-        D = self.config.dim
-        self.user_ids, self.item_ids = IdMap(self.train_users), IdMap(self.train_items)
-        self.user_dyn = torch.zeros(len(self.user_ids), D, device=self.device)  # u(t), (U, D)
-        self.item_dyn = torch.zeros(len(self.item_ids), D, device=self.device)  # i(t), (I, D)
-        self.user_seen = np.zeros(len(self.user_ids), dtype=bool)
-        self.item_seen = np.zeros(len(self.item_ids), dtype=bool)
-        self.user_last = np.zeros(len(self.user_ids), dtype=np.int64)
-        self.item_last = np.zeros(len(self.item_ids), dtype=np.int64)
-        self.user_prev = np.full(len(self.user_ids), -1, dtype=np.int64)  # item slot of the previous event
+        self.users = JodieState.fresh(self.train_users, self.config.dim, self.device)
+        self.items = JodieState.fresh(self.train_items, self.config.dim, self.device)
+        self.user_prev = np.full(len(self.train_users), -1, dtype=np.int64)  # item slot of the previous event
         self.pending: list[torch.Tensor] = []
 
     def _user_slots(self, ids: Any) -> np.ndarray:
-        slots = self.user_ids.lookup(ids, create=True)
-        grow = len(self.user_ids) - len(self.user_seen)
+        slots, grow = self.users.slots(ids)
         if grow > 0:
-            self.user_dyn = torch.cat([self.user_dyn, self.user_dyn.new_zeros(grow, self.config.dim)])
-            self.user_seen, self.user_last = np.append(self.user_seen, np.zeros(grow, bool)), np.append(self.user_last, np.zeros(grow, np.int64))
             self.user_prev = np.append(self.user_prev, np.full(grow, -1, np.int64))
         return slots
 
     def _item_slots(self, ids: Any) -> np.ndarray:
-        slots = self.item_ids.lookup(ids, create=True)
-        grow = len(self.item_ids) - len(self.item_seen)
-        if grow > 0:
-            self.item_dyn = torch.cat([self.item_dyn, self.item_dyn.new_zeros(grow, self.config.dim)])
-            self.item_seen, self.item_last = np.append(self.item_seen, np.zeros(grow, bool)), np.append(self.item_last, np.zeros(grow, np.int64))
-        return slots
+        return self.items.slots(ids)[0]
 
     def _dynamic(self, kind: str, slots: np.ndarray) -> torch.Tensor:
         """(n, D) current dynamic embeddings; never-updated entities read the learned initial one."""
-        table, seen, init = ((self.user_dyn, self.user_seen, self.model.initial_user) if kind == "user"
-                             else (self.item_dyn, self.item_seen, self.model.initial_item))
-        rows = table[torch.from_numpy(slots).to(self.device)]
-        mask = torch.from_numpy(seen[slots]).to(self.device).unsqueeze(-1)
+        state, init = (self.users, self.model.initial_user) if kind == "user" else (self.items, self.model.initial_item)
+        rows = state.dyn[torch.from_numpy(slots).to(self.device)]
+        mask = torch.from_numpy(state.seen[slots]).to(self.device).unsqueeze(-1)
         return torch.where(mask, rows, init.expand_as(rows))
 
     def _static_index(self, slots: np.ndarray, n_train: int) -> torch.Tensor:
@@ -487,8 +496,8 @@ class JodieOnline(BaselineOnline):
         us, it = self._user_slots(batch.user), self._item_slots(batch.item)
         columns = self.columns(catalog, self.device).cpu().numpy() if catalog is not None else None
         u_prev, i_prev = self._dynamic("user", us), self._dynamic("item", it)  # (B, D)
-        du = self._delta(batch.timestamp, self.user_last[us], self.user_seen[us])
-        di = self._delta(batch.timestamp, self.item_last[it], self.item_seen[it])
+        du = self._delta(batch.timestamp, self.users.last[us], self.users.seen[us])
+        di = self._delta(batch.timestamp, self.items.last[it], self.items.seen[it])
         prev = self.user_prev[us]
         prev_dyn = self._dynamic("item", np.maximum(prev, 0)) * torch.from_numpy(prev >= 0).to(self.device).unsqueeze(-1)
         users_static = self._static_index(us, len(self.train_users))
@@ -499,7 +508,7 @@ class JodieOnline(BaselineOnline):
             with torch.no_grad():
                 scores = M.neg_sq_distance(pred, self._targets(columns))  # (B, C)
         pos = M.neg_sq_distance(pred, self._targets(it).unsqueeze(1)).squeeze(1)  # (B,)
-        negs = self.negatives((len(batch), self.config.num_negatives), 0, len(self.item_ids)).cpu().numpy()
+        negs = self.negatives((len(batch), self.config.num_negatives), 0, len(self.items.ids)).cpu().numpy()
         neg = M.neg_sq_distance(pred, self._targets(negs))  # (B, N)
         u_new, i_new = self.model.update(u_prev, i_prev, du, di)
         loss = (M.bpr_loss(pos, neg) + self.config.lambda_u * (u_new - u_prev).pow(2).sum(-1).mean()
@@ -514,10 +523,10 @@ class JodieOnline(BaselineOnline):
         """Latest event per user/item wins (out of place: gradients keep flowing through the state)."""
         uu, ul = last_occurrence(us)
         iu, il = last_occurrence(it)
-        self.user_dyn = self.user_dyn.index_put((torch.from_numpy(uu).to(self.device),), u_new[torch.from_numpy(ul).to(self.device)])
-        self.item_dyn = self.item_dyn.index_put((torch.from_numpy(iu).to(self.device),), i_new[torch.from_numpy(il).to(self.device)])
-        self.user_seen[uu], self.item_seen[iu] = True, True
-        self.user_last[uu], self.item_last[iu] = batch.timestamp[ul], batch.timestamp[il]
+        for state, unique, last, new in ((self.users, uu, ul, u_new), (self.items, iu, il, i_new)):
+            state.dyn = state.dyn.index_put((torch.from_numpy(unique).to(self.device),),
+                                            new[torch.from_numpy(last).to(self.device)])
+            state.seen[unique], state.last[unique] = True, batch.timestamp[last]
         self.user_prev[uu] = it[ul]
 
     def flush(self) -> float:
@@ -526,7 +535,7 @@ class JodieOnline(BaselineOnline):
             return 0.0
         loss = torch.stack(self.pending).mean()
         self.sgd_step(loss)
-        self.user_dyn, self.item_dyn = self.user_dyn.detach(), self.item_dyn.detach()
+        self.users.dyn, self.items.dyn = self.users.dyn.detach(), self.items.dyn.detach()
         self.pending = []
         return float(loss.detach())
 
