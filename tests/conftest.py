@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 EXTERNAL_ENV = "FELREC_TEST_BOOTSTRAP_SERVERS"
-# Consumer settings from shared/notes/kafka-broker-facts.md (fast group joins on both brokers).
+# Consumer settings from docs/kafka-broker-facts.md (fast group joins on both brokers).
 TEST_CONSUMER_SETTINGS = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "fetch_max_wait_ms": 50}
 
 

@@ -6,5 +6,5 @@
 - `source`: ordered, resumable micro-batches from a topic; `read_topic_table` for training.
 - `dlq`: dead-letter sinks for poison messages.
 
-Measured broker differences that shape this code: shared/notes/kafka-broker-facts.md.
+Measured broker differences that shape this code: docs/kafka-broker-facts.md.
 """

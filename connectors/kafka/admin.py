@@ -1,6 +1,6 @@
 """Kafka clients built from KafkaConfig, topic administration, and end offsets that are right on Tansu too.
 
-Rules that keep us correct on both Apache Kafka and Tansu (shared/notes/kafka-broker-facts.md):
+Rules that keep us correct on both Apache Kafka and Tansu (docs/kafka-broker-facts.md):
 - Topics are created explicitly with their partition count. Clients get
   `allow_auto_create_topics=False`, but Tansu still auto-creates a topic (with a default partition
   count) when a *producer* asks for its metadata, so producers check that the topic exists first.

@@ -10,7 +10,7 @@ State dir (`$FELREC_HOME/broker`, default `~/.felrec-stream/broker`): `broker.pi
 commands find and reuse that broker instead of starting their own. Brokers started only for the
 duration of one command live in a private temporary dir, so nobody else picks them up.
 
-Tansu quirks handled here (see shared/notes/kafka-broker-facts.md): the binary panics but exits
+Tansu quirks handled here (see docs/kafka-broker-facts.md): the binary panics but exits
 0 when its port is taken, and listening on port 0 advertises port 0, so we pick the port ourselves,
 check that it is free, and probe readiness with a TCP connect plus a real metadata request while
 the process is still alive.
