@@ -20,9 +20,9 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from felrec_stream.config import EvalConfig  # noqa: E402
-from felrec_stream.log import configure_logging  # noqa: E402
 from felrec_stream.data.split import chronological_split  # noqa: E402
 from felrec_stream.data.synthetic import SyntheticConfig, generate  # noqa: E402
+from felrec_stream.log import configure_logging  # noqa: E402
 from training.baselines import BASELINES, build_baseline, make_config  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.felrec_online import PopularityOnline  # noqa: E402

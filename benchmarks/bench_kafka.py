@@ -36,8 +36,8 @@ from connectors.kafka.broker import ensure_broker  # noqa: E402
 from connectors.kafka.replay import replay_events  # noqa: E402
 from connectors.kafka.source import KafkaSource, read_topic_table  # noqa: E402
 from felrec_stream.config import KafkaConfig, replace  # noqa: E402
-from felrec_stream.stream.events import iter_batches, make_events  # noqa: E402
 from felrec_stream.log import configure_logging  # noqa: E402
+from felrec_stream.stream.events import iter_batches, make_events  # noqa: E402
 from felrec_stream.stream.messages import Event, decode_event, encode_event  # noqa: E402
 
 

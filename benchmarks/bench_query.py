@@ -30,14 +30,14 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from felrec_stream.serving.client import FelrecClient  # noqa: E402
 from felrec_stream.config import EncoderConfig, ModelConfig  # noqa: E402
-from felrec_stream.state.engine import infer_batch  # noqa: E402
-from felrec_stream.stream.events import EventBatch  # noqa: E402
-from felrec_stream.state.faiss_store import ShardedFaissVectors  # noqa: E402
 from felrec_stream.model.felrec import FELRec  # noqa: E402
 from felrec_stream.serving.app import QueryEngine, create_app, serve_in_thread  # noqa: E402
+from felrec_stream.serving.client import FelrecClient  # noqa: E402
+from felrec_stream.state.engine import infer_batch  # noqa: E402
+from felrec_stream.state.faiss_store import ShardedFaissVectors  # noqa: E402
 from felrec_stream.state.store import RepresentationStore  # noqa: E402
+from felrec_stream.stream.events import EventBatch  # noqa: E402
 
 HISTORY = 32
 

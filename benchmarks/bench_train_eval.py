@@ -23,16 +23,16 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from felrec_stream.data import synthetic  # noqa: E402
-from felrec_stream.state import engine  # noqa: E402
 from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig  # noqa: E402
-from felrec_stream.device import resolve_device  # noqa: E402
-from felrec_stream.stream.events import iter_batches, make_events  # noqa: E402
-from felrec_stream.log import configure_logging  # noqa: E402
-from felrec_stream.model.ranking import normalized_rank, sampled_hit_rate  # noqa: E402
-from felrec_stream.model.felrec import FELRec  # noqa: E402
+from felrec_stream.data import synthetic  # noqa: E402
 from felrec_stream.data.split import chronological_split  # noqa: E402
+from felrec_stream.device import resolve_device  # noqa: E402
+from felrec_stream.log import configure_logging  # noqa: E402
+from felrec_stream.model.felrec import FELRec  # noqa: E402
+from felrec_stream.model.ranking import normalized_rank, sampled_hit_rate  # noqa: E402
+from felrec_stream.state import engine  # noqa: E402
 from felrec_stream.state.store import RepresentationStore  # noqa: E402
+from felrec_stream.stream.events import iter_batches, make_events  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.felrec_online import FELRecOnline  # noqa: E402
 from training.train import train_step  # noqa: E402

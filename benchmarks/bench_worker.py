@@ -35,14 +35,14 @@ import torch  # noqa: E402
 from connectors.kafka.admin import TopicAdmin  # noqa: E402
 from connectors.kafka.broker import EmbeddedBroker  # noqa: E402
 from connectors.kafka.replay import replay_events  # noqa: E402
-from felrec_stream.state.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from felrec_stream.config import CacheConfig, Configs, EncoderConfig, KafkaConfig, ModelConfig  # noqa: E402
-from felrec_stream.state.engine import commit_batch, encode, prepare_batch  # noqa: E402
-from felrec_stream.stream.events import iter_batches  # noqa: E402
-from felrec_stream.state.faiss_store import make_store  # noqa: E402
+from felrec_stream.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from felrec_stream.log import configure_logging  # noqa: E402
 from felrec_stream.model.felrec import FELRec  # noqa: E402
-from felrec_stream.data.synthetic import SyntheticConfig, generate  # noqa: E402
+from felrec_stream.state.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from felrec_stream.state.engine import commit_batch, encode, prepare_batch  # noqa: E402
+from felrec_stream.state.faiss_store import make_store  # noqa: E402
+from felrec_stream.stream.events import iter_batches  # noqa: E402
 from pipelines.prometheus import WorkerMetrics  # noqa: E402
 from pipelines.worker import WorkerOptions, build_worker, load_model  # noqa: E402
 

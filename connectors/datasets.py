@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 
 from felrec_stream.data import synthetic
 from felrec_stream.errors import DatasetError
-from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered, make_events, sort_events, validate_events
 from felrec_stream.log import get_logger
+from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered, make_events, sort_events, validate_events
 
 log = get_logger(__name__)
 

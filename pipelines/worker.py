@@ -85,19 +85,19 @@ import torch
 
 from connectors.kafka.dlq import KafkaDeadLetters
 from connectors.kafka.source import KafkaSource
-from felrec_stream.state.checkpoint import load_checkpoint
 from felrec_stream.config import CacheConfig, Configs, KafkaConfig, replace, to_dict
 from felrec_stream.device import resolve_device
-from felrec_stream.state.engine import infer_batch
 from felrec_stream.errors import ConfigError, KafkaError, ModelError, StoreError
-from felrec_stream.stream.events import EventBatch
-from felrec_stream.state.faiss_store import make_store
 from felrec_stream.log import get_logger
-from felrec_stream.stream.messages import TS_UNITS, PoisonMessage
-from felrec_stream.stream.source import DeadLetterSink, Source
 from felrec_stream.model.felrec import FELRec
+from felrec_stream.state.checkpoint import load_checkpoint
+from felrec_stream.state.engine import infer_batch
+from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
 from felrec_stream.state.store import RepresentationStore
+from felrec_stream.stream.events import EventBatch
+from felrec_stream.stream.messages import TS_UNITS, PoisonMessage
+from felrec_stream.stream.source import DeadLetterSink, Source
 from pipelines.prometheus import WorkerMetrics
 
 log = get_logger(__name__)

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import torch
 
 from felrec_stream.config import EvalConfig
-from felrec_stream.stream.events import iter_batches
+from felrec_stream.data.split import Split, label_partitions
 from felrec_stream.log import get_logger
 from felrec_stream.model.ranking import normalized_rank, sampled_hit_rate
-from felrec_stream.data.split import Split, label_partitions
+from felrec_stream.stream.events import iter_batches
 from training.protocol import PARTITIONS, ItemCatalog, OnlineModel
 
 log = get_logger(__name__)

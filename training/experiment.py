@@ -50,20 +50,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from felrec_stream.state.checkpoint import load_checkpoint
 from felrec_stream.config import (CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
                                   preset_sections, replace, to_dict)
+from felrec_stream.data.split import PARTITIONS, Split, chronological_split
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ConfigError, FelrecError
 from felrec_stream.log import get_logger
-from felrec_stream.model.ranking import NaNScoresError
 from felrec_stream.model.felrec import count_parameters
-from training.report import plot_rank_vs_prior
-from felrec_stream.data.split import PARTITIONS, Split, chronological_split
+from felrec_stream.model.ranking import NaNScoresError
+from felrec_stream.state.checkpoint import load_checkpoint
 from training.baselines import build_baseline, fit, make_config
 from training.baselines.configs import config_to_dict
 from training.evaluate import EvalResult, evaluate
 from training.felrec_online import PopularityOnline, build_felrec
+from training.report import plot_rank_vs_prior
 from training.train import train
 
 log = get_logger(__name__)

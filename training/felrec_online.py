@@ -19,14 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from felrec_stream.state.checkpoint import Checkpoint
 from felrec_stream.config import EVAL_MODES, CacheConfig
-from felrec_stream.state.engine import infer_batch
 from felrec_stream.errors import ModelError
-from felrec_stream.stream.events import EventBatch
-from felrec_stream.model.ranking import cosine_scores, nearest_neighbour_scores
 from felrec_stream.model.felrec import FELRec
+from felrec_stream.model.ranking import cosine_scores, nearest_neighbour_scores
+from felrec_stream.state.checkpoint import Checkpoint
+from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.store import RepresentationStore
+from felrec_stream.stream.events import EventBatch
 from training.protocol import PARTITIONS, ItemCatalog
 
 

@@ -22,17 +22,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
 from felrec_stream.config import CacheConfig, Configs
-from felrec_stream.device import resolve_device
-from felrec_stream.state.engine import DEFAULT_CACHE, commit_batch, encode, infer_batch, prepare_batch
-from felrec_stream.errors import ModelError, TrainingError
-from felrec_stream.stream.events import EventBatch, iter_batches
-from felrec_stream.log import get_logger
-from felrec_stream.model.losses import representation_spread
-from felrec_stream.model.felrec import FELRec
 from felrec_stream.data.split import chronological_split
+from felrec_stream.device import resolve_device
+from felrec_stream.errors import ModelError, TrainingError
+from felrec_stream.log import get_logger
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.model.losses import representation_spread
+from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
+from felrec_stream.state.engine import DEFAULT_CACHE, commit_batch, encode, infer_batch, prepare_batch
 from felrec_stream.state.store import RepresentationStore
+from felrec_stream.stream.events import EventBatch, iter_batches
 from training.evaluate import evaluate
 from training.felrec_online import FELRecOnline
 

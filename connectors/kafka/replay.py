@@ -29,11 +29,11 @@ import pyarrow as pa
 
 from connectors.kafka.admin import TopicAdmin, close_producer, end_offsets, new_consumer, new_producer
 from felrec_stream.config import KafkaConfig
-from felrec_stream.errors import ConfigError, DatasetError, ReplayError
-from felrec_stream.stream.events import is_time_ordered, sort_events, validate_events
-from felrec_stream.log import get_logger
-from felrec_stream.stream.messages import TS_UNITS, encode_event, max_timestamp
 from felrec_stream.data.split import split_sizes
+from felrec_stream.errors import ConfigError, DatasetError, ReplayError
+from felrec_stream.log import get_logger
+from felrec_stream.stream.events import is_time_ordered, sort_events, validate_events
+from felrec_stream.stream.messages import TS_UNITS, encode_event, max_timestamp
 
 log = get_logger(__name__)
 

@@ -45,11 +45,11 @@ import pyarrow as pa
 from connectors.kafka.admin import TopicAdmin, end_offsets, kafka_errors, new_consumer
 from connectors.kafka.broker import tcp_reachable
 from connectors.kafka.dlq import KafkaDeadLetters, MemoryDeadLetters
-from felrec_stream.stream.batcher import MicroBatcher
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import DatasetError, KafkaError
-from felrec_stream.stream.events import EVENT_SCHEMA, EventBatch, sort_events
 from felrec_stream.log import get_logger
+from felrec_stream.stream.batcher import MicroBatcher
+from felrec_stream.stream.events import EVENT_SCHEMA, EventBatch, sort_events
 from felrec_stream.stream.messages import Event, PoisonMessage, decode_event, events_to_batch
 from felrec_stream.stream.source import DeadLetterSink, SourceStats
 

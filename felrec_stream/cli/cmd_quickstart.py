@@ -70,10 +70,10 @@ def replay_and_read_back(table: Any, kafka: Any) -> Any:
 
 def train_and_report(events: Any, overrides: dict[str, dict[str, Any]], out: Path, title: str) -> str:
     """Train on the events' training split, evaluate the best checkpoint and popularity; Table 1."""
-    from felrec_stream.state.checkpoint import load_checkpoint
     from felrec_stream.config import Configs
-    from felrec_stream.device import resolve_device
     from felrec_stream.data.split import chronological_split
+    from felrec_stream.device import resolve_device
+    from felrec_stream.state.checkpoint import load_checkpoint
     from training.evaluate import evaluate_and_report
     from training.felrec_online import PopularityOnline, build_felrec
     from training.train import train

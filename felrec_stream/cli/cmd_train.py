@@ -137,11 +137,11 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
     same test events as training held out. Partitions: observed, new users, new items (relative
     to the training events).
     """
-    from felrec_stream.state.checkpoint import load_checkpoint
     from felrec_stream.data.split import chronological_split
+    from felrec_stream.device import resolve_device
+    from felrec_stream.state.checkpoint import load_checkpoint
     from training.evaluate import evaluate_and_report
     from training.felrec_online import PopularityOnline, build_felrec
-    from felrec_stream.device import resolve_device
 
     checkpoint = load_checkpoint(checkpoint_path)
     cfgs = checkpoint.configs

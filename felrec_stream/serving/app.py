@@ -46,9 +46,9 @@ from pydantic import BaseModel, Field
 from felrec_stream import __version__
 from felrec_stream.config import CacheConfig, from_dict, to_dict
 from felrec_stream.errors import ServiceError
-from felrec_stream.state.faiss_store import ShardedFaissVectors, make_store
 from felrec_stream.log import get_logger
 from felrec_stream.serving.schema import CatalogInfo, Scored
+from felrec_stream.state.faiss_store import ShardedFaissVectors, make_store
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
 

@@ -1,9 +1,10 @@
 """Typed HTTP client of the query API (`felrec_stream.serving.app`), for downstream services and tests.
 
-Deliberately light: httpx, the error classes and `serving.schema` only (no FastAPI/torch/faiss), so a downstream service can
-depend on it without the model stack. Ids are percent-encoded (the API accepts '/' inside ids).
-HTTP errors become exceptions carrying the server's message: 404 -> `NotFoundError`,
-422 -> `InvalidRequestError`, 503 -> `ServiceUnavailableError`, anything else -> `ClientError`.
+Deliberately light: httpx, the error classes and `serving.schema` only (no FastAPI/torch/faiss),
+so a downstream service can depend on it without the model stack. Ids are percent-encoded (the
+API accepts '/' inside ids). HTTP errors become exceptions carrying the server's message:
+404 -> `NotFoundError`, 422 -> `InvalidRequestError`, 503 -> `ServiceUnavailableError`, anything
+else -> `ClientError`.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from felrec_stream.config import CacheConfig, to_dict
 from felrec_stream.errors import ServiceError
-from felrec_stream.state.faiss_store import ShardedFaissVectors
 from felrec_stream.log import get_logger
+from felrec_stream.state.faiss_store import ShardedFaissVectors
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import EntityTable, Kind, RepresentationStore
 

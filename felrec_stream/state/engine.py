@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from felrec_stream.config import CacheConfig
-from felrec_stream.stream.events import EventBatch
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.state.store import HistoryPlan, Kind, RepresentationStore, last_occurrence
+from felrec_stream.stream.events import EventBatch
 
 DEFAULT_CACHE = CacheConfig()  # frozen: safe as a default argument
 

@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from felrec_stream.state.checkpoint import Checkpoint, save_checkpoint
 from felrec_stream.config import CacheConfig, Configs, EncoderConfig, ModelConfig, replace
-from felrec_stream.state.engine import infer_batch
-from felrec_stream.stream.events import iter_batches
-from felrec_stream.state.faiss_store import make_store
-from felrec_stream.model.felrec import FELRec
-from felrec_stream.state.store import RepresentationStore
 from felrec_stream.data.synthetic import SyntheticConfig, generate
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.state.checkpoint import Checkpoint, save_checkpoint
+from felrec_stream.state.engine import infer_batch
+from felrec_stream.state.faiss_store import make_store
+from felrec_stream.state.store import RepresentationStore
+from felrec_stream.stream.events import iter_batches
 
 TINY_ENCODER = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
 TINY_CACHE = CacheConfig(history_len=8)

@@ -22,8 +22,8 @@ from connectors.kafka.replay import replay_events
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import ModelError
 from felrec_stream.state.faiss_store import make_store
-from felrec_stream.stream.messages import PoisonMessage
 from felrec_stream.state.snapshot import SnapshotManager
+from felrec_stream.stream.messages import PoisonMessage
 from pipelines.prometheus import WorkerMetrics
 from pipelines.worker import CountingDeadLetters, WorkerOptions, build_worker, store_fingerprint
 from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, synthetic_events,

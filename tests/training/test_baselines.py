@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from felrec_stream.config import EncoderConfig, EvalConfig
-from felrec_stream.errors import ConfigError, TrainingError
-from felrec_stream.stream.events import EventBatch, make_events
-from felrec_stream.model.felrec import Encoder
 from felrec_stream.data.split import chronological_split
 from felrec_stream.data.synthetic import SyntheticConfig, generate
+from felrec_stream.errors import ConfigError, TrainingError
+from felrec_stream.model.felrec import Encoder
+from felrec_stream.stream.events import EventBatch, make_events
 from training.baselines import ADAPTERS, BASELINES, build_baseline, fit, make_config
 from training.baselines import models as M
 from training.baselines.online import gather_catalog, rank_within

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig
-from felrec_stream.stream.events import EventBatch, make_events
-from felrec_stream.model.ranking import cosine_scores
 from felrec_stream.model.felrec import FELRec
-from training.report import table1_markdown
+from felrec_stream.model.ranking import cosine_scores
 from felrec_stream.state.store import RepresentationStore
+from felrec_stream.stream.events import EventBatch, make_events
 from training.evaluate import evaluate, item_prior_interactions, log_binned_means
 from training.felrec_online import FELRecOnline, PopularityOnline
 from training.protocol import PARTITIONS, ItemCatalog, OnlineModel
+from training.report import table1_markdown
 
 
 def _score(user: str, item: str) -> float:

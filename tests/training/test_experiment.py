@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from felrec_stream.config import PRESETS, EvalConfig
-from felrec_stream.errors import ConfigError
 from felrec_stream.data.synthetic import SyntheticConfig, generate
+from felrec_stream.errors import ConfigError
 from training.experiment import (ExperimentConfig, ablation_is_noop, expand_models, felrec_setup, format_params,
                                  parse_row, run_experiment, table_json, table_markdown)
 
@@ -239,8 +239,8 @@ def test_cli_experiment(events, tmp_path):
 
 
 def test_failed_row_is_shown_without_numbers_and_retried(events, tmp_path, monkeypatch):
-    import training.experiment as experiment
     from felrec_stream.errors import TrainingError
+    import training.experiment as experiment
 
     def collapse(*args, **kwargs):
         raise TrainingError("representation collapse")

@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from felrec_stream.data import synthetic
-from felrec_stream.state.checkpoint import (FORMAT_VERSION, Checkpoint, CosineWarmupSchedule, load_checkpoint,
-                                      save_checkpoint)
 from felrec_stream.config import CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig, replace
-from felrec_stream.errors import ModelError, TrainingError
+from felrec_stream.data import synthetic
 from felrec_stream.data.split import chronological_split
+from felrec_stream.errors import ModelError, TrainingError
+from felrec_stream.state.checkpoint import (FORMAT_VERSION, Checkpoint, CosineWarmupSchedule, load_checkpoint,
+                                            save_checkpoint)
 from training.evaluate import evaluate
 from training.felrec_online import PopularityOnline, build_felrec
 from training.train import is_collapsed, train

@@ -28,9 +28,9 @@ from torch import nn
 
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import TrainingError
-from felrec_stream.stream.events import EventBatch, iter_batches
 from felrec_stream.log import get_logger
 from felrec_stream.state.store import HistoryBuffer, IdMap, last_occurrence
+from felrec_stream.stream.events import EventBatch, iter_batches
 from training.baselines import models as M
 from training.baselines.configs import (BaselineConfig, BPRMFConfig, GRU4RecBPTTConfig, GRU4RecConfig,
                                         JodieConfig, SASRecConfig)
@@ -427,7 +427,8 @@ class JodieState:
         grow = len(self.ids) - len(self.seen)
         if grow > 0:
             self.dyn = torch.cat([self.dyn, self.dyn.new_zeros(grow, self.dyn.shape[1])])
-            self.seen, self.last = np.append(self.seen, np.zeros(grow, bool)), np.append(self.last, np.zeros(grow, np.int64))
+            self.seen = np.append(self.seen, np.zeros(grow, bool))
+            self.last = np.append(self.last, np.zeros(grow, np.int64))
         return slots, grow
 
 

@@ -2,9 +2,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from felrec_stream.data.split import PARTITIONS, Split, chronological_split, label_partitions, split_sizes
 from felrec_stream.errors import DatasetError
 from felrec_stream.stream.events import make_events
-from felrec_stream.data.split import PARTITIONS, Split, chronological_split, label_partitions, split_sizes
 
 
 def _events(rows):

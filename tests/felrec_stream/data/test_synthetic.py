@@ -2,10 +2,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from felrec_stream.errors import ConfigError
-from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered
 from felrec_stream.data.split import chronological_split, label_partitions
 from felrec_stream.data.synthetic import PRESETS, SyntheticConfig, config_from_options, generate
+from felrec_stream.errors import ConfigError
+from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered
 
 
 @pytest.fixture(scope="module")

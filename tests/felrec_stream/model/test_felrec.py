@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from felrec_stream.config import EncoderConfig, ModelConfig
-from felrec_stream.model.losses import byol_loss, info_nce, representation_spread
 from felrec_stream.model.felrec import FELRec, count_parameters
+from felrec_stream.model.losses import byol_loss, info_nce, representation_spread
 
 TINY = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
 

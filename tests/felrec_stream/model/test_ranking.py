@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from felrec_stream.model import ranking
 from felrec_stream.errors import FelrecError
+from felrec_stream.model import ranking
 from felrec_stream.model.ranking import (NaNScoresError, cosine_scores, nearest_neighbour_scores, normalized_rank,
-                                   sample_negatives, sampled_hit_rate)
+                                         sample_negatives, sampled_hit_rate)
 
 
 def _brute_rank(scores: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from felrec_stream.serving.client import FelrecClient, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig
-from felrec_stream.state.engine import infer_batch
+from felrec_stream.data.synthetic import SyntheticConfig, generate
 from felrec_stream.errors import ServiceError
-from felrec_stream.stream.events import EventBatch, make_events
-from felrec_stream.state.faiss_store import make_store
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.serving.app import (MAX_K, QueryEngine, SnapshotFollower, create_app, serve_in_thread,
-                                   snapshot_state)
+                                       snapshot_state)
+from felrec_stream.serving.client import FelrecClient, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from felrec_stream.state.engine import infer_batch
+from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
-from felrec_stream.data.synthetic import SyntheticConfig, generate
+from felrec_stream.stream.events import EventBatch, make_events
 
 D = 16
 ROOT = Path(__file__).resolve().parents[3]

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from felrec_stream.cli import cli
 from felrec_stream.config import CacheConfig
-from felrec_stream.serving.export import export_store
 from felrec_stream.serving.app import snapshot_state
+from felrec_stream.serving.export import export_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
 from tests.felrec_stream.serving.test_app import D, filled_store, synthetic_batches, tiny_model

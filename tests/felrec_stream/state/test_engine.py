@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig
-from felrec_stream.state.engine import commit_batch, encode, id_seed_vectors, infer_batch, prepare_batch
-from felrec_stream.stream.events import EventBatch, iter_batches, make_events
 from felrec_stream.model.felrec import FELRec
+from felrec_stream.state.engine import commit_batch, encode, id_seed_vectors, infer_batch, prepare_batch
 from felrec_stream.state.store import Kind, RepresentationStore
+from felrec_stream.stream.events import EventBatch, iter_batches, make_events
 
 TINY = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
 
@@ -78,7 +78,8 @@ def test_cold_start_input_is_a_deterministic_id_seed():
     inputs = prepare_batch(store, batch(["new-user"], ["new-item"]), "cpu", CacheConfig(cold_start_input="id_seed"))
     expected = id_seed_vectors(np.array(["new-user"], dtype=object), Kind.USER, 16)
     torch.testing.assert_close(inputs.item_seq[0, -1], expected[0])
-    zero = prepare_batch(RepresentationStore(16, 8), batch(["new-user"], ["new-item"]), "cpu", CacheConfig(cold_start_input="zero"))
+    zero = prepare_batch(RepresentationStore(16, 8), batch(["new-user"], ["new-item"]), "cpu",
+                         CacheConfig(cold_start_input="zero"))
     assert zero.item_seq.abs().sum() == 0
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from felrec_stream.errors import DatasetError
 from felrec_stream.stream.messages import (DERIVED_EVENT_ID_BASE, MAX_ID_CHARS, Event, PoisonMessage, decode_event,
-                                    derive_event_id, encode_event, events_to_batch, max_timestamp)
+                                           derive_event_id, encode_event, events_to_batch, max_timestamp)
 
 GOOD = {"v": 1, "user": "u1", "item": "i1", "ts": 1_700_000_000, "event_id": 7}
 
