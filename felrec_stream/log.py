@@ -83,7 +83,7 @@ def configure_logging(level: str | None = None, json: bool | None = None) -> Non
         cache_logger_on_first_use=True,
     )
     root = logging.getLogger()
-    root.handlers[:] = [_LibraryLogBridge()]
+    root.addHandler(_LibraryLogBridge())  # the only handler in a CLI process (no basicConfig)
     root.setLevel(logging.DEBUG if level_name == "DEBUG" else logging.WARNING)
     _configured = True
 
