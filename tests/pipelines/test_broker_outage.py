@@ -151,7 +151,7 @@ def test_a_broker_outage_is_waited_out_with_structured_logs(checkpoint, proxied_
         admin.create_topic(topic, 1)
     replay_events(table.slice(0, 200), kafka, topic, progress=False)
     config = tmp_path / "kafka.yaml"
-    config.write_text("kafka:\n  request_timeout_ms: 2000\n  outage_timeout_s: 120\n")
+    config.write_text("kafka:\n  request_timeout_ms: 2000\n")  # stall checks every 2 s; outages: default 300 s
     command = [sys.executable, "-c", "from felrec_stream.cli import main; main()", "--log-json", "consume",
                "--topic", topic, "--checkpoint", str(checkpoint), "--bootstrap-servers", servers, "--config",
                str(config), "--batch-size", "32", "--max-wait-ms", "20", "--snapshot-dir", str(tmp_path / "snap"),

@@ -64,7 +64,7 @@ def test_consume_with_a_snapshot_dir_below_a_file(kafka_bootstrap, checkpoint, t
 
 @pytest.mark.kafka
 def test_replay_to_an_illegal_topic_name_creates_nothing(kafka_bootstrap, monkeypatch, capsys):
-    line = _fails(monkeypatch, capsys, "replay", "--dataset", "synthetic", "--option", "n_events=50", "--topic",
+    line = _fails(monkeypatch, capsys, "replay", "--dataset", "synthetic", "--option", "n_events=600", "--topic",
                   "bad topic/..", "--bootstrap-servers", kafka_bootstrap, "--no-progress")
     assert line.startswith("error: kafka.topic: topic name 'bad topic/..' has character(s) ' /'")
     with TopicAdmin(KafkaConfig(bootstrap_servers=kafka_bootstrap)) as admin:
@@ -75,7 +75,7 @@ def test_replay_to_an_illegal_topic_name_creates_nothing(kafka_bootstrap, monkey
 def test_replay_of_an_invalid_file_names_its_line_and_leaves_no_topic(kafka_bootstrap, topic_name, tmp_path,
                                                                       monkeypatch, capsys):
     path = tmp_path / "log.csv"
-    path.write_text("user,item,timestamp\nu,i,1\nu,j,-2\n")
+    path.write_text("user,item,timestamp\nu,i,1\nu,j,-2\n" + "".join(f"u{n},i{n},{n}\n" for n in range(30)))
     line = _fails(monkeypatch, capsys, "replay", "--dataset", "csv", "--path", str(path), "--topic", topic_name,
                   "--bootstrap-servers", kafka_bootstrap, "--no-progress")
     assert line == f"error: {path}: invalid event(s): line 3: 'u,j,-2': field 'ts' is negative (-2)"
@@ -85,6 +85,7 @@ def test_replay_of_an_invalid_file_names_its_line_and_leaves_no_topic(kafka_boot
 
 def test_train_rejects_the_same_file_with_the_same_line(tmp_path, monkeypatch, capsys):
     path = tmp_path / "log.csv"
-    path.write_text("user,item,timestamp\nu,i,1\nu\x01v,j,2\n")
-    line = _fails(monkeypatch, capsys, "train", "--dataset", "csv", "--path", str(path), "--out", str(tmp_path / "m"))
+    path.write_text("user,item,timestamp\nu,i,1\nu\x01v,j,2\n" + "".join(f"u{n},i{n},{n}\n" for n in range(30)))
+    line = _fails(monkeypatch, capsys, "train", "--dataset", "csv", "--path", str(path), "--preset", "small",
+                  "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "m"))
     assert line == f"error: {path}: invalid event(s): line 3: 'u\\x01v,j,2': field 'user' has control character '\\x01' at 1"
