@@ -147,8 +147,8 @@ class InMemorySource:
     def open(self, positions: Mapping[int, int] | None = None) -> "InMemorySource":
         start = dict(positions or {}).get(self.PARTITION, self.first_offset)
         if not self.first_offset <= start <= len(self._events):
-            raise DatasetError(f"position {start} is outside the available events "
-                               f"[{self.first_offset}, {len(self._events)}] of this source")
+            raise DatasetError(f"position {start} is outside the {len(self._events)} events of this source "
+                               f"(available from {self.first_offset})")
         self._next, self._open = start, True
         return self
 

@@ -180,6 +180,7 @@ def test_dead_letter_count_covers_only_messages_behind_the_positions():
 def test_a_record_over_a_megabyte_is_dead_lettered_truncated_and_the_worker_goes_on(checkpoint, kafka, tmp_path):
     table = synthetic_events(120, n_users=20, n_items=15, seed=4)
     topic = f"t-big-{uuid.uuid4().hex[:8]}"
+    kafka = replace(kafka, dead_letter_topic=f"{topic}.dlq")  # this test's dead letters only
     with TopicAdmin(kafka) as admin:
         admin.create_topic(topic, 1)
     replay_events(table.slice(0, 60), kafka, topic, progress=False)
