@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from connectors.kafka.admin import TopicAdmin
 from connectors.kafka.broker import EmbeddedBroker, free_port
 from connectors.kafka.replay import replay_events
 from felrec_stream.config import KafkaConfig
-from tests.pipelines import synthetic_events
+from tests.pipelines import stop_with_sigterm, synthetic_events
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,13 +165,10 @@ def test_a_broker_outage_is_waited_out_with_structured_logs(checkpoint, proxied_
         proxy.restore()
         replay_events(table.slice(200), kafka, topic, progress=False)
         lines.wait_for(_applied(400), "the events written after the outage applied")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        summary = stop_with_sigterm(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0
-    summary = json.loads(out)
     assert (summary["applied_total"], summary["stopped_by"]) == (400, "signal:SIGTERM")
     not_json = [line for line in lines.lines if line.strip() and not line.lstrip().startswith("{")]
     assert not_json == []  # kafka-python's own logging goes through structlog as well

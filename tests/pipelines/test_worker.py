@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -27,8 +25,8 @@ from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.stream.messages import PoisonMessage
 from pipelines.prometheus import WorkerMetrics
 from pipelines.worker import CountingDeadLetters, WorkerOptions, build_worker, store_fingerprint
-from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, synthetic_events,
-                             write_tiny_checkpoint)
+from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, run_until_applied,
+                             stop_with_sigterm, synthetic_events, write_tiny_checkpoint)
 
 pytestmark = pytest.mark.kafka
 
@@ -121,12 +119,7 @@ def test_follow_mode_applies_everything_and_stops_gracefully(checkpoint, kafka, 
     topic, _ = stream
     options = WorkerOptions(topic, batch_size=BATCH, max_wait_ms=20, snapshot_every_events=10**6)
     worker = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=tmp_path / "snap")
-    results = []
-    thread = threading.Thread(target=lambda: results.append(worker.run()))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while worker.progress.applied < N_EVENTS and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
+    thread, results = run_until_applied(worker, N_EVENTS)
     worker.request_stop("test")
     thread.join(30)
     assert results and results[0].stopped_by == "test" and results[0].applied_total == N_EVENTS
@@ -156,13 +149,10 @@ def test_cli_follow_mode_serves_queries_exports_metrics_and_stops_on_sigterm(che
         assert catalog["users"] == len(set(table.column("user").to_pylist()))
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         assert f"felrec_worker_events_total {float(N_EVENTS)}" in text
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        summary = stop_with_sigterm(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0
-    summary = json.loads(out)
     assert (summary["stopped_by"], summary["applied_total"]) == ("signal:SIGTERM", N_EVENTS)
     assert SnapshotManager(tmp_path / "snap").latest_valid().meta["applied_events"] == N_EVENTS
 
@@ -255,13 +245,8 @@ def test_one_worker_per_snapshot_directory_for_its_whole_life(checkpoint, kafka,
     topic, _ = stream
     options = WorkerOptions(topic, batch_size=BATCH, max_wait_ms=20, snapshot_every_events=10**6)
     first = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=tmp_path / "snap")
-    results = []
-    thread = threading.Thread(target=lambda: results.append(first.run()))
-    thread.start()
+    thread, results = run_until_applied(first, N_EVENTS)
     try:
-        deadline = time.monotonic() + 60
-        while first.progress.applied < N_EVENTS and time.monotonic() < deadline and thread.is_alive():
-            time.sleep(0.05)
         assert first.progress.applied == N_EVENTS  # idle now: between snapshot writes
         second = build_worker(checkpoint, kafka, replace(options, until_end=True), device="cpu",
                               snapshot_dir=tmp_path / "snap")
