@@ -498,7 +498,7 @@ class KafkaSource:
             return None
         reason, kept = check_identity(self.kafka_config, self.topic, partitions, self._topic_id, stored)
         if reason is None:
-            self._anchors = {**kept, **self._anchors}
+            self._anchors = {**self._anchors, **kept}  # the stored (older) anchors win
         return reason
 
     def earliest_positions(self) -> dict[int, int]:
