@@ -159,6 +159,8 @@ def model_version(model_state: Mapping[str, torch.Tensor], configs: Configs) -> 
         sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     shaping = {"encoder": to_dict(configs.encoder), "model": to_dict(configs.model),
                "history_len": configs.cache.history_len, "cold_start_input": configs.cache.cold_start_input}
+    if configs.cache.popularity_halflife:  # only when set: versions of checkpoints without it stay the same
+        shaping["popularity_halflife"] = configs.cache.popularity_halflife
     sha.update(json.dumps(shaping, sort_keys=True).encode())
     return sha.hexdigest()[:16]
 
@@ -478,7 +480,8 @@ class StreamWorker:
                 "late_events": p.late, "batch_size": self.options.batch_size,
                 "model_version": self.bundle.version, "checkpoint": self.bundle.path,
                 "cache": to_dict(self.bundle.cache),  # as run (shards, index); serving reads it
-                "configs": {k: to_dict(getattr(self.bundle.configs, k)) for k in ("encoder", "model", "cache")}}
+                "configs": {k: to_dict(getattr(self.bundle.configs, k))
+                            for k in ("encoder", "model", "cache", "scoring")}}
 
     def restore(self) -> dict[int, int] | None:
         """Load the newest usable snapshot into the (empty) store; returns its offsets (None: from

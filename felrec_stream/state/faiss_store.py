@@ -639,4 +639,5 @@ def make_store(dim: int, cache_config: CacheConfig | None = None, device: torch.
         dim, cache.history_len, device,
         user_vectors=ShardedFaissVectors.from_config(dim, cache, device, **options),
         item_vectors=ShardedFaissVectors.from_config(dim, cache, device, **options),
+        popularity_halflife=cache.popularity_halflife,
     )

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 
 
@@ -171,14 +172,23 @@ class HistoryPlan:
 
 
 class HistoryBuffer:
-    """Last-L interaction histories of every slot of one kind, plus interaction counts."""
+    """Last-L interaction histories of every slot of one kind, plus interaction counts.
 
-    def __init__(self, length: int, capacity: int = 1024) -> None:
+    Popularity: `popularity(slots)` is each slot's number of interactions, each weighted by
+    0.5 ** (events since it / halflife) (halflife 0 = plain counts), counted in events applied to
+    this buffer (`events`), so it needs no clock. Kept lazily: `pop[s]` is the weighted count at
+    event index `pop_at[s]` (the last event that touched s)."""
+
+    def __init__(self, length: int, capacity: int = 1024, halflife: float = 0.0) -> None:
         self.length = length
+        self.halflife = halflife
         self.rows = np.full((max(capacity, 1), length), -1, dtype=np.int64)
         self.lengths = np.zeros(max(capacity, 1), dtype=np.int64)
         self.counts = np.zeros(max(capacity, 1), dtype=np.int64)
         self.last_time = np.zeros(max(capacity, 1), dtype=np.int64)
+        self.pop = np.zeros(max(capacity, 1), dtype=np.float64)
+        self.pop_at = np.zeros(max(capacity, 1), dtype=np.int64)
+        self.events = 0
         self.size = 0
 
     def ensure(self, size: int) -> None:
@@ -188,6 +198,8 @@ class HistoryBuffer:
             self.lengths = _grow(self.lengths, cap, 0)
             self.counts = _grow(self.counts, cap, 0)
             self.last_time = _grow(self.last_time, cap, 0)
+            self.pop = _grow(self.pop, cap, 0)
+            self.pop_at = _grow(self.pop_at, cap, 0)
         self.size = max(self.size, size)
 
     def reset(self) -> None:
@@ -195,6 +207,19 @@ class HistoryBuffer:
         self.lengths[:] = 0
         self.counts[:] = 0
         self.last_time[:] = 0
+        self.pop[:] = 0
+        self.pop_at[:] = 0
+        self.events = 0
+
+    def decay(self, steps: np.ndarray | float) -> np.ndarray | float:
+        """Weight of an interaction `steps` events ago."""
+        return 0.5 ** (np.asarray(steps, dtype=np.float64) / self.halflife) if self.halflife else np.ones_like(steps, dtype=np.float64)
+
+    def popularity(self, slots: np.ndarray, at: int | None = None) -> np.ndarray:
+        """(n,) float64 weighted interaction counts of `slots` just before event index `at`
+        (default: now, i.e. after every applied event)."""
+        at = self.events if at is None else at
+        return self.pop[slots] * self.decay(at - self.pop_at[slots])
 
     def plan(self, slots: np.ndarray, others: np.ndarray) -> HistoryPlan:
         """Histories for events (slots[i] interacted with others[i]), in batch order.
@@ -226,17 +251,34 @@ class HistoryBuffer:
         new_lengths = np.minimum(self.lengths[unique_slots] + added, L)
         return HistoryPlan(event_history, event_length, unique_slots, new_rows, new_lengths, added)
 
-    def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None) -> None:
+    def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None, slots: np.ndarray | None = None) -> None:
+        """Store the batch's histories; with `slots` (the batch's event slots, in order) also count
+        the events into the popularity, event i of the batch at index `events + i`."""
         self.rows[plan.unique_slots] = plan.new_rows
         self.lengths[plan.unique_slots] = plan.new_lengths
         self.counts[plan.unique_slots] += plan.added
         if last_time is not None:
             self.last_time[plan.unique_slots] = last_time
+        if slots is not None:
+            self._count(plan.unique_slots, slots)
+
+    def _count(self, unique: np.ndarray, slots: np.ndarray) -> None:
+        position = self.events + np.arange(len(slots))  # (B,) event index of each event
+        last = np.zeros(len(unique), dtype=np.int64)
+        group = np.searchsorted(unique, slots)  # (B,) unique is sorted
+        np.maximum.at(last, group, position)
+        added = np.zeros(len(unique), dtype=np.float64)
+        np.add.at(added, group, self.decay(last[group] - position))
+        self.pop[unique] = self.pop[unique] * self.decay(last - self.pop_at[unique]) + added
+        self.pop_at[unique] = last
+        self.events += len(slots)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         n = self.size
         return {"rows": self.rows[:n].copy(), "lengths": self.lengths[:n].copy(),
-                "counts": self.counts[:n].copy(), "last_time": self.last_time[:n].copy()}
+                "counts": self.counts[:n].copy(), "last_time": self.last_time[:n].copy(),
+                "pop": self.pop[:n].copy(), "pop_at": self.pop_at[:n].copy(),
+                "events": np.asarray([self.events], dtype=np.int64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         n = len(state["lengths"])
@@ -245,6 +287,9 @@ class HistoryBuffer:
         self.ensure(n)
         self.rows[:n], self.lengths[:n] = state["rows"], state["lengths"]
         self.counts[:n], self.last_time[:n] = state["counts"], state["last_time"]
+        if "pop" in state:  # states written before popularity existed count from here on
+            self.pop[:n], self.pop_at[:n] = state["pop"], state["pop_at"]
+            self.events = int(np.asarray(state["events"]).reshape(-1)[0])
 
 
 def _grow(array: np.ndarray, capacity: int, fill: int) -> np.ndarray:
@@ -262,11 +307,11 @@ def last_occurrence(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class EntityTable:
     """Ids, vectors and histories of one kind."""
 
-    def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int) -> None:
+    def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int, popularity_halflife: float = 0.0) -> None:
         self.kind = kind
         self.ids = IdMap()
         self.vectors = vectors
-        self.history = HistoryBuffer(history_len)
+        self.history = HistoryBuffer(history_len, halflife=popularity_halflife)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -296,13 +341,20 @@ class RepresentationStore:
     """User and item tables; the object the training loop, evaluator and worker all update."""
 
     def __init__(self, dim: int, history_len: int = 64, device: torch.device | str = "cpu",
-                 user_vectors: VectorBackend | None = None, item_vectors: VectorBackend | None = None) -> None:
+                 user_vectors: VectorBackend | None = None, item_vectors: VectorBackend | None = None,
+                 popularity_halflife: float = 0.0) -> None:
         self.dim = dim
         self.history_len = history_len
         self.tables = {
-            Kind.USER: EntityTable(Kind.USER, TensorVectors(dim, device) if user_vectors is None else user_vectors, history_len),
-            Kind.ITEM: EntityTable(Kind.ITEM, TensorVectors(dim, device) if item_vectors is None else item_vectors, history_len),
+            kind: EntityTable(kind, TensorVectors(dim, device) if vectors is None else vectors, history_len,
+                              popularity_halflife)
+            for kind, vectors in ((Kind.USER, user_vectors), (Kind.ITEM, item_vectors))
         }
+
+    @classmethod
+    def for_cache(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu") -> "RepresentationStore":
+        """An in-memory store shaped by a cache config (history length, popularity half-life)."""
+        return cls(dim, cache.history_len, device, popularity_halflife=cache.popularity_halflife)
 
     @property
     def users(self) -> EntityTable:

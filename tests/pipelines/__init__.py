@@ -27,13 +27,14 @@ TINY_ENCODER = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout
 TINY_CACHE = CacheConfig(history_len=8)
 
 
-def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+def write_tiny_checkpoint(path: Path, seed: int = 0, cache_update: str = "pre_event") -> Path:
     """A randomly initialised FELRec checkpoint (no training: equality tests need no quality)."""
     torch.manual_seed(seed)
-    model = FELRec(TINY_ENCODER, ModelConfig(queue_size=32))
+    model_config = ModelConfig(queue_size=32, cache_update=cache_update)
+    model = FELRec(TINY_ENCODER, model_config)
     for parameter in model.encoder.parameters():  # move off the near-identity init: a real function
         parameter.data.add_(0.05 * torch.randn_like(parameter))
-    configs = Configs(encoder=TINY_ENCODER, model=ModelConfig(queue_size=32), cache=TINY_CACHE)
+    configs = Configs(encoder=TINY_ENCODER, model=model_config, cache=TINY_CACHE)
     return save_checkpoint(Checkpoint(model.state_dict(), configs, epoch=0), path)
 
 
