@@ -36,11 +36,11 @@ def _zero_shot(value: str | None):
               help="Dataset the -zero rows are trained on (e.g. ml-1m:/data/ml-1m, or synthetic).")
 @click.option("--size", type=click.Choice(["small", "paper", "tiny"]), default="small", show_default=True,
               help="small: CPU-sized models and few epochs; paper: the paper's hyper-parameters; tiny: smoke runs.")
-@click.option("--felrec-preset", type=click.Choice(["paper", "stable"]), default="paper", show_default=True,
-              help="FELRec rows' recipe. paper: MLP heads, queue 8192, T 0.07 (scaled by --size); stable: per-kind "
-                   "BatchNorm of the encoder outputs, no MLP heads, T 0.5, queue 256, no warm-up, batch 256 (config "
-                   "presets 'stable'/'small'). Ablation rows apply on top. Non-paper FELRec results are keyed "
-                   "<row>@<preset>, so both presets can share one --out folder and its baseline rows.")
+@click.option("--felrec-preset", type=click.Choice(["paper", "serve"]), default="paper", show_default=True,
+              help="FELRec rows' recipe. paper: MLP heads, queue 8192, T 0.07 (scaled by --size); serve: the "
+                   "recipe chosen on validation for serving (config presets 'serve'/'small': post-event cache, "
+                   "calibrated popularity prior, ...). Ablation rows apply on top. Non-paper FELRec results are "
+                   "keyed <row>@<preset>, so both presets can share one --out folder and its baseline rows.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default runs/experiment-<dataset>-<size>, shared by both FELRec presets). "
                    "Finished rows are not recomputed.")

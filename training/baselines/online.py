@@ -34,13 +34,13 @@ from felrec_stream.stream.events import EventBatch, iter_batches
 from training.baselines import models as M
 from training.baselines.configs import (BaselineConfig, BPRMFConfig, GRU4RecBPTTConfig, GRU4RecConfig,
                                         JodieConfig, SASRecConfig)
-from training.protocol import ItemCatalog
+from training.protocol import EVAL_PARTITIONS, ItemCatalog
 
 log = get_logger(__name__)
 
 OBSERVED = frozenset({"observed"})
 NO_NEW_ITEMS = frozenset({"observed", "new_user"})
-ALL = frozenset({"observed", "new_user", "new_item"})
+ALL = frozenset(EVAL_PARTITIONS)
 
 
 def unique_ids(table: pa.Table, column: str) -> list[str]:
