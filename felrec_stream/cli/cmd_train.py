@@ -47,6 +47,13 @@ def _read_topic(topic: str, bootstrap_servers: str | None) -> Any:
         return read_topic_table(kafka, topic)
 
 
+def _label(dataset: str | None, path: str | None) -> str | None:
+    """The dataset's name in reports (the file's name for csv/parquet)."""
+    from connectors.datasets import dataset_label
+
+    return dataset_label(dataset, path) if dataset else None
+
+
 def _dataset_options(func: Any) -> Any:
     func = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                         help="Folder for a Parquet cache of the parsed dataset (default: no cache).")(func)
@@ -101,7 +108,8 @@ def train_command(dataset: str | None, path: str | None, dataset_options: tuple[
                                                     "device": device}}, preset)
     events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
     result = train(events, cfgs, out_dir, resume=resume)
-    summary = {"dataset": dataset, "topic": topic, "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
+    summary = {"dataset": _label(dataset, path), "topic": topic, "epochs_completed": result.epochs_completed,
+               "best_epoch": result.best_epoch,
                "best_val_rank": result.best_val_rank, "last_checkpoint": str(result.last_checkpoint),
                "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
                "history": result.history}
@@ -130,7 +138,8 @@ def _load_configs(config_file: str | None, overrides: dict[str, dict[str, Any]],
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for report.md, <model>.json, <model>.parquet (per event) and rank_vs_prior.png.")
 def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None, dataset_options: tuple[str, ...],
-                     cache_dir: str | None, topic: str | None, bootstrap_servers: str | None, mode: str | None, nn: bool, baseline: str, out_dir: str | None) -> None:
+                     cache_dir: str | None, topic: str | None, bootstrap_servers: str | None, mode: str | None,
+                     nn: bool, baseline: str, out_dir: str | None) -> None:
     """Score the test events online (after replaying the validation events) and print Table 1.
 
     The split is the checkpoint's (training.val_fraction / test_fraction), so keep/reset use the
@@ -147,7 +156,7 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
     cfgs = checkpoint.configs
     mode = mode or cfgs.eval.mode
     events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
-    dataset = dataset or f"topic {topic}"
+    dataset = _label(dataset, path) if dataset else f"topic {topic}"
     split = chronological_split(events, cfgs.training.val_fraction, cfgs.training.test_fraction)
     # a checkpoint trained on a GPU stays usable on a machine without one
     device = resolve_device(cfgs.training.device if cfgs.training.device != "cuda" else "auto")

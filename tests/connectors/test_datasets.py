@@ -7,7 +7,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.datasets import dataset_names, load_dataset, read_events_file, write_events_file
+from connectors.datasets import dataset_label, dataset_names, load_dataset, read_events_file, write_events_file
 from felrec_stream.errors import ConfigError, DatasetError
 from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered, make_events
 
@@ -27,6 +27,14 @@ def _rows(table):
 def test_dataset_names():
     assert dataset_names() == sorted(["ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest",
                                       "twitch", "csv", "parquet", "synthetic"])
+
+
+def test_dataset_label_names_generic_files_after_the_file():
+    assert dataset_label("csv", "data/my-clicks.csv") == "my-clicks.csv"
+    assert dataset_label("parquet", Path("/x/events.parquet")) == "events.parquet"
+    assert dataset_label("ml-100k", "../shared/data/ml-100k") == "ml-100k"
+    assert dataset_label("synthetic", None) == "synthetic"
+    assert dataset_label("csv", None) == "csv"  # nothing better to say; load_dataset rejects it anyway
 
 
 # ------------------------------------------------------------------------- formats
@@ -73,7 +81,8 @@ def test_ml25m_missing_header_column(tmp_path):
 
 
 def test_twitch_item_is_the_streamer(tmp_path):
-    _write(tmp_path, "100k_a.csv", "1,33842865744,mithrain,154,156\n1,33846768288,alptv,166,169\n2,33886469056,mithrain,45,46\n")
+    _write(tmp_path, "100k_a.csv",
+           "1,33842865744,mithrain,154,156\n1,33846768288,alptv,166,169\n2,33886469056,mithrain,45,46\n")
     assert _rows(load_dataset("twitch", tmp_path)) == [
         ("2", "mithrain", 45, 2), ("1", "mithrain", 154, 0), ("1", "alptv", 166, 1)]
 
@@ -276,6 +285,8 @@ def test_cache_key_includes_options(tmp_path):
 # ------------------------------------------------------------------------- the real MovieLens 100K
 
 
+# Skip justified: the GroupLens licence forbids redistributing MovieLens, so the file is never in the
+# repository; every format is also tested on small files above.
 @pytest.mark.ml100k
 @pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason=f"{ML100K} not present")
 def test_real_movielens_100k():
