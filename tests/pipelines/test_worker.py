@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -28,6 +27,7 @@ from pipelines.prometheus import WorkerMetrics
 from pipelines.worker import CountingDeadLetters, WorkerOptions, build_worker, store_fingerprint
 from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, synthetic_events,
                              write_tiny_checkpoint)
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -123,9 +123,8 @@ def test_follow_mode_applies_everything_and_stops_gracefully(checkpoint, kafka, 
     results = []
     thread = threading.Thread(target=lambda: results.append(worker.run()))
     thread.start()
-    deadline = time.monotonic() + 60
-    while worker.progress.applied < N_EVENTS and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
+    wait_for(lambda: worker.progress.applied >= N_EVENTS or not thread.is_alive(), 60,
+             f"the worker applied all {N_EVENTS} events (or stopped)")
     worker.request_stop("test")
     thread.join(30)
     assert results and results[0].stopped_by == "test" and results[0].applied_total == N_EVENTS
