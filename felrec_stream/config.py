@@ -43,7 +43,8 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         check(self.output_norm in ("none", "batch"), "encoder.output_norm must be 'none' or 'batch'")
-        check(self.d_model > 0 and self.d_model % self.n_heads == 0, "encoder.d_model must be a positive multiple of n_heads")
+        check(self.d_model > 0 and self.d_model % self.n_heads == 0,
+              "encoder.d_model must be a positive multiple of n_heads")
         check(self.n_layers >= 1 and self.d_ff >= 1, "encoder.n_layers and d_ff must be >= 1")
         check(0.0 <= self.dropout < 1.0, "encoder.dropout must be in [0, 1)")
 

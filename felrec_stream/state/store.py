@@ -300,8 +300,10 @@ class RepresentationStore:
         self.dim = dim
         self.history_len = history_len
         self.tables = {
-            Kind.USER: EntityTable(Kind.USER, TensorVectors(dim, device) if user_vectors is None else user_vectors, history_len),
-            Kind.ITEM: EntityTable(Kind.ITEM, TensorVectors(dim, device) if item_vectors is None else item_vectors, history_len),
+            Kind.USER: EntityTable(Kind.USER, TensorVectors(dim, device) if user_vectors is None else user_vectors,
+                                   history_len),
+            Kind.ITEM: EntityTable(Kind.ITEM, TensorVectors(dim, device) if item_vectors is None else item_vectors,
+                                   history_len),
         }
 
     @property
