@@ -104,20 +104,26 @@ def test_pacing_schedules_are_the_rate_or_the_event_time_over_the_speedup():
     assert _pacer(table, 0, None, None, "s") is None
 
 
+# The schedule itself is checked exactly above. Here: the replay really waits for it. Event i is sent
+# no earlier than schedule[i] after the replay's start, and the first send comes right after the
+# start, so the sends span about the whole schedule; unpaced they would span a few ms. Half the
+# schedule as the bound leaves room for a first send delayed by a loaded machine.
+
+
 def test_rate_limit_paces_the_replay(kafka_config, topic_name):
     _topic(kafka_config, topic_name, 1)
-    result = replay_events(random_events(300), kafka_config, topic_name, rate=1000, progress=False)
+    result = replay_events(random_events(300), kafka_config, topic_name, rate=500, progress=False)
     assert result.acknowledged == 300
     sent = _send_times_ms(kafka_config, topic_name, 300)
-    assert sent[-1] - sent[0] >= 299 - 1  # event i is sent no earlier than i ms after the first (+-1 ms clock)
+    assert sent[-1] - sent[0] >= 598 / 2  # scheduled 598 ms apart (unpaced: ~80 ms here)
 
 
 def test_speedup_follows_event_time(kafka_config, topic_name):
     _topic(kafka_config, topic_name, 1)
-    table = make_events(["u"] * 4, ["i"] * 4, [0, 0, 3, 4])  # 4 s of event time, uneven gaps
+    table = make_events(["u"] * 4, ["i"] * 4, [0, 0, 3, 4])  # 4 s of event time
     replay_events(table, kafka_config, topic_name, speedup=10, progress=False)
-    gaps = np.diff(_send_times_ms(kafka_config, topic_name, 4))
-    assert (gaps >= np.array([0, 300, 100]) - 1).all(), gaps  # event-time gaps / 10, never sooner
+    sent = _send_times_ms(kafka_config, topic_name, 4)
+    assert sent[-1] - sent[0] >= 400 / 2  # scheduled 400 ms apart
 
 
 def test_start_from_resumes_without_gaps_or_repeats(kafka_config, topic_name):
