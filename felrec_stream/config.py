@@ -216,6 +216,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"batch_size": 256},
     },
 }
+# What each preset is for and how long it takes (`train --help`, README "Configuration"). Times for
+# 100k events (ML-100K: 80k training + 10k validation events an epoch) on 2 CPU cores: `small`
+# measured (README "Results"); paper size estimated as small's epoch x 11.8, the small/paper training
+# throughput ratio of benchmarks/bench_train_eval.py (2,363 / 201 interactions/s).
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "paper": "the paper's setup (the typed defaults), d=128, 3 layers, 100 epochs: ~12 min an epoch, "
+             "~20 h (estimated)",
+    "stable": "paper size, output standardisation, no MLP heads (best on ML-100K), 100 epochs: ~12 min an epoch, "
+              "~20 h (estimated)",
+    "small": "stable at d=32, 1 layer, 5 epochs: ~1 min an epoch, ~5 min (measured)",
+}
 
 
 def preset_sections(name: str | None) -> dict[str, dict[str, Any]]:

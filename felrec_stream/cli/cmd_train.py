@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from felrec_stream.cli.group import cli, parse_key_values
-from felrec_stream.config import (EVAL_MODES, PRESETS, Configs, ModelConfig, literal_choices, merge_sections,
-                                  preset_sections, read_config_file)
+from felrec_stream.config import (EVAL_MODES, PRESET_DESCRIPTIONS, PRESETS, Configs, ModelConfig, literal_choices,
+                                  merge_sections, preset_sections, read_config_file)
 
 DATASET_HELP = ("Dataset name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest, twitch, csv, parquet, "
                 "synthetic).")
@@ -75,8 +75,9 @@ def _dataset_options(func: Any) -> Any:
 @click.option("--variant", type=click.Choice(literal_choices(ModelConfig, "variant")), default=None,
               help="FELRec-Q (queue + InfoNCE) or FELRec-P (predictor, BYOL-style). Default: model.variant (q).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Named starting configuration below --config: paper (the typed defaults), stable (output "
-                   "standardisation, no MLP heads; best measured on ML-100K), small (stable at laptop size).")
+              help="Named starting configuration below --config (times for 100k events on 2 CPU cores; "
+                   "a GPU or fewer --epochs take less). "
+                   + " ".join(f"{name}: {text}." for name, text in PRESET_DESCRIPTIONS.items()))
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML/JSON file with encoder/model/training/eval/cache sections; FELREC_<SECTION>__<FIELD> "
                    "environment variables override it, these options override both.")
