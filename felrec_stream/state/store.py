@@ -329,8 +329,30 @@ class RepresentationStore:
                 "users": self.users.state_dict(), "items": self.items.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a `state_dict()` into this empty store; the whole state is checked first, so a
+        damaged one raises StoreError and leaves the store untouched (a restore can try an older one)."""
         if state["dim"] != self.dim or state["history_len"] != self.history_len:
             raise StoreError(f"store shape mismatch: state dim={state['dim']} history_len={state['history_len']}, "
                              f"store dim={self.dim} history_len={self.history_len}")
+        check_store_state(state)
         self.users.load_state_dict(state["users"])
         self.items.load_state_dict(state["items"])
+
+
+def check_store_state(state: dict[str, Any]) -> None:
+    """The arrays of a store state have the shapes its ids, dim and history length imply (StoreError if not)."""
+    dim, length = int(state["dim"]), int(state["history_len"])
+    for kind in Kind:
+        table = state[f"{kind.value}s"]
+        n, vectors, history = len(table["ids"]), table["vectors"], table["history"]
+        expected = {"vectors": (n, dim)} if "vectors" in vectors else {"unit": (n, dim), "norms": (n,)}
+        parts = [(f"vectors.{key}", vectors[key], shape) for key, shape in expected.items()]
+        parts += [(f"history.{key}", history[key], shape)
+                  for key, shape in (("rows", (n, length)), ("lengths", (n,)), ("counts", (n,)), ("last_time", (n,)))]
+        for name, value, shape in parts:
+            if np.shape(value) != shape:
+                raise StoreError(f"{kind.value} {name} has shape {np.shape(value)}, expected {shape} "
+                                 f"({n} ids, dim {dim}, history length {length})")
+        lengths = np.asarray(history["lengths"])
+        if lengths.size and (lengths.min() < 0 or lengths.max() > length):
+            raise StoreError(f"{kind.value} history lengths outside [0, {length}]")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import iter_batches
+from tests.waiting import wait_for
 
 TINY_ENCODER = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
 TINY_CACHE = CacheConfig(history_len=8)
@@ -78,3 +83,22 @@ def assert_histories_match_table(fingerprint: dict[str, Any], table: pa.Table, h
 
 def cache_with(shards: int = 1, index_type: str = "flat") -> CacheConfig:
     return replace(TINY_CACHE, shards=shards, index_type=index_type)
+
+
+def stop_with_sigterm(proc: subprocess.Popen) -> dict[str, Any]:
+    """SIGTERM a `felrec-stream consume` process; it must exit 0 with its JSON summary on stdout."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    return json.loads(out)
+
+
+def run_until_applied(worker: Any, n_events: int, timeout_s: float = 60) -> tuple[threading.Thread, list]:
+    """Start `worker.run()` in a thread (follow mode) and wait until it applied `n_events`;
+    returns the thread and the list its result lands in (stop it with `worker.request_stop`)."""
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(worker.run()))
+    thread.start()
+    wait_for(lambda: worker.progress.applied >= n_events or not thread.is_alive(), timeout_s,
+             f"the worker applied {n_events} events (or stopped)")
+    return thread, results
