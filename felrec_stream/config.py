@@ -53,7 +53,8 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         check(self.output_norm in ("none", "batch"), "encoder.output_norm must be 'none' or 'batch'")
-        check(self.d_model > 0 and self.d_model % self.n_heads == 0, "encoder.d_model must be a positive multiple of n_heads")
+        check(self.d_model > 0 and self.d_model % self.n_heads == 0,
+              "encoder.d_model must be a positive multiple of n_heads")
         check(self.n_layers >= 1 and self.d_ff >= 1, "encoder.n_layers and d_ff must be >= 1")
         check(0.0 <= self.dropout < 1.0, "encoder.dropout must be in [0, 1)")
 
@@ -284,6 +285,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"batch_size": 256},
         "scoring": {"calibrate_popularity": True},
     },
+}
+# What each preset is for and how long it takes (`train --help`, README "Configuration"). Times for
+# 100k events (ML-100K: 80k training + 10k validation events an epoch) on 2 CPU cores: `small`
+# measured (README "Results"); paper size estimated as small's epoch x 11.8, the small/paper training
+# throughput ratio of benchmarks/bench_train_eval.py (2,363 / 201 interactions/s).
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "paper": "the paper's setup (the typed defaults), d=128, 3 layers, 100 epochs: ~12 min an epoch, "
+             "~20 h (estimated)",
+    "serve": "paper size, the recipe chosen on validation for serving (post-event cache, popularity prior), "
+             "100 epochs: ~12 min an epoch, ~20 h (estimated)",
+    "small": "serve at d=32, 1 layer, 5 epochs: ~1 min an epoch, ~5 min (measured)",
 }
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from felrec_stream.cli.group import cli, parse_key_values
-from felrec_stream.config import (EVAL_MODES, EVAL_PROTOCOLS, PRESETS, Configs, ModelConfig, literal_choices,
-                                  merge_sections, preset_sections, read_config_file)
+from felrec_stream.config import (EVAL_MODES, EVAL_PROTOCOLS, PRESET_DESCRIPTIONS, PRESETS, Configs, ModelConfig,
+                                  literal_choices, merge_sections, preset_sections, read_config_file)
 
 DATASET_HELP = ("Dataset name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest, twitch, csv, parquet, "
                 "synthetic).")
@@ -47,6 +47,13 @@ def _read_topic(topic: str, bootstrap_servers: str | None) -> Any:
         return read_topic_table(kafka, topic)
 
 
+def _label(dataset: str | None, path: str | None) -> str | None:
+    """The dataset's name in reports (the file's name for csv/parquet)."""
+    from connectors.datasets import dataset_label
+
+    return dataset_label(dataset, path) if dataset else None
+
+
 def _dataset_options(func: Any) -> Any:
     func = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                         help="Folder for a Parquet cache of the parsed dataset (default: no cache).")(func)
@@ -68,8 +75,9 @@ def _dataset_options(func: Any) -> Any:
 @click.option("--variant", type=click.Choice(literal_choices(ModelConfig, "variant")), default=None,
               help="FELRec-Q (queue + InfoNCE) or FELRec-P (predictor, BYOL-style). Default: model.variant (q).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Named starting configuration below --config: paper (the typed defaults), serve (the "
-                   "recipe chosen on validation for serving quality), small (serve at laptop size).")
+              help="Named starting configuration below --config (times for 100k events on 2 CPU cores; "
+                   "a GPU or fewer --epochs take less). "
+                   + " ".join(f"{name}: {text}." for name, text in PRESET_DESCRIPTIONS.items()))
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML/JSON file with encoder/model/training/eval/cache sections; FELREC_<SECTION>__<FIELD> "
                    "environment variables override it, these options override both.")
@@ -101,7 +109,8 @@ def train_command(dataset: str | None, path: str | None, dataset_options: tuple[
                                                     "device": device}}, preset)
     events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
     result = train(events, cfgs, out_dir, resume=resume)
-    summary = {"dataset": dataset, "topic": topic, "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
+    summary = {"dataset": _label(dataset, path), "topic": topic, "epochs_completed": result.epochs_completed,
+               "best_epoch": result.best_epoch,
                "best_val_rank": result.best_val_rank, "last_checkpoint": str(result.last_checkpoint),
                "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
                "history": result.history}
@@ -157,7 +166,7 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
     cfgs = checkpoint.configs
     mode = mode or cfgs.eval.mode
     events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
-    dataset = dataset or f"topic {topic}"
+    dataset = _label(dataset, path) if dataset else f"topic {topic}"
     split = chronological_split(events, cfgs.training.val_fraction, cfgs.training.test_fraction)
     # a checkpoint trained on a GPU stays usable on a machine without one
     device = resolve_device(cfgs.training.device if cfgs.training.device != "cuda" else "auto")

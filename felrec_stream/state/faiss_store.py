@@ -339,7 +339,8 @@ class ShardedFaissVectors(VectorBackend):
     @classmethod
     def from_config(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu",
                     **options: Any) -> "ShardedFaissVectors":
-        return cls(dim, cache.shards, cache.index_type, device, hnsw_m=cache.hnsw_m, ivf_nlist=cache.ivf_nlist, **options)
+        return cls(dim, cache.shards, cache.index_type, device, hnsw_m=cache.hnsw_m, ivf_nlist=cache.ivf_nlist,
+                   **options)
 
     def _init_gpu(self, use_gpu: bool | None) -> Any:
         """GPU resources when wanted (default: device is cuda) and possible; None otherwise."""
@@ -517,7 +518,8 @@ class ShardedFaissVectors(VectorBackend):
             todo = todo[~done]
         return scores, slots
 
-    def _shard_index_search(self, shard: _Shard, q: np.ndarray, width: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _shard_index_search(self, shard: _Shard, q: np.ndarray, width: int,
+                            exact: bool) -> tuple[np.ndarray, np.ndarray]:
         if not exact:
             return shard.ann.search(q, width)
         if self._gpu is not None:

@@ -45,7 +45,8 @@ def test_felrec_ablation_switches():
     assert felrec_setup("small", "p", "nomlp", 0).model.use_mlp is False
     assert felrec_setup("small", "q", "sharemlp", 0).model.share_mlp is True
     assert felrec_setup("small", "q", "notype", 0).encoder.type_embedding is False
-    assert felrec_setup("paper", "p", None, 3).model.variant == "p" and felrec_setup("paper", "p", None, 3).training.seed == 3
+    assert (felrec_setup("paper", "p", None, 3).model.variant == "p"
+            and felrec_setup("paper", "p", None, 3).training.seed == 3)
     assert felrec_setup("paper", "q", None, 0).encoder.d_model == 128
     with pytest.raises(ConfigError):
         felrec_setup("huge", "q", None, 0)
@@ -238,6 +239,26 @@ def test_cli_experiment(events, tmp_path):
     assert stable.exit_code == 0 and (out / "table-serve.md").is_file()
     assert "nothing (all rows were finished)" in stable.output  # baselines are shared between presets
     assert CliRunner().invoke(cli, args + ["--felrec-preset", "huge"]).exit_code != 0
+
+
+def test_cli_experiment_on_a_csv_with_its_own_column_names(events, tmp_path, monkeypatch):
+    """--dataset-option maps the columns; the table and the default folder are named after the file."""
+    import pyarrow.csv as pacsv
+
+    from felrec_stream.cli import cli
+
+    own = events.select(["user", "item", "timestamp"]).rename_columns(["uid", "movie", "ts"])
+    pacsv.write_csv(own, tmp_path / "my-clicks.csv")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["experiment", "--dataset", "csv", "--path", "my-clicks.csv",
+                                      "--dataset-option", "user=uid", "--dataset-option", "item=movie",
+                                      "--dataset-option", "timestamp=ts", "--models", "popularity", "--size", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"**my-clicks.csv** — {len(events) // 10} test events")
+    assert (tmp_path / "runs" / "experiment-my-clicks.csv-tiny" / "table.md").is_file()
+    bad = CliRunner().invoke(cli, ["experiment", "--dataset", "csv", "--path", "my-clicks.csv",
+                                   "--dataset-option", "user"])
+    assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
 
 
 def test_failed_row_is_shown_without_numbers_and_retried(events, tmp_path, monkeypatch):

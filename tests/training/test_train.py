@@ -3,6 +3,7 @@
 import json
 import math
 
+import pyarrow.csv as pacsv
 import pytest
 import torch
 from click.testing import CliRunner
@@ -57,7 +58,7 @@ SETUPS = {  # name -> (encoder, model, epochs, scoring): the paper's Q and P, an
 }
 
 
-@pytest.fixture(scope="module", params=sorted(SETUPS))
+@pytest.fixture(scope="module", params=sorted(SETUPS))  # 40-85 s each: its tests are marked slow
 def trained(request, clusters, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"felrec_{request.param}")
     encoder, model, epochs, scoring = SETUPS[request.param]
@@ -66,6 +67,7 @@ def trained(request, clusters, tmp_path_factory):
     return request.param, model.variant, result
 
 
+@pytest.mark.slow
 def test_felrec_learns_planted_clusters_and_beats_popularity_on_new_items(trained, clusters):
     name, variant, result = trained
     split = chronological_split(clusters, 0.1, 0.1)
@@ -86,6 +88,7 @@ def test_felrec_learns_planted_clusters_and_beats_popularity_on_new_items(traine
         assert best.cache.popularity_halflife in POPULARITY_HALFLIVES
 
 
+@pytest.mark.slow
 def test_best_and_last_checkpoints(trained):
     *_, result = trained
     last, best = load_checkpoint(result.last_checkpoint), load_checkpoint(result.best_checkpoint)
@@ -214,8 +217,12 @@ def test_cli_train_and_evaluate(tmp_path):
         assert row in result.stdout
     assert {"report.md", "rank_vs_prior.png", "popularity.json", "popularity.parquet"} <= {
         p.name for p in report_dir.iterdir()}
-    reset = runner.invoke(cli, ["evaluate", "--checkpoint", str(out / "last.pt"), *data, "--mode", "reset",
-                                "--baseline", "none"], catch_exceptions=False)
+    csv = tmp_path / "clicks.csv"  # a file of the user's own: the report is titled with its name
+    events = synthetic.generate(synthetic.SyntheticConfig(n_users=40, n_items=30, n_events=1500, n_clusters=4)).events
+    pacsv.write_csv(events.select(["user", "item", "timestamp"]), csv)
+    reset = runner.invoke(cli, ["evaluate", "--checkpoint", str(out / "last.pt"), "--dataset", "csv", "--path",
+                                str(csv), "--mode", "reset", "--baseline", "none"], catch_exceptions=False)
+    assert reset.stdout.startswith("**clicks.csv: test events 150, mode reset**")
     assert "| FELRec-Q (reset) |" in reset.stdout and "Popularity" not in reset.stdout
 
 

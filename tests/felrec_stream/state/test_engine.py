@@ -32,7 +32,8 @@ def test_batch_reads_the_cache_as_it_was_before_the_batch():
     inputs = prepare_batch(store, batch(["b", "c"], ["x", "x"]), "cpu")
     # user c's history is empty; item x's users: a (stored) and, for the 2nd event, b (same batch, not yet written)
     x_slot = store.items.ids.lookup(["x"])[0]
-    assert inputs.item_plan.event_history[1, -2:].tolist() == [store.users.ids.lookup(["a"])[0], store.users.ids.lookup(["b"])[0]]
+    assert inputs.item_plan.event_history[1, -2:].tolist() == [store.users.ids.lookup(["a"])[0],
+                                                               store.users.ids.lookup(["b"])[0]]
     b_slot = store.users.ids.lookup(["b"])[0]
     assert store.users.vectors.get(torch.tensor([b_slot])).abs().sum() == 0  # b not written before the batch
     torch.testing.assert_close(store.items.vectors.all(), before)  # prepare never writes
