@@ -34,6 +34,7 @@ from felrec_stream.config import EvalConfig
 from felrec_stream.data.split import Split, label_partitions
 from felrec_stream.log import get_logger
 from felrec_stream.model.ranking import hit_rate_against, normalized_rank, sample_negatives
+from felrec_stream.progress import ProgressLog
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.protocol import EVAL_PARTITIONS, ItemCatalog, OnlineModel
 
@@ -162,7 +163,9 @@ def _score_events(model: OnlineModel, events: pa.Table, catalog: ItemCatalog, ev
     ranks: list[list[np.ndarray]] = [[] for _ in range(n_variants)]
     hits: list[list[np.ndarray]] = [[] for _ in range(n_variants)]
     generator: torch.Generator | None = None
+    progress = ProgressLog("eval_progress", total_events=len(events), model=model.name)
     for batch in iter_batches(events, eval_cfg.batch_size):
+        progress.update(len(batch))
         sizes = catalog_sizes(catalog, batch.item)
         variants = _score_variants(model, batch, catalog, popularity_weights)
         first = next(variants)
@@ -175,6 +178,7 @@ def _score_events(model: OnlineModel, events: pa.Table, catalog: ItemCatalog, ev
         for n, scores in enumerate(itertools.chain([first], variants)):
             ranks[n].append(normalized_rank(scores, target, sizes_t).cpu().numpy())
             hits[n].append(hit_rate_against(scores, target, negatives, eval_cfg.hr_k).cpu().numpy())
+    progress.finish()
     if not ranks[0]:
         return [np.zeros(0)] * n_variants, [np.zeros(0, dtype=bool)] * n_variants
     return ([np.concatenate(r).astype(np.float64) for r in ranks], [np.concatenate(h) for h in hits])

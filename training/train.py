@@ -29,6 +29,7 @@ from felrec_stream.errors import ModelError, TrainingError
 from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.model.losses import representation_spread
+from felrec_stream.progress import ProgressLog
 from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
 from felrec_stream.state.engine import DEFAULT_CACHE, commit_batch, encode, encode_after, infer_batch, prepare_batch
 from felrec_stream.state.store import RepresentationStore
@@ -127,7 +128,8 @@ def _resume(state: _State, path: Path) -> None:
         state.optimizer.load_state_dict(checkpoint.optimizer_state)
     if checkpoint.schedule_state is not None:
         state.schedule.load_state_dict(checkpoint.schedule_state)
-    state.epoch, state.best_val_rank, state.best_epoch = checkpoint.epoch, checkpoint.best_val_rank, checkpoint.best_epoch
+    state.epoch, state.best_val_rank = checkpoint.epoch, checkpoint.best_val_rank
+    state.best_epoch = checkpoint.best_epoch
     state.spread_history, state.history = list(checkpoint.spread_history), list(checkpoint.history)
     log.info("training_resumed", path=str(path), epoch=state.epoch, best_val_rank=state.best_val_rank)
 
@@ -221,6 +223,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     store.reset()
     model.train()
     losses = []
+    progress = ProgressLog("train_progress", total_events=len(events), epoch=desc)  # logs outside a TTY too
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for batch in iter_batches(events, batch_size):
             loss = train_step(model, store, optimizer, batch, cache, timer)
@@ -228,6 +231,8 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(len(batch))
+            progress.update(len(batch), loss)
+    progress.finish()
     return float(np.mean(losses)) if losses else float("nan")
 
 

@@ -185,7 +185,8 @@ class FELRec(nn.Module):
         q_u = F.normalize(self.user_projection(u) if self.config.use_mlp else u, dim=1)  # (B, C)
         q_x = F.normalize(self.item_projection(x) if self.config.use_mlp else x, dim=1)  # (B, C)
         T = self.config.temperature
-        loss = info_nce(q_u, q_x.detach(), self.item_queue.clone(), T) + info_nce(q_x, q_u.detach(), self.user_queue.clone(), T)
+        loss = (info_nce(q_u, q_x.detach(), self.item_queue.clone(), T)
+                + info_nce(q_x, q_u.detach(), self.user_queue.clone(), T))
         self._enqueue(q_u.detach(), q_x.detach())
         return loss
 

@@ -93,7 +93,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ModelError(f"checkpoint {path} has format version {payload['format_version']}, "
                          f"this felrec-stream reads versions 1 and {FORMAT_VERSION}")
     return Checkpoint(
-        model_state=migrate_model_state(payload["model_state"], payload["format_version"]), configs=Configs.from_dict(payload["configs"]), epoch=int(payload["epoch"]),
+        model_state=migrate_model_state(payload["model_state"], payload["format_version"]),
+        configs=Configs.from_dict(payload["configs"]), epoch=int(payload["epoch"]),
         best_val_rank=float(payload["best_val_rank"]), best_epoch=int(payload["best_epoch"]),
         optimizer_state=payload["optimizer_state"], schedule_state=payload["schedule_state"],
         spread_history=list(payload["spread_history"]), history=list(payload["history"]),

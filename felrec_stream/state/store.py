@@ -213,7 +213,8 @@ class HistoryBuffer:
 
     def decay(self, steps: np.ndarray | float) -> np.ndarray | float:
         """Weight of an interaction `steps` events ago."""
-        return 0.5 ** (np.asarray(steps, dtype=np.float64) / self.halflife) if self.halflife else np.ones_like(steps, dtype=np.float64)
+        steps = np.asarray(steps, dtype=np.float64)
+        return 0.5 ** (steps / self.halflife) if self.halflife else np.ones_like(steps)
 
     def popularity(self, slots: np.ndarray, at: int | None = None) -> np.ndarray:
         """(n,) float64 weighted interaction counts of `slots` just before event index `at`

@@ -8,7 +8,6 @@ import torch
 
 from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig
 from felrec_stream.model.felrec import FELRec
-from felrec_stream.model.ranking import cosine_scores
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, make_events
 from training.evaluate import evaluate, item_prior_interactions, log_binned_means

@@ -154,7 +154,8 @@ def _summary(served, ranks, total):
         ok = name in served
         parts[name] = {"count": int(share * 100), "share": share, "served": ok,
                        "rank": ranks.get(name) if ok else None, "hit_rate": 0.5 if ok else None}
-    return {"model": "x", "protocol": "serve", "hr_k": 10, "num_negatives": 100, "n_events": 100, "served": sorted(served),
+    return {"model": "x", "protocol": "serve", "hr_k": 10, "num_negatives": 100, "n_events": 100,
+            "served": sorted(served),
             "partitions": parts, "total": {"count": 100, "share": 1.0, "served": True, "rank": total, "hit_rate": 0.5}}
 
 
@@ -171,7 +172,8 @@ def test_table_renderer_on_fixed_inputs():
     assert lines[0] == "**toy** — 100 test events, protocol serve"
     assert "observed (60.0%) rank ↓" in lines[2] and "new users (30.0%)" in lines[2] and "new items (5.0%)" in lines[2]
     assert "first interaction of an item (5.0%)" in lines[2]
-    assert lines[4] == "| FELRec-Q | 123.5K | 0.100 | 0.500 | 0.200 | 0.500 | 0.300 | 0.500 | 0.600 | 0.500 | 0.150 | 0.500 |"
+    assert lines[4] == ("| FELRec-Q | 123.5K | 0.100 | 0.500 | 0.200 | 0.500 | 0.300 | 0.500 | 0.600 | 0.500 | 0.150 "
+                        "| 0.500 |")
     assert lines[5] == "| BPR-MF | 2.50M+ | 0.125 | 0.500 | – | – | – | – | – | – | 0.125† | 0.500† |"
     data = table_json(rows, ExperimentConfig("toy"))
     assert data["rows"][1]["partitions"]["new_user"]["rank"] is None

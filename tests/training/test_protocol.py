@@ -114,7 +114,8 @@ def _replayed_scores(train, setup, batch, i, apply_own: bool) -> torch.Tensor:
     catalog = _catalog(train, batch.item[: i + 1])
     items = store.items.vectors.get(torch.from_numpy(store.items.ids.lookup(catalog.ids)))  # (C, D)
     user = store.users.vectors.get(torch.from_numpy(store.users.ids.lookup([batch.user[i]])))  # (1, D)
-    own_first = batch.item[i] not in store.items.ids or store.items.history.counts[store.items.ids.lookup([batch.item[i]])[0]] == 0
+    item_slot = store.items.ids.lookup([batch.item[i]])[0]
+    own_first = item_slot < 0 or store.items.history.counts[item_slot] == 0
     probe = prepare_batch(store, batch.take(slice(i, i + 1)), "cpu", cache)
     u, x = encode(model, probe)
     if user.abs().sum() == 0 or store.users.history.counts[store.users.ids.lookup([batch.user[i]])[0]] == 0:

@@ -7,7 +7,8 @@ def _summary(model, served, cells, total):
         ok = name in served
         parts[name] = {"count": count, "share": share, "served": ok,
                        "rank": rank if ok else None, "hit_rate": hit if ok else None}
-    return {"model": model, "protocol": "serve", "hr_k": 10, "num_negatives": 100, "n_events": 200, "served": sorted(served),
+    return {"model": model, "protocol": "serve", "hr_k": 10, "num_negatives": 100, "n_events": 200,
+            "served": sorted(served),
             "partitions": parts, "total": {"count": total[0], "share": total[0] / 200, "served": True,
                                            "rank": total[1], "hit_rate": total[2]},
             "rank_by_prior": [{"lo": 0, "hi": 0, "count": 5, "rank": 0.4}, {"lo": 1, "hi": 1, "count": 5, "rank": 0.3},

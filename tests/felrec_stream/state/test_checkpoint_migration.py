@@ -46,5 +46,6 @@ def test_version_1_weights_give_the_same_encodings():
     h, mask = torch.randn(5, 4, 16), torch.tensor([[False, True, True, True]] * 5)
     with torch.no_grad():
         # a user is encoded from items: version 1 passed the elements' kind (item = 1)
-        torch.testing.assert_close(model.encoder(h, mask, torch.full((5,), USER)), old(h, mask, 1), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(model.encoder(h, mask, torch.full((5,), ITEM)), old(h, mask, 0), rtol=1e-4, atol=1e-5)
+        for kind, element_kind in ((USER, 1), (ITEM, 0)):
+            torch.testing.assert_close(model.encoder(h, mask, torch.full((5,), kind)), old(h, mask, element_kind),
+                                       rtol=1e-4, atol=1e-5)
