@@ -65,7 +65,7 @@ from training.evaluate import EvalResult, evaluate, warmup_events
 from training.felrec_online import PopularityOnline, build_felrec
 from training.protocol import EVAL_PARTITIONS
 from training.report import DASH, PARTITION_TITLES, plot_rank_vs_prior
-from training.train import train
+from training.train import choose_popularity_halflife, train
 
 log = get_logger(__name__)
 
@@ -264,10 +264,12 @@ def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Spli
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if spec.family == "popularity":
-        halflife = felrec_setup(cfg.size, "q", None, cfg.seed, "serve").cache.popularity_halflife
-        popularity = PopularityOnline([split.train], halflife if spec.key == "popularity-recent" else 0.0)
+        # recent popularity counts with the half-life the serve preset's FELRec chooses on validation
+        recent = spec.key == "popularity-recent"
+        halflife = choose_popularity_halflife(split.train, split.val, cfg.eval) if recent else 0.0
+        popularity = PopularityOnline([split.train], halflife)
         result = evaluate(popularity, split.test, split.train, cfg.eval, warmup=split.val)
-        info: dict[str, Any] = {"params": 0, "params_grow": False, "train": {}, "config": {}}
+        info: dict[str, Any] = {"params": 0, "params_grow": False, "train": {}, "config": {"halflife": halflife}}
     elif spec.family == "baseline":
         result, info = _run_baseline(spec, cfg, split)
     else:

@@ -141,6 +141,9 @@ def _load_configs(config_file: str | None, overrides: dict[str, dict[str, Any]],
               help="serve: score each event with what was served just before it, then apply it (what a "
                    "deployed system can do); paper: encode and write the event's user and item first, then "
                    "score (the reference's protocol, no popularity prior). Default: the checkpoint's eval.protocol.")
+@click.option("--batch-size", "eval_batch_size", type=click.IntRange(min=1), default=None,
+              help="Events per evaluation micro-batch (default: the checkpoint's eval.batch_size). Scores are "
+                   "per event whatever the batch; only the encodings' pre-batch cache reads depend on it.")
 @click.option("--split", "split_name", type=click.Choice(["test", "val"]), default="test", show_default=True,
               help="Score the test events (after replaying validation) or the validation events: choose "
                    "settings on val, report test.")
@@ -148,7 +151,8 @@ def _load_configs(config_file: str | None, overrides: dict[str, dict[str, Any]],
               help="Folder for report.md, <model>.json, <model>.parquet (per event) and rank_vs_prior.png.")
 def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None, dataset_options: tuple[str, ...],
                      cache_dir: str | None, topic: str | None, bootstrap_servers: str | None, mode: str | None,
-                     nn: bool, baseline: str, protocol: str | None, split_name: str, out_dir: str | None) -> None:
+                     nn: bool, baseline: str, protocol: str | None, eval_batch_size: int | None, split_name: str,
+                     out_dir: str | None) -> None:
     """Score the test events online (after replaying the validation events) and print Table 1.
 
     The split is the checkpoint's (training.val_fraction / test_fraction), so keep/reset use the
@@ -182,7 +186,8 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
         halflife = cfgs.cache.popularity_halflife if baseline == "popularity-recent" else 0.0
         models.append(PopularityOnline([split.train], halflife))
     title = f"{dataset}: {split_name} events {len(split.test)}, mode {mode}"
-    report = evaluate_and_report(models, split, replace(cfgs.eval, protocol=protocol), title, out_dir,
+    eval_cfg = replace(cfgs.eval, protocol=protocol, batch_size=eval_batch_size or cfgs.eval.batch_size)
+    report = evaluate_and_report(models, split, eval_cfg, title, out_dir,
                                  plot_title=f"{dataset} ({mode}, {protocol})")
     click.echo(report)
     if out_dir:
