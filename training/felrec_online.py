@@ -188,12 +188,13 @@ class PopularityOnline:
             self._counts = np.concatenate([self._counts, new])
         B, col = len(batch), catalog.index(batch.item)
         steps = np.arange(B)
-        scores = torch.from_numpy(np.outer(self._decay(steps), self._counts))  # (B, C) older events, decayed
-        earlier = np.tril(self._decay(steps[:, None] - steps[None, :]), k=-1)  # (i, j): event j < i
+        decay = torch.from_numpy(self._decay(steps).astype(np.float32))  # (B,)
+        scores = torch.outer(decay, torch.from_numpy(self._counts.astype(np.float32)))  # (B, C) older events
+        earlier = np.tril(self._decay(steps[:, None] - steps[None, :]), k=-1).astype(np.float32)  # (i, j): j < i
         scores.index_add_(1, torch.from_numpy(col), torch.from_numpy(earlier))
         self._counts *= self._decay(np.asarray(B))
         np.add.at(self._counts, col, self._decay(B - steps))
-        return scores.to(torch.float32)
+        return scores
 
 
 def build_felrec(checkpoint: Checkpoint, mode: str = "keep", device: torch.device | str = "cpu",
