@@ -78,6 +78,11 @@ Restore rules (`restore`)
 - Every snapshot carries a `lineage` id, new whenever the worker starts without restoring one, so
   read replicas (`serve`) notice a directory that was reset even when its seq numbers went down.
 
+Several ranks (`consume` under torchrun / `--nproc`): this worker is rank 0 (`ranks`): it alone
+reads the source, snapshots and commits, and sends every batch to the followers
+(pipelines/replicas.py), each of which encodes a slice of it; all commit the whole batch. The
+guarantees above hold unchanged (only rank 0's snapshots exist); a rank that dies stops the job.
+
 The worker reads through the `felrec_stream.stream.source.Source` protocol (`KafkaSource` in
 production, `InMemorySource` in tests) and counts dead letters through `CountingDeadLetters`.
 
