@@ -321,8 +321,9 @@ def init(config: ParallelConfig | None = None) -> Ranks | None:
     except (RuntimeError, ValueError) as exc:
         raise ParallelError(f"rank {rank} of {size} could not join the job: {_first_line(exc)}") from None
     atexit.register(shutdown)
-    structlog.contextvars.bind_contextvars(rank=rank)  # every log line says which rank wrote it
-    log.info("ranks_joined", rank=rank, world_size=size, backend=backend, timeout_s=config.timeout_s)
+    # every log line says which rank wrote it; dist_rank, because `rank` is an evaluation metric's field
+    structlog.contextvars.bind_contextvars(dist_rank=rank)
+    log.info("ranks_joined", world_size=size, backend=backend, timeout_s=config.timeout_s)
     return Ranks(rank, size, local_rank, config.timeout_s, dist.group.WORLD, control)
 
 

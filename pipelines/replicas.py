@@ -90,7 +90,7 @@ class Follower:
 
     def run(self) -> FollowerResult:
         started = time.perf_counter()
-        log.info("follower_started", rank=self.ranks.rank, model_version=self.bundle.version)
+        log.info("follower_started", model_version=self.bundle.version)
         while True:
             kind, payload = self.ranks.exchange(self._asked)[0]
             if kind == "stop":

@@ -70,7 +70,7 @@ def launch(nproc: int, command: str) -> int:
             signal.signal(s, handler)
     if code:
         click.echo(f"error: the {nproc} ranks of `felrec-stream {command}` stopped with exit code {code} "
-                   "(torchrun's summary and each rank's log lines, field rank, above)", err=True)
+                   "(torchrun's summary and each rank's log lines, field dist_rank, above)", err=True)
     return code
 
 

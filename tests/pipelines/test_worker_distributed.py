@@ -68,6 +68,7 @@ def _scenarios(ranks: Ranks, checkpoint: str, tmp: str) -> dict:
     checkpoint, tmp_path = Path(checkpoint), Path(tmp)
     return {"first": _run(ranks, checkpoint, tmp_path / "snap", max_events=250, snapshot_every_events=96),
             "second": _run(ranks, checkpoint, tmp_path / "snap"),
+            "whole": _run(ranks, checkpoint, tmp_path / "whole"),  # the same stream, in one run
             "asked": _run(ranks, checkpoint, tmp_path / "asked", follower=_AskingFollower, until_end=False)}
 
 
@@ -97,6 +98,13 @@ def test_a_restart_restores_rank_0s_snapshot_on_every_rank_and_continues_exactly
     second = leader["second"]
     assert second["restored_seq"] is not None and second["applied"] == N_EVENTS
     assert second["applied_this_run"] == follower["second"]["applied_this_run"] == N_EVENTS - 256
+
+
+def test_two_runs_on_two_ranks_are_bit_identical(results):
+    """One uninterrupted run ends bit for bit where the run stopped at 256 events and restarted ends."""
+    for r in results:
+        assert r["whole"]["applied_this_run"] == N_EVENTS
+        assert_same_store(r["whole"]["store"], r["second"]["store"])
 
 
 def test_a_followers_stop_request_stops_the_job_gracefully(results, tmp_path):
@@ -153,7 +161,7 @@ def test_a_killed_rank_stops_the_job_and_a_restart_resumes_exactly_once(checkpoi
                                         fault="replica_batch_applied@10")  # rank 1 dies after its 10th batch
     assert code != 0, stderr[-2000:]  # stopped (subprocess.run's timeout would catch a hang)
     killed = [r for r in records if r.get("event") == "fault_injected"]
-    assert [r.get("rank") for r in killed] == [1], stderr[-3000:]
+    assert [r.get("dist_rank") for r in killed] == [1], stderr[-3000:]
     assert "error: rank 0 of 2: " in stderr  # rank 0 noticed at once and stopped with one line
     assert "error: the 2 ranks of `felrec-stream consume` stopped" in stderr
     durable = SnapshotManager(snapshot_dir).latest_valid().meta["applied_events"]

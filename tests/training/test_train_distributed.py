@@ -86,6 +86,7 @@ def _scenarios(ranks: Ranks, tmp: str) -> dict:
     ranks.exchange(None)  # rank 0's checkpoint is written before anyone reads it
     out["checkpoint"] = load_checkpoint(Path(tmp, "a", "rank0", "last.pt"))
     out["eval_ranks"] = _evaluate(Path(tmp, "a", "rank0", "best.pt"), ranks)
+    out["eval_ranks_again"] = _evaluate(Path(tmp, "a", "rank0", "best.pt"), ranks)
     return out
 
 
@@ -148,6 +149,8 @@ def test_only_rank_0_writes_checkpoints(ranks_results):
     assert ranks_results[1]["a"]["files"] == []
 
 
-def test_evaluation_on_two_ranks_equals_one_process(ranks_results, single):
+def test_evaluation_on_two_ranks_equals_one_process_and_repeats_bit_for_bit(ranks_results, single):
     for r in ranks_results:
         np.testing.assert_allclose(r["eval_ranks"], single["eval_ranks"], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(r["eval_ranks_again"], r["eval_ranks"])
+    np.testing.assert_array_equal(ranks_results[0]["eval_ranks"], ranks_results[1]["eval_ranks"])
