@@ -154,6 +154,7 @@ def _final_store(snapshot_dir: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.kafka
+@pytest.mark.slow  # torchrun and 2 fresh ranks, then a restart: ~25 s; CI runs it
 def test_a_killed_rank_stops_the_job_and_a_restart_resumes_exactly_once(checkpoint, kafka, topic, uninterrupted,
                                                                        tmp_path):
     snapshot_dir = tmp_path / "snap"

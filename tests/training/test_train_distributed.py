@@ -41,6 +41,7 @@ SETUPS = {  # the serve recipe; the paper's Q (MLP heads with BatchNorm, learned
                  TRAINING, EVAL, CACHE),
 }
 STEPS = 4
+pytestmark = pytest.mark.slow  # ~30 s on 2 loaded cores (one spawn of 2 ranks); CI runs it
 
 
 def _events():
