@@ -18,6 +18,7 @@ from felrec_stream.config import (CacheConfig, Configs, EncoderConfig, EvalConfi
                                   TrainingConfig, replace)
 from felrec_stream.data import synthetic
 from felrec_stream.data.split import chronological_split
+from felrec_stream.errors import ParallelError
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.parallel import Ranks, sync_batch_norms
 from felrec_stream.state.checkpoint import load_checkpoint
@@ -82,13 +83,22 @@ def _evaluate(checkpoint: Path, ranks: Ranks | None) -> np.ndarray:
 def _scenarios(ranks: Ranks, tmp: str) -> dict:
     out: dict = {"steps": {name: _steps(configs, ranks) for name, configs in SETUPS.items()}}
     runs = {name: Path(tmp, name, f"rank{ranks.rank}") for name in ("a", "resumed")}
-    out["a"] = _train(SETUPS["serve"], runs["a"], ranks)
-    out["resumed"] = _train(SETUPS["serve"], runs["resumed"], ranks, resume_after=1)  # a second run, in two
-    ranks.exchange(None)  # rank 0's checkpoint is written before anyone reads it
-    out["checkpoint"] = load_checkpoint(Path(tmp, "a", "rank0", "last.pt"))
-    out["eval_ranks"] = _evaluate(Path(tmp, "a", "rank0", "best.pt"), ranks)
-    out["eval_ranks_again"] = _evaluate(Path(tmp, "a", "rank0", "best.pt"), ranks)
+    try:  # diverged replicas stop training on every rank alike: the step tests above still report
+        out["a"] = _train(SETUPS["serve"], runs["a"], ranks)
+        out["resumed"] = _train(SETUPS["serve"], runs["resumed"], ranks, resume_after=1)  # a second run, in two
+        ranks.exchange(None)  # rank 0's checkpoint is written before anyone reads it
+        out["checkpoint"] = load_checkpoint(Path(tmp, "a", "rank0", "last.pt"))
+        out["eval_ranks"] = _evaluate(Path(tmp, "a", "rank0", "best.pt"), ranks)
+        out["eval_ranks_again"] = _evaluate(Path(tmp, "a", "rank0", "best.pt"), ranks)
+    except ParallelError as exc:
+        out["error"] = str(exc)
     return out
+
+
+def _completed(results: list[dict]) -> list[dict]:
+    for r in results:
+        assert "error" not in r, r["error"]
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +134,7 @@ def test_training_steps_on_two_ranks_equal_one_process(ranks_results, name):
 def test_training_on_two_ranks_equals_one_process(ranks_results, single):
     """Two epochs of the serve recipe (popularity prior calibrated on validation): per-epoch loss,
     validation rank and spread, the saved weights and cache."""
-    rank0 = ranks_results[0]
+    rank0 = _completed(ranks_results)[0]
     for got, expected in zip(rank0["a"]["history"], single["history"], strict=True):
         assert got["popularity_weight"] == expected["popularity_weight"]
         for key in ("loss", "val_rank", "val_hit_rate", "spread"):
@@ -140,18 +150,19 @@ def test_training_on_two_ranks_equals_one_process(ranks_results, single):
 
 def test_two_runs_on_two_ranks_are_bit_identical_and_resume_exactly(ranks_results):
     """The second run stops after epoch 1 and resumes from rank 0's checkpoint: bit-identical."""
-    for r in ranks_results:
+    for r in _completed(ranks_results):
         assert r["a"]["history"] == r["resumed"]["history"]
     assert ranks_results[0]["a"]["history"] == ranks_results[1]["a"]["history"]  # the replicas agree
 
 
 def test_only_rank_0_writes_checkpoints(ranks_results):
+    _completed(ranks_results)
     assert ranks_results[0]["a"]["files"] == ["best.pt", "last.pt"]
     assert ranks_results[1]["a"]["files"] == []
 
 
 def test_evaluation_on_two_ranks_equals_one_process_and_repeats_bit_for_bit(ranks_results, single):
-    for r in ranks_results:
+    for r in _completed(ranks_results):
         np.testing.assert_allclose(r["eval_ranks"], single["eval_ranks"], rtol=0, atol=1e-6)
         np.testing.assert_array_equal(r["eval_ranks_again"], r["eval_ranks"])
     np.testing.assert_array_equal(ranks_results[0]["eval_ranks"], ranks_results[1]["eval_ranks"])
