@@ -205,6 +205,22 @@ class KafkaConfig:
             check(problem is None, f"kafka.{name}: {problem}")
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Data-parallel ranks under torchrun (felrec_stream/parallel.py). A deployment setting like
+    kafka: not part of a trained model, never saved in a checkpoint."""
+
+    # A collective that waits longer fails the job with an error instead of hanging (a rank that
+    # died is noticed at once: its connections close). Must exceed the longest step rank 0 takes
+    # alone while the others wait: a checkpoint, validation report or snapshot write.
+    timeout_s: float = 300.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL for CUDA tensors where available, else gloo
+
+    def __post_init__(self) -> None:
+        check(self.timeout_s > 0, "parallel.timeout_s must be > 0")
+        check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend must be auto, gloo or nccl")
+
+
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_TOPIC_CHARS = 249
 
@@ -257,7 +273,7 @@ class Configs:
 
 
 # The one map from section name to config class (config files, environment, checkpoints).
-SECTIONS: dict[str, type] = {**typing.get_type_hints(Configs), "kafka": KafkaConfig}
+SECTIONS: dict[str, type] = {**typing.get_type_hints(Configs), "kafka": KafkaConfig, "parallel": ParallelConfig}
 BUNDLED_SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Configs))
 
 

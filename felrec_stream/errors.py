@@ -43,3 +43,7 @@ class ReplayError(KafkaError):
 
 class ServiceError(FelrecError):
     """The query service cannot start or answer."""
+
+
+class ParallelError(FelrecError):
+    """A data-parallel job cannot go on: a rank stopped or hangs, or the replicas diverged."""

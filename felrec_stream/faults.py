@@ -8,6 +8,7 @@ itself the n-th time (default: the first) it reaches `fault_point(point)`. Point
     snapshot_committed         CURRENT names the new snapshot, older ones are not pruned yet
     snapshot_pruning           the first old snapshot directory is deleted, others remain
     dead_letter_sent           a poison message was handed to the dead-letter producer, not flushed
+    replica_batch_applied      a follower rank of a data-parallel `consume` applied a batch (pipelines/replicas.py)
 
 Why in the product and not in the tests: a signal sent from outside after a log line lands
 "somewhere after" it, so a drill could not tell a kill during a snapshot write from one after it.

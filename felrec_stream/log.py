@@ -51,10 +51,19 @@ class _LibraryLogBridge(logging.Handler):
 
 
 class _CurrentStderr:
-    """Writes to whatever sys.stderr is *now* (test capture and redirection swap it after start-up)."""
+    """Writes to whatever sys.stderr is *now* (test capture and redirection swap it after start-up),
+    each line in one write: processes sharing a stderr (ranks under torchrun) never interleave
+    inside a line (print writes the text and its newline separately)."""
+
+    def __init__(self) -> None:
+        self._pending = threading.local()
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        line = getattr(self._pending, "text", "") + text
+        self._pending.text = "" if line.endswith("\n") else line
+        if not self._pending.text:
+            sys.stderr.write(line)
+        return len(text)
 
     def flush(self) -> None:
         sys.stderr.flush()

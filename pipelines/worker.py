@@ -78,6 +78,11 @@ Restore rules (`restore`)
 - Every snapshot carries a `lineage` id, new whenever the worker starts without restoring one, so
   read replicas (`serve`) notice a directory that was reset even when its seq numbers went down.
 
+Several ranks (`consume` under torchrun / `--nproc`): this worker is rank 0 (`ranks`): it alone
+reads the source, snapshots and commits, and sends every batch to the followers
+(pipelines/replicas.py), each of which encodes a slice of it; all commit the whole batch. The
+guarantees above hold unchanged (only rank 0's snapshots exist); a rank that dies stops the job.
+
 The worker reads through the `felrec_stream.stream.source.Source` protocol (`KafkaSource` in
 production, `InMemorySource` in tests) and counts dead letters through `CountingDeadLetters`.
 
@@ -111,6 +116,7 @@ from felrec_stream.errors import ConfigError, KafkaError, ModelError, StoreError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import FELRec
+from felrec_stream.parallel import Ranks
 from felrec_stream.state.checkpoint import load_checkpoint
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.faiss_store import make_store
@@ -303,8 +309,14 @@ class StreamWorker:
     def __init__(self, bundle: ModelBundle, store: RepresentationStore, source: Source, options: WorkerOptions,
                  snapshots: SnapshotManager | None = None, metrics: WorkerMetrics | None = None,
                  lock: Any = None, timestamp_unit: str = "s", dead_letters: CountingDeadLetters | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, ranks: Ranks | None = None) -> None:
         self.bundle, self.store, self.source, self.options = bundle, store, source, options
+        self.ranks = ranks  # data-parallel: this is rank 0, the followers apply what it sends (pipelines/replicas.py)
+        self.replicas = None
+        if ranks is not None:
+            from pipelines.replicas import Leader  # the followers' protocol imports this module
+
+            self.replicas = Leader(ranks, self.request_stop)
         self.dead_letters = dead_letters  # the sink the source sends to, for exact counts
         self.snapshots = snapshots
         self.metrics = metrics or WorkerMetrics()
@@ -337,6 +349,8 @@ class StreamWorker:
             self.snapshots.acquire()  # one writer for the whole life; a bad directory fails here
         try:
             positions = self.restore()
+            if self.replicas is not None:  # the followers start from rank 0's restored store
+                self.replicas.send("state", self.store.state_dict() if self.restored_seq is not None else None)
             try:
                 self.source.open(positions)
                 self.ready = True
@@ -345,6 +359,8 @@ class StreamWorker:
                          model_version=self.bundle.version, restored_seq=self.restored_seq, lineage=self.lineage)
                 self._loop()
                 self._final_snapshot()
+                if self.replicas is not None:  # only after a clean stop: on an error the followers lose rank 0
+                    self.replicas.send("stop", self._stop_reason)
             finally:
                 self.source.close()  # flushes pending dead letters
                 if self.dead_letters is not None:
@@ -366,6 +382,8 @@ class StreamWorker:
                 self._stop_reason = "end_of_topic"
                 return
             batch = self.source.poll_batch(0.1)
+            if self.replicas is not None:  # every turn, also idle ones (heartbeat)
+                self.replicas.send("idle" if batch is None else "batch", batch)
             if batch is not None:
                 self.apply(batch)
                 if self.options.max_events is not None and self._run_applied >= self.options.max_events:
@@ -379,7 +397,7 @@ class StreamWorker:
         """infer_batch on the store (under the lock), then counters, metrics and `batch_applied`."""
         started = time.perf_counter()
         with self.lock:
-            infer_batch(self.bundle.model, self.store, batch, self.bundle.cache)
+            infer_batch(self.bundle.model, self.store, batch, self.bundle.cache, self.ranks)
         seconds = time.perf_counter() - started
         self.progress.applied += len(batch)
         self.progress.batches += 1
@@ -442,6 +460,8 @@ class StreamWorker:
         log.info("snapshot_writing", applied=self.progress.applied, offsets=offsets)
         with self.lock:
             state = {"store": self.store.state_dict()}  # copies: the write below needs no lock
+        if self.replicas is not None:
+            self.replicas.check(state["store"])  # what is written is every rank's state
         self.progress.offsets = offsets
         path = self.snapshots.write_state(state, self._meta())
         seconds = time.perf_counter() - started
@@ -581,23 +601,32 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def build_worker(checkpoint: str | Path, kafka_config: KafkaConfig, options: WorkerOptions, *,
-                 shards: int | None = None, index_type: str | None = None, device: str = "auto",
-                 snapshot_dir: str | Path | None = None, keep_snapshots: int = 3,
-                 metrics: WorkerMetrics | None = None, lock: Any = None,
-                 source_kwargs: Mapping[str, Any] | None = None) -> StreamWorker:
-    """Wire model, FAISS store, ordered source and snapshots (kafka_config needs bootstrap servers)."""
+def model_and_store(checkpoint: str | Path, *, shards: int | None = None, index_type: str | None = None,
+                    device: str = "auto", ranks: Ranks | None = None) -> tuple[ModelBundle, RepresentationStore]:
+    """The trained encoder (with the worker's shards/index_type overrides) and an empty FAISS store."""
     torch_device = resolve_device(device)
+    if ranks is not None:
+        torch_device = ranks.place(torch_device)
     bundle = load_model(checkpoint, torch_device)
     overrides = {k: v for k, v in (("shards", shards), ("index_type", index_type)) if v is not None}
     cache = replace(bundle.cache, **overrides)
     bundle = ModelBundle(bundle.model, cache, bundle.configs, bundle.version, bundle.path)
-    store = make_store(bundle.dim, cache, torch_device)
+    return bundle, make_store(bundle.dim, cache, torch_device)
+
+
+def build_worker(checkpoint: str | Path, kafka_config: KafkaConfig, options: WorkerOptions, *,
+                 shards: int | None = None, index_type: str | None = None, device: str = "auto",
+                 snapshot_dir: str | Path | None = None, keep_snapshots: int = 3,
+                 metrics: WorkerMetrics | None = None, lock: Any = None,
+                 source_kwargs: Mapping[str, Any] | None = None, ranks: Ranks | None = None) -> StreamWorker:
+    """Wire model, FAISS store, ordered source and snapshots (kafka_config needs bootstrap servers).
+    With data-parallel `ranks` this is rank 0's worker (the others: `replicas.build_follower`)."""
+    bundle, store = model_and_store(checkpoint, shards=shards, index_type=index_type, device=device, ranks=ranks)
     dead_letters = CountingDeadLetters(lambda: KafkaDeadLetters(kafka_config))
     source = make_source(kafka_config, options, dead_letters=dead_letters, **dict(source_kwargs or {}))
     snapshots = SnapshotManager(snapshot_dir, keep=keep_snapshots) if snapshot_dir is not None else None
     return StreamWorker(bundle, store, source, options, snapshots, metrics, lock, kafka_config.timestamp_unit,
-                        dead_letters)
+                        dead_letters, ranks=ranks)
 
 
 def store_fingerprint(store: RepresentationStore) -> dict[str, np.ndarray | list[str]]:

@@ -44,6 +44,7 @@ RULES = [
     Rule("pipelines", allow=frozenset({"pipelines", "connectors", "felrec_stream"})),
     Rule("training", allow=frozenset({"training", "felrec_stream"})),
     *(Rule(f"felrec_stream/{name}.py", allow=FOUNDATIONS) for name in FOUNDATION_MODULES),
+    Rule("felrec_stream/parallel.py", allow=FOUNDATIONS | {"felrec_stream.model"}),
     Rule("felrec_stream/model", allow=PURE, project_only=False),
     Rule("training/baselines/models.py", allow=PURE, project_only=False),
     Rule("felrec_stream/state", deny=READ_SIDE),

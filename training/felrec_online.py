@@ -34,8 +34,9 @@ from felrec_stream.errors import ModelError
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.model.ranking import nearest_neighbour_queries
 from felrec_stream.state.checkpoint import Checkpoint
+from felrec_stream.parallel import Ranks
 from felrec_stream.state.engine import (BatchInputs, commit_batch, encode, encode_after, infer_batch, prepare_batch,
-                                        previous_same, visible_updates, written_vectors)
+                                        previous_same, visible_updates, whole_after, whole_batch, written_vectors)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch
 from training.protocol import EVAL_PARTITIONS, ItemCatalog
@@ -50,8 +51,9 @@ class FELRecOnline:
 
     def __init__(self, model: FELRec, store: RepresentationStore, cache_cfg: CacheConfig,
                  nn_neighbors: int | None = None, name: str | None = None, protocol: str = "serve",
-                 scoring: ScoringConfig = DEFAULT_SCORING) -> None:
+                 scoring: ScoringConfig = DEFAULT_SCORING, ranks: Ranks | None = None) -> None:
         self.model, self.store, self.cache_cfg = model, store, cache_cfg
+        self.ranks = ranks  # data-parallel: each rank encodes its slice of a batch, scores are replicated
         self.nn_neighbors, self.protocol, self.scoring = nn_neighbors, protocol, scoring
         self.mode = "keep"  # set by build_felrec: which events the evaluator replays first
         variant = f"FELRec-{model.config.variant.upper()}"
@@ -71,7 +73,7 @@ class FELRecOnline:
         was_training = self.model.training
         self.model.eval()
         try:
-            infer_batch(self.model, self.store, batch, self.cache_cfg)
+            infer_batch(self.model, self.store, batch, self.cache_cfg, self.ranks)
         finally:
             self.model.train(was_training)
 
@@ -91,9 +93,9 @@ class FELRecOnline:
                with_prior: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         post = self.model.config.cache_update == "post_event"
         device = next(self.model.parameters()).device
-        inputs = prepare_batch(self.store, batch, device, self.cache_cfg, after=post)
-        u, x = encode(self.model, inputs)  # (B, D) each: histories before each event
-        after = encode_after(self.model, inputs) if post else None
+        inputs = prepare_batch(self.store, batch, device, self.cache_cfg, after=post, ranks=self.ranks)
+        u, x = whole_batch(self.ranks, inputs, *encode(self.model, inputs))  # (B, D) each: histories before each event
+        after = whole_after(self.ranks, inputs, encode_after(self.model, inputs)) if post else None
         W_u, W_x = written_vectors(inputs, u, x, after)  # (B, D) what each event leaves in the store
         Q = self._queries(self._user_vectors(inputs, u, W_u), inputs)  # (B, D)
         slots = self._catalog_slots(catalog)
@@ -198,9 +200,11 @@ class PopularityOnline:
 
 
 def build_felrec(checkpoint: Checkpoint, mode: str = "keep", device: torch.device | str = "cpu",
-                 nn_neighbors: int | None = None, protocol: str | None = None) -> FELRecOnline:
+                 nn_neighbors: int | None = None, protocol: str | None = None,
+                 ranks: Ranks | None = None) -> FELRecOnline:
     """A FELRecOnline from a checkpoint: weights and scoring always; the training cache only in
-    "keep" mode. protocol defaults to the checkpoint's eval config."""
+    "keep" mode. protocol defaults to the checkpoint's eval config. With data-parallel `ranks`
+    each rank encodes its slice of every batch (the model is in eval mode: no statistics to sync)."""
     if mode not in EVAL_MODES:
         raise ModelError(f"evaluation mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
     cfg = checkpoint.configs
@@ -213,7 +217,7 @@ def build_felrec(checkpoint: Checkpoint, mode: str = "keep", device: torch.devic
             raise ModelError("this checkpoint holds no cache: evaluate it with --mode reset or zero-shot")
         store.load_state_dict(checkpoint.store_state)
     online = FELRecOnline(model, store, cfg.cache, nn_neighbors, protocol=protocol or cfg.eval.protocol,
-                          scoring=cfg.scoring)
+                          scoring=cfg.scoring, ranks=ranks)
     online.name = f"{online.name} ({mode})"
     online.mode = mode
     return online

@@ -11,6 +11,7 @@ vectors all point the same way.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -31,7 +32,9 @@ from felrec_stream.model.felrec import FELRec
 from felrec_stream.model.losses import representation_spread
 from felrec_stream.progress import ProgressLog
 from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
-from felrec_stream.state.engine import DEFAULT_CACHE, commit_batch, encode, encode_after, infer_batch, prepare_batch
+from felrec_stream.parallel import Ranks, sync_batch_norms
+from felrec_stream.state.engine import (DEFAULT_CACHE, commit_batch, encode, encode_after, infer_batch, prepare_batch,
+                                        whole_after, whole_batch)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.evaluate import EvalResult, evaluate, evaluate_variants
@@ -66,6 +69,7 @@ class _State:
     optimizer: torch.optim.Optimizer
     schedule: CosineWarmupSchedule
     configs: Configs
+    ranks: Ranks | None = None  # data-parallel job (None: one process)
     epoch: int = 0
     best_val_rank: float = math.inf
     best_epoch: int = -1
@@ -78,33 +82,43 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def train(events: pa.Table, configs: Configs, out_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Train FELRec on the chronological training part of `events`; checkpoints go to out_dir."""
+def train(events: pa.Table, configs: Configs, out_dir: str | Path, resume: bool = False,
+          ranks: Ranks | None = None) -> TrainResult:
+    """Train FELRec on the chronological training part of `events`; checkpoints go to out_dir.
+
+    With data-parallel `ranks` (felrec_stream.parallel) every rank runs this on the same events,
+    each encoding its slice of every batch; only rank 0 writes the checkpoints."""
     out = Path(out_dir)
     training_cfg = configs.training
     split = chronological_split(events, training_cfg.val_fraction, training_cfg.test_fraction)
     device = resolve_device(training_cfg.device)
-    if configs.scoring.calibrate_popularity:  # deterministic: a resumed run chooses the same
+    if ranks is not None:
+        device = ranks.place(device)
+    if configs.scoring.calibrate_popularity:  # deterministic: a resumed run (and every rank) chooses the same
         configs = replace(configs, cache=replace(configs.cache, popularity_halflife=choose_popularity_halflife(
             split.train, split.val, configs.eval)))
-    state = _new_state(configs, device)
+    state = _new_state(configs, device, ranks)
     if resume:
         _resume(state, out / LAST)
     if training_cfg.warmup_epochs >= training_cfg.epochs > 0:
         log.warning("warmup_covers_all_epochs", warmup_epochs=training_cfg.warmup_epochs, epochs=training_cfg.epochs)
     log.info("training_started", train_events=len(split.train), val_events=len(split.val),
              test_events=len(split.test), variant=configs.model.variant, device=str(device),
-             start_epoch=state.epoch, epochs=training_cfg.epochs, out_dir=str(out))
+             start_epoch=state.epoch, epochs=training_cfg.epochs, out_dir=str(out),
+             ranks=1 if ranks is None else ranks.size)
     while state.epoch < training_cfg.epochs:
         _run_epoch(state, split.train, split.val, out)
     return TrainResult(out, out / LAST, out / BEST if (out / BEST).exists() else None, state.epoch,
                        state.best_val_rank, state.best_epoch, list(state.history))
 
 
-def _new_state(configs: Configs, device: torch.device) -> _State:
+def _new_state(configs: Configs, device: torch.device, ranks: Ranks | None = None) -> _State:
     training_cfg = configs.training
     seed_everything(training_cfg.seed)
     model = FELRec(configs.encoder, configs.model).to(device)
+    if ranks is not None:
+        ranks.replicate(model)
+        sync_batch_norms(model, ranks)  # training batch statistics = the whole batch's
     store = RepresentationStore.for_cache(configs.encoder.d_model, configs.cache, device)
     if training_cfg.optimizer == "adam":
         optimizer = torch.optim.AdamW(model.parameters(), lr=training_cfg.lr, weight_decay=training_cfg.weight_decay)
@@ -113,11 +127,14 @@ def _new_state(configs: Configs, device: torch.device) -> _State:
                                     weight_decay=training_cfg.weight_decay)
     schedule = CosineWarmupSchedule(optimizer, training_cfg.lr, training_cfg.min_lr,
                                     training_cfg.warmup_epochs, training_cfg.epochs)
-    return _State(model, store, optimizer, schedule, configs)
+    return _State(model, store, optimizer, schedule, configs, ranks=ranks)
 
 
 def _resume(state: _State, path: Path) -> None:
-    checkpoint = load_checkpoint(path, map_location=state.store.device)
+    if state.ranks is None:
+        checkpoint = load_checkpoint(path, map_location=state.store.device)
+    else:  # every rank resumes from rank 0's file (the ranks need not share a file system)
+        checkpoint = state.ranks.from_leader(lambda: load_checkpoint(path, map_location="cpu"))
     for name in ("encoder", "model", "cache"):
         saved, requested = getattr(checkpoint.configs, name), getattr(state.configs, name)
         if saved != requested:
@@ -136,17 +153,20 @@ def _resume(state: _State, path: Path) -> None:
 
 def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out: Path) -> None:
     """One epoch: replay, validate, checkpoint, collapse check."""
-    cfgs = state.configs
+    cfgs, ranks = state.configs, state.ranks
     epoch = state.epoch
-    torch.manual_seed(cfgs.training.seed + epoch)  # per-epoch seed: a resumed run replays identically
+    seed = cfgs.training.seed + epoch  # per-epoch seed: a resumed run replays identically
+    torch.manual_seed(seed if ranks is None else ranks.seed(seed))  # rank 0 draws what one process draws
     lr = state.schedule.start_epoch(epoch)
     started = time.perf_counter()
     loss = train_epoch(state.model, state.store, state.optimizer, train_events, cfgs.training.batch_size,
-                       cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}")
+                       cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}", ranks=ranks)
     seconds = time.perf_counter() - started
     spread = float(representation_spread(state.store.users.vectors.all()))
     store_state = state.store.state_dict()  # the cache after training, before validation moves it on
-    val, scoring = validate(state.model, state.store, cfgs, val_events, train_events)
+    if ranks is not None:  # cheap insurance once an epoch: the replicas must be bit-identical
+        ranks.agree({"model": state.model.state_dict(), "store": store_state}, "model and cache after the epoch")
+    val, scoring = validate(state.model, state.store, cfgs, val_events, train_events, ranks)
     val_rank = val.mean_rank
     state.epoch = epoch + 1
     state.spread_history.append(spread)
@@ -159,10 +179,11 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     improved = val_rank < state.best_val_rank
     if improved:
         state.best_val_rank, state.best_epoch = val_rank, epoch + 1
-    checkpoint = _checkpoint(state, store_state, replace(cfgs, scoring=scoring))
-    save_checkpoint(checkpoint, out / LAST)
-    if improved:
-        save_checkpoint(checkpoint, out / BEST)
+    if ranks is None or ranks.leader:  # one writer
+        checkpoint = _checkpoint(state, store_state, replace(cfgs, scoring=scoring))
+        save_checkpoint(checkpoint, out / LAST)
+        if improved:
+            save_checkpoint(checkpoint, out / BEST)
     if is_collapsed(state.spread_history, cfgs.training.min_spread, cfgs.training.collapse_patience):
         log.error("representation_collapse", epoch=epoch + 1, spread=spread,
                   min_spread=cfgs.training.min_spread, patience=cfgs.training.collapse_patience)
@@ -185,11 +206,11 @@ def choose_popularity_halflife(train_events: pa.Table, val_events: pa.Table, eva
 
 
 def validate(model: FELRec, store: RepresentationStore, cfgs: Configs, val_events: pa.Table,
-             train_events: pa.Table) -> tuple[EvalResult, ScoringConfig]:
+             train_events: pa.Table, ranks: Ranks | None = None) -> tuple[EvalResult, ScoringConfig]:
     """Replay the validation events from the epoch's cache (under the eval protocol); with
     `scoring.calibrate_popularity` every weight of POPULARITY_WEIGHTS is scored in the same replay
     and the best (lowest validation rank) is kept. Returns the result and the scoring used."""
-    online = FELRecOnline(model, store, cfgs.cache, protocol=cfgs.eval.protocol, scoring=cfgs.scoring)
+    online = FELRecOnline(model, store, cfgs.cache, protocol=cfgs.eval.protocol, scoring=cfgs.scoring, ranks=ranks)
     if not cfgs.scoring.calibrate_popularity:
         return evaluate(online, val_events, train_events, cfgs.eval), cfgs.scoring
     results = evaluate_variants(online, val_events, train_events, cfgs.eval, popularity_weights=POPULARITY_WEIGHTS)
@@ -216,7 +237,7 @@ def is_collapsed(spread_history: list[float], min_spread: float, patience: int) 
 
 def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer,
                 events: pa.Table, batch_size: int, cache: CacheConfig = DEFAULT_CACHE, desc: str = "epoch",
-                timer: dict[str, float] | None = None) -> float:
+                timer: dict[str, float] | None = None, ranks: Ranks | None = None) -> float:
     """Empty the cache, replay `events` in order; returns the mean training loss per batch."""
     from tqdm import tqdm
 
@@ -226,7 +247,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     progress = ProgressLog("train_progress", total_events=len(events), epoch=desc)  # logs outside a TTY too
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for batch in iter_batches(events, batch_size):
-            loss = train_step(model, store, optimizer, batch, cache, timer)
+            loss = train_step(model, store, optimizer, batch, cache, timer, ranks)
             if loss is not None:
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -237,30 +258,41 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
 
 
 def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, batch: EventBatch,
-               cache: CacheConfig = DEFAULT_CACHE, timer: dict[str, float] | None = None) -> float | None:
+               cache: CacheConfig = DEFAULT_CACHE, timer: dict[str, float] | None = None,
+               ranks: Ranks | None = None) -> float | None:
     """prepare -> encode -> loss -> SGD step -> commit. A batch of one event (BatchNorm needs two)
     only updates the cache. Returns the loss, or None for such a batch.
 
     With cache_update="post_event" the loss is the paper's (histories before the event) and the
-    cache receives the encodings of the histories after the batch (no gradient)."""
+    cache receives the encodings of the histories after the batch (no gradient). With `ranks`
+    this rank encodes its slice of the batch; the loss is its share of the batch mean, the
+    gradients are summed over the ranks and every rank commits the whole batch."""
     if len(batch) < 2:
-        infer_batch(model, store, batch, cache)
+        infer_batch(model, store, batch, cache, ranks)
         return None
     device = next(model.parameters()).device
     post = model.config.cache_update == "post_event"
     t0 = time.perf_counter()
-    inputs = prepare_batch(store, batch, device, cache, after=post)
+    inputs = prepare_batch(store, batch, device, cache, after=post, ranks=ranks)
     t1 = time.perf_counter()
-    u, x = encode(model, inputs)  # (B, D), (B, D)
-    loss = model.loss(u, x)
+    u, x = encode(model, inputs)  # (B, D), (B, D); with ranks this rank's (b, D)
+    if ranks is None:
+        loss = model.loss(u, x)
+    else:  # this slice's share of the batch mean; the queue gets every rank's keys
+        loss = model.loss(u, x, len(batch), functools.partial(ranks.gather_rows, n=len(batch)))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if ranks is not None:
+        ranks.sum_gradients(model.parameters())
     optimizer.step()
     value = float(loss.detach())  # syncs the device, so the timings below are honest
+    if ranks is not None:
+        value = ranks.sum(value)  # the shares add up to the batch mean
     t2 = time.perf_counter()
+    u, x = whole_batch(ranks, inputs, u, x)
     if post:
         with torch.no_grad():
-            after = encode_after(model, inputs)
+            after = whole_after(ranks, inputs, encode_after(model, inputs))
         commit_batch(store, inputs, u, x, after)
     else:
         commit_batch(store, inputs, u, x)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import click
 
-from felrec_stream.cli.group import cli
+from felrec_stream.cli.group import cli, start_ranks
 from felrec_stream.config import CacheConfig, literal_choices
 
 
@@ -81,16 +81,29 @@ def consume(**opts: Any) -> None:
         snapshot_every_events=opts["snapshot_every_events"], snapshot_every_seconds=opts["snapshot_every_seconds"],
         allow_model_change=opts["allow_model_change"], reset_state=opts["reset_state"],
         group_id=opts["group_id"] or f"felrec-consume-{opts['topic']}")
+    ranks = start_ranks(sections)
+    if ranks is not None and not ranks.leader:
+        _follow(ranks, opts)  # rank > 0: no broker, no snapshots, no HTTP; applies what rank 0 sends
+        return
     with ensure_broker(kafka) as servers:
         worker = build_worker(opts["checkpoint"], replace(kafka, bootstrap_servers=servers), options,
                               shards=opts["shards"], index_type=opts["index_type"], device=opts["device"],
                               snapshot_dir=opts["snapshot_dir"] or _default_snapshot_dir(opts["topic"]),
-                              keep_snapshots=opts["keep_snapshots"])
+                              keep_snapshots=opts["keep_snapshots"], ranks=ranks)
         if opts["metrics_port"]:
             worker.metrics.serve(opts["metrics_port"])
         with _stop_on_signals(worker), _maybe_serve(worker, opts["serve"], opts["http_host"], opts["http_port"]):
             result = worker.run()
     click.echo(json.dumps(dataclasses.asdict(result), default=str))
+
+
+def _follow(ranks: Any, opts: dict[str, Any]) -> None:
+    from pipelines.replicas import build_follower
+
+    follower = build_follower(opts["checkpoint"], ranks, shards=opts["shards"], index_type=opts["index_type"],
+                              device=opts["device"])
+    with _stop_on_signals(follower):  # passed on to rank 0, which stops everyone
+        follower.run()
 
 
 def _default_snapshot_dir(topic: str) -> Path:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from felrec_stream.cli.group import cli, parse_key_values
+from felrec_stream.cli.group import cli, parse_key_values, start_ranks
 from felrec_stream.config import (EVAL_MODES, EVAL_PROTOCOLS, PRESET_DESCRIPTIONS, PRESETS, Configs, ModelConfig,
                                   literal_choices, merge_sections, preset_sections, read_config_file)
 
@@ -107,8 +107,13 @@ def train_command(dataset: str | None, path: str | None, dataset_options: tuple[
     cfgs = _load_configs(config_file, {"model": {"variant": variant},
                                        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                                                     "device": device}}, preset)
-    events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
-    result = train(events, cfgs, out_dir, resume=resume)
+    ranks = start_ranks(read_config_file(config_file))
+    load = lambda: load_events(dataset, path, cache_dir, parse_key_values(dataset_options),  # noqa: E731
+                               topic, bootstrap_servers)
+    events = load() if ranks is None else ranks.from_leader(load)  # one read of a file or topic, sent to all
+    result = train(events, cfgs, out_dir, resume=resume, ranks=ranks)
+    if ranks is not None and not ranks.leader:
+        return  # rank 0 writes and prints
     summary = {"dataset": _label(dataset, path), "topic": topic, "epochs_completed": result.epochs_completed,
                "best_epoch": result.best_epoch,
                "best_val_rank": result.best_val_rank, "last_checkpoint": str(result.last_checkpoint),
@@ -166,29 +171,37 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
     from training.evaluate import evaluate_and_report
     from training.felrec_online import PopularityOnline, build_felrec
 
-    checkpoint = load_checkpoint(checkpoint_path)
+    ranks = start_ranks()
+    read = lambda: (load_checkpoint(checkpoint_path),  # noqa: E731
+                    load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers))
+    checkpoint, events = read() if ranks is None else ranks.from_leader(read)  # rank 0 reads, all get it
     cfgs = checkpoint.configs
     mode = mode or cfgs.eval.mode
-    events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
     dataset = _label(dataset, path) if dataset else f"topic {topic}"
     split = chronological_split(events, cfgs.training.val_fraction, cfgs.training.test_fraction)
     # a checkpoint trained on a GPU stays usable on a machine without one
     device = resolve_device(cfgs.training.device if cfgs.training.device != "cuda" else "auto")
+    if ranks is not None:
+        device = ranks.place(device)
     protocol = protocol or cfgs.eval.protocol
     if protocol == "paper":  # the reference's protocol and score: no popularity prior
         checkpoint = replace(checkpoint, configs=replace(cfgs, scoring=ScoringConfig()))
     if split_name == "val":  # score validation: nothing is replayed before it but the training cache
         split = Split(split.train, split.val.slice(0, 0), split.val)
-    models = [build_felrec(checkpoint, mode, device, protocol=protocol)]
+    models = [build_felrec(checkpoint, mode, device, protocol=protocol, ranks=ranks)]
     if nn:
-        models.append(build_felrec(checkpoint, mode, device, nn_neighbors=cfgs.eval.nn_neighbors, protocol=protocol))
+        models.append(build_felrec(checkpoint, mode, device, nn_neighbors=cfgs.eval.nn_neighbors, protocol=protocol,
+                                   ranks=ranks))
     if baseline != "none":
         halflife = cfgs.cache.popularity_halflife if baseline == "popularity-recent" else 0.0
         models.append(PopularityOnline([split.train], halflife))
     title = f"{dataset}: {split_name} events {len(split.test)}, mode {mode}"
+    leader = ranks is None or ranks.leader
     eval_cfg = replace(cfgs.eval, protocol=protocol, batch_size=eval_batch_size or cfgs.eval.batch_size)
-    report = evaluate_and_report(models, split, eval_cfg, title, out_dir,
+    report = evaluate_and_report(models, split, eval_cfg, title, out_dir if leader else None,
                                  plot_title=f"{dataset} ({mode}, {protocol})")
+    if not leader:
+        return  # the same report; rank 0 writes and prints it
     click.echo(report)
     if out_dir:
         click.echo(f"results written to {out_dir}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import sys
+from typing import Any
 
 # faiss and torch each load an OpenMP runtime; with the default spin-waiting their threads starve
 # each other (and the broker) on small machines. Must be set before either library is imported.
@@ -23,13 +27,62 @@ from felrec_stream.log import configure_logging  # noqa: E402
               help="Log level of the structured (structlog) logs on stderr.")
 @click.option("--log-json/--no-log-json", default=None, envvar="FELREC_LOG_JSON",
               help="Force JSON log lines (default: JSON when stderr is not a terminal).")
-def cli(log_level: str, log_json: bool | None) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run train, evaluate or consume as N data-parallel ranks on this machine, through torchrun: "
+                   "the same as `torchrun --standalone --nproc-per-node N --no-python felrec-stream ...` "
+                   "(README \"Scaling out\"). Rank 0 reads the input and writes every output.")
+@click.pass_context
+def cli(ctx: click.Context, log_level: str, log_json: bool | None, nproc: int) -> None:
     """felrec-stream: FELRec cold-start recommender on streams of interactions.
 
     Every option can also be set by an environment variable FELREC_<COMMAND>_<OPTION>
     (e.g. FELREC_TRAIN_EPOCHS=5); config files set whole sections (see --config).
     """
     configure_logging(level=log_level, json=log_json)
+    under_launcher = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if (under_launcher or nproc > 1) and ctx.invoked_subcommand not in PARALLEL_COMMANDS:
+        raise click.UsageError(f"`felrec-stream {ctx.invoked_subcommand}` runs as one process; only "
+                               f"{', '.join(PARALLEL_COMMANDS)} run as several ranks (--nproc, torchrun)")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # under torchrun (the ranks themselves) nothing to launch
+        ctx.exit(launch(nproc, ctx.invoked_subcommand))
+
+
+PARALLEL_COMMANDS = ("train", "evaluate", "consume")
+LAUNCH_ARGV = "FELREC_LAUNCH_ARGV"  # the command line of `python -m felrec_stream.cli` on each rank of --nproc
+
+
+def launch(nproc: int, command: str) -> int:
+    """This same command line as `nproc` ranks under torchrun (a session of its own: a signal sent
+    here reaches every rank once, through torchrun); returns torchrun's exit code."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "felrec_stream.cli"]
+    # The command line travels in the environment: torchrun's argparse would read options of ours
+    # that abbreviate its own (--nproc, -h). The ranks see WORLD_SIZE and launch nothing.
+    env = {**os.environ, LAUNCH_ARGV: json.dumps(sys.argv[1:])}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # torchrun would say 1
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if code:
+        click.echo(f"error: the {nproc} ranks of `felrec-stream {command}` stopped with exit code {code} "
+                   "(torchrun's summary and each rank's log lines, field dist_rank, above)", err=True)
+    return code
+
+
+def start_ranks(config_sections: dict[str, Any] | None = None) -> Any:
+    """This process's `felrec_stream.parallel.Ranks` under torchrun, or None in a single process.
+    The `parallel` config section (timeout_s, backend): config file < FELREC_PARALLEL__<FIELD>."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from felrec_stream import parallel
+    from felrec_stream.config import ParallelConfig, load_section
+
+    return parallel.init(load_section(ParallelConfig, "parallel", config_sections))
 
 
 def parse_key_values(pairs: tuple[str, ...], option: str = "--dataset-option") -> dict[str, str]:
@@ -43,10 +96,10 @@ def parse_key_values(pairs: tuple[str, ...], option: str = "--dataset-option") -
     return out
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
     """Console-script entry point: FelrecError -> one clear line on stderr, exit code 2."""
     try:
-        code = cli.main(standalone_mode=False)
+        code = cli.main(args=args, standalone_mode=False)
         # standalone_mode=False returns ctx.exit()'s code instead of exiting with it
         if isinstance(code, int) and code:
             sys.exit(code)

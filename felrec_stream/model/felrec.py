@@ -11,6 +11,8 @@ Pure modules: the cache lives outside (felrec_stream.state.store); forward() nev
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,8 +75,7 @@ class Encoder(nn.Module):
         self.prior = nn.Parameter(0.02 * torch.randn(2, D)) if config.empty_history == "learned" else None
         self.fc = nn.Linear(D, D)
         # Optional output standardisation, one BatchNorm per kind of encoded entity (USER, ITEM).
-        self.output_norm = (nn.ModuleList([nn.BatchNorm1d(D, affine=False, momentum=0.01) for _ in range(2)])
-                            if config.output_norm == "batch" else None)
+        self.output_norm = (nn.ModuleList([KindNorm(D) for _ in range(2)]) if config.output_norm == "batch" else None)
         self._init_near_identity()
 
     def _init_near_identity(self) -> None:
@@ -124,13 +125,23 @@ class Encoder(nn.Module):
         result = torch.empty_like(out)
         for kind, norm in enumerate(self.output_norm):  # row = kind of the encoded entity
             rows = kinds == kind
-            n = int(rows.sum())
-            if n == 0:
-                continue
-            use_batch = self.training and n >= 2
-            result[rows] = F.batch_norm(out[rows], norm.running_mean, norm.running_var, training=use_batch,
-                                        momentum=norm.momentum, eps=norm.eps)
+            result[rows] = norm(out[rows])  # every kind, even without rows: a data-parallel norm syncs each
         return result
+
+
+class KindNorm(nn.BatchNorm1d):
+    """The output standardisation of one kind: no affine parameters; batch statistics in training when
+    the batch has >= 2 rows, the running ones otherwise (and in eval); no rows, nothing to do.
+    (felrec_stream.parallel swaps in a norm with the statistics of every rank's rows.)"""
+
+    def __init__(self, D: int) -> None:
+        super().__init__(D, affine=False, momentum=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x
+        return F.batch_norm(x, self.running_mean, self.running_var, training=self.training and x.shape[0] >= 2,
+                            momentum=self.momentum, eps=self.eps)
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, norm: str) -> nn.Sequential:
@@ -169,33 +180,45 @@ class FELRec(nn.Module):
 
     def encode_kind(self, h: torch.Tensor, mask: torch.Tensor, kind: int,
                     empty: torch.Tensor | None = None) -> torch.Tensor:
-        """(R, D) representations of R entities of one kind (USER/ITEM) from their histories h (R, N, D)."""
-        if h.shape[0] == 0:
+        """(R, D) representations of R entities of one kind (USER/ITEM) from their histories h (R, N, D).
+        R = 0 still runs the encoder in training: a data-parallel rank with no rows of the batch
+        takes part in the other ranks' BatchNorm statistics."""
+        if h.shape[0] == 0 and not self.training:
             return h.new_zeros(0, h.shape[-1])
         kinds = torch.full((h.shape[0],), kind, device=h.device)
         return self.encoder(h, mask, kinds, empty)
 
-    def loss(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Symmetric training loss of the positive pair (u, x) of every event in the batch."""
-        if self.config.variant == "q":
-            return self._loss_q(u, x)
-        return self._loss_p(u, x)
+    def loss(self, u: torch.Tensor, x: torch.Tensor, total: int | None = None,
+             gather_keys: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Symmetric training loss of the positive pair (u, x) of every event in the batch.
 
-    def _loss_q(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        Data-parallel (felrec_stream.parallel): u, x are one rank's slice of a batch of `total`
+        events; the result is the slice's share of the full-batch mean (per-event sum / total, so the
+        ranks' shares add up to it), and `gather_keys` maps the slice's (b, C) keys to the whole
+        batch's (total, C) in event order, so FELRec-Q's queue receives every rank's keys."""
+        if self.config.variant == "q":
+            return self._loss_q(u, x, total, gather_keys)
+        return self._loss_p(u, x, total)
+
+    def _loss_q(self, u: torch.Tensor, x: torch.Tensor, total: int | None,
+                gather_keys: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         q_u = F.normalize(self.user_projection(u) if self.config.use_mlp else u, dim=1)  # (B, C)
         q_x = F.normalize(self.item_projection(x) if self.config.use_mlp else x, dim=1)  # (B, C)
         T = self.config.temperature
-        loss = (info_nce(q_u, q_x.detach(), self.item_queue.clone(), T)
-                + info_nce(q_x, q_u.detach(), self.user_queue.clone(), T))
-        self._enqueue(q_u.detach(), q_x.detach())
+        loss = (info_nce(q_u, q_x.detach(), self.item_queue.clone(), T, total)
+                + info_nce(q_x, q_u.detach(), self.user_queue.clone(), T, total))
+        k_u, k_x = q_u.detach(), q_x.detach()
+        if gather_keys is not None:
+            k_u, k_x = gather_keys(torch.cat([k_u, k_x], dim=1)).split(k_u.shape[1], dim=1)  # (total, C) each
+        self._enqueue(k_u, k_x)
         return loss
 
-    def _loss_p(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _loss_p(self, u: torch.Tensor, x: torch.Tensor, total: int | None) -> torch.Tensor:
         if not self.config.use_mlp:
-            return byol_loss(u, x.detach()) + byol_loss(x, u.detach())
+            return byol_loss(u, x.detach(), total) + byol_loss(x, u.detach(), total)
         z_u, z_x = self.user_projection(u), self.item_projection(x)  # (B, C)
         p_u, p_x = self.user_prediction(z_u), self.item_prediction(z_x)  # (B, C)
-        return byol_loss(p_u, z_x.detach()) + byol_loss(p_x, z_u.detach())
+        return byol_loss(p_u, z_x.detach(), total) + byol_loss(p_x, z_u.detach(), total)
 
     @torch.no_grad()
     def _enqueue(self, k_u: torch.Tensor, k_x: torch.Tensor) -> None:

@@ -6,23 +6,28 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float,
+             total: int | None = None) -> torch.Tensor:
     """InfoNCE of MoCo: q (B, C) and its positive k (B, C) against the negatives in queue (K, C).
 
     All inputs are L2-normalised; k and queue carry no gradient (stop-gradient on the other branch).
+    Mean over the B rows; with `total`, the sum over them / total (a slice's share of a larger batch).
     """
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (B, 1)
     l_neg = torch.einsum("nc,kc->nk", q, queue)  # (B, K)
     logits = torch.cat([l_pos, l_neg], dim=1) / T  # (B, 1 + K)
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
-    return F.cross_entropy(logits, labels)
+    if total is None:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="sum") / total
 
 
-def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """BYOL's 2 - 2 cos(p, z), averaged over the batch; z carries no gradient."""
+def byol_loss(p: torch.Tensor, z: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """BYOL's 2 - 2 cos(p, z), averaged over the batch (with `total`: summed / total); z carries no gradient."""
     p = F.normalize(p, dim=-1)
     z = F.normalize(z, dim=-1)
-    return (2 - 2 * (p * z).sum(dim=-1)).mean()
+    per_row = 2 - 2 * (p * z).sum(dim=-1)  # (B,)
+    return per_row.mean() if total is None else per_row.sum() / total
 
 
 def representation_spread(v: torch.Tensor) -> torch.Tensor:

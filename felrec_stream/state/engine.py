@@ -33,6 +33,7 @@ import torch
 
 from felrec_stream.config import CacheConfig
 from felrec_stream.model.felrec import ITEM, USER, FELRec
+from felrec_stream.parallel import Ranks
 from felrec_stream.state.store import HistoryPlan, Kind, RepresentationStore, last_occurrence
 from felrec_stream.stream.events import EventBatch
 
@@ -70,16 +71,22 @@ class BatchInputs:
 
 
 def prepare_batch(store: RepresentationStore, batch: EventBatch, device: torch.device | str,
-                  cache: CacheConfig = DEFAULT_CACHE, after: bool = False, before: bool = True) -> BatchInputs:
+                  cache: CacheConfig = DEFAULT_CACHE, after: bool = False, before: bool = True,
+                  ranks: Ranks | None = None) -> BatchInputs:
     """Register new ids, build the batch's histories and gather their (pre-batch) cached vectors.
 
     before: the histories before each event (training loss, scoring); after: the histories after
-    the batch of every touched entity (what "post_event" writes)."""
+    the batch of every touched entity (what "post_event" writes). With data-parallel `ranks` the
+    ids and plans are the whole batch's but the sequences only this rank's rows (`Ranks.span`):
+    `whole_batch`/`whole_after` reassemble the encodings."""
     user_slots = store.users.slots(batch.user, create=True)
     item_slots = store.items.slots(batch.item, create=True)
     user_plan = store.users.history.plan(user_slots, item_slots)
     item_plan = store.items.history.plan(item_slots, user_slots)
-    gather = lambda kind, hist, length, slots: _sequences(store, kind, hist, length, slots, device, cache)  # noqa: E731
+    def gather(kind: Kind, hist: np.ndarray, length: np.ndarray, slots: np.ndarray) -> Sequences:
+        rows = slice(None) if ranks is None else ranks.span(len(slots))
+        return _sequences(store, kind, hist[rows], length[rows], slots[rows], device, cache)
+
     users_before = items_before = users_after = items_after = None
     if before:
         users_before = gather(Kind.USER, user_plan.event_history, user_plan.event_length, user_slots)
@@ -140,6 +147,24 @@ def encode_after(model: FELRec, inputs: BatchInputs) -> tuple[torch.Tensor, torc
     return encode_sequences(model, inputs.users_after), encode_sequences(model, inputs.items_after)
 
 
+def whole_batch(ranks: Ranks | None, inputs: BatchInputs, u: torch.Tensor,
+                x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) each: the encodings of every event, from the ranks' slices (as is in one process)."""
+    if ranks is None:
+        return u, x
+    both = ranks.gather_rows(torch.cat([u, x], dim=1), len(inputs.batch))  # one collective for both
+    return both[:, : u.shape[1]], both[:, u.shape[1]:]
+
+
+def whole_after(ranks: Ranks | None, inputs: BatchInputs,
+                after: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G_u, D), (G_x, D): the post-batch encodings of every touched entity, from the ranks' slices."""
+    if ranks is None:
+        return after
+    return (ranks.gather_rows(after[0], len(inputs.user_plan.unique_slots)),
+            ranks.gather_rows(after[1], len(inputs.item_plan.unique_slots)))
+
+
 def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tensor, x: torch.Tensor,
                  after: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Write one vector per touched user/item (never through autograd) and append the histories.
@@ -161,16 +186,15 @@ def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tenso
 
 @torch.no_grad()
 def infer_batch(model: FELRec, store: RepresentationStore, batch: EventBatch,
-                cache: CacheConfig = DEFAULT_CACHE) -> BatchInputs:
+                cache: CacheConfig = DEFAULT_CACHE, ranks: Ranks | None = None) -> BatchInputs:
     """Inference step (streaming worker): prepare, encode what the cache needs, commit."""
     device = next(model.parameters()).device
     post = model.config.cache_update == "post_event"
-    inputs = prepare_batch(store, batch, device, cache, after=post, before=not post)
+    inputs = prepare_batch(store, batch, device, cache, after=post, before=not post, ranks=ranks)
     if post:
-        commit_batch(store, inputs, None, None, encode_after(model, inputs))
+        commit_batch(store, inputs, None, None, whole_after(ranks, inputs, encode_after(model, inputs)))
     else:
-        u, x = encode(model, inputs)
-        commit_batch(store, inputs, u, x)
+        commit_batch(store, inputs, *whole_batch(ranks, inputs, *encode(model, inputs)))
     return inputs
 
 
