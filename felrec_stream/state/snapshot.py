@@ -12,6 +12,13 @@ Layout under `root`:
         <extra files>             written by a callback (e.g. FAISS index files)
         manifest.json             written last: sha256 + size of every file, array index, meta
     CURRENT                       {"seq": 7, "dir": "snap-000000000007"}: the commit point
+    spill/...                     immutable files shared by snapshots ("refs", e.g. spill files)
+
+Refs: files under `root` outside any snapshot directory that a snapshot's state refers to
+(immutable, written and fsynced by their owner before the snapshot). The manifest lists them with
+size and sha256; `verify` checks that they exist with that size (a missing one makes the snapshot
+invalid; their content is checked by the owner when it reads them); pruning never deletes them,
+and `referenced()` tells the owner which ones kept snapshots still need.
 
 Write protocol: files (each fsynced) -> manifest (tmp + fsync + rename) -> fsync the directory ->
 CURRENT.tmp + fsync + os.replace -> fsync root -> delete all but the newest `keep` complete
@@ -191,6 +198,7 @@ class Snapshot:
     created_at: str
     files: list[str] = field(default_factory=list)
     state_spec: Any = None
+    refs: dict[str, Any] = field(default_factory=dict)  # root-relative path -> {"sha256", "size"}
 
     def state(self) -> Any:
         """The nested state written by `SnapshotManager.write_state`."""
@@ -214,25 +222,27 @@ class SnapshotManager:
     # -- write --
 
     def write(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-              extra: Callable[[Path], Any] | None = None) -> Path:
+              extra: Callable[[Path], Any] | None = None, refs: Mapping[str, Any] | None = None) -> Path:
         """Durably write a new snapshot and make it current; returns its directory.
 
         `meta` (JSON-able: offsets, model/config versions) is stored in the manifest with a
         created time. `extra(dir)` may write more files into the snapshot directory first; they
-        are fsynced and checksummed like the arrays.
+        are fsynced and checksummed like the arrays. `refs`: {root-relative path: {"sha256",
+        "size"}} of durable files outside the snapshot that its state needs (module docstring).
         """
-        return self._write(arrays, meta, extra, None)
+        return self._write(arrays, meta, extra, None, refs)
 
     def write_state(self, state: Mapping[str, Any], meta: Mapping[str, Any],
-                    extra: Callable[[Path], Any] | None = None) -> Path:
+                    extra: Callable[[Path], Any] | None = None, refs: Mapping[str, Any] | None = None) -> Path:
         """`write` for a nested state (e.g. RepresentationStore.state_dict()); read back with Snapshot.state()."""
         arrays, spec = flatten_state(state)
-        return self._write(arrays, meta, extra, spec)
+        return self._write(arrays, meta, extra, spec, refs)
 
     def _write(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-               extra: Callable[[Path], Any] | None, spec: Any) -> Path:
+               extra: Callable[[Path], Any] | None, spec: Any, refs: Mapping[str, Any] | None) -> Path:
         start = time.perf_counter()
         meta = _json_checked(meta, "meta")
+        refs = self._checked_refs(refs or {})
         self.root.mkdir(parents=True, exist_ok=True)
         with self._writer_lock():
             previous = self.current_seq()
@@ -244,7 +254,7 @@ class SnapshotManager:
                 extra(path)
                 files.update(self._seal_extra_files(path, files))
             manifest = {"format": FORMAT_VERSION, "seq": seq, "created_at": _now(), "files": files,
-                        "arrays": index, "meta": meta, "state": spec}
+                        "arrays": index, "meta": meta, "state": spec, "refs": refs}
             _atomic_json(path / MANIFEST, manifest)
             _fsync_dir(path)
             self._commit(seq, path)
@@ -253,6 +263,29 @@ class SnapshotManager:
         log.info("snapshot_written", seq=seq, path=str(path), files=len(files), bytes=size,
                  seconds=round(time.perf_counter() - start, 3))
         return path
+
+    def _checked_refs(self, refs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Refs as {posix path: {"sha256", "size"}}, each an existing file below root, outside snapshots."""
+        out = {}
+        for name, info in refs.items():
+            relative = Path(name)
+            if relative.is_absolute() or ".." in relative.parts or _SNAP_RE.match(relative.parts[0]):
+                raise StoreError(f"snapshot ref {name!r} must be a relative path below the root, outside snapshots")
+            size = (self.root / relative).stat().st_size
+            if size != int(info["size"]):
+                raise StoreError(f"snapshot ref {name}: size {size} != {info['size']}")
+            out[relative.as_posix()] = {"sha256": str(info["sha256"]), "size": size}
+        return out
+
+    def referenced(self) -> set[str]:
+        """Root-relative refs of every snapshot directory with a readable manifest (kept ones)."""
+        refs: set[str] = set()
+        for _, path in self._snapshot_dirs():
+            try:
+                refs.update(json.loads((path / MANIFEST).read_text()).get("refs", {}))
+            except (OSError, ValueError):
+                continue  # incomplete or unreadable: pruned, never restored
+        return refs
 
     def _write_arrays(self, path: Path, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
         files: dict[str, dict[str, Any]] = {}
@@ -372,7 +405,7 @@ class SnapshotManager:
             raise _Corrupt(f"manifest seq {manifest.get('seq')} != directory seq {seq}")
         arrays = {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
         return Snapshot(path, seq, arrays, manifest["meta"], manifest["created_at"], sorted(manifest["files"]),
-                        manifest.get("state"))
+                        manifest.get("state"), manifest.get("refs", {}))
 
     def verify(self, path: Path) -> dict[str, Any]:
         """The manifest of `path` after checking every file's size and sha256 (raises _Corrupt)."""
@@ -395,6 +428,12 @@ class SnapshotManager:
         missing = set(manifest["arrays"].values()) - set(manifest["files"])
         if missing:
             raise _Corrupt(f"arrays without checksums: {sorted(missing)}")
+        for name, expected in manifest.get("refs", {}).items():
+            file = path.parent / name  # refs are relative to the root
+            if not file.is_file():
+                raise _Corrupt(f"missing referenced file {name}")
+            if file.stat().st_size != expected["size"]:
+                raise _Corrupt(f"size mismatch in referenced file {name}")
         return manifest
 
 

@@ -10,6 +10,10 @@ for it. A `RepresentationStore` holds, per kind (users, items):
 - a `HistoryBuffer`: the last L slots of the *other* kind each entity interacted with
   (right-aligned, -1 padding), plus interaction counts and last-update times.
 
+With `max_entities` (cache.max_entities, per kind) the tables are `spill.SpillingTable`s: the least
+recently touched entities move to Parquet files and come back on their next use; slots stay
+stable (see felrec_stream/state/spill.py for the design).
+
 Writes never go through autograd. All batch operations are vectorised (no per-event Python loop
 except the id dict lookups).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -115,6 +120,26 @@ class VectorBackend(abc.ABC):
         self.ensure(len(vectors), ids)
         if len(vectors):
             self.put(torch.arange(len(vectors)), torch.from_numpy(vectors))
+
+    def rows_state(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """Exactly what the backend holds for `slots` (resident), in `state_dict` format."""
+        return {"vectors": self.get(torch.from_numpy(np.asarray(slots, np.int64))).cpu().numpy()}
+
+    def load_rows(self, slots: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Inverse of `rows_state` (restores the rows bit for bit; not a write by the engine)."""
+        self.put(torch.from_numpy(np.asarray(slots, np.int64)), torch.from_numpy(raw_vectors(state)))
+
+    # Residency, for tables with a cap (spill.SpillingTable): `register` makes slots known
+    # without storage, `admit` gives them zeroed storage, `evict` frees it.
+
+    def register(self, size: int, ids: np.ndarray) -> None:
+        raise StoreError(f"{type(self).__name__} cannot hold evicted entities (cache.max_entities)")
+
+    def admit(self, slots: np.ndarray, ids: np.ndarray) -> None:
+        raise StoreError(f"{type(self).__name__} cannot hold evicted entities (cache.max_entities)")
+
+    def evict(self, slots: np.ndarray) -> None:
+        raise StoreError(f"{type(self).__name__} cannot hold evicted entities (cache.max_entities)")
 
 
 def raw_vectors(state: dict[str, Any]) -> np.ndarray:
@@ -214,7 +239,7 @@ class HistoryBuffer:
         added = np.diff(np.append(first_index, B))  # (G,)
         # M = [stored history (right-aligned in L) | this batch's others in order]
         M = np.full((len(unique_slots), L + int(added.max(initial=0))), -1, dtype=np.int64)
-        M[:, :L] = self.rows[unique_slots]
+        M[:, :L] = self.stored_rows(unique_slots)
         M[group_sorted, L + rank_sorted] = others[order]
         group = np.empty(B, dtype=np.int64)
         rank = np.empty(B, dtype=np.int64)
@@ -226,12 +251,19 @@ class HistoryBuffer:
         new_lengths = np.minimum(self.lengths[unique_slots] + added, L)
         return HistoryPlan(event_history, event_length, unique_slots, new_rows, new_lengths, added)
 
+    def stored_rows(self, slots: np.ndarray) -> np.ndarray:
+        """(n, L) stored histories of `slots` (a copy)."""
+        return self.rows[slots]
+
     def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None) -> None:
-        self.rows[plan.unique_slots] = plan.new_rows
+        self.store_rows(plan.unique_slots, plan.new_rows)
         self.lengths[plan.unique_slots] = plan.new_lengths
         self.counts[plan.unique_slots] += plan.added
         if last_time is not None:
             self.last_time[plan.unique_slots] = last_time
+
+    def store_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.rows[slots] = rows
 
     def state_dict(self) -> dict[str, np.ndarray]:
         n = self.size
@@ -259,8 +291,25 @@ def last_occurrence(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return reversed_unique, len(slots) - 1 - reversed_index
 
 
+@dataclass
+class EntityRows:
+    """Everything a table holds for some slots, read without changing the table."""
+
+    vectors: dict[str, np.ndarray]  # backend row state: {"vectors"} or the FAISS {"unit", "norms"}
+    rows: np.ndarray  # (n, L) history, slots of the other kind, -1 padding
+    lengths: np.ndarray  # (n,)
+    counts: np.ndarray  # (n,)
+    last_time: np.ndarray  # (n,)
+
+    def raw(self) -> np.ndarray:
+        """(n, D) float32 vectors as `VectorBackend.get` returns them."""
+        return raw_vectors(self.vectors)
+
+
 class EntityTable:
-    """Ids, vectors and histories of one kind."""
+    """Ids, vectors and histories of one kind (every entity in memory)."""
+
+    capped = False
 
     def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int) -> None:
         self.kind = kind
@@ -280,12 +329,33 @@ class EntityTable:
             self.history.ensure(len(self.ids))
         return slots
 
+    def read(self, slots: np.ndarray) -> EntityRows:
+        """Vectors, histories, counts and times of `slots` (all >= 0), e.g. for queries and exports."""
+        slots = np.asarray(slots, dtype=np.int64)
+        h = self.history
+        return EntityRows(self.vectors.rows_state(slots), h.stored_rows(slots), h.lengths[slots].copy(),
+                          h.counts[slots].copy(), h.last_time[slots].copy())
+
+    def resident_slots(self) -> np.ndarray:
+        """Slots held in memory (every slot here; a capped table leaves the evicted ones out)."""
+        return np.arange(len(self), dtype=np.int64)
+
+    def reset(self) -> None:
+        self.vectors.reset()
+        self.history.reset()
+
+    def enforce_cap(self) -> None:
+        """Nothing to evict: this table has no cap."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"ids": self.ids.ids(), "vectors": self.vectors.state_dict(), "history": self.history.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(self.ids):
             raise StoreError("load_state_dict needs an empty table")
+        if "spill" in state:
+            raise StoreError(f"the {self.kind.value} state was written with cache.max_entities set (it refers to "
+                             "spill files): load it into a store with a cap (--max-entities)")
         ids = list(state["ids"])
         self.ids = IdMap(ids)
         self.vectors.load_state_dict(state["vectors"], np.asarray(ids, dtype=object))
@@ -293,16 +363,31 @@ class EntityTable:
 
 
 class RepresentationStore:
-    """User and item tables; the object the training loop, evaluator and worker all update."""
+    """User and item tables; the object the training loop, evaluator and worker all update.
+
+    `max_entities` > 0 caps the entities held in memory per kind; the rest live in Parquet files
+    under `spill_dir` (a private temporary directory when None). `spill_read_only`: a read replica
+    that loads a snapshot and never evicts.
+    """
 
     def __init__(self, dim: int, history_len: int = 64, device: torch.device | str = "cpu",
-                 user_vectors: VectorBackend | None = None, item_vectors: VectorBackend | None = None) -> None:
+                 user_vectors: VectorBackend | None = None, item_vectors: VectorBackend | None = None, *,
+                 max_entities: int = 0, spill_dir: str | Path | None = None, spill_read_only: bool = False) -> None:
         self.dim = dim
         self.history_len = history_len
-        self.tables = {
-            Kind.USER: EntityTable(Kind.USER, TensorVectors(dim, device) if user_vectors is None else user_vectors, history_len),
-            Kind.ITEM: EntityTable(Kind.ITEM, TensorVectors(dim, device) if item_vectors is None else item_vectors, history_len),
-        }
+        self.spill = None
+        backends = {Kind.USER: user_vectors, Kind.ITEM: item_vectors}
+        if max_entities > 0:
+            from felrec_stream.state.spill import SpillFiles, SpillingTable, TensorRows  # spill builds on this module
+
+            self.spill = SpillFiles(spill_dir, read_only=spill_read_only)
+            self.tables: dict[Kind, EntityTable] = {
+                kind: SpillingTable(kind, TensorRows(dim, device) if backend is None else backend, history_len,
+                                    max_entities, self.spill)
+                for kind, backend in backends.items()}
+        else:
+            self.tables = {kind: EntityTable(kind, TensorVectors(dim, device) if backend is None else backend, history_len)
+                           for kind, backend in backends.items()}
 
     @property
     def users(self) -> EntityTable:
@@ -316,11 +401,34 @@ class RepresentationStore:
     def device(self) -> torch.device:
         return self.users.vectors.device
 
+    @property
+    def max_entities(self) -> int:
+        """The per-kind cap (0 = none)."""
+        return getattr(self.users, "cap", 0)
+
     def reset(self) -> None:
         """Empty the cache and histories but keep id->slot maps (cheap epoch restarts)."""
         for table in self.tables.values():
-            table.vectors.reset()
-            table.history.reset()
+            table.reset()
+
+    def enforce_cap(self) -> None:
+        """Evict down to the cap now (a capped table also does this after every history update)."""
+        for table in self.tables.values():
+            table.enforce_cap()
+
+    def spill_refs(self) -> dict[str, dict[str, Any]]:
+        """{file name: {"sha256", "size"}} of every spill file this state refers to ({} without a cap)."""
+        if self.spill is None:
+            return {}
+        names = set().union(*(table.spill_names() for table in self.tables.values()))
+        return self.spill.refs(names)
+
+    def collect_spill(self, protected: Iterable[str] = ()) -> list[str]:
+        """Delete spill files that neither this store nor `protected` (names) refers to; returns them."""
+        if self.spill is None:
+            return []
+        live = set().union(*(table.spill_names() for table in self.tables.values()))
+        return self.spill.delete_except(live | set(protected))
 
     def state_dict(self) -> dict[str, Any]:
         return {"dim": self.dim, "history_len": self.history_len,
