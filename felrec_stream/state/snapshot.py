@@ -271,7 +271,10 @@ class SnapshotManager:
             relative = Path(name)
             if relative.is_absolute() or ".." in relative.parts or _SNAP_RE.match(relative.parts[0]):
                 raise StoreError(f"snapshot ref {name!r} must be a relative path below the root, outside snapshots")
-            size = (self.root / relative).stat().st_size
+            try:
+                size = (self.root / relative).stat().st_size
+            except FileNotFoundError:
+                raise StoreError(f"snapshot ref {name} does not exist under {self.root}") from None
             if size != int(info["size"]):
                 raise StoreError(f"snapshot ref {name}: size {size} != {info['size']}")
             out[relative.as_posix()] = {"sha256": str(info["sha256"]), "size": size}

@@ -489,19 +489,18 @@ class SpillingTable(EntityTable):
         self._drop_dead_files()
 
     def _compaction(self, budget: int) -> np.ndarray:
-        """Slots whose current records sit in files more than half dead, sparsest files first."""
+        """Slots whose current records sit in files more than half dead: the sparsest file, then
+        more (sparsest first) while their records fit in `budget`."""
         sizes = np.asarray(self.file_rows, dtype=np.int64)
         sparse = np.flatnonzero((self.live > 0) & (2 * self.live < sizes))
         if not len(sparse) or budget < 1:
             return np.zeros(0, dtype=np.int64)
         chosen, total = [], 0
         for f in sparse[np.argsort(self.live[sparse], kind="stable")]:
-            if total + self.live[f] > budget:
+            if chosen and total + self.live[f] > budget:  # the sparsest file always goes
                 break
             chosen.append(f)
             total += int(self.live[f])
-        if not chosen:
-            return np.zeros(0, dtype=np.int64)
         n = len(self.ids)
         return np.flatnonzero(np.isin(self.loc_file[:n], chosen)).astype(np.int64)
 
@@ -532,9 +531,10 @@ class SpillingTable(EntityTable):
         """In a private directory, delete files without current records at once."""
         if not self.spill.private:
             return
-        dead = [self.files[f] for f in np.flatnonzero(self.live == 0) if self.files[f] in self._file_index]
+        # an index whose name was written again later (same bytes, e.g. after reset) is not the file's owner
+        dead = [self.files[f] for f in np.flatnonzero(self.live == 0) if self._file_index.get(self.files[f]) == f]
         for name in dead:
-            del self._file_index[name]  # the index stays (slots may not point there any more)
+            del self._file_index[name]  # the index stays (no slot points there any more)
         self.spill.delete(dead)
 
     # -- lifecycle --

@@ -196,3 +196,39 @@ def test_second_writer_is_refused(tmp_path):
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def _shared_file(root, name, data: bytes) -> dict:
+    path = root / "spill" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return {f"spill/{name}": {"sha256": "0" * 64, "size": len(data)}}
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_snapshot_whose_referenced_file_is_damaged_is_skipped(tmp_path, damage):
+    manager = SnapshotManager(tmp_path)
+    manager.write({"v": np.zeros(3)}, {"value": 1}, refs=_shared_file(tmp_path, "a", b"abc"))
+    manager.write({"v": np.ones(3)}, {"value": 2}, refs={**_shared_file(tmp_path, "a", b"abc"),
+                                                         **_shared_file(tmp_path, "b", b"defg")})
+    if damage == "missing":
+        (tmp_path / "spill" / "b").unlink()
+    else:
+        (tmp_path / "spill" / "b").write_bytes(b"de")
+    snap = manager.latest_valid()
+    assert snap.meta["value"] == 1 and snap.refs == {"spill/a": {"sha256": "0" * 64, "size": 3}}
+
+
+def test_pruning_keeps_referenced_files_and_reports_what_kept_snapshots_need(tmp_path):
+    manager = SnapshotManager(tmp_path, keep=2)
+    for n in range(4):
+        manager.write({"v": np.full(2, n)}, {}, refs=_shared_file(tmp_path, f"f{n}", b"x" * (n + 1)))
+    assert manager.snapshots() == [3, 4]
+    assert manager.referenced() == {"spill/f2", "spill/f3"}  # the owner may delete f0 and f1
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["f0", "f1", "f2", "f3"]  # never by pruning
+
+
+@pytest.mark.parametrize("ref", ["/abs/file", "../outside", "snap-000000000001/x", "spill/missing"])
+def test_refs_must_be_existing_files_below_the_root_outside_snapshots(tmp_path, ref):
+    with pytest.raises(StoreError):
+        SnapshotManager(tmp_path).write({}, {}, refs={ref: {"sha256": "0" * 64, "size": 1}})
