@@ -442,12 +442,19 @@ class ShardedFaissVectors(VectorBackend):
             self._slot_row.data[slots] = -1
 
     def get(self, slots: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-        """(..., D) raw vectors (unit * norm) of `slots` (-1 -> zero) on `device` or `self.device`."""
+        """(..., D) raw vectors (unit * norm) of `slots` (-1 -> zero) on `device` or `self.device`.
+
+        Under a cap, evicted slots are read from their spill records (`owner.read_vectors`)."""
         flat = np.asarray(torch.as_tensor(slots).detach().cpu().reshape(-1).numpy(), dtype=np.int64)
         out = np.zeros((len(flat), self.dim), dtype=np.float32)
-        if self.owner is not None:
-            self.owner.need(flat[flat >= 0])
         with self._lock:
+            if self.owner is not None:  # evicted slots: straight from their spill records (not restored)
+                spilled = np.flatnonzero(flat >= 0)
+                spilled = spilled[self._slot_row.data[flat[spilled]] < 0]
+                if len(spilled):
+                    out[spilled] = self.owner.read_vectors(flat[spilled])
+                    flat = flat.copy()
+                    flat[spilled] = -1
             where = np.flatnonzero(flat >= 0)
             present = self._check_slots(flat[where])
             shard_ids, rows = self._slot_shard.data[present], self._slot_row.data[present]

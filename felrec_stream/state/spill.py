@@ -26,10 +26,11 @@ Eviction and restore
   exactly what the vector backend holds (`vectors` for `TensorRows`; `unit` + `norms` for FAISS),
   the last-L history, its length, interaction count and last-update time. An entity whose record
   is still current (restored, then only read) is dropped from memory without a write.
-- Any access to an evicted slot through the table (`slots(create=True)`, `vectors.get/put`,
-  `history.plan/apply`) restores it first, bit for bit, from its newest record. The engine reads the
-  cached vectors of history entries, so an evicted entity named in a history is restored too; a
-  batch may therefore hold more than N entities until its `apply` evicts again.
+- A write path to an evicted slot (`slots(create=True)`, `vectors.put`, `history.plan/apply`)
+  restores it first, bit for bit, from its newest record. Reads of vectors (`vectors.get`: the
+  engine gathering the cached vectors of history entries, which often name evicted entities) are
+  served from the records without restoring, so reading does not churn the resident set. A batch
+  may hold more than N entities (its own) until its `apply` evicts again.
 - Compaction: each round also rewrites the live records of files that are more than half dead
   (at most as many records as it evicts), so old files empty out and disk use stays proportional
   to the entities, not to the rounds.
@@ -80,7 +81,8 @@ from felrec_stream.state.store import (EntityRows, EntityTable, HistoryBuffer, I
 log = get_logger(__name__)
 
 SPILL_DIR = "spill"  # spill files of a worker live in <snapshot root>/spill/
-ROW_GROUP = 256  # records per Parquet row group: a restore reads only the groups it needs
+ROW_GROUP = 128  # records per Parquet row group: a restore reads only the groups it needs
+OPEN_FILES = 32  # spill files kept open (footer parsed once), least recently used closed first
 EVICT_TO = 0.95  # an eviction round frees down to this fraction of the cap
 _NAME_RE = re.compile(r"^(user|item)-([0-9a-f]{64})\.parquet$")
 _CHUNK = 1 << 20
@@ -108,13 +110,14 @@ class SpillFiles:
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._verified: set[str] = set()
+        self._open: dict[str, pq.ParquetFile] = {}  # insertion order = least recently used first
 
     def write(self, kind: str, table: pa.Table) -> str:
         """Durably write `table`; returns its name `<kind>-<sha256>.parquet`."""
         if self.read_only:
             raise SpillError(f"spill directory {self.directory} is read-only here")
         tmp = self.directory / f".{kind}-{uuid.uuid4().hex}.parquet.tmp"
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="zstd", use_dictionary=False,
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="snappy", use_dictionary=False,
                        write_statistics=False)
         digest = _sha256(tmp, fsync=True)
         name = f"{kind}-{digest}.parquet"
@@ -123,8 +126,8 @@ class SpillFiles:
         self._verified.add(name)
         return name
 
-    def read(self, name: str, rows: np.ndarray) -> pa.Table:
-        """Records `rows` of file `name`, in the order given (reads only their row groups)."""
+    def read(self, name: str, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """Records `rows` of file `name`, in the order given (only their row groups and `columns`)."""
         path = self.directory / name
         if name not in self._verified:
             match = _NAME_RE.match(name)
@@ -133,11 +136,19 @@ class SpillFiles:
             if match is None or _sha256(path, fsync=False) != match.group(2):
                 raise SpillError(f"spill file {path} does not match its sha256 name (corrupt)")
             self._verified.add(name)
-        parquet = pq.ParquetFile(path)
+        parquet = self._parquet(name)
         groups, where = np.unique(rows // ROW_GROUP, return_inverse=True)
         sizes = np.asarray([parquet.metadata.row_group(int(g)).num_rows for g in groups], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        return parquet.read_row_groups([int(g) for g in groups]).take(starts[where] + rows % ROW_GROUP)
+        table = parquet.read_row_groups([int(g) for g in groups], columns=columns)
+        return table.take(starts[where] + rows % ROW_GROUP)
+
+    def _parquet(self, name: str) -> pq.ParquetFile:
+        parquet = self._open.pop(name, None) or pq.ParquetFile(self.directory / name)
+        self._open[name] = parquet
+        if len(self._open) > OPEN_FILES:
+            self._open.pop(next(iter(self._open))).close()
+        return parquet
 
     def refs(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
         """{name: {"sha256", "size"}} for a snapshot manifest (the hash is the name: no re-read)."""
@@ -163,6 +174,8 @@ class SpillFiles:
         for name in names:
             (self.directory / name).unlink(missing_ok=True)
             self._verified.discard(name)
+            if name in self._open:
+                self._open.pop(name).close()
         if names:
             log.debug("spill_files_deleted", directory=str(self.directory), files=len(names))
 
@@ -218,11 +231,15 @@ class TensorRows(VectorBackend):
         """Nothing to free here: the table returns the rows to its pool (zeroed when reused)."""
 
     def get(self, slots: torch.Tensor) -> torch.Tensor:
+        """Resident rows from memory; evicted ones straight from their records (not restored)."""
         flat = torch.as_tensor(slots).detach().cpu().reshape(-1).numpy().astype(np.int64, copy=False)
-        self.owner.need(flat[flat >= 0])
         rows = np.where(flat >= 0, self.owner.row_of[np.maximum(flat, 0)], -1)
         index = torch.from_numpy(rows).to(self.device)
         out = self._data[index.clamp(min=0)] * (index >= 0).unsqueeze(-1)
+        spilled = np.flatnonzero((flat >= 0) & (rows < 0))
+        if len(spilled):
+            out[torch.from_numpy(spilled).to(self.device)] = torch.from_numpy(
+                self.owner.read_vectors(flat[spilled])).to(self.device)
         return out.reshape(*torch.as_tensor(slots).shape, self.dim)
 
     def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
@@ -384,6 +401,17 @@ class SpillingTable(EntityTable):
         h = self.history
         return EntityRows(vectors, rows, h.lengths[slots].copy(), h.counts[slots].copy(), h.last_time[slots].copy())
 
+    def read_vectors(self, slots: np.ndarray) -> np.ndarray:
+        """(n, D) raw vectors of evicted `slots` from their records (vector columns only), zeros
+        for those without one; nothing is restored (a read must not churn the resident set)."""
+        unique, inverse = np.unique(slots, return_inverse=True)
+        template = self.vectors.rows_state(np.zeros(0, dtype=np.int64))
+        vectors = {key: np.zeros((len(unique),) + value.shape[1:], dtype=value.dtype) for key, value in template.items()}
+        located = np.flatnonzero(self.loc_file[unique] >= 0)
+        if len(located):
+            self._read_records(unique[located], located, vectors, None)
+        return raw_vectors(vectors)[inverse]
+
     def resident_slots(self) -> np.ndarray:
         """Resident slots, ascending."""
         slots = self.slot_of_row[: self._rows_used]
@@ -515,17 +543,19 @@ class SpillingTable(EntityTable):
         return pa.table(columns)
 
     def _read_records(self, slots: np.ndarray, positions: np.ndarray, vectors: dict[str, np.ndarray],
-                      rows: np.ndarray) -> None:
-        """Fill `vectors[key][positions]` and `rows[positions]` from the records of `slots`."""
+                      rows: np.ndarray | None) -> None:
+        """Fill `vectors[key][positions]` and `rows[positions]` (unless None) from the records of `slots`."""
         files = self.loc_file[slots]
+        columns = ["slot", *vectors] + (["history"] if rows is not None else [])
         for f in np.unique(files):
             mine = np.flatnonzero(files == f)
-            table = self.spill.read(self.files[f], self.loc_row[slots[mine]])
+            table = self.spill.read(self.files[f], self.loc_row[slots[mine]], columns)
             if not np.array_equal(table.column("slot").to_numpy(), slots[mine]):
                 raise SpillError(f"spill file {self.files[f]} holds other slots than its index says")
             for key in vectors:
                 vectors[key][positions[mine]] = _column_numpy(table.column(key), vectors[key].shape[1:])
-            rows[positions[mine]] = _column_numpy(table.column("history"), rows.shape[1:])
+            if rows is not None:
+                rows[positions[mine]] = _column_numpy(table.column("history"), rows.shape[1:])
 
     def _drop_dead_files(self) -> None:
         """In a private directory, delete files without current records at once."""
