@@ -174,6 +174,9 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     if args.footprint_entities:
+        from felrec_stream.log import configure_logging
+
+        configure_logging(level="WARNING")
         resident, evicted = footprint(args.footprint_entities)
         print(f"footprint of {args.footprint_entities:,} users (d=128, L=64, FAISS flat): {resident:,.0f} B per "
               f"resident entity, {evicted:,.0f} B per evicted one ({evicted / resident:.0%})")

@@ -148,7 +148,8 @@ class _HashingFile:
         return self.handle.write(view)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new, renamed, deleted files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -166,7 +167,8 @@ def _write_durable(path: Path, payload: Callable[[Any], None]) -> dict[str, Any]
     return {"sha256": sink.sha.hexdigest(), "size": sink.size}
 
 
-def _hash_existing(path: Path, fsync: bool) -> dict[str, Any]:
+def hash_file(path: Path, fsync: bool) -> dict[str, Any]:
+    """{"sha256", "size"} of an existing file, read once in chunks (fsynced first when asked)."""
     sha, size = hashlib.sha256(), 0
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
@@ -256,7 +258,7 @@ class SnapshotManager:
             manifest = {"format": FORMAT_VERSION, "seq": seq, "created_at": _now(), "files": files,
                         "arrays": index, "meta": meta, "state": spec, "refs": refs}
             _atomic_json(path / MANIFEST, manifest)
-            _fsync_dir(path)
+            fsync_dir(path)
             self._commit(seq, path)
             self._prune(seq, previous)
         size = sum(f["size"] for f in files.values())
@@ -308,14 +310,14 @@ class SnapshotManager:
         for item in sorted(path.rglob("*")):
             relative = item.relative_to(path).as_posix()
             if item.is_dir():
-                _fsync_dir(item)
+                fsync_dir(item)
             elif relative not in known and relative != MANIFEST:
-                sealed[relative] = _hash_existing(item, fsync=True)
+                sealed[relative] = hash_file(item, fsync=True)
         return sealed
 
     def _commit(self, seq: int, path: Path) -> None:
         _atomic_json(self.root / CURRENT, {"seq": seq, "dir": path.name})
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _prune(self, current: int, previous: int | None) -> None:
         """Keep the newest `keep` complete committed snapshots; drop older, partial and crashed ones.
@@ -333,7 +335,7 @@ class SnapshotManager:
             if seq <= current and seq not in keep:
                 shutil.rmtree(path, ignore_errors=True)
                 log.info("snapshot_deleted", seq=seq, path=str(path))
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     @contextlib.contextmanager
     def _writer_lock(self) -> Iterator[None]:
@@ -426,7 +428,7 @@ class SnapshotManager:
                 raise _Corrupt(f"missing file {name}")
             if file.stat().st_size != expected["size"]:
                 raise _Corrupt(f"size mismatch in {name}: {file.stat().st_size} != {expected['size']}")
-            if _hash_existing(file, fsync=False)["sha256"] != expected["sha256"]:
+            if hash_file(file, fsync=False)["sha256"] != expected["sha256"]:
                 raise _Corrupt(f"checksum mismatch in {name}")
         missing = set(manifest["arrays"].values()) - set(manifest["files"])
         if missing:

@@ -60,7 +60,6 @@ read in a process; a mismatch raises `SpillError` (the data cannot be trusted: r
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -75,6 +74,7 @@ import torch
 
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
+from felrec_stream.state.snapshot import fsync_dir, hash_file
 from felrec_stream.state.store import (EntityRows, EntityTable, HistoryBuffer, IdMap, Kind, VectorBackend,
                                        raw_vectors)
 
@@ -85,7 +85,6 @@ ROW_GROUP = 128  # records per Parquet row group: a restore reads only the group
 OPEN_FILES = 32  # spill files kept open (footer parsed once), least recently used closed first
 EVICT_TO = 0.95  # an eviction round frees down to this fraction of the cap
 _NAME_RE = re.compile(r"^(user|item)-([0-9a-f]{64})\.parquet$")
-_CHUNK = 1 << 20
 
 
 class SpillError(StoreError):
@@ -119,10 +118,10 @@ class SpillFiles:
         tmp = self.directory / f".{kind}-{uuid.uuid4().hex}.parquet.tmp"
         pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="snappy", use_dictionary=False,
                        write_statistics=False)
-        digest = _sha256(tmp, fsync=True)
+        digest = hash_file(tmp, fsync=True)["sha256"]
         name = f"{kind}-{digest}.parquet"
         os.replace(tmp, self.directory / name)  # same name = same bytes: replacing an orphan is harmless
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._verified.add(name)
         return name
 
@@ -133,7 +132,7 @@ class SpillFiles:
             match = _NAME_RE.match(name)
             if not path.is_file():
                 raise SpillError(f"spill file {path} is missing")
-            if match is None or _sha256(path, fsync=False) != match.group(2):
+            if match is None or hash_file(path, fsync=False)["sha256"] != match.group(2):
                 raise SpillError(f"spill file {path} does not match its sha256 name (corrupt)")
             self._verified.add(name)
         parquet = self._parquet(name)
@@ -178,24 +177,6 @@ class SpillFiles:
                 self._open.pop(name).close()
         if names:
             log.debug("spill_files_deleted", directory=str(self.directory), files=len(names))
-
-
-def _sha256(path: Path, fsync: bool) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            sha.update(chunk)
-        if fsync:
-            os.fsync(handle.fileno())
-    return sha.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- pooled storage -----------------------------------------------------------------------------
@@ -358,7 +339,8 @@ class SpillingTable(EntityTable):
         return slots
 
     def need(self, slots: np.ndarray) -> None:
-        """Restore every evicted slot among `slots` (called by the storages before they read or write)."""
+        """Restore every evicted slot among `slots` (called before histories are planned or written
+        and before vectors are written)."""
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         if len(slots) and (self.row_of[slots] < 0).any():
             missing = np.unique(slots[self.row_of[slots] < 0])
@@ -589,7 +571,7 @@ class SpillingTable(EntityTable):
             "history": self.history.state_dict(),
             "resident": {"slots": resident, "rows": self.history.rows[self.row_of[resident]],
                          "vectors": self.vectors.rows_state(resident)},
-            "spill": {"files": [self.files[f] for f in used], "file_rows": np.asarray(self.file_rows)[used],
+            "spill": {"files": [self.files[f] for f in used], "file_rows": np.asarray(self.file_rows, dtype=np.int64)[used],
                       "file": remap[self.loc_file[:n]], "row": self.loc_row[:n].copy()},
         }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from felrec_stream.config import CacheConfig, replace
 from felrec_stream.errors import ConfigError, StoreError
@@ -70,6 +71,8 @@ def test_an_evicted_entity_comes_back_bit_for_bit(bundle, table, backend):
     users.evict(np.asarray([slot]))
     assert users.row_of[slot] < 0 and slot not in users.resident_slots()
     assert np.array_equal(users.read(np.asarray([slot])).raw(), before.raw())  # served from the spill...
+    as_history = users.vectors.get(torch.tensor([[slot, -1]])).numpy()[0]  # how the engine reads it
+    assert as_history[0].tobytes() == before.raw()[0].tobytes() and not as_history[1].any()
     assert users.row_of[slot] < 0  # ...without restoring it
 
     (name,) = users.spill_names()
