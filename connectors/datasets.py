@@ -37,6 +37,7 @@ from felrec_stream.data import synthetic
 from felrec_stream.errors import DatasetError
 from felrec_stream.log import get_logger
 from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered, make_events, sort_events, validate_events
+from felrec_stream.stream.messages import invalid_events
 
 log = get_logger(__name__)
 
@@ -199,7 +200,7 @@ def _load_movielens_100k(path: Path) -> pa.Table:
     """`u.data`: user <tab> item <tab> rating <tab> unix seconds, no header."""
     spec = _CsvSpec(delimiter="\t", quoting=False, names=("user", "item", "rating", "timestamp"),
                     types={"user": _INT, "item": _INT, "timestamp": _INT})
-    return _events_from(_read_csv(path, spec), "user", "item", "timestamp")
+    return _events_from(_read_csv(path, spec), "user", "item", "timestamp", **_file_rows(path, spec))
 
 
 def _load_movielens_dat(path: Path) -> pa.Table:
@@ -209,13 +210,13 @@ def _load_movielens_dat(path: Path) -> pa.Table:
     spec = _CsvSpec(delimiter=":", quoting=False, names=names, field_width=2,
                     types={"user": _INT, "sep1": _SEP, "item": _INT, "sep2": _SEP, "sep3": _SEP,
                            "timestamp": _INT})
-    return _events_from(_read_csv(path, spec), "user", "item", "timestamp")
+    return _events_from(_read_csv(path, spec), "user", "item", "timestamp", **_file_rows(path, spec))
 
 
 def _load_movielens_csv(path: Path) -> pa.Table:
     """ML-20M/25M/latest `ratings.csv` with header userId,movieId,rating,timestamp."""
     spec = _CsvSpec(types={"userId": _INT, "movieId": _INT, "timestamp": _INT})
-    return _events_from(_read_csv(path, spec), "userId", "movieId", "timestamp")
+    return _events_from(_read_csv(path, spec), "userId", "movieId", "timestamp", **_file_rows(path, spec))
 
 
 def _load_twitch(path: Path) -> pa.Table:
@@ -223,7 +224,7 @@ def _load_twitch(path: Path) -> pa.Table:
     As in the paper, the item is the streamer and the time is the start of the watched slot."""
     spec = _CsvSpec(names=("user_id", "stream_id", "streamer_name", "time_start", "time_stop"),
                     types={"user_id": _INT, "streamer_name": _STR, "time_start": _INT})
-    return _events_from(_read_csv(path, spec), "user_id", "streamer_name", "time_start")
+    return _events_from(_read_csv(path, spec), "user_id", "streamer_name", "time_start", **_file_rows(path, spec))
 
 
 def load_csv(path: Path, user: str | int = "user", item: str | int = "item",
@@ -244,7 +245,8 @@ def load_csv(path: Path, user: str | int = "user", item: str | int = "item",
         types[columns["event_id"]] = _INT
     spec = _CsvSpec(delimiter=delimiter, names=None if header else tuple(names), types=types)
     table = _read_csv(path, spec)
-    return _events_from(table, columns["user"], columns["item"], columns["timestamp"], columns.get("event_id"))
+    return _events_from(table, columns["user"], columns["item"], columns["timestamp"], columns.get("event_id"),
+                        **_file_rows(path, spec))
 
 
 def load_parquet(path: Path, user: str = "user", item: str = "item", timestamp: str = "timestamp",
@@ -266,8 +268,11 @@ def load_parquet(path: Path, user: str = "user", item: str = "item", timestamp: 
                                  pc.cast(pc.cast(ts, pa.timestamp("s"), safe=False), _INT))
     elif not pa.types.is_integer(ts.type):
         raise DatasetError(f"{path}: timestamp column {timestamp!r} must be integer, got {ts.type}")
-    _raise_on_missing_values(path, table, lambda rows: [(r, f"row {r} (0-based)") for r in rows])
-    return _events_from(table, user, item, timestamp, event_id, source=path)
+    def where(rows: list[int]) -> list[tuple[int, str]]:
+        return [(r, f"row {r} (0-based)") for r in rows]
+
+    _raise_on_missing_values(path, table, where)
+    return _events_from(table, user, item, timestamp, event_id, source=path, where=where)
 
 
 def load_synthetic(**options: Any) -> pa.Table:
@@ -276,12 +281,19 @@ def load_synthetic(**options: Any) -> pa.Table:
     return synthetic.generate(synthetic.config_from_options(**options)).events
 
 
-def _events_from(table: pa.Table, user: str, item: str, timestamp: str, event_id: str | None = None,
-                 source: Path | None = None) -> pa.Table:
+def _events_from(table: pa.Table, user: str, item: str, timestamp: str, event_id: str | None = None, *,
+                 source: Path, where: Callable[[list[int]], list[tuple[int, str]]]) -> pa.Table:
+    """The canonical table, after the wire format's rules (`invalid_events`): a file that a topic
+    would reject fails here, naming its lines (`where` labels 0-based data rows)."""
     if len(table) == 0:
-        raise DatasetError(f"{source or 'dataset'} has no data rows")
+        raise DatasetError(f"{source} has no data rows")
     ids = None if event_id is None else table.column(event_id)
-    return make_events(table.column(user), table.column(item), table.column(timestamp), ids)
+    events = make_events(table.column(user), table.column(item), table.column(timestamp), ids, sort=False)
+    problems = invalid_events(events, ts_unit=None, limit=MAX_REPORTED)
+    if problems:
+        labels = dict(where(sorted({row for row, _ in problems})))
+        raise DatasetError(f"{source}: invalid event(s): " + "; ".join(f"{labels[row]}: {why}" for row, why in problems))
+    return sort_events(events)
 
 
 def _as_bool(value: bool | str, name: str) -> bool:
@@ -320,6 +332,11 @@ class _CsvSpec:
     quoting: bool = True
     names: tuple[str, ...] | None = None
     field_width: int = 1  # raw columns per field: 2 for '::' read as ':'
+
+
+def _file_rows(path: Path, spec: _CsvSpec) -> dict[str, Any]:
+    """`_events_from`'s source and row labeller for a delimited file ("line N: <text>")."""
+    return {"source": path, "where": lambda rows: _lines_of_rows(path, spec, rows)}
 
 
 def _read_csv(path: Path, spec: "_CsvSpec") -> pa.Table:

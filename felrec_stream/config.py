@@ -152,11 +152,34 @@ class KafkaConfig:
     reorder_window: int = 1000  # events held back to restore event-time order across partitions
     security: Mapping[str, Any] = field(default_factory=dict)
     timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"  # unit of message `ts`; bounds the year-2200 check
+    outage_timeout_s: float = 300.0  # a consumer waits this long for an unreachable broker before failing
+    future_skew_s: float = 86400.0  # events further ahead of the wall clock are dead-lettered (0: no limit)
 
     def __post_init__(self) -> None:
         check(self.partitions >= 1, "kafka.partitions must be >= 1")
         check(self.reorder_window >= 0, "kafka.reorder_window must be >= 0")
         check(self.timestamp_unit in ("s", "ms", "us", "ns"), "kafka.timestamp_unit must be s, ms, us or ns")
+        check(self.outage_timeout_s >= 0 and self.future_skew_s >= 0,
+              "kafka.outage_timeout_s and kafka.future_skew_s must be >= 0")
+        for name in ("topic", "dead_letter_topic"):
+            problem = topic_name_problem(getattr(self, name))
+            check(problem is None, f"kafka.{name}: {problem}")
+
+
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+MAX_TOPIC_CHARS = 249
+
+
+def topic_name_problem(name: str) -> str | None:
+    """Why `name` is not a legal Kafka topic name (Apache Kafka's rules; Tansu checks none), or None."""
+    if not name or name in (".", ".."):
+        return f"topic name {name!r} is not allowed"
+    if len(name) > MAX_TOPIC_CHARS:
+        return f"topic name has {len(name)} characters > {MAX_TOPIC_CHARS}"
+    bad = sorted(set(name) - _TOPIC_CHARS)
+    if bad:
+        return f"topic name {name[:80]!r} has character(s) {''.join(bad)!r}: use ASCII letters, digits, '.', '_', '-'"
+    return None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from typing import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from felrec_stream.errors import ServiceError
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _E2U_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 
@@ -54,8 +56,11 @@ class WorkerMetrics:
         self.applied = Gauge(p + "applied_events", "Events applied since the topic start", registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Expose /metrics on addr:port in a daemon thread."""
-        start_http_server(port, addr=addr, registry=self.registry)
+        """Expose /metrics on addr:port in a daemon thread (ServiceError when the port is taken)."""
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            raise ServiceError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from None
 
     def observe_batch(self, size: int, seconds: float, dead_letters: int, late: int, applied: int,
                       users: int, items: int) -> None:

@@ -63,6 +63,25 @@ Guarantees
    (manifest refs: size and sha256); after each snapshot the worker deletes only the files that
    neither the live store nor any kept snapshot refers to, so guarantees 1 and 2 hold with a cap:
    the final state equals that of an uncapped run (tests/pipelines/test_worker_spill.py).
+6. Every record is one interaction: two records with the same `event_id` (a producer that retried
+   without idempotence) are both applied. Producers must be idempotent (replay's is) for
+   exactly-once *input*; the worker guarantees exactly-once *processing* of what the topic holds.
+
+Restore rules (`restore`)
+-------------------------
+- One writer per snapshot directory, for the worker's whole life (`SnapshotManager.acquire` in
+  `run`, which first checks that the directory is writable: a bad one fails before any event).
+- The newest snapshot that verifies (checksummed files *and* manifest) and whose state loads is
+  used; a damaged one is skipped for the previous one.
+- A snapshot holds the topic's identity (`Source.identity()`): restoring it on a topic that was
+  deleted and refilled under the same name is refused, since its offsets point into other data.
+- Snapshots were committed but none is usable: the worker starts from the beginning with an
+  error-level log line, and refuses when the topic no longer starts at offset 0 (retention deleted
+  events the lost state held).
+- `reset_state` (`--reset-state`): in the two refusals above, discard the snapshots and start from
+  the beginning (earliest available offsets) instead. A usable snapshot is always restored.
+- Every snapshot carries a `lineage` id, new whenever the worker starts without restoring one, so
+  read replicas (`serve`) notice a directory that was reset even when its seq numbers went down.
 
 The worker reads through the `felrec_stream.stream.source.Source` protocol (`KafkaSource` in
 production, `InMemorySource` in tests) and counts dead letters through `CountingDeadLetters`.
@@ -80,6 +99,7 @@ import hashlib
 import json
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,12 +113,13 @@ from connectors.kafka.source import KafkaSource
 from felrec_stream.config import CacheConfig, Configs, KafkaConfig, replace, to_dict
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ConfigError, KafkaError, ModelError, StoreError
+from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.state.checkpoint import load_checkpoint
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.faiss_store import make_store
-from felrec_stream.state.snapshot import Snapshot, SnapshotManager
+from felrec_stream.state.snapshot import Snapshot, SnapshotCorrupt, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch
@@ -176,6 +197,7 @@ class WorkerOptions:
     snapshot_every_seconds: float = 60.0
     allow_model_change: bool = False
     group_id: str | None = None  # consumer group for monitoring commits (None: no commits)
+    reset_state: bool = False  # discard unusable snapshots instead of refusing (see "Restore rules")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_wait_ms < 0:
@@ -236,6 +258,7 @@ class CountingDeadLetters:
         if self._inner is None:
             self._inner = self._make_inner()
         self._inner.send(poison)
+        fault_point("dead_letter_sent")
         self.sent += 1
         self._ahead.append((-1 if poison.partition is None else poison.partition,
                             -1 if poison.offset is None else poison.offset))
@@ -295,6 +318,8 @@ class StreamWorker:
         self.clock = clock
         self.progress = Progress()
         self.restored_seq: int | None = None
+        self.lineage: str | None = None  # set by restore(): the restored snapshot's, or a new one
+        self.ready = False  # restored and reading: the store may be queried (consume --serve's /readyz)
         self._stop_reason: str | None = None
         self._run_applied = 0
         self._snapshots_written = 0
@@ -313,18 +338,25 @@ class StreamWorker:
 
     def run(self) -> WorkerResult:
         started = time.perf_counter()
-        positions = self.restore()
+        if self.snapshots is not None:
+            self.snapshots.acquire()  # one writer for the whole life; a bad directory fails here
         try:
-            self.source.open(positions)
-            log.info("worker_started", topic=self.options.topic, applied=self.progress.applied,
-                     batch_size=self.options.batch_size, until_end=self.options.until_end,
-                     model_version=self.bundle.version, restored_seq=self.restored_seq)
-            self._loop()
-            self._final_snapshot()
+            positions = self.restore()
+            try:
+                self.source.open(positions)
+                self.ready = True
+                log.info("worker_started", topic=self.options.topic, applied=self.progress.applied,
+                         batch_size=self.options.batch_size, until_end=self.options.until_end,
+                         model_version=self.bundle.version, restored_seq=self.restored_seq, lineage=self.lineage)
+                self._loop()
+                self._final_snapshot()
+            finally:
+                self.source.close()  # flushes pending dead letters
+                if self.dead_letters is not None:
+                    self.dead_letters.close()
         finally:
-            self.source.close()  # flushes pending dead letters
-            if self.dead_letters is not None:
-                self.dead_letters.close()
+            if self.snapshots is not None:
+                self.snapshots.release()
         return self._result(time.perf_counter() - started)
 
     @property
@@ -459,6 +491,7 @@ class StreamWorker:
         dead = self._dlq_restored + (self.dead_letters.settle(p.offsets) if self.dead_letters is not None
                                      else self._seen_poison)
         return {"kind": SNAPSHOT_KIND, "format": SNAPSHOT_FORMAT, "topic": self.options.topic,
+                "lineage": self.lineage, "topic_identity": self.source.identity(),
                 "offsets": {str(k): int(v) for k, v in sorted(p.offsets.items())},
                 "applied_events": p.applied, "batches": p.batches, "dead_letters": dead,
                 "late_events": p.late, "batch_size": self.options.batch_size,
@@ -467,23 +500,71 @@ class StreamWorker:
                 "configs": {k: to_dict(getattr(self.bundle.configs, k)) for k in ("encoder", "model", "cache")}}
 
     def restore(self) -> dict[int, int] | None:
-        """Load the newest valid snapshot into the (empty) store; returns its offsets (None: none)."""
-        snapshot = self.snapshots.latest_valid() if self.snapshots is not None else None
-        if snapshot is None:
+        """Load the newest usable snapshot into the (empty) store; returns its offsets (None: from
+        the beginning). The rules are in the module docstring ("Restore rules")."""
+        self.lineage = uuid.uuid4().hex[:16]  # a new history unless a snapshot is restored
+        if self.snapshots is None:
             return None
-        meta = snapshot.meta
-        self._check_snapshot(snapshot)
-        with self.lock:
-            self.store.load_state_dict(snapshot.state()["store"])
+        found = self.snapshots.load_newest(self._load_snapshot)
+        if found is not None and found[1] is not None:
+            snapshot, why = found
+            self._refuse_or_reset(f"topic {self.options.topic!r} is not the topic snapshot {snapshot.path} was "
+                                  f"made from: {why}")
+            found = None
+        if found is None:
+            self._check_fresh_start()
+            return None
+        snapshot, meta = found[0], found[0].meta
         self.progress = Progress(int(meta["applied_events"]), int(meta["batches"]), int(meta["dead_letters"]),
                                  int(meta["late_events"]), {int(k): int(v) for k, v in meta["offsets"].items()})
         self.restored_seq = snapshot.seq
+        self.lineage = snapshot.lineage or self.lineage
         self._collect_spill()  # files a crashed run wrote after this snapshot
         self._snapshot_applied = self.progress.applied
         self._dlq_restored = self.progress.dead_letters
         log.info("worker_restored", seq=snapshot.seq, applied=self.progress.applied, offsets=self.progress.offsets,
-                 users=len(self.store.users), items=len(self.store.items))
+                 users=len(self.store.users), items=len(self.store.items), lineage=self.lineage)
         return dict(self.progress.offsets)
+
+    def _load_snapshot(self, snapshot: Snapshot) -> str | None:
+        """Check a snapshot, then load its store; returns why the topic differs (nothing loaded then).
+
+        Wrong kind/topic name/model raise (the operator must decide); a state that does not load
+        raises SnapshotCorrupt, so the previous snapshot is tried.
+        """
+        self._check_snapshot(snapshot)
+        why = self.source.verify_identity(snapshot.meta.get("topic_identity") or {})
+        if why is not None:
+            return why
+        try:
+            with self.lock:
+                self.store.load_state_dict(snapshot.state()["store"])
+        except StoreError as exc:
+            raise SnapshotCorrupt(f"its store state does not load: {exc}") from None
+        return None
+
+    def _check_fresh_start(self) -> None:
+        """No snapshot to restore. Committed ones that are all unusable mean the state is lost:
+        loud, and refused when the topic no longer starts at offset 0 (unless reset_state)."""
+        assert self.snapshots is not None
+        if not self.snapshots.has_committed():
+            return
+        lost = {p: o for p, o in self.source.earliest_positions().items() if o > 0}
+        log.error("snapshots_unusable", root=str(self.snapshots.root), earliest_offsets=lost or None,
+                  action="discarding them" if lost and self.options.reset_state else
+                  "applying the topic again from its beginning")
+        if lost:
+            self._refuse_or_reset(f"no snapshot under {self.snapshots.root} is usable and topic "
+                                  f"{self.options.topic!r} no longer starts at offset 0 (earliest offsets {lost}): "
+                                  "the events before them are gone")
+
+    def _refuse_or_reset(self, problem: str) -> None:
+        assert self.snapshots is not None
+        if not self.options.reset_state:
+            raise StoreError(f"{problem}; to discard the snapshots and start from the earliest available offsets, "
+                             "run once with --reset-state (or use another --snapshot-dir)")
+        log.warning("worker_state_reset", problem=problem)
+        self.snapshots.discard_all()
 
     def _check_snapshot(self, snapshot: Snapshot) -> None:
         meta = snapshot.meta

@@ -18,7 +18,7 @@ import time
 from typing import Any, Iterable, Iterator
 
 from connectors.kafka.broker import check_reachable, client_kwargs
-from felrec_stream.config import KafkaConfig
+from felrec_stream.config import KafkaConfig, topic_name_problem
 from felrec_stream.errors import KafkaError
 from felrec_stream.log import get_logger
 
@@ -35,6 +35,7 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "heartbeat_interval_ms": 1000,
     "max_poll_records": 2000,
 }
+_ZERO_UUID_BASE64 = "AAAAAAAAAAAAAAAAAAAAAA"  # how some clients render a broker's "no topic id"
 
 
 @contextlib.contextmanager
@@ -127,13 +128,20 @@ class TopicAdmin:
 
     def partitions(self, topic: str) -> list[int]:
         """Partition ids of an existing topic (KafkaError when it does not exist)."""
+        return self.describe(topic)[0]
+
+    def describe(self, topic: str) -> tuple[list[int], str | None]:
+        """(partition ids, topic id) of an existing topic; the id is None where the broker has none
+        (Apache Kafka before 2.8 answers the all-zero id). A deleted and recreated topic gets a new id."""
         with kafka_errors(f"describing topic {topic!r}", self._servers):
             described = self._admin.describe_topics([topic])
         found = [t for t in described if t.get("name") == topic and t.get("error_code", 0) == 0]
         if not found or not found[0].get("partitions"):
             raise KafkaError(f"topic {topic!r} does not exist on {self._servers}; create it first "
                              f"(e.g. `felrec-stream replay ... --topic {topic}`)")
-        return sorted(p["partition_index"] for p in found[0]["partitions"])
+        topic_id = str(found[0].get("topic_id") or "")
+        known = topic_id.strip("0-") and topic_id != _ZERO_UUID_BASE64
+        return sorted(p["partition_index"] for p in found[0]["partitions"]), topic_id if known else None
 
     def create_topic(self, topic: str, partitions: int, exists_ok: bool = False,
                      replication_factor: int = -1, just_deleted: bool = False) -> bool:
@@ -145,6 +153,9 @@ class TopicAdmin:
         from kafka.admin import NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
+        problem = topic_name_problem(topic)  # Tansu would create an illegal name
+        if problem is not None:
+            raise KafkaError(f"cannot create topic: {problem}")
         deadline = time.monotonic() + self.kafka_config.request_timeout_ms / 1000
         while True:
             with kafka_errors(f"creating topic {topic!r}", self._servers):
@@ -221,6 +232,20 @@ def end_offsets(kafka_config: KafkaConfig, topic: str, partitions: Iterable[int]
             for tp in tps:
                 consumer.seek(tp, max(begins[tp], listed[tp] - 1))
             return _highwater_max(consumer, tps, listed, timeout_s or kafka_config.request_timeout_ms / 1000)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def beginning_offsets(kafka_config: KafkaConfig, topic: str) -> dict[int, int]:
+    """Per-partition earliest available offsets (above 0 once retention deleted records)."""
+    from kafka import TopicPartition
+
+    with TopicAdmin(kafka_config) as admin:
+        tps = [TopicPartition(topic, p) for p in admin.partitions(topic)]
+    consumer = new_consumer(kafka_config)
+    try:
+        with kafka_errors(f"reading beginning offsets of {topic!r}", _servers(kafka_config)):
+            return {tp.partition: int(o) for tp, o in consumer.beginning_offsets(tps).items()}
     finally:
         consumer.close(autocommit=False)
 

@@ -205,8 +205,9 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int | None = None, data_dir: str | Path | None = None,
-                 daemon: bool = False, binary: str | None = None) -> None:
+                 daemon: bool = False, binary: str | None = None, advertised_port: int | None = None) -> None:
         self.port = port
+        self.advertised_port = advertised_port  # clients told to connect there (a proxy in front); default port
         self.data_dir = Path(data_dir) if data_dir is not None else state_dir()
         self.daemon = daemon
         self._binary = binary
@@ -253,10 +254,10 @@ class EmbeddedBroker:
 
     def _spawn(self, port: int) -> subprocess.Popen:
         binary = self._binary or resolve_binary()
-        url = f"tcp://{HOST}:{port}"
+        url, advertised = f"tcp://{HOST}:{port}", f"tcp://{HOST}:{self.advertised_port or port}"
         with open(self.log_file, "ab") as out:
             return subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=self.daemon,
                 preexec_fn=None if self.daemon else _death_signal_setter(),

@@ -6,7 +6,12 @@ its raw bytes as the value (None for a tombstone), the original key, and headers
 where it came from:
 
     felrec.kind, felrec.field, felrec.reason, felrec.source.topic, felrec.source.partition,
-    felrec.source.offset   (UTF-8 strings; absent values are empty strings)
+    felrec.source.offset, felrec.original.size (value bytes), felrec.original.key_size,
+    felrec.truncated ("true"/"false")   (UTF-8 strings; absent values are empty strings)
+
+Values above `MAX_VALUE_BYTES` (and keys above `MAX_KEY_BYTES`) are truncated: a poison message
+can be as large as the broker allows (several MB), a dead letter must fit the producer's and the
+dead-letter topic's 1 MB default limits, or the worker could never pass that message.
 
 Lifecycle: `send()` per poison message (asynchronous), `flush()` before the caller commits
 offsets or persists positions past those messages (raises KafkaError when any dead letter
@@ -26,9 +31,14 @@ from felrec_stream.stream.messages import PoisonMessage
 
 log = get_logger(__name__)
 
+MAX_VALUE_BYTES = 256 * 1024
+MAX_KEY_BYTES = 4096
+
 
 def dead_letter_headers(poison: PoisonMessage) -> list[tuple[str, bytes]]:
-    """Kafka headers describing a poison message (reason and source position)."""
+    """Kafka headers describing a poison message (reason, source position, original sizes)."""
+    value_size = None if poison.raw is None else len(poison.raw)
+    key_size = None if poison.key is None else len(poison.key)
     values = {
         "felrec.kind": poison.kind,
         "felrec.field": poison.field,
@@ -36,8 +46,15 @@ def dead_letter_headers(poison: PoisonMessage) -> list[tuple[str, bytes]]:
         "felrec.source.topic": poison.topic,
         "felrec.source.partition": poison.partition,
         "felrec.source.offset": poison.offset,
+        "felrec.original.size": value_size,
+        "felrec.original.key_size": key_size,
+        "felrec.truncated": str((value_size or 0) > MAX_VALUE_BYTES or (key_size or 0) > MAX_KEY_BYTES).lower(),
     }
     return [(name, b"" if value is None else str(value).encode("utf-8")) for name, value in values.items()]
+
+
+def _head(data: bytes | None, limit: int) -> bytes | None:
+    return data if data is None or len(data) <= limit else bytes(data[:limit])
 
 
 class MemoryDeadLetters:
@@ -72,8 +89,8 @@ class KafkaDeadLetters:
     def send(self, poison: PoisonMessage) -> None:
         """Queue one dead letter; failures surface in flush(), never vanish."""
         with kafka_errors(f"writing to dead-letter topic {self.topic!r}", self._servers):
-            future = self._producer.send(self.topic, key=poison.key, value=poison.raw,
-                                         headers=dead_letter_headers(poison))
+            future = self._producer.send(self.topic, key=_head(poison.key, MAX_KEY_BYTES),
+                                         value=_head(poison.raw, MAX_VALUE_BYTES), headers=dead_letter_headers(poison))
         self.sent += 1
         future.add_callback(self._on_ack)
         future.add_errback(self._on_error, poison)

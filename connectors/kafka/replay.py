@@ -33,7 +33,7 @@ from felrec_stream.data.split import split_sizes
 from felrec_stream.errors import ConfigError, DatasetError, ReplayError
 from felrec_stream.log import get_logger
 from felrec_stream.stream.events import is_time_ordered, sort_events, validate_events
-from felrec_stream.stream.messages import TS_UNITS, encode_event, max_timestamp
+from felrec_stream.stream.messages import TS_UNITS, encode_event, invalid_events
 
 log = get_logger(__name__)
 
@@ -118,7 +118,7 @@ def replay_events(table: pa.Table, kafka_config: KafkaConfig, topic: str | None 
     publish on `<topic>.meta`; `meta` adds free-form fields (e.g. the dataset name) to it.
     """
     topic = topic or kafka_config.topic
-    table = _prepared(table, kafka_config)
+    table = prepare_events(table, kafka_config)
     _check_options(len(table), rate, speedup, start_from, splits)
     with TopicAdmin(kafka_config) as admin:
         partitions = len(admin.partitions(topic))  # never let the producer auto-create it
@@ -152,16 +152,18 @@ def replay_events(table: pa.Table, kafka_config: KafkaConfig, topic: str | None 
     return result
 
 
-def _prepared(table: pa.Table, kafka_config: KafkaConfig) -> pa.Table:
-    """Canonical, time-ordered, with timestamps a consumer will accept (checked before sending)."""
+def prepare_events(table: pa.Table, kafka_config: KafkaConfig) -> pa.Table:
+    """Canonical and time-ordered, every event one a consumer accepts (`invalid_events` with the
+    topic's timestamp unit); checked before anything is sent or a topic is created."""
     validate_events(table)
     if not is_time_ordered(table):
         table = sort_events(table)
-    ts = table.column("timestamp").to_numpy()
-    limit = max_timestamp(kafka_config.timestamp_unit)
-    if len(ts) and (ts.min() < 0 or ts.max() > limit):
-        raise DatasetError(f"timestamps must be in [0, {limit}] (year 2200 in unit "
-                           f"{kafka_config.timestamp_unit!r}); got [{ts.min()}, {ts.max()}]: set kafka.timestamp_unit")
+    problems = invalid_events(table, kafka_config.timestamp_unit)
+    if problems:
+        ids = table.column("event_id")
+        details = "; ".join(f"event_id {ids[row].as_py()}: {why}" for row, why in problems)
+        raise DatasetError(f"events a consumer would reject (kafka.timestamp_unit={kafka_config.timestamp_unit!r}): "
+                           f"{details}")
     return table
 
 

@@ -30,6 +30,16 @@ End of a historical topic: `max(ListOffsets latest, fetch high watermark)` captu
 
 Poison messages go to the dead-letter sink (counted, logged), never stop the source;
 `positions()` flushes the sink first, so persisted positions never skip an unwritten dead letter.
+Events more than `KafkaConfig.future_skew_s` ahead of the wall clock are poison too: one event
+from the far future would otherwise make every later event "late" in follow mode.
+
+Identity (`identity()`, `verify_identity()`): the topic id and the first record read per partition
+(connectors/kafka/identity.py), so a snapshot is never resumed on a recreated topic of the same name.
+
+Broker outages: kafka-python reconnects by itself; when no records came for
+`request_timeout_ms`, the source checks that the broker is reachable. An unreachable broker is
+waited for, with growing intervals and everything in memory kept, for `KafkaConfig.outage_timeout_s`
+before the source fails.
 """
 
 from __future__ import annotations
@@ -42,21 +52,23 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from connectors.kafka.admin import TopicAdmin, end_offsets, kafka_errors, new_consumer
+from connectors.kafka.admin import TopicAdmin, beginning_offsets, end_offsets, kafka_errors, new_consumer
 from connectors.kafka.broker import tcp_reachable
 from connectors.kafka.dlq import KafkaDeadLetters, MemoryDeadLetters
+from connectors.kafka.identity import Anchor, check_identity, record_anchor
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import DatasetError, KafkaError
 from felrec_stream.log import get_logger
 from felrec_stream.stream.batcher import MicroBatcher
 from felrec_stream.stream.events import EVENT_SCHEMA, EventBatch, sort_events
-from felrec_stream.stream.messages import Event, PoisonMessage, decode_event, events_to_batch
+from felrec_stream.stream.messages import TS_UNITS, Event, PoisonMessage, decode_event, events_to_batch
 from felrec_stream.stream.source import DeadLetterSink, SourceStats
 
 log = get_logger(__name__)
 
 _MIN_PARTITION_CAP = 256  # queued events per partition before it may be paused
 _POISON_LOG_LIMIT = 100  # individual poison log lines; the dead-letter topic has all of them
+_OUTAGE_CHECK_MAX_S = 30.0  # longest interval between reachability checks during an outage
 # kafka-python 3.0.12 bug (KAFKA-7548 port): records of a partition that is paused while a poll
 # has drained only part of them are parked and never handed back after resume(), and the parked
 # partition is never fetched again: the source would stall. With an unbounded max_poll_records
@@ -171,7 +183,11 @@ class KafkaSource:
         self._merger = PartitionMerger([])
         self._start: dict[int, int] = {}
         self._last_progress = clock()
+        self._check_after_s = kafka_config.request_timeout_ms / 1000
+        self._outage_since: float | None = None
         self._stopped = False
+        self._topic_id: str | None = None
+        self._anchors: dict[int, Anchor] = {}  # first record read per partition (identity)
 
     # ----------------------------------------------------------------- lifecycle
     def open(self, positions: Mapping[int, int] | None = None) -> "KafkaSource":
@@ -179,7 +195,7 @@ class KafkaSource:
         from kafka import TopicPartition
 
         with TopicAdmin(self.kafka_config) as admin:
-            existing = admin.partitions(self.topic)
+            existing, self._topic_id = admin.describe(self.topic)
         wanted = existing if self._wanted is None else self._wanted
         missing = sorted(set(wanted) - set(existing))
         if missing:
@@ -292,25 +308,34 @@ class KafkaSource:
         self._update_finished()  # also without records: positions can pass control records
         if records:
             self._last_progress = now
+            self._outage_over(now)
         else:
             self._check_stalled()
 
     def _decode(self, tp: Any, records: list[Any]) -> list[Event]:
         """Decode one partition's records; stop at the captured end in until_end mode."""
         end = self._end[tp.partition] if self.until_end else None
+        not_after = self._not_after()
         events = []
         for record in records:
             if end is not None and record.offset >= end:
                 self._consumer.seek(tp, end)  # never read past the end captured at open
                 break
+            if tp.partition not in self._anchors:
+                self._anchors[tp.partition] = record_anchor(record)
             decoded = decode_event(record.value, self.kafka_config.max_message_bytes, key=record.key,
                                    topic=self.topic, partition=tp.partition, offset=record.offset,
-                                   ts_unit=self.kafka_config.timestamp_unit)
+                                   ts_unit=self.kafka_config.timestamp_unit, not_after=not_after)
             if isinstance(decoded, PoisonMessage):
                 self._dead_letter(decoded)
             else:
                 events.append(decoded)
         return events
+
+    def _not_after(self) -> int | None:
+        """Latest accepted event time (topic unit): wall clock + future_skew_s; None = no limit."""
+        skew = self.kafka_config.future_skew_s
+        return None if not skew else int((time.time() + skew) * TS_UNITS[self.kafka_config.timestamp_unit])
 
     def _dead_letter(self, poison: PoisonMessage) -> None:
         if self._dlq is None:
@@ -377,18 +402,42 @@ class KafkaSource:
             self._paused -= partitions
 
     def _check_stalled(self) -> None:
-        """No records for a while: fail clearly when the broker is gone or a position is past the end."""
-        if self._clock() - self._last_progress < self.kafka_config.request_timeout_ms / 1000:
+        """No records for a while: wait out a broker outage (up to outage_timeout_s, state kept),
+        fail at once when a position is past the end (the topic was recreated)."""
+        now = self._clock()
+        if now - self._last_progress < self._check_after_s:
             return
-        self._last_progress = self._clock()
+        self._last_progress = now
         if not tcp_reachable(self.kafka_config.bootstrap_servers, 1.0):
-            raise KafkaError(f"Kafka broker at {self.kafka_config.bootstrap_servers} became unreachable while "
-                             f"reading {self.topic!r}; resume from positions {self.positions(flush=False)}")
+            self._note_outage(now)
+            return
+        self._outage_over(now)
         for p, tp in self._tps.items():
             highwater = self._consumer.highwater(tp)
             if highwater is not None and self._consumer.position(tp) > highwater:
                 raise KafkaError(f"position {self._consumer.position(tp)} of {self.topic}[{p}] is beyond the end "
                                  f"({highwater}): the topic was recreated or the broker restarted")
+
+    def _outage_over(self, now: float) -> None:
+        if self._outage_since is not None:
+            log.info("broker_reachable_again", bootstrap_servers=self.kafka_config.bootstrap_servers,
+                     outage_s=round(now - self._outage_since, 1))
+            self._outage_since, self._check_after_s = None, self.kafka_config.request_timeout_ms / 1000
+
+    def _note_outage(self, now: float) -> None:
+        """One warning per check, checks at growing intervals; KafkaError once outage_timeout_s passed."""
+        limit = self.kafka_config.outage_timeout_s
+        if self._outage_since is None:
+            self._outage_since, self._check_after_s = now, 1.0
+        elif now - self._outage_since >= limit:
+            raise KafkaError(f"Kafka broker at {self.kafka_config.bootstrap_servers} unreachable for "
+                             f"{now - self._outage_since:.0f} s (kafka.outage_timeout_s={limit:g}) while reading "
+                             f"{self.topic!r}; resume from positions {self.positions(flush=False)}")
+        else:
+            self._check_after_s = min(2 * self._check_after_s, _OUTAGE_CHECK_MAX_S)
+        log.warning("broker_unreachable", bootstrap_servers=self.kafka_config.bootstrap_servers,
+                    seconds=round(now - self._outage_since, 1), gives_up_after_s=limit,
+                    next_check_s=self._check_after_s)
 
     # --------------------------------------------------------------- positions
     def positions(self, flush: bool = True) -> dict[int, int]:
@@ -431,8 +480,30 @@ class KafkaSource:
         if self.group_id is None:
             return
         offsets = {self._tps[p]: OffsetAndMetadata(int(o), "", -1) for p, o in positions.items()}
-        with self._errors("committing offsets"):
-            self._consumer.commit(offsets)
+        with self._errors("committing offsets"):  # bounded: a broker outage must not hang the caller
+            self._consumer.commit(offsets, timeout_ms=self.kafka_config.request_timeout_ms)
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> dict[str, Any]:
+        """Topic id and per-partition anchors (connectors/kafka/identity.py), JSON-able, for snapshots."""
+        return {"topic_id": self._topic_id,
+                "anchors": {str(p): list(a) for p, a in sorted(self._anchors.items())}}
+
+    def verify_identity(self, stored: Mapping[str, Any]) -> str | None:
+        """Why the topic is not the one `stored` (an `identity()`) describes; None when it is or
+        cannot tell. Call before open(); matching anchors are kept in later `identity()`s."""
+        with TopicAdmin(self.kafka_config) as admin:
+            partitions, self._topic_id = admin.describe(self.topic)
+        if not stored:
+            return None
+        reason, kept = check_identity(self.kafka_config, self.topic, partitions, self._topic_id, stored)
+        if reason is None:
+            self._anchors = {**self._anchors, **kept}  # the stored (older) anchors win
+        return reason
+
+    def earliest_positions(self) -> dict[int, int]:
+        """First offset still available per partition (above 0 once retention deleted records)."""
+        return beginning_offsets(self.kafka_config, self.topic)
 
     def _errors(self, action: str) -> Any:
         return kafka_errors(f"{action} on topic {self.topic!r}", self.kafka_config.bootstrap_servers)

@@ -51,6 +51,10 @@ from felrec_stream.config import CacheConfig, literal_choices
               help="Stop at the first batch boundary after this many events (tests).")
 @click.option("--until-end", is_flag=True, help="Stop at the end of the topic (deterministic batches).")
 @click.option("--allow-model-change", is_flag=True, help="Restore a snapshot made with another checkpoint.")
+@click.option("--reset-state", is_flag=True,
+              help="When the snapshots cannot be used (the topic was deleted and recreated, or none is valid and "
+                   "the topic no longer starts at offset 0), discard them and start from the topic's earliest "
+                   "offsets instead of refusing. A usable snapshot is always restored.")
 @click.option("--group-id", default=None,
               help="Consumer group for monitoring commits [default: felrec-consume-<topic>].")
 @click.option("--serve", is_flag=True, help="Also answer recommendation queries over HTTP from the live store.")
@@ -79,7 +83,8 @@ def consume(**opts: Any) -> None:
         topic=opts["topic"], batch_size=opts["batch_size"], max_wait_ms=opts["max_wait_ms"],
         until_end=opts["until_end"], max_events=opts["max_events"],
         snapshot_every_events=opts["snapshot_every_events"], snapshot_every_seconds=opts["snapshot_every_seconds"],
-        allow_model_change=opts["allow_model_change"], group_id=opts["group_id"] or f"felrec-consume-{opts['topic']}")
+        allow_model_change=opts["allow_model_change"], reset_state=opts["reset_state"],
+        group_id=opts["group_id"] or f"felrec-consume-{opts['topic']}")
     with ensure_broker(kafka) as servers:
         worker = build_worker(opts["checkpoint"], replace(kafka, bootstrap_servers=servers), options,
                               shards=opts["shards"], index_type=opts["index_type"],
@@ -125,7 +130,8 @@ def _maybe_serve(worker: Any, serve: bool, host: str, port: int) -> Iterator[Non
 
     engine = QueryEngine(worker.store, worker.lock)
     worker.observers.append(engine)  # freshness and snapshot seq on /metrics and /v1/catalog
-    handle = serve_in_thread(create_app(lambda: engine), host=host, port=port)
+    # not ready (503) until the snapshot is restored: an empty store would answer 404s
+    handle = serve_in_thread(create_app(lambda: engine if worker.ready else None), host=host, port=port)
     try:
         yield
     finally:

@@ -94,25 +94,32 @@ def replay(**opts: Any) -> None:
         raise click.UsageError("give --rate or --speedup, not both")
     from connectors.datasets import load_dataset
     from connectors.kafka.broker import ensure_broker
-    from connectors.kafka.replay import replay_events, result_dict, split_indices
+    from connectors.kafka.replay import prepare_events, replay_events, result_dict, split_indices
     from felrec_stream.config import KafkaConfig, load_section, read_config_file, replace
 
     kafka = load_section(KafkaConfig, "kafka", read_config_file(opts["config_file"]),
                          {"bootstrap_servers": opts["bootstrap_servers"], "topic": opts["topic"],
                           "partitions": opts["partitions"]})
-    table = load_dataset(opts["dataset"], opts["path"], **parse_key_values(opts["options"]))
+    # every event is checked (file and line) before a broker or topic is touched
+    table = prepare_events(load_dataset(opts["dataset"], opts["path"], **parse_key_values(opts["options"])), kafka)
     with ensure_broker(kafka, keep=True) as servers:
         kafka = replace(kafka, bootstrap_servers=servers)
-        _prepare_topic(kafka, opts["recreate"], opts["start_from"])
-        result = replay_events(table, kafka, kafka.topic, rate=opts["rate"], speedup=opts["speedup"],
-                               progress=opts["progress"], start_from=opts["start_from"],
-                               splits=split_indices(len(table), opts["val_fraction"], opts["test_fraction"]),
-                               meta={"dataset": opts["dataset"], "path": opts["path"]})
+        created = _prepare_topic(kafka, opts["recreate"], opts["start_from"])
+        try:
+            result = replay_events(table, kafka, kafka.topic, rate=opts["rate"], speedup=opts["speedup"],
+                                   progress=opts["progress"], start_from=opts["start_from"],
+                                   splits=split_indices(len(table), opts["val_fraction"], opts["test_fraction"]),
+                                   meta={"dataset": opts["dataset"], "path": opts["path"]})
+        except Exception as exc:
+            if created and not getattr(exc, "acknowledged", 0):
+                _remove_empty_topic(kafka)
+            raise
     click.echo(json.dumps({**result_dict(result), "bootstrap_servers": servers}, default=str))
 
 
-def _prepare_topic(kafka: Any, recreate: bool, start_from: int) -> None:
-    """Create or recreate the topic explicitly; refuse to append a second full copy of a dataset."""
+def _prepare_topic(kafka: Any, recreate: bool, start_from: int) -> bool:
+    """Create or recreate the topic explicitly; refuse to append a second full copy of a dataset.
+    Returns True when this call created the topic."""
     from connectors.kafka.admin import TopicAdmin, end_offsets
     from connectors.kafka.replay import meta_topic
     from felrec_stream.errors import KafkaError
@@ -121,9 +128,26 @@ def _prepare_topic(kafka: Any, recreate: bool, start_from: int) -> None:
         if recreate:
             admin.recreate_topic(kafka.topic, kafka.partitions)
             admin.delete_topic(meta_topic(kafka.topic))
-            return
+            return True
+        if not admin.topic_exists(kafka.topic):
+            admin.create_topic(kafka.topic, kafka.partitions, exists_ok=True)
+            return True
         admin.ensure_topic(kafka.topic, kafka.partitions)
     held = sum(end_offsets(kafka, kafka.topic).values())
     if held and start_from == 0:
         raise KafkaError(f"topic {kafka.topic!r} already holds {held} record(s): use --recreate to replay from "
                          "scratch, or --start-from N to resume an interrupted replay")
+    return False
+
+
+def _remove_empty_topic(kafka: Any) -> None:
+    """A replay that failed before any event was acknowledged leaves no empty topic behind (best effort)."""
+    import contextlib
+
+    from connectors.kafka.admin import TopicAdmin
+    from felrec_stream.errors import KafkaError
+    from felrec_stream.log import get_logger
+
+    with contextlib.suppress(KafkaError), TopicAdmin(kafka) as admin:
+        admin.delete_topic(kafka.topic)
+        get_logger(__name__).warning("replay_topic_removed", topic=kafka.topic, reason="nothing was acknowledged")

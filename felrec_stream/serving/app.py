@@ -17,7 +17,12 @@ Pieces, from the inside out:
 - `serve_in_thread` runs uvicorn in a daemon thread (`consume --serve`, tests);
   `run_server` runs it in the main thread (the `serve` command, so SIGTERM stops it cleanly).
 - `SnapshotFollower` polls a snapshot root written by the worker, builds a complete engine from the
-  newest valid snapshot off to the side, then swaps it in.
+  newest valid snapshot off to the side, then swaps it in. It swaps to higher seqs of the same
+  lineage and to any seq of a new lineage (a worker that started over, e.g. after `--reset-state`
+  or a wiped directory); a snapshot that fails to load is skipped for the previous one.
+
+Limits (untrusted clients): request bodies above `MAX_BODY_BYTES` and more than `MAX_IDS` ids get
+413; error messages quote at most `MAX_ECHO_CHARS` characters of any id and never echo a body.
 
 Snapshot layout read here (the worker writes it; `snapshot_state` builds it):
 `SnapshotManager.write_state({"store": store.state_dict(), ...anything else},
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -60,6 +66,8 @@ log = get_logger(__name__)
 
 MAX_K = 1000  # larger k is a bulk export, not a query: use `felrec-stream export`
 MAX_IDS = 1000  # ids per POST /v1/vectors
+MAX_BODY_BYTES = 1 << 20  # 1000 ids of 256 characters fit several times over
+MAX_ECHO_CHARS = 64  # of an id quoted in an error message
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -74,6 +82,10 @@ class InvalidRequest(ServiceError):
 
 class NotReady(ServiceError):
     """No store is loaded yet (HTTP 503)."""
+
+
+class TooLarge(ServiceError):
+    """A request above the service's size limits (HTTP 413)."""
 
 
 # ---- freshness -----------------------------------------------------------------------------------
@@ -156,7 +168,7 @@ class QueryEngine:
         """Raw encoder vectors of `ids` (all must exist: a partial answer would hide typos)."""
         kind = Kind(kind)
         if len(ids) > MAX_IDS:
-            raise InvalidRequest(f"at most {MAX_IDS} ids per request, got {len(ids)}")
+            raise TooLarge(f"at most {MAX_IDS} ids per request, got {len(ids)}")
         with self.lock:
             table = self.store.tables[kind]
             slots = table.ids.lookup(list(ids))
@@ -202,7 +214,7 @@ class QueryEngine:
     def _slot(self, kind: Kind, external: str) -> int:
         slot = int(self.store.tables[kind].ids.lookup([external])[0])
         if slot < 0:
-            raise NotFound(f"unknown {kind.value} id {external!r}")
+            raise NotFound(f"unknown {kind.value} id {_quote(external)}")
         return slot
 
     def _vector(self, kind: Kind, slot: int) -> np.ndarray:
@@ -251,8 +263,13 @@ def exact_top_k(vectors: torch.Tensor, query: np.ndarray, k: int,
 
 
 def _preview(ids: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
+    shown = ", ".join(_quote(i) for i in ids[:limit])
     return shown + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def _quote(text: str) -> str:
+    """repr of an untrusted string, cut to MAX_ECHO_CHARS: an error must not echo megabytes."""
+    return repr(text) if len(text) <= MAX_ECHO_CHARS else f"{text[:MAX_ECHO_CHARS]!r}... ({len(text)} characters)"
 
 
 # ---- snapshots -> store/engine ---------------------------------------------------------------
@@ -302,7 +319,9 @@ class SnapshotFollower:
 
     The new engine is built completely before one reference assignment publishes it (atomic in
     CPython), so requests never see a partly loaded store; in-flight requests finish on the old one.
-    A snapshot that fails to load is logged and the current engine stays.
+    "Newer" is a higher seq of the served snapshot's lineage, or any seq of another lineage (the
+    worker started over: its seqs may even go down). A snapshot that fails to load is logged and
+    skipped for the previous one; the directory is examined again only when CURRENT changes.
     """
 
     def __init__(self, root: str | Path, poll_seconds: float = 2.0,
@@ -312,6 +331,8 @@ class SnapshotFollower:
         self.poll_seconds = poll_seconds
         self._build = build or (lambda snap: engine_from_snapshot(snap, cache_overrides))
         self._engine: QueryEngine | None = None
+        self._lineage: str | None = None
+        self._examined: Any = object()  # the directory state last examined (never equal at first)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.swaps = 0
@@ -327,31 +348,29 @@ class SnapshotFollower:
 
     def poll_once(self) -> bool:
         """Load and swap in a newer snapshot if there is one; True when a swap happened."""
-        if not self._newer_may_exist():
+        marker = self._directory_state()
+        if marker == self._examined:
             return False
-        snapshot = self.manager.latest_valid()
-        if snapshot is None or (self.seq is not None and snapshot.seq <= self.seq):
-            return False
+        self._examined = marker
         start = time.perf_counter()
-        try:
-            engine = self._build(snapshot)
-        except Exception as exc:  # keep serving the old engine; retried at the next poll
-            log.error("snapshot_load_failed", seq=snapshot.seq, path=str(snapshot.path), error=str(exc))
+        found = self.manager.load_newest(self._build, accept=self._is_newer, skip=(Exception,))
+        if found is None:
             return False
-        previous, self._engine = self.seq, engine
+        (snapshot, engine), previous = found, self.seq
+        self._engine, self._lineage = engine, snapshot.lineage
         self.swaps += 1
-        log.info("snapshot_swapped", seq=snapshot.seq, previous_seq=previous, **engine.sizes(),
-                 seconds=round(time.perf_counter() - start, 3))
+        log.info("snapshot_swapped", seq=snapshot.seq, previous_seq=previous, lineage=snapshot.lineage,
+                 **engine.sizes(), seconds=round(time.perf_counter() - start, 3))
         return True
 
-    def _newer_may_exist(self) -> bool:
-        """Cheap check (no checksums) before the full latest_valid() verification."""
-        if self.seq is None:
+    def _is_newer(self, seq: int, meta: Mapping[str, Any]) -> bool:
+        if self._engine is None:
             return True
-        current = self.manager.current_seq()
-        if current is not None:
-            return current > self.seq
-        return max(self.manager.snapshots(), default=-1) > self.seq
+        return meta.get("lineage") != self._lineage or seq > (self.seq or 0)
+
+    def _directory_state(self) -> tuple[int | None, int | None]:
+        """Cheap (no checksums): CURRENT's seq and the newest directory's seq."""
+        return self.manager.current_seq(), max(self.manager.snapshots(), default=None)
 
     def start(self) -> "SnapshotFollower":
         self._thread = threading.Thread(target=self._run, name="felrec-snapshot-follower", daemon=True)
@@ -388,7 +407,7 @@ class ResultsOut(BaseModel):
 
 class VectorsIn(BaseModel):
     kind: Kind
-    ids: list[str] = Field(min_length=1, max_length=MAX_IDS)
+    ids: list[str] = Field(min_length=1, description=f"1..{MAX_IDS} ids (more: 413)")
 
 
 class VectorsOut(BaseModel):
@@ -410,6 +429,7 @@ def create_app(engine_provider: EngineProvider, title: str = "felrec-stream quer
     app = FastAPI(title=title, version=__version__,
                   description="Top-k recommendations and similarities from FELRec representations.")
     app.add_middleware(_LatencyMiddleware, histogram=latency)
+    app.add_middleware(_BodyLimitMiddleware, limit=MAX_BODY_BYTES)
     _add_error_handlers(app)
     _add_query_routes(app, engine_provider)
     _add_ops_routes(app, engine_provider, registry)
@@ -480,10 +500,65 @@ def _add_ops_routes(app: FastAPI, provider: EngineProvider, registry: CollectorR
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    for error, status in ((NotFound, 404), (InvalidRequest, 422), (NotReady, 503)):
+    for error, status in ((NotFound, 404), (InvalidRequest, 422), (NotReady, 503), (TooLarge, 413)):
         def handler(request: Request, exc: Exception, status: int = status) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=status)
         app.add_exception_handler(error, handler)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 with where and what (FastAPI's default also echoes the offending input: not here)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"loc": list(e.get("loc", ()))[:5], "msg": str(e.get("msg", ""))[:200], "type": e.get("type")}
+              for e in errors[:10]]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+class _BodyLimitMiddleware:
+    """Pure ASGI: bodies above `limit` bytes get 413 before the app parses anything.
+
+    A declared Content-Length over the limit is refused unread; otherwise the body is read here
+    (at most limit + one chunk) and handed to the app in one message.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._refuse(scope, send)
+                return
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+    async def _refuse(self, scope: dict, send: Any) -> None:
+        response = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, status_code=413)
+        await response(scope, _never, send)
+
+
+def _replay(messages: list[dict], receive: Any) -> Any:
+    async def replayed() -> dict:
+        return messages.pop(0) if messages else await receive()
+    return replayed
+
+
+async def _never() -> dict:
+    return {"type": "http.disconnect"}
 
 
 class _LatencyMiddleware:

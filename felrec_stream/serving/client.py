@@ -31,14 +31,15 @@ class NotFoundError(ClientError):
 
 
 class InvalidRequestError(ClientError):
-    """422: a parameter outside the API's limits (k, number of ids, kind)."""
+    """422: a parameter outside the API's limits (k, kind); 413: too many ids or too large a body."""
 
 
 class ServiceUnavailableError(ClientError):
     """503: the service has no store loaded yet."""
 
 
-_ERRORS: dict[int, type[ClientError]] = {404: NotFoundError, 422: InvalidRequestError, 503: ServiceUnavailableError}
+_ERRORS: dict[int, type[ClientError]] = {404: NotFoundError, 413: InvalidRequestError, 422: InvalidRequestError,
+                                         503: ServiceUnavailableError}
 
 
 class FelrecClient:

@@ -36,10 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from felrec_stream.config import CacheConfig, to_dict
-from felrec_stream.errors import ServiceError
+from felrec_stream.errors import ServiceError, StoreError
 from felrec_stream.log import get_logger
 from felrec_stream.state.faiss_store import ShardedFaissVectors
-from felrec_stream.state.snapshot import SnapshotManager
+from felrec_stream.state.snapshot import LOAD_ERRORS, SnapshotManager
 from felrec_stream.state.store import EntityTable, Kind, RepresentationStore
 
 log = get_logger(__name__)
@@ -121,13 +121,16 @@ def export_store(store: RepresentationStore, out_dir: str | Path, cache: CacheCo
 
 def export_snapshot(snapshot_dir: str | Path, out_dir: str | Path,
                     cache_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Export the newest valid snapshot under `snapshot_dir` (see serving.load_store_from_snapshot)."""
+    """Export the newest snapshot under `snapshot_dir` that verifies and loads (see
+    serving.load_store_from_snapshot); one that does not load is skipped for the previous one, and
+    one the worker prunes while it is read is replaced by the newer one."""
     from felrec_stream.serving.app import cache_config_from_meta, load_store_from_snapshot
 
-    snapshot = SnapshotManager(snapshot_dir).latest_valid()
-    if snapshot is None:
+    found = SnapshotManager(snapshot_dir).load_newest(lambda snap: load_store_from_snapshot(snap, cache_overrides),
+                                                      skip=LOAD_ERRORS + (StoreError, ServiceError))
+    if found is None:
         raise ServiceError(f"no valid snapshot under {snapshot_dir}")
-    store = load_store_from_snapshot(snapshot, cache_overrides)
+    snapshot, store = found
     cache = cache_config_from_meta(snapshot.meta, {**dict(cache_overrides or {}), "history_len": store.history_len})
     source = {"snapshot_dir": str(snapshot_dir), "snapshot_seq": snapshot.seq,
               "snapshot_created_at": snapshot.created_at}

@@ -10,21 +10,30 @@ Layout under `root`:
     snap-000000000007/            one snapshot (seq 7)
         array-00000.npy ...       one .npy per array (allow_pickle=False: no pickle anywhere)
         <extra files>             written by a callback (e.g. FAISS index files)
-        manifest.json             written last: sha256 + size of every file, array index, meta
+        manifest.json             written last: sha256 + size of every file, array index, meta,
+                                  and `checksum`, the sha256 of the manifest itself (canonical JSON)
     CURRENT                       {"seq": 7, "dir": "snap-000000000007"}: the commit point
+    .lock                         the writer's lock (pid inside)
     spill/...                     immutable files shared by snapshots ("refs", e.g. spill files)
-
-Refs: files under `root` outside any snapshot directory that a snapshot's state refers to
-(immutable, written and fsynced by their owner before the snapshot). The manifest lists them with
-size and sha256; `verify` checks that they exist with that size (a missing one makes the snapshot
-invalid; their content is checked by the owner when it reads them); pruning never deletes them,
-and `referenced()` tells the owner which ones kept snapshots still need.
 
 Write protocol: files (each fsynced) -> manifest (tmp + fsync + rename) -> fsync the directory ->
 CURRENT.tmp + fsync + os.replace -> fsync root -> delete all but the newest `keep` complete
 snapshots. A crash before the CURRENT switch leaves the previous snapshot current. Reading walks
 committed snapshots newest first and skips (logging `snapshot_corrupt`) any whose manifest is
-missing or whose files fail their checksums. One writer per root (enforced with a lock file).
+missing, fails its own checksum, or whose files fail theirs: an edited offset or a swapped array
+entry is caught like a flipped bit. Each file is read once, checked and parsed from the same
+bytes. A snapshot directory that vanishes while it is read (a writer pruned it) means a newer one
+was committed: the reader starts over from CURRENT.
+
+Refs: files under `root` outside any snapshot directory that a snapshot's state refers to
+(immutable, written and fsynced by their owner before the snapshot). The manifest lists them with
+size and sha256 (covered by the manifest's own checksum); a snapshot whose ref is missing or has
+another size is skipped like a corrupt one (the owner checks their content when it reads them);
+pruning never deletes them, and `referenced()` tells the owner which ones kept snapshots need.
+
+One writer per root: `acquire()` takes an exclusive lock for the writer's whole life (the worker
+holds it from start to exit) after checking that the root is a writable directory; `write()`
+without it takes the lock for the one write.
 """
 
 from __future__ import annotations
@@ -46,15 +55,19 @@ import numpy as np
 import torch
 
 from felrec_stream.errors import StoreError
+from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
 
 log = get_logger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+LOCK = ".lock"
 _SNAP_RE = re.compile(r"^snap-(\d{12})$")
 _CHUNK = 1 << 20
+_RESCANS = 20  # starts-over after a snapshot vanished mid-read, before giving up
+_PROBE_BYTES = 1 << 16
 
 
 # ---- nested state <-> flat arrays + JSON spec ---------------------------------------------------
@@ -208,9 +221,24 @@ class Snapshot:
             raise StoreError(f"snapshot {self.path.name} holds plain arrays, not a nested state")
         return unflatten_state(self.arrays, self.state_spec)
 
+    @property
+    def lineage(self) -> str | None:
+        """meta["lineage"]: the writer's history id (a writer that starts from scratch begins a new one)."""
+        value = self.meta.get("lineage")
+        return value if isinstance(value, str) else None
 
-class _Corrupt(StoreError):
-    """A snapshot directory that must be skipped (reason in the message)."""
+
+class SnapshotCorrupt(StoreError):
+    """A snapshot that must be skipped for an older one (reason in the message)."""
+
+
+class _Vanished(StoreError):
+    """A snapshot directory disappeared while it was read: the writer pruned it after a newer commit."""
+
+
+# Errors of a loader that mean "this snapshot is unusable, try the previous one".
+LOAD_ERRORS: tuple[type[BaseException], ...] = (SnapshotCorrupt, ValueError, KeyError, TypeError, IndexError)
+Accept = Callable[[int, Mapping[str, Any]], bool]
 
 
 class SnapshotManager:
@@ -220,6 +248,71 @@ class SnapshotManager:
         if keep < 1:
             raise StoreError(f"keep must be >= 1, got {keep}")
         self.root, self.keep = Path(root), keep
+        self._lock_handle: Any = None
+
+    # -- the writer's lock --
+
+    def acquire(self) -> None:
+        """Hold the writer lock until `release()`: one writer per root for the writer's whole life.
+
+        Checks first that root is (or can be made) a writable directory with room for a small
+        file, so a bad snapshot directory fails at start, in one line, before any event is applied.
+        """
+        if self._lock_handle is None:
+            self._check_writable()
+            self._lock_handle = self._lock()
+
+    def release(self) -> None:
+        handle, self._lock_handle = self._lock_handle, None
+        if handle is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+
+    def _check_writable(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"snapshot directory {self.root} is a file, not a directory")
+        probe = self.root / f".probe-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _write_durable(probe, lambda f: f.write(bytes(_PROBE_BYTES)))
+        except OSError as exc:
+            raise StoreError(f"snapshot directory {self.root} is not writable: {exc.strerror or exc}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+    def _lock(self) -> Any:
+        """The exclusive lock on root/.lock (our pid written inside for the next one's message)."""
+        try:
+            handle = open(self.root / LOCK, "a+")
+        except OSError as exc:
+            raise StoreError(f"cannot lock snapshot directory {self.root}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise StoreError(f"snapshot directory {self.root} is in use by another writer (pid {holder}): "
+                             "one worker per snapshot directory") from None
+        with contextlib.suppress(OSError):  # the pid is informative only
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        return handle
+
+    @contextlib.contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        """The lock for one write, unless `acquire()` holds it already (flock would refuse us)."""
+        if self._lock_handle is not None:
+            yield
+            return
+        handle = self._lock()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
 
     # -- write --
 
@@ -229,8 +322,10 @@ class SnapshotManager:
 
         `meta` (JSON-able: offsets, model/config versions) is stored in the manifest with a
         created time. `extra(dir)` may write more files into the snapshot directory first; they
-        are fsynced and checksummed like the arrays. `refs`: {root-relative path: {"sha256",
-        "size"}} of durable files outside the snapshot that its state needs (module docstring).
+        are fsynced and checksummed like the arrays. A failed write (disk full, I/O error) removes
+        its directory and raises StoreError; the previous snapshot stays current. `refs`: {root-relative
+        path: {"sha256", "size"}} of durable files outside the snapshot that its state needs
+        (module docstring).
         """
         return self._write(arrays, meta, extra, None, refs)
 
@@ -245,21 +340,28 @@ class SnapshotManager:
         start = time.perf_counter()
         meta = _json_checked(meta, "meta")
         refs = self._checked_refs(refs or {})
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create snapshot directory {self.root}: {exc.strerror or exc}") from None
         with self._writer_lock():
             previous = self.current_seq()
             seq = self._next_seq()
             path = self.root / f"snap-{seq:012d}"
-            path.mkdir()
-            files, index = self._write_arrays(path, arrays)
-            if extra is not None:
-                extra(path)
-                files.update(self._seal_extra_files(path, files))
-            manifest = {"format": FORMAT_VERSION, "seq": seq, "created_at": _now(), "files": files,
-                        "arrays": index, "meta": meta, "state": spec, "refs": refs}
-            _atomic_json(path / MANIFEST, manifest)
-            fsync_dir(path)
-            self._commit(seq, path)
+            try:
+                files, index = self._write_files(path, arrays, extra)
+                fault_point("snapshot_files_written")
+                manifest = {"format": FORMAT_VERSION, "seq": seq, "created_at": _now(), "files": files,
+                            "arrays": index, "meta": meta, "state": spec, "refs": refs}
+                _atomic_json(path / MANIFEST, {**manifest, "checksum": _manifest_checksum(manifest)})
+                fsync_dir(path)
+                fault_point("snapshot_manifest_written")
+                self._commit(seq, path)
+            except OSError as exc:
+                shutil.rmtree(path, ignore_errors=True)
+                raise StoreError(f"cannot write snapshot {path}: {exc.strerror or exc}; "
+                                 "the previous snapshot stays current") from None
+            fault_point("snapshot_committed")
             self._prune(seq, previous)
         size = sum(f["size"] for f in files.values())
         log.info("snapshot_written", seq=seq, path=str(path), files=len(files), bytes=size,
@@ -287,13 +389,17 @@ class SnapshotManager:
         refs: set[str] = set()
         for _, path in self._snapshot_dirs():
             try:
-                refs.update(json.loads((path / MANIFEST).read_text()).get("refs", {}))
-            except (OSError, ValueError):
+                manifest = json.loads((path / MANIFEST).read_text())
+                refs.update(manifest.get("refs", {}))
+            except (OSError, ValueError, AttributeError):
                 continue  # incomplete or unreadable: pruned, never restored
         return refs
 
-    def _write_arrays(self, path: Path, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
-        files: dict[str, dict[str, Any]] = {}
+    def _write_files(self, path: Path, arrays: Mapping[str, np.ndarray],
+                     extra: Callable[[Path], Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+        """Arrays and extra files, each fsynced; returns ({file: size + sha256}, {array key: file})."""
+        path.mkdir()
+        files: dict[str, Any] = {}
         index: dict[str, str] = {}
         for n, (key, array) in enumerate(arrays.items()):
             array = np.asarray(array)
@@ -302,6 +408,9 @@ class SnapshotManager:
             name = f"array-{n:05d}.npy"
             files[name] = _write_durable(path / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
             index[key] = name
+        if extra is not None:
+            extra(path)
+            files.update(self._seal_extra_files(path, files))
         return files, index
 
     def _seal_extra_files(self, path: Path, known: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -323,7 +432,8 @@ class SnapshotManager:
         """Keep the newest `keep` complete committed snapshots; drop older, partial and crashed ones.
 
         Directories between the previous and the new CURRENT were never committed (a crash
-        before the switch): they go too, so "seq <= CURRENT" keeps meaning "committed".
+        before the switch): they go too, so "seq <= CURRENT" keeps meaning "committed". A failure
+        here is logged only: the new snapshot is committed already.
         """
         def crashed(seq: int) -> bool:
             return previous is not None and previous < seq < current
@@ -331,24 +441,26 @@ class SnapshotManager:
         complete = [s for s, p in self._snapshot_dirs()
                     if s <= current and not crashed(s) and (p / MANIFEST).is_file()]
         keep = set(sorted(complete)[-self.keep:])
-        for seq, path in self._snapshot_dirs():
-            if seq <= current and seq not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-                log.info("snapshot_deleted", seq=seq, path=str(path))
-        fsync_dir(self.root)
+        try:
+            for seq, path in self._snapshot_dirs():
+                if seq <= current and seq not in keep:
+                    shutil.rmtree(path, ignore_errors=True)
+                    log.info("snapshot_deleted", seq=seq, path=str(path))
+                    fault_point("snapshot_pruning")
+            fsync_dir(self.root)
+        except OSError as exc:
+            log.warning("snapshot_prune_failed", root=str(self.root), error=str(exc))
 
-    @contextlib.contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        """One writer per root: a second worker writing here would break exactly-once."""
-        with open(self.root / ".lock", "a+") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(f"another process is writing snapshots under {self.root}") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    def discard_all(self) -> int:
+        """Delete every snapshot and CURRENT (an explicit reset); returns how many were deleted."""
+        with self._writer_lock():
+            dirs = self._snapshot_dirs()
+            (self.root / CURRENT).unlink(missing_ok=True)
+            for _, path in dirs:
+                shutil.rmtree(path, ignore_errors=True)
+            fsync_dir(self.root)
+        log.warning("snapshots_discarded", root=str(self.root), count=len(dirs))
+        return len(dirs)
 
     def _next_seq(self) -> int:
         """1 + the highest seq seen anywhere, partial directories included (never reused)."""
@@ -363,7 +475,7 @@ class SnapshotManager:
         try:
             value = json.loads((self.root / CURRENT).read_text())
             return int(value["seq"])
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("snapshot_current_unreadable", root=str(self.root), error=str(exc))
@@ -372,6 +484,10 @@ class SnapshotManager:
     def snapshots(self) -> list[int]:
         """Seqs of every snapshot directory (complete or not), ascending."""
         return [seq for seq, _ in self._snapshot_dirs()]
+
+    def has_committed(self) -> bool:
+        """True when a snapshot was committed here at some point (CURRENT or a manifest exists)."""
+        return (self.root / CURRENT).exists() or any((p / MANIFEST).exists() for _, p in self._snapshot_dirs())
 
     def _snapshot_dirs(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
@@ -386,6 +502,28 @@ class SnapshotManager:
         (each one holds its own offsets, so any verified one is a consistent restart point).
         Newer, uncommitted ones are a last resort only.
         """
+        found = self.load_newest()
+        return None if found is None else found[0]
+
+    def load_newest(self, loader: Callable[[Snapshot], Any] | None = None, accept: Accept | None = None,
+                    skip: tuple[type[BaseException], ...] = LOAD_ERRORS) -> tuple[Snapshot, Any] | None:
+        """(snapshot, loader(snapshot)) for the newest snapshot that verifies *and* loads; None if none.
+
+        Candidates go newest first as in `latest_valid`. `accept(seq, meta)`, asked before the
+        files are verified, ends the search when False (e.g. "not newer than what I serve").
+        A `loader` error of a `skip` type marks the snapshot unusable (logged as
+        `snapshot_corrupt`; the previous one is tried); other errors propagate. When a directory
+        vanishes mid-read (pruned after a newer commit), the search starts over from CURRENT.
+        """
+        for _ in range(_RESCANS):
+            try:
+                return self._search(loader, accept, skip)
+            except _Vanished as exc:
+                log.info("snapshot_vanished", path=str(exc), hint="pruned after a newer commit; reading again")
+        raise StoreError(f"snapshots under {self.root} kept vanishing while being read ({_RESCANS} tries)")
+
+    def _search(self, loader: Callable[[Snapshot], Any] | None, accept: Accept | None,
+                skip: tuple[type[BaseException], ...]) -> tuple[Snapshot, Any] | None:
         current = self.current_seq()
         dirs = sorted(self._snapshot_dirs(), reverse=True)
         if current is None and dirs:
@@ -394,52 +532,88 @@ class SnapshotManager:
         uncommitted = [d for d in dirs if current is not None and d[0] > current]
         for seq, path in committed + uncommitted:
             try:
-                snapshot = self._load(seq, path)
-            except _Corrupt as exc:
-                log.warning("snapshot_corrupt", seq=seq, path=str(path), reason=str(exc))
+                snapshot = self._load(seq, path, current, accept)
+                if snapshot is None:
+                    return None
+                value = loader(snapshot) if loader is not None else None
+            except _Vanished:
+                raise
+            except skip as exc:
+                reason = str(exc) if isinstance(exc, SnapshotCorrupt) else f"cannot be loaded: {type(exc).__name__}: {exc}"
+                log.warning("snapshot_corrupt", seq=seq, path=str(path), reason=reason[:500])
                 continue
             event = "snapshot_restored" if current is None or seq <= current else "snapshot_uncommitted_used"
             log.info(event, seq=seq, path=str(path), committed_seq=current)
-            return snapshot
+            return snapshot, value
         log.info("snapshot_none", root=str(self.root))
         return None
 
-    def _load(self, seq: int, path: Path) -> Snapshot:
-        manifest = self.verify(path)
-        if manifest.get("seq") != seq:
-            raise _Corrupt(f"manifest seq {manifest.get('seq')} != directory seq {seq}")
-        arrays = {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
+    def _load(self, seq: int, path: Path, current: int | None, accept: Accept | None) -> Snapshot | None:
+        """Read and verify one snapshot (None when `accept` declines it); a file that disappears
+        raises _Vanished when the writer has moved on (CURRENT changed), SnapshotCorrupt otherwise."""
+        try:
+            manifest = self._manifest(path, seq)
+            if accept is not None and not accept(seq, manifest["meta"]):
+                return None
+            arrays = self._verified_arrays(path, manifest)
+        except FileNotFoundError as exc:
+            if not path.is_dir() or self.current_seq() != current:
+                raise _Vanished(str(path)) from None
+            raise SnapshotCorrupt(f"missing file {Path(exc.filename or '?').name}") from None
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise SnapshotCorrupt(f"malformed manifest: {type(exc).__name__}: {exc}") from None
         return Snapshot(path, seq, arrays, manifest["meta"], manifest["created_at"], sorted(manifest["files"]),
                         manifest.get("state"), manifest.get("refs", {}))
 
-    def verify(self, path: Path) -> dict[str, Any]:
-        """The manifest of `path` after checking every file's size and sha256 (raises _Corrupt)."""
+    def _manifest(self, path: Path, seq: int) -> dict[str, Any]:
+        """The manifest after checking its own checksum and seq (FileNotFoundError passes through)."""
+        if not (path / MANIFEST).exists() and path.is_dir():
+            raise SnapshotCorrupt("no manifest (incomplete snapshot)")
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise _Corrupt("no manifest (incomplete snapshot)") from None
         except ValueError as exc:
-            raise _Corrupt(f"unreadable manifest: {exc}") from None
-        if manifest.get("format") != FORMAT_VERSION:
-            raise _Corrupt(f"unknown format {manifest.get('format')!r}")
-        for name, expected in manifest["files"].items():
+            raise SnapshotCorrupt(f"unreadable manifest: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise SnapshotCorrupt("manifest is not a JSON object")
+        if manifest.get("format") == 1:  # written before manifests carried their own checksum
+            log.warning("snapshot_manifest_unchecked", seq=seq, path=str(path), format=1)
+        elif manifest.get("format") != FORMAT_VERSION:
+            raise SnapshotCorrupt(f"unknown format {manifest.get('format')!r}")
+        elif manifest.get("checksum") != _manifest_checksum(manifest):
+            raise SnapshotCorrupt("manifest checksum mismatch (the manifest was edited or damaged)")
+        if manifest.get("seq") != seq:
+            raise SnapshotCorrupt(f"manifest seq {manifest.get('seq')} != directory seq {seq}")
+        return manifest
+
+    def _verified_arrays(self, path: Path, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check every file's size and sha256, then load the arrays (files never change once written)."""
+        files = manifest["files"]
+        for name, expected in files.items():
             file = path / name
-            if not file.is_file():
-                raise _Corrupt(f"missing file {name}")
-            if file.stat().st_size != expected["size"]:
-                raise _Corrupt(f"size mismatch in {name}: {file.stat().st_size} != {expected['size']}")
+            size = file.stat().st_size
+            if size != expected["size"]:
+                raise SnapshotCorrupt(f"size mismatch in {name}: {size} != {expected['size']}")
             if hash_file(file, fsync=False)["sha256"] != expected["sha256"]:
-                raise _Corrupt(f"checksum mismatch in {name}")
-        missing = set(manifest["arrays"].values()) - set(manifest["files"])
+                raise SnapshotCorrupt(f"checksum mismatch in {name}")
+        missing = set(manifest["arrays"].values()) - set(files)
         if missing:
-            raise _Corrupt(f"arrays without checksums: {sorted(missing)}")
+            raise SnapshotCorrupt(f"arrays without checksums: {sorted(missing)}")
         for name, expected in manifest.get("refs", {}).items():
             file = path.parent / name  # refs are relative to the root
             if not file.is_file():
-                raise _Corrupt(f"missing referenced file {name}")
+                raise SnapshotCorrupt(f"missing referenced file {name}")
             if file.stat().st_size != expected["size"]:
-                raise _Corrupt(f"size mismatch in referenced file {name}")
-        return manifest
+                raise SnapshotCorrupt(f"size mismatch in referenced file {name}")
+        try:
+            return {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
+        except ValueError as exc:
+            raise SnapshotCorrupt(f"unreadable array file: {exc}") from None
+
+
+def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest without its checksum field, as canonical JSON."""
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def _json_checked(value: Mapping[str, Any], what: str) -> dict[str, Any]:

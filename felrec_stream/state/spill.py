@@ -76,7 +76,7 @@ from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
 from felrec_stream.state.snapshot import fsync_dir, hash_file
 from felrec_stream.state.store import (EntityRows, EntityTable, HistoryBuffer, IdMap, Kind, VectorBackend,
-                                       raw_vectors)
+                                       check_lengths, check_shapes, raw_vectors, vector_shapes)
 
 log = get_logger(__name__)
 
@@ -574,6 +574,28 @@ class SpillingTable(EntityTable):
             "spill": {"files": [self.files[f] for f in used], "file_rows": np.asarray(self.file_rows, dtype=np.int64)[used],
                       "file": remap[self.loc_file[:n]], "row": self.loc_row[:n].copy()},
         }
+
+    def check_state(self, state: dict[str, Any], dim: int) -> None:
+        """Shapes and indexes of a capped state (an uncapped one is checked by `EntityTable`)."""
+        if "spill" not in state:
+            super().check_state(state, dim)
+            return
+        n, length = len(state["ids"]), self.history.length
+        resident, spill, history = state["resident"], state["spill"], state["history"]
+        slots = np.asarray(resident["slots"])
+        r, files = len(slots), len(spill["files"])
+        parts = [(f"history.{key}", history[key], (n,)) for key in ("lengths", "counts", "last_time")]
+        parts += [("resident.rows", resident["rows"], (r, length)), ("spill.file", spill["file"], (n,)),
+                  ("spill.row", spill["row"], (n,)), ("spill.file_rows", spill["file_rows"], (files,))]
+        parts += [(f"resident.vectors.{key}", resident["vectors"][key], shape)
+                  for key, shape in vector_shapes(resident["vectors"], r, dim).items()]
+        check_shapes(self.kind, parts, f"{n} ids, {r} resident, {files} spill files, dim {dim}, history length {length}")
+        check_lengths(self.kind, history["lengths"], length)
+        located = np.asarray(spill["file"])
+        if r and (slots.min() < 0 or slots.max() >= n or len(np.unique(slots)) != r):
+            raise StoreError(f"{self.kind.value} resident slots are not distinct slots in [0, {n})")
+        if n and (located.min() < -1 or located.max() >= files):
+            raise StoreError(f"{self.kind.value} spill locations name files outside [0, {files})")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A capped state (above), or an uncapped one (every entity loaded, then evicted to the cap)."""

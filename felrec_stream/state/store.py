@@ -350,6 +350,19 @@ class EntityTable:
     def state_dict(self) -> dict[str, Any]:
         return {"ids": self.ids.ids(), "vectors": self.vectors.state_dict(), "history": self.history.state_dict()}
 
+    def check_state(self, state: dict[str, Any], dim: int) -> None:
+        """The arrays of this kind's state have the shapes its ids, dim and history length imply
+        (StoreError if not), checked before anything is loaded so a damaged state changes nothing."""
+        if "spill" in state:
+            raise StoreError(f"the {self.kind.value} state was written with cache.max_entities set (it refers to "
+                             "spill files): load it into a store with a cap (--max-entities)")
+        n, length, vectors, history = len(state["ids"]), self.history.length, state["vectors"], state["history"]
+        parts = [(f"vectors.{key}", vectors[key], shape) for key, shape in vector_shapes(vectors, n, dim).items()]
+        parts += [(f"history.{key}", history[key], shape)
+                  for key, shape in (("rows", (n, length)), ("lengths", (n,)), ("counts", (n,)), ("last_time", (n,)))]
+        check_shapes(self.kind, parts, f"{n} ids, dim {dim}, history length {length}")
+        check_lengths(self.kind, history["lengths"], length)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(self.ids):
             raise StoreError("load_state_dict needs an empty table")
@@ -435,8 +448,30 @@ class RepresentationStore:
                 "users": self.users.state_dict(), "items": self.items.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a `state_dict()` into this empty store; the whole state is checked first, so a
+        damaged one raises StoreError and leaves the store untouched (a restore can try an older one)."""
         if state["dim"] != self.dim or state["history_len"] != self.history_len:
             raise StoreError(f"store shape mismatch: state dim={state['dim']} history_len={state['history_len']}, "
                              f"store dim={self.dim} history_len={self.history_len}")
+        for kind, table in self.tables.items():
+            table.check_state(state[f"{kind.value}s"], self.dim)
         self.users.load_state_dict(state["users"])
         self.items.load_state_dict(state["items"])
+
+
+def vector_shapes(vectors: dict[str, Any], n: int, dim: int) -> dict[str, tuple[int, ...]]:
+    """Expected shapes of a backend's vector state for `n` rows ({"vectors"} or {"unit", "norms"})."""
+    return {"vectors": (n, dim)} if "vectors" in vectors else {"unit": (n, dim), "norms": (n,)}
+
+
+def check_shapes(kind: Kind, parts: Iterable[tuple[str, Any, tuple[int, ...]]], context: str) -> None:
+    """StoreError naming the first (name, value, expected shape) whose shape differs."""
+    for name, value, shape in parts:
+        if np.shape(value) != shape:
+            raise StoreError(f"{kind.value} {name} has shape {np.shape(value)}, expected {shape} ({context})")
+
+
+def check_lengths(kind: Kind, lengths: Any, length: int) -> None:
+    lengths = np.asarray(lengths)
+    if lengths.size and (lengths.min() < 0 or lengths.max() > length):
+        raise StoreError(f"{kind.value} history lengths outside [0, {length}]")

@@ -59,8 +59,10 @@ class EventBatch:
         return EventBatch(self.user[index], self.item[index], self.timestamp[index], self.event_id[index])
 
 
-def make_events(user: Sequence, item: Sequence, timestamp: Sequence, event_id: Sequence | None = None) -> pa.Table:
-    """Build a canonical, sorted event table from columns; ids may be ints or strings."""
+def make_events(user: Sequence, item: Sequence, timestamp: Sequence, event_id: Sequence | None = None,
+                sort: bool = True) -> pa.Table:
+    """Build a canonical event table from columns, sorted unless `sort=False` (rows stay in input
+    order, e.g. to report file lines); ids may be ints or strings."""
     n = len(user)
     if not (len(item) == n and len(timestamp) == n):
         raise DatasetError(f"event columns differ in length: user={n} item={len(item)} timestamp={len(timestamp)}")
@@ -74,7 +76,8 @@ def make_events(user: Sequence, item: Sequence, timestamp: Sequence, event_id: S
             "event_id": pa.array(np.asarray(event_id, dtype=np.int64)),
         }
     )
-    return sort_events(table.cast(EVENT_SCHEMA))
+    table = table.cast(EVENT_SCHEMA)
+    return sort_events(table) if sort else table
 
 
 def _as_string_ids(values: Sequence, name: str) -> pa.Array:

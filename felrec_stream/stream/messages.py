@@ -22,6 +22,14 @@ one user land in one partition and stay in order::
 - The key, when present, must equal the user id: a producer keying by something else breaks the
   per-user ordering that partitioning by user provides.
 
+- `ts` more than `KafkaConfig.future_skew_s` ahead of the consumer's wall clock (`not_after`) is
+  rejected: one event from the far future would make every later event "late" in follow mode.
+
+Files are held to the same rules before they reach a topic or a model: `invalid_events` applies
+`decode_event`'s id and integer checks to a whole event table (connectors/datasets.py runs it on
+every file it loads, replay runs it with the topic's timestamp unit), so `train` and `replay`
+accept and reject the same files.
+
 Bad messages are data, not exceptions: `decode_event` returns a `PoisonMessage` that says which
 field is wrong and how, carries the raw bytes and the source position, and goes to the
 dead-letter topic. This module is pure (no Kafka import) so it can be tested and reused anywhere.
@@ -36,6 +44,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from felrec_stream.errors import DatasetError
 from felrec_stream.stream.events import EventBatch
@@ -129,11 +139,17 @@ def encode_event(user: str, item: str, ts: int, event_id: int | None = None, *,
 
 def decode_event(raw: bytes | None, max_bytes: int = 65536, *, key: bytes | None = None,
                  topic: str | None = None, partition: int | None = None, offset: int | None = None,
-                 ts_unit: str = "s") -> Event | PoisonMessage:
-    """Validate one message value; never raises for bad input (it becomes a PoisonMessage)."""
+                 ts_unit: str = "s", not_after: int | None = None) -> Event | PoisonMessage:
+    """Validate one message value; never raises for bad input (it becomes a PoisonMessage).
+
+    `not_after`: the latest accepted `ts` (the consumer's clock plus its allowed skew), None = any.
+    """
     try:
         body = _parse(raw, max_bytes)
         user, item, ts, event_id = _fields(body, ts_unit)
+        if not_after is not None and ts > not_after:
+            raise _Invalid("future_timestamp", "ts", f"field 'ts' = {ts} is ahead of the consumer's clock by more "
+                           f"than kafka.future_skew_s (latest accepted: {not_after})")
         if key is not None and key != user.encode("utf-8"):
             raise _Invalid("key_mismatch", "key",
                            f"message 'key' {key[:64]!r} differs from field 'user' {user[:64]!r}: producers must key by user id")
@@ -253,6 +269,37 @@ def _json_type(value: Any) -> str:
     if isinstance(value, float):
         return f"float {value!r}"
     return {dict: "object", list: "array", str: "string", int: "integer"}.get(type(value), type(value).__name__)
+
+
+def invalid_events(table: pa.Table, ts_unit: str | None = "s", limit: int = 5) -> list[tuple[int, str]]:
+    """(row, reason) of the first `limit` rows of an event table that a consumer would dead-letter.
+
+    The rules of `decode_event` (`_check_id` for user/item, `_check_int` for timestamp and
+    event_id), so a file is valid for training and for a topic alike. `ts_unit` bounds timestamps
+    by the year 2200 in that unit; None (a file has no unit, a topic has) uses the widest, "ns".
+    Ids are checked once per distinct value; numbers are checked vectorised.
+    """
+    problems: list[tuple[int, str]] = []
+    for name in ("user", "item"):
+        column = table.column(name)
+        bad = {}
+        for value in pc.unique(column).to_pylist():
+            try:
+                _check_id(name, value)
+            except _Invalid as exc:
+                bad[value] = exc.reason
+        if bad:
+            mask = pc.is_in(column, value_set=pa.array(list(bad), column.type)).to_numpy(zero_copy_only=False)
+            problems += [(int(r), bad[column[int(r)].as_py()]) for r in np.flatnonzero(mask)[:limit]]
+    for name, column, top, unit in (("ts", "timestamp", max_timestamp(ts_unit or "ns"), ts_unit),
+                                    ("event_id", "event_id", DERIVED_EVENT_ID_BASE - 1, None)):
+        values = table.column(column).to_numpy()
+        for row in np.flatnonzero((values < 0) | (values > top))[:limit]:
+            try:
+                _check_int(name, int(values[row]), top, unit=unit)
+            except _Invalid as exc:
+                problems.append((int(row), exc.reason))
+    return sorted(problems)[:limit]
 
 
 def events_to_batch(events: Sequence[Event]) -> EventBatch:

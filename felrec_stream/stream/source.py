@@ -27,6 +27,17 @@ worker (pipelines/worker.py) drives it:
                            data; the caller finishes its batch, persists and closes.
     close()                once, also after an error: flushes dead letters, releases connections.
 
+Identity, for jobs that persist positions (callable before `open`):
+
+    identity()             JSON-able description of what the source reads (for Kafka: the topic id
+                           and the first record read per partition); persist it with the positions.
+    verify_identity(stored)  why the source no longer reads what `stored` (an earlier identity())
+                           described, e.g. a topic deleted and refilled under the same name: then
+                           the stored positions point into other data. None when it is the same (or
+                           it cannot tell); matching parts are kept in later identity() results.
+    earliest_positions()   the first position still available per partition (above 0 once
+                           retention deleted events: a restart "from the beginning" would skip them).
+
 Implementations: `connectors.kafka.source.KafkaSource` (Kafka partitions, k-way merged by event
 time) and `InMemorySource` below (tests, offline runs: no broker).
 """
@@ -34,7 +45,7 @@ time) and `InMemorySource` below (tests, offline runs: no broker).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +91,12 @@ class Source(Protocol):
 
     def close(self) -> None: ...
 
+    def identity(self) -> dict[str, Any]: ...
+
+    def verify_identity(self, stored: Mapping[str, Any]) -> str | None: ...
+
+    def earliest_positions(self) -> dict[int, int]: ...
+
 
 @runtime_checkable
 class DeadLetterSink(Protocol):
@@ -103,20 +120,24 @@ class InMemorySource:
 
     Batches are cut by count only (`batch_size` events, the last one shorter), so a run resumed
     from a position on the batch grid sees the same batches as an uninterrupted one. There are no
-    poison messages (the events are already decoded) and no broker times.
+    poison messages (the events are already decoded) and no broker times. `first_offset` plays
+    retention: the events before it are gone (never read, positions before it refused).
     """
 
     PARTITION = 0
 
-    def __init__(self, events: pa.Table | EventBatch, batch_size: int = 1024) -> None:
+    def __init__(self, events: pa.Table | EventBatch, batch_size: int = 1024, first_offset: int = 0) -> None:
         if batch_size < 1:
             raise DatasetError("batch_size must be >= 1")
         self._events = events if isinstance(events, EventBatch) else EventBatch.from_table(events)
+        if not 0 <= first_offset <= len(self._events):
+            raise DatasetError(f"first_offset {first_offset} is outside the {len(self._events)} events")
         self.batch_size = batch_size
+        self.first_offset = first_offset
         self.stats = SourceStats()
         self.committed: dict[int, int] = {}  # the last commit() (monitoring only, as on Kafka)
         self.stopped = False
-        self._next = 0
+        self._next = first_offset
         self._open = False
 
     @property
@@ -124,9 +145,10 @@ class InMemorySource:
         return self._next >= len(self._events)
 
     def open(self, positions: Mapping[int, int] | None = None) -> "InMemorySource":
-        start = dict(positions or {}).get(self.PARTITION, 0)
-        if not 0 <= start <= len(self._events):
-            raise DatasetError(f"position {start} is outside the {len(self._events)} events of this source")
+        start = dict(positions or {}).get(self.PARTITION, self.first_offset)
+        if not self.first_offset <= start <= len(self._events):
+            raise DatasetError(f"position {start} is outside the {len(self._events)} events of this source "
+                               f"(available from {self.first_offset})")
         self._next, self._open = start, True
         return self
 
@@ -159,3 +181,20 @@ class InMemorySource:
 
     def close(self) -> None:
         self._open = False
+
+    def identity(self) -> dict[str, Any]:
+        """The first event (its fields): another table under the same positions differs there."""
+        return {"first_event": self._event(0) if len(self._events) else None}
+
+    def verify_identity(self, stored: Mapping[str, Any]) -> str | None:
+        first = stored.get("first_event")
+        if first is None or (len(self._events) and list(first) == self._event(0)):
+            return None
+        return f"its first event is {self._event(0) if len(self._events) else None}, not {first}"
+
+    def earliest_positions(self) -> dict[int, int]:
+        return {self.PARTITION: self.first_offset}
+
+    def _event(self, row: int) -> list[Any]:
+        e = self._events
+        return [str(e.user[row]), str(e.item[row]), int(e.timestamp[row]), int(e.event_id[row])]

@@ -295,3 +295,18 @@ def test_real_movielens_100k():
     ts = table.column("timestamp").to_numpy()
     tied = np.flatnonzero(np.diff(ts) == 0)
     assert len(tied) > 0 and np.all(np.diff(ids)[tied] > 0)
+
+
+@pytest.mark.parametrize("row, why", [
+    ("a,b,-5", "field 'ts' is negative (-5)"),
+    ("a\x01b,c,7", "field 'user' has control character '\\x01' at 1"),
+    ("a, ,7", "field 'item' is empty or whitespace-only"),
+    ("a," + "i" * 300 + ",7", "field 'item' has 300 characters > 256"),
+])
+def test_events_a_topic_would_reject_fail_here_with_file_and_line(tmp_path, row, why):
+    path = _write(tmp_path, "log.csv", f"user,item,timestamp\nu,i,1\n{row}\n")
+    with pytest.raises(DatasetError) as err:
+        load_dataset("csv", path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: invalid event(s): line 3: ") and why in message
+

@@ -293,3 +293,43 @@ def test_aborted_transactions_are_not_events(kafka_config, topic_name):
     table = read_topic_table(kafka_config, topic_name)
     assert table.column("item").to_pylist() == ["kept"]
 
+
+
+@pytest.mark.kafka
+def test_an_event_far_in_the_future_is_dead_lettered_instead_of_making_later_events_late(kafka_config, topic_name):
+    _topic(kafka_config, topic_name, 1)
+    now = int(time.time())
+    events = [encode_event("a", f"i{n}", now - 100 + n, n) for n in range(5)]
+    events.append(encode_event("a", "from-the-future", now + 10 * 365 * 86400, 5))  # a clock set ten years ahead
+    events += [encode_event("a", f"j{n}", now - 50 + n, 6 + n) for n in range(5)]
+    _produce_raw(kafka_config, topic_name, [(0, *e) for e in events])
+    sink = MemoryDeadLetters()
+    source = KafkaSource(kafka_config, topic_name, until_end=False, batch_size=100, max_wait_s=0.05, dead_letters=sink)
+    with source:
+        assert _read_until(source, 10) == 10
+        assert source.stats.late == 0  # one accepted future event would make all 5 later ones late
+    assert [(m.kind, m.field, m.offset) for m in sink.messages] == [("future_timestamp", "ts", 5)]
+
+
+@pytest.mark.kafka
+def test_identity_tells_a_recreated_topic_apart_even_without_topic_ids(kafka_config, topic_name):
+    table = _skewed_events(300, seed=4)
+    _topic(kafka_config, topic_name, 2)
+    replay_events(table, kafka_config, topic_name, progress=False)
+    with KafkaSource(kafka_config, topic_name, dead_letters=MemoryDeadLetters()) as source:
+        list(source.batches())
+        identity = source.identity()
+    assert identity["topic_id"] and sorted(identity["anchors"]) == ["0", "1"]
+    anchors_only = {**identity, "topic_id": None}  # as from a broker without topic ids
+    assert KafkaSource(kafka_config, topic_name).verify_identity(identity) is None
+    assert KafkaSource(kafka_config, topic_name).verify_identity(anchors_only) is None
+
+    with TopicAdmin(kafka_config) as admin:
+        admin.recreate_topic(topic_name, 2)
+    replay_events(table, kafka_config, topic_name, progress=False)  # the very same events, written again
+    assert "deleted and recreated" in KafkaSource(kafka_config, topic_name).verify_identity(identity)
+    assert "is not the one the snapshot read" in KafkaSource(kafka_config, topic_name).verify_identity(anchors_only)
+
+    with TopicAdmin(kafka_config) as admin:
+        admin.recreate_topic(topic_name, 2)  # empty now: the anchored offsets are beyond its end
+    assert "ends at offset 0" in KafkaSource(kafka_config, topic_name).verify_identity(anchors_only)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +83,23 @@ def assert_histories_match_table(fingerprint: dict[str, Any], table: pa.Table, h
 
 def cache_with(shards: int = 1, index_type: str = "flat") -> CacheConfig:
     return replace(TINY_CACHE, shards=shards, index_type=index_type)
+
+
+def stop_with_sigterm(proc: subprocess.Popen) -> dict[str, Any]:
+    """SIGTERM a `felrec-stream consume` process; it must exit 0 with its JSON summary on stdout."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    return json.loads(out)
+
+
+def run_until_applied(worker: Any, n_events: int, timeout_s: float = 60) -> tuple[threading.Thread, list]:
+    """Start `worker.run()` in a thread (follow mode) and wait until it applied `n_events`;
+    returns the thread and the list its result lands in (stop it with `worker.request_stop`)."""
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(worker.run()))
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while worker.progress.applied < n_events and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    return thread, results

@@ -1,7 +1,10 @@
-"""Crash drills: `felrec-stream consume` SIGKILLed at random points (one of them mid-snapshot), stopped
-with SIGTERM once, restarted each time; the final store must equal an uninterrupted run bit for bit,
-and every event must be applied exactly once. Also: a corrupt newest snapshot falls back to the
-previous one with the same final result.
+"""Crash drills: `felrec-stream consume` killed at named points of a snapshot write and of a dead-letter
+send (the process kills itself there: `FELREC_FAULT_KILL_AT`, felrec_stream/faults.py), SIGKILLed from
+outside mid-stream, stopped with SIGTERM once, restarted each time over a topic with poison records
+(one of 2 MB) mixed in. Each kill is checked to have landed where the plan says (the restart resumes
+exactly where a kill at that point must leave it); the final store must equal an uninterrupted run
+bit for bit, every event applied exactly once and the dead-letter count exact. Also: a corrupt
+newest snapshot falls back to the previous one with the same final result.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +25,7 @@ import torch
 from connectors.kafka.admin import TopicAdmin, end_offsets, new_producer
 from connectors.kafka.replay import replay_events
 from felrec_stream.config import CacheConfig, KafkaConfig, from_dict
+from felrec_stream.faults import ENV as FAULT_ENV
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
@@ -34,26 +37,24 @@ pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]
 N_EVENTS, BATCH, SNAPSHOT_EVERY = 3000, 64, 256
 
-
-
-
 POISON = [(b"u1", b"not json"), (b"u2", b'{"v":1,"user":"u2","ts":5}'), (b"u3", None),
-          (b"u4", b'{"v":1,"user":"someone-else","item":"i1","ts":5}')]
+          (b"u4", b'{"v":1,"user":"someone-else","item":"i1","ts":5}'),
+          (b"u5", b'{"v":1,"user":"u5","item":"' + b"x" * (2 << 20) + b'","ts":5}')]  # 2 MB: over the DLQ limit
 
 
 @pytest.fixture(scope="module")
 def stream(kafka: KafkaConfig):
-    """3000 events in 2 partitions with 4 poison messages half-way."""
+    """3000 events in 2 partitions, one poison record after every 500 events."""
     table = synthetic_events(N_EVENTS, n_users=150, n_items=100, seed=3)
     topic = f"t-crash-{uuid.uuid4().hex[:8]}"
     with TopicAdmin(kafka) as admin:
         admin.create_topic(topic, 2)
-    replay_events(table.slice(0, N_EVENTS // 2), kafka, topic, progress=False)
-    producer = new_producer(kafka)
-    for key, value in POISON:
+    producer = new_producer(kafka, max_request_size=4 << 20)
+    for n, (key, value) in enumerate(POISON):
+        replay_events(table.slice(500 * n, 500), kafka, topic, progress=False)
         producer.send(topic, key=key, value=value).get(timeout=10)
     producer.close()
-    replay_events(table.slice(N_EVENTS // 2), kafka, topic, progress=False)
+    replay_events(table.slice(500 * len(POISON)), kafka, topic, progress=False)
     return topic, table
 
 
@@ -85,9 +86,9 @@ def _command(checkpoint: Path, kafka: KafkaConfig, topic: str, snapshot_dir: Pat
             "--snapshot-every-events", str(SNAPSHOT_EVERY), "--keep-snapshots", "3", "--device", "cpu", "--until-end"]
 
 
-def _run(command: list[str], env: dict[str, str], trigger: Callable[[dict], bool] | None,
-         sig: int = signal.SIGKILL, delay_s: float = 0.0) -> tuple[int, list[dict], str]:
-    """Run one worker process; send `sig` `delay_s` after the first log record `trigger` accepts."""
+def _run(command: list[str], env: dict[str, str], trigger: Callable[[dict], bool] | None = None,
+         sig: int = signal.SIGKILL) -> tuple[int, list[dict], str]:
+    """Run one worker process; send `sig` as soon as a log record satisfies `trigger`."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=ROOT)
     records, sent = [], False
     try:
@@ -98,7 +99,6 @@ def _run(command: list[str], env: dict[str, str], trigger: Callable[[dict], bool
                 continue
             records.append(record)
             if trigger is not None and not sent and trigger(record):
-                time.sleep(delay_s)
                 proc.send_signal(sig)
                 sent = True
         rc = proc.wait(timeout=120)
@@ -112,48 +112,81 @@ def _applied_at_least(target: int) -> Callable[[dict], bool]:
     return lambda record: record.get("event") == "batch_applied" and record["applied"] >= target
 
 
-def _in_snapshot_write(record: dict) -> bool:
-    return record.get("event") == "snapshot_writing"
+def _events(records: list[dict], name: str) -> list[dict]:
+    return [r for r in records if r.get("event") == name]
 
 
 def _started_at(records: list[dict]) -> int:
-    return next(r["applied"] for r in records if r.get("event") == "worker_started")
+    return _events(records, "worker_started")[0]["applied"]
 
 
-def test_sigkill_restarts_equal_an_uninterrupted_run(checkpoint, kafka, stream, reference, tmp_path):
+def _writes(records: list[dict]) -> tuple[list[int], list[int]]:
+    """(applied counts of the snapshot writes begun, of those logged as written) in this run."""
+    begun = [r["applied"] for r in _events(records, "snapshot_writing")]
+    return begun, begun[:len(_events(records, "snapshot_written"))]
+
+
+def _expected_restart(point: str, records: list[dict]) -> int:
+    """Where the next run must resume after a self-kill at `point` (what the point means, on disk)."""
+    begun, written = _writes(records)
+    committed = written[-1] if written else _started_at(records)
+    if point in ("snapshot_files_written", "snapshot_manifest_written"):
+        return committed  # the snapshot being written was never committed: the previous one counts
+    if point in ("snapshot_committed", "snapshot_pruning"):
+        return begun[-1]  # CURRENT names the snapshot being written
+    return committed  # dead_letter_sent: between snapshots
+
+
+def test_kills_at_every_named_point_and_sigkill_restarts_equal_an_uninterrupted_run(checkpoint, kafka, stream,
+                                                                                   reference, tmp_path):
     topic, table = stream
     snapshot_dir = tmp_path / "snap"
     command = _command(checkpoint, kafka, topic, snapshot_dir)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FELREC_HOME": str(tmp_path / "home"), "FELREC_LOG_JSON": "1",
            "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    rng = random.Random(20261128)
-    # (events past the last restart at which to signal, or None = inside the first snapshot write; signal)
-    plan = [(rng.randint(150, 600), signal.SIGKILL), (None, signal.SIGKILL),
-            (rng.randint(100, 500), signal.SIGTERM),  # graceful: finish the batch, final snapshot, exit 0
-            (rng.randint(100, 600), signal.SIGKILL), (rng.randint(100, 400), signal.SIGKILL)]
+    env.pop(FAULT_ENV, None)
+    rng = random.Random(20261130)
+    # (self-kill point, or None = SIGKILL/SIGTERM from outside after that many more applied events)
+    plan: list[tuple[str | None, int, int]] = [
+        (None, rng.randint(150, 600), signal.SIGKILL),  # anywhere: between batches or inside a write
+        ("dead_letter_sent@1", 0, signal.SIGKILL),  # a poison record handed to the DLQ producer, unflushed
+        ("snapshot_files_written@1", 0, signal.SIGKILL),
+        ("snapshot_manifest_written@2", 0, signal.SIGKILL),
+        (None, rng.randint(100, 500), signal.SIGTERM),  # graceful: finish the batch, final snapshot, exit 0
+        ("snapshot_committed@1", 0, signal.SIGKILL),
+        ("snapshot_pruning@1", 0, signal.SIGKILL),
+    ]
     durable, starts = 0, []
-    for events, sig in plan:
-        trigger = _in_snapshot_write if events is None else _applied_at_least(durable + events)
-        # a snapshot write takes ~60-90 ms here (16 fsyncs): 20 ms in usually lands inside it
-        rc, records, out = _run(command, env, trigger, sig, 0.02 if events is None else 0.0)
+    for point, events, sig in plan:
+        run_env = env if point is None else {**env, FAULT_ENV: point}
+        trigger = _applied_at_least(durable + events) if point is None else None
+        rc, records, out = _run(command, run_env, trigger, sig)
         assert rc == (0 if sig == signal.SIGTERM else -signal.SIGKILL), records[-3:]
         started = _started_at(records)
-        # resumes at a durable snapshot: never behind the previous resume point, always on the batch grid
-        assert started >= durable and started % BATCH == 0
-        applied = max([started] + [r["applied"] for r in records if r.get("event") == "batch_applied"])
-        durable = started
+        assert started == durable, (point, started, durable)  # the previous kill landed where expected
         starts.append(started)
-        if sig == signal.SIGTERM:
+        if point is not None:
+            name = point.split("@")[0]
+            assert records[-1]["event"] == "fault_injected" and records[-1]["point"] == name, records[-3:]
+            durable = _expected_restart(name, records)
+        elif sig == signal.SIGTERM:
             summary = json.loads(out)
+            applied = max(r["applied"] for r in _events(records, "batch_applied"))
             assert summary["stopped_by"] == "signal:SIGTERM" and summary["applied_total"] == applied
             assert SnapshotManager(snapshot_dir).latest_valid().meta["applied_events"] == applied
             durable = applied
+        else:  # an uncoordinated kill: count where it landed from what the run logged
+            begun, written = _writes(records)
+            landed = SnapshotManager(snapshot_dir).latest_valid().meta["applied_events"]
+            assert landed in [started] + begun and landed >= max([started] + written)
+            durable = landed
 
-    rc, records, out = _run(command, env, None)
+    rc, records, out = _run(command, env)
     assert rc == 0, records[-3:]
+    assert _started_at(records) == durable
     summary = json.loads(out)
     assert (summary["applied_total"], summary["stopped_by"]) == (N_EVENTS, "end_of_topic")
-    assert sum(n > 0 for n in starts + [_started_at(records)]) >= 3, f"too few restores from snapshots: {starts}"
+    assert sum(n > 0 for n in starts + [durable]) >= 5, f"too few restores from snapshots: {starts}"
 
     fingerprint, meta = _final_store_fingerprint(snapshot_dir)
     assert (meta["applied_events"], meta["dead_letters"]) == (N_EVENTS, len(POISON))  # exact despite re-sends

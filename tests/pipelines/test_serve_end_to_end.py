@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from connectors.kafka.broker import free_port
 from connectors.kafka.replay import replay_events
 from felrec_stream.serving.client import FelrecClient
 from felrec_stream.stream.events import make_events
-from tests.pipelines import synthetic_events
+from tests.pipelines import stop_with_sigterm, synthetic_events
 
 pytestmark = pytest.mark.kafka
 BATCH = 8
@@ -71,13 +70,6 @@ def wait_ready(client: FelrecClient, timeout_s: float = 60) -> None:
     raise AssertionError("the restarted worker never became ready")
 
 
-def stop(proc: subprocess.Popen) -> dict:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0
-    return json.loads(out)
-
-
 def test_new_item_is_similar_to_its_co_interacted_items_and_restart_keeps_answers(checkpoint, kafka, topic_name,
                                                                                   tmp_path):
     table = cold_start_stream()
@@ -93,7 +85,7 @@ def test_new_item_is_similar_to_its_co_interacted_items_and_restart_keeps_answer
             before = {name: [(s.id, round(s.score, 5)) for s in fn(q, k=10)] for name, fn, q in
                       (("items", client.similar_items, "fresh"), ("users", client.similar_users, "e0"),
                        ("recs", client.recommendations, "e3"))}
-        assert stop(proc)["applied_total"] == len(table)
+        assert stop_with_sigterm(proc)["applied_total"] == len(table)
         proc, url = start_worker(topic_name, checkpoint, kafka, tmp_path / "snap", tmp_path / "home")
         with FelrecClient(url) as client:
             wait_ready(client)
@@ -102,7 +94,7 @@ def test_new_item_is_similar_to_its_co_interacted_items_and_restart_keeps_answer
                       ("recs", client.recommendations, "e3"))}
             assert client.catalog().items == len(set(table.column("item").to_pylist()))
         assert after == before
-        summary = stop(proc)  # restored at the end of the topic: nothing is applied twice
+        summary = stop_with_sigterm(proc)  # restored at the end of the topic: nothing is applied twice
         assert (summary["applied_this_run"], summary["applied_total"]) == (0, len(table))
     finally:
         if proc.poll() is None:

@@ -1,13 +1,12 @@
-"""The streaming worker against a real broker: offline equality, dead letters, model guard, follow mode."""
+"""The streaming worker against a real broker: offline equality, dead letters (a 2 MB one too), model
+guard, follow mode, a recreated topic, one worker per snapshot directory."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -15,19 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from connectors.kafka.admin import TopicAdmin, end_offsets, new_producer
+from connectors.kafka.admin import TopicAdmin, end_offsets, new_consumer, new_producer
 from connectors.kafka.broker import free_port
-from connectors.kafka.dlq import MemoryDeadLetters
+from connectors.kafka.dlq import MAX_VALUE_BYTES, MemoryDeadLetters
 from connectors.kafka.replay import replay_events
-from felrec_stream.config import KafkaConfig
-from felrec_stream.errors import ModelError
+from felrec_stream.config import KafkaConfig, replace
+from felrec_stream.errors import ModelError, StoreError
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.stream.messages import PoisonMessage
 from pipelines.prometheus import WorkerMetrics
 from pipelines.worker import CountingDeadLetters, WorkerOptions, build_worker, store_fingerprint
-from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, synthetic_events,
-                             write_tiny_checkpoint)
+from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, run_until_applied,
+                             stop_with_sigterm, synthetic_events, write_tiny_checkpoint)
 
 pytestmark = pytest.mark.kafka
 
@@ -120,12 +119,7 @@ def test_follow_mode_applies_everything_and_stops_gracefully(checkpoint, kafka, 
     topic, _ = stream
     options = WorkerOptions(topic, batch_size=BATCH, max_wait_ms=20, snapshot_every_events=10**6)
     worker = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=tmp_path / "snap")
-    results = []
-    thread = threading.Thread(target=lambda: results.append(worker.run()))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while worker.progress.applied < N_EVENTS and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
+    thread, results = run_until_applied(worker, N_EVENTS)
     worker.request_stop("test")
     thread.join(30)
     assert results and results[0].stopped_by == "test" and results[0].applied_total == N_EVENTS
@@ -155,13 +149,10 @@ def test_cli_follow_mode_serves_queries_exports_metrics_and_stops_on_sigterm(che
         assert catalog["users"] == len(set(table.column("user").to_pylist()))
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         assert f"felrec_worker_events_total {float(N_EVENTS)}" in text
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        summary = stop_with_sigterm(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0
-    summary = json.loads(out)
     assert (summary["stopped_by"], summary["applied_total"]) == ("signal:SIGTERM", N_EVENTS)
     assert SnapshotManager(tmp_path / "snap").latest_valid().meta["applied_events"] == N_EVENTS
 
@@ -174,3 +165,95 @@ def test_dead_letter_count_covers_only_messages_behind_the_positions():
     assert sink.settle({0: 6, 1: 3}) == 1  # offset 3 is the next to read on partition 1: not passed yet
     assert sink.settle({0: 10, 1: 4}) == 3
     assert (sink.sent, len(memory.messages)) == (3, 3)
+
+
+def test_a_record_over_a_megabyte_is_dead_lettered_truncated_and_the_worker_goes_on(checkpoint, kafka, tmp_path):
+    table = synthetic_events(120, n_users=20, n_items=15, seed=4)
+    topic = f"t-big-{uuid.uuid4().hex[:8]}"
+    kafka = replace(kafka, dead_letter_topic=f"{topic}.dlq")  # this test's dead letters only
+    with TopicAdmin(kafka) as admin:
+        admin.create_topic(topic, 1)
+    replay_events(table.slice(0, 60), kafka, topic, progress=False)
+    big = b'{"v":1,"user":"u1","item":"' + b"x" * (2 << 20) + b'","ts":5}'
+    producer = new_producer(kafka, max_request_size=4 << 20)  # the broker takes it; the DLQ producer must too
+    producer.send(topic, key=b"u1", value=big).get(timeout=10)
+    producer.close()
+    replay_events(table.slice(60), kafka, topic, progress=False)
+
+    worker = build_worker(checkpoint, kafka, WorkerOptions(topic, batch_size=BATCH, until_end=True), device="cpu",
+                          snapshot_dir=tmp_path / "snap")
+    result = worker.run()
+    assert (result.applied_total, result.dead_letters) == (120, 1)
+    expected = offline_replay(worker.bundle.model, table, BATCH, worker.bundle.cache)
+    assert_same_store(store_fingerprint(worker.store), store_fingerprint(expected))
+
+    letter = _read_one(kafka, kafka.dead_letter_topic)
+    headers = {name: value.decode() for name, value in letter.headers}
+    assert len(letter.value) == MAX_VALUE_BYTES and big.startswith(letter.value)
+    assert (headers["felrec.kind"], headers["felrec.original.size"], headers["felrec.truncated"]) == \
+        ("oversized", str(len(big)), "true")
+    assert (headers["felrec.source.topic"], headers["felrec.source.offset"]) == (topic, "60")
+
+
+def _read_one(kafka: KafkaConfig, topic: str):
+    from kafka import TopicPartition
+
+    consumer = new_consumer(kafka)
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            records = consumer.poll(timeout_ms=200).get(tp)
+            if records:
+                return records[0]
+    finally:
+        consumer.close()
+    raise AssertionError(f"nothing on {topic}")
+
+
+def test_a_recreated_topic_is_refused_and_reset_state_starts_over(checkpoint, kafka, tmp_path):
+    old, new = synthetic_events(200, seed=5), synthetic_events(400, seed=6)
+    topic = f"t-recreated-{uuid.uuid4().hex[:8]}"
+    with TopicAdmin(kafka) as admin:
+        admin.create_topic(topic, 2)
+    replay_events(old, kafka, topic, progress=False)
+    snap = tmp_path / "snap"
+    build_worker(checkpoint, kafka, WorkerOptions(topic, batch_size=BATCH, until_end=True, max_events=96),
+                 device="cpu", snapshot_dir=snap).run()
+    with TopicAdmin(kafka) as admin:  # another dataset under the same name, more events than the offsets
+        admin.recreate_topic(topic, 2)
+    replay_events(new, kafka, topic, progress=False)
+
+    options = WorkerOptions(topic, batch_size=BATCH, until_end=True)
+    refused = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=snap)
+    with pytest.raises(StoreError, match="deleted and recreated.*--reset-state"):
+        refused.run()
+    assert refused.progress.applied == 0 and len(refused.store.users) == 0
+
+    reset = build_worker(checkpoint, kafka, replace(options, reset_state=True), device="cpu", snapshot_dir=snap)
+    result = reset.run()
+    assert (result.restored_seq, result.applied_total) == (None, len(new))
+    expected = offline_replay(reset.bundle.model, new, BATCH, reset.bundle.cache)
+    assert_same_store(store_fingerprint(reset.store), store_fingerprint(expected))  # nothing of the old topic
+    again = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=snap).run()  # the new state fits
+    assert (again.applied_this_run, again.applied_total) == (0, len(new))
+
+
+def test_one_worker_per_snapshot_directory_for_its_whole_life(checkpoint, kafka, stream, tmp_path):
+    topic, _ = stream
+    options = WorkerOptions(topic, batch_size=BATCH, max_wait_ms=20, snapshot_every_events=10**6)
+    first = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=tmp_path / "snap")
+    thread, results = run_until_applied(first, N_EVENTS)
+    try:
+        assert first.progress.applied == N_EVENTS  # idle now: between snapshot writes
+        second = build_worker(checkpoint, kafka, replace(options, until_end=True), device="cpu",
+                              snapshot_dir=tmp_path / "snap")
+        with pytest.raises(StoreError, match="in use by another writer"):
+            second.run()
+        assert second.progress.applied == 0
+    finally:
+        first.request_stop("test")
+        thread.join(30)
+    assert results and results[0].applied_total == N_EVENTS

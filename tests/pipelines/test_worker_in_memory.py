@@ -1,12 +1,17 @@
 """The streaming worker on an InMemorySource (no broker): every event applied, snapshots and
-restores that continue exactly, graceful stop requests."""
+restores that continue exactly, graceful stop requests; edited, inconsistent or all-corrupt
+snapshots, a second writer on the same directory, retention, lineage."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
+from felrec_stream.errors import StoreError
 from felrec_stream.state.faiss_store import make_store
-from felrec_stream.state.snapshot import SnapshotManager
+from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.stream.source import InMemorySource
 from pipelines.worker import StreamWorker, WorkerOptions, load_model, store_fingerprint
 from tests.pipelines import assert_histories_match_table, assert_same_store, offline_replay, synthetic_events
@@ -99,3 +104,99 @@ def test_stop_request_finishes_the_batch_snapshots_and_returns(bundle, table, tm
     assert (result.stopped_by, result.applied_total, result.snapshots) == ("test", 3 * BATCH, 1)
     assert source.stopped and source.committed == {}  # no group_id: nothing committed
     assert SnapshotManager(tmp_path / "snap").latest_valid().meta["offsets"] == {"0": 3 * BATCH}
+
+
+def _edit_manifest(snapshot_dir, edit) -> None:
+    """Rewrite the newest snapshot's manifest.json with `edit(manifest)` applied (a hand edit)."""
+    manifest_path = SnapshotManager(snapshot_dir).latest_valid().path / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+@pytest.mark.parametrize("edit", ["offsets", "swapped_arrays"])
+def test_an_edited_manifest_is_skipped_for_the_previous_snapshot(bundle, table, uninterrupted, tmp_path, edit):
+    first = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap", max_events=320, snapshot_every_events=128)
+    assert first.run().applied_total == 320  # snapshots at 128, 256 and (final) 320
+
+    def change(manifest: dict) -> None:
+        if edit == "offsets":  # "skip 100 events"
+            manifest["meta"]["offsets"]["0"] += 100
+        else:  # two array entries swapped: same files, wrong meaning
+            index = manifest["arrays"]
+            a, b = "store/users/history/counts", "store/users/history/last_time"
+            index[a], index[b] = index[b], index[a]
+
+    _edit_manifest(tmp_path / "snap", change)
+    second = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap")
+    result = second.run()
+    assert (result.restored_seq, result.applied_this_run) == (2, N_EVENTS - 256)  # the previous snapshot
+    assert_same_store(store_fingerprint(second.store), uninterrupted)
+
+
+def test_a_snapshot_whose_state_does_not_load_is_skipped(bundle, table, uninterrupted, tmp_path):
+    first = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap", max_events=320, snapshot_every_events=128)
+    first.run()
+    newest = SnapshotManager(tmp_path / "snap").latest_valid()
+    state = newest.state()
+    state["store"]["users"]["history"]["counts"] = state["store"]["users"]["history"]["counts"][:-1]  # shape
+    SnapshotManager(tmp_path / "snap").write_state(state, newest.meta)  # checksummed, but inconsistent
+    second = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap")
+    result = second.run()
+    assert (result.restored_seq, result.applied_this_run) == (3, N_EVENTS - 320)
+    assert_same_store(store_fingerprint(second.store), uninterrupted)
+
+
+def test_a_second_worker_on_the_same_directory_is_refused_before_applying(bundle, table, tmp_path):
+    running = SnapshotManager(tmp_path / "snap")
+    running.acquire()  # a worker that is alive (not writing at this moment)
+    try:
+        worker = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap")
+        with pytest.raises(StoreError, match=f"in use by another writer \\(pid {os.getpid()}\\)"):
+            worker.run()
+        assert worker.progress.applied == 0 and len(worker.store.users) == 0
+    finally:
+        running.release()
+    assert _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap").run().applied_total == N_EVENTS
+
+
+def _corrupt_every_snapshot(snapshot_dir) -> None:
+    for path in snapshot_dir.glob("snap-*"):
+        victim = path / "array-00000.npy"
+        victim.write_bytes(victim.read_bytes()[:-1] + b"!")
+
+
+def test_all_snapshots_corrupt_restarts_from_zero_loudly(bundle, table, uninterrupted, tmp_path, capsys):
+    _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap", max_events=320, snapshot_every_events=128).run()
+    _corrupt_every_snapshot(tmp_path / "snap")
+    worker = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap")
+    result = worker.run()
+    assert (result.restored_seq, result.applied_this_run) == (None, N_EVENTS)
+    assert_same_store(store_fingerprint(worker.store), uninterrupted)
+    logged = capsys.readouterr()
+    assert "snapshots_unusable" in logged.out + logged.err  # error level: the state of 320 events is lost
+
+
+def test_all_snapshots_corrupt_after_retention_is_refused_unless_reset(bundle, table, tmp_path):
+    _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap", max_events=320, snapshot_every_events=128).run()
+    _corrupt_every_snapshot(tmp_path / "snap")
+    retained = 64  # retention deleted the first 64 events since
+    worker = _worker(bundle, InMemorySource(table, BATCH, first_offset=retained), tmp_path / "snap")
+    with pytest.raises(StoreError, match="no longer starts at offset 0.*--reset-state"):
+        worker.run()
+    assert worker.progress.applied == 0
+    reset = _worker(bundle, InMemorySource(table, BATCH, first_offset=retained), tmp_path / "snap", reset_state=True)
+    result = reset.run()
+    assert (result.restored_seq, result.applied_total) == (None, N_EVENTS - retained)
+    assert SnapshotManager(tmp_path / "snap").snapshots() == [1]  # the corrupt ones were discarded
+
+
+def test_snapshots_carry_a_lineage_that_a_fresh_start_renews(bundle, table, tmp_path):
+    first = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap", max_events=64)
+    first.run()
+    again = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap", max_events=64)
+    again.run()
+    assert again.lineage == first.lineage == SnapshotManager(tmp_path / "snap").latest_valid().lineage
+    elsewhere = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "other", max_events=64)
+    elsewhere.run()
+    assert elsewhere.lineage != first.lineage

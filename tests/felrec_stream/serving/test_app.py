@@ -177,10 +177,11 @@ def test_k_outside_limits_is_422(served, k):
         assert info.value.status_code == 422
 
 
-def test_vectors_request_limits_are_422(served):
+def test_vectors_request_limits_are_413_and_422(served):
     _, client = served
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InvalidRequestError) as info:
         client.vectors("user", [f"u{i}" for i in range(1001)])
+    assert info.value.status_code == 413
     with pytest.raises(InvalidRequestError):
         client.vectors("user", [])
     with pytest.raises(InvalidRequestError):
@@ -360,6 +361,63 @@ def test_follower_keeps_serving_when_a_newer_snapshot_cannot_be_loaded(tmp_path,
     manager.write_state({"something": np.zeros(3)}, {"cache": {}})  # not a store state
     assert not follower.poll_once()
     assert follower.current() is first
+
+
+
+def test_follower_starts_on_the_newest_snapshot_that_loads(tmp_path, model):
+    manager, cache = SnapshotManager(tmp_path), CacheConfig(history_len=8)
+    manager.write_state(*snapshot_state(filled_store(model, synthetic_batches()[:2]), cache))
+    state, meta = snapshot_state(filled_store(model, synthetic_batches()[:3]), cache)
+    state["store"]["items"]["vectors"]["norms"] = state["store"]["items"]["vectors"]["norms"][:-2]  # inconsistent
+    manager.write_state(state, meta)  # verifies (checksums are of what was written), does not load
+    follower = SnapshotFollower(tmp_path)
+    assert follower.poll_once() and follower.seq == 1  # ready on the previous one, not 503 forever
+    assert not follower.poll_once()  # and the broken one is not rebuilt at every poll
+
+
+def test_follower_follows_a_directory_that_was_reset(tmp_path, model):
+    cache = CacheConfig(history_len=8)
+    manager = SnapshotManager(tmp_path)
+    for n in range(1, 4):
+        state, meta = snapshot_state(filled_store(model, synthetic_batches()[:n]), cache)
+        manager.write_state(state, {**meta, "lineage": "first"})
+    follower = SnapshotFollower(tmp_path)
+    assert follower.poll_once() and follower.seq == 3
+    manager.discard_all()  # the worker started over (--reset-state, or the directory was wiped)
+    state, meta = snapshot_state(filled_store(model, synthetic_batches()[:1]), cache)
+    manager.write_state(state, {**meta, "lineage": "second"})  # seq 1 again
+    assert follower.poll_once() and follower.seq == 1
+    assert follower.current().sizes() == {"users": len(state["store"]["users"]["ids"]),
+                                          "items": len(state["store"]["items"]["ids"])}
+    state, meta = snapshot_state(filled_store(model, synthetic_batches()[:2]), cache)
+    manager.write_state(state, {**meta, "lineage": "second"})
+    assert follower.poll_once() and follower.seq == 2
+
+
+# ---- limits against untrusted clients ------------------------------------------------------------
+
+def test_large_bodies_are_413_before_parsing_and_errors_never_echo_input(served):
+    _, client = served
+    http = client._http
+    huge = b'{"kind": "user", "ids": ["' + b"x" * (20 << 20) + b'"]}'
+    response = http.post("/v1/vectors", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and len(response.content) < 200
+
+    def chunks():  # no Content-Length: the limit applies while reading
+        for _ in range(40):
+            yield b" " * (64 << 10)
+
+    response = http.post("/v1/vectors", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and len(response.content) < 200
+
+    long_id = "z" * 200_000  # fits the body limit; unknown -> 404 that quotes only a prefix
+    response = http.post("/v1/vectors", json={"kind": "user", "ids": [long_id]})
+    assert response.status_code == 404 and len(response.content) < 300 and "200000 characters" in response.text
+    response = http.post("/v1/vectors", json={"kind": "user", "ids": "w" * 500_000})  # not a list: 422
+    assert response.status_code == 422 and len(response.content) < 1000 and "www" not in response.text
+    response = http.get(f"/v1/users/{'q' * 6000}/recommendations")
+    assert response.status_code == 404 and len(response.content) < 300
+    assert client.healthz()
 
 
 # ---- the standalone command ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from felrec_stream.cli import cli
 from felrec_stream.config import CacheConfig
 from felrec_stream.serving.app import snapshot_state
-from felrec_stream.serving.export import export_store
+from felrec_stream.serving.export import export_snapshot, export_store
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
@@ -104,6 +104,17 @@ def test_export_without_snapshot_is_a_clear_error(tmp_path):
     args = ["export", "--snapshot-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0 and "no valid snapshot" in str(result.exception)
+
+
+def test_export_skips_a_newest_snapshot_that_does_not_load(tmp_path, store):
+    manager, cache = SnapshotManager(tmp_path / "snaps"), CacheConfig(history_len=8)
+    manager.write_state(*snapshot_state(store, cache))
+    state, meta = snapshot_state(store, cache)
+    state["store"]["users"]["history"]["rows"] = state["store"]["users"]["history"]["rows"][:, :3]  # wrong shape
+    manager.write_state(state, meta)
+    layout = export_snapshot(tmp_path / "snaps", tmp_path / "out")
+    assert layout["source"]["snapshot_seq"] == 1
+    _check_export(tmp_path / "out", store)
 
 
 def test_export_of_a_capped_snapshot_holds_every_entity_and_indexes_the_resident_ones(tmp_path, store):

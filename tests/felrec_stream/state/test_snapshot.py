@@ -1,9 +1,12 @@
-"""SnapshotManager: exact state round trips, corruption fallback, retention, crash before commit."""
+"""SnapshotManager: exact state round trips, corruption fallback (files and the manifest itself),
+retention, crash before commit, readers racing the writer's pruning, the writer's lock, bad directories."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
+from felrec_stream.state import snapshot as snapshot_module
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager, flatten_state, unflatten_state
 from felrec_stream.state.store import RepresentationStore
@@ -196,6 +200,116 @@ def test_second_writer_is_refused(tmp_path):
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("edit", ["meta", "array_index", "files"])
+def test_an_edited_manifest_fails_its_own_checksum(tmp_path, edit, capsys):
+    manager = SnapshotManager(tmp_path)
+    _write(manager, 1, offsets={"0": 10})
+    newest = _write(manager, 2, offsets={"0": 20})
+    manifest = json.loads((newest / "manifest.json").read_text())
+    if edit == "meta":
+        manifest["meta"]["offsets"]["0"] = 120
+    elif edit == "array_index":
+        manifest["arrays"]["w"] = manifest["arrays"].pop("v")
+    else:
+        del manifest["files"]["array-00000.npy"]
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    assert manager.latest_valid().meta["offsets"] == {"0": 10}
+    assert "manifest checksum mismatch" in "".join(capsys.readouterr())
+
+
+def test_manifests_of_format_1_are_still_read(tmp_path):
+    path = _write(SnapshotManager(tmp_path), 1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["checksum"]
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    assert SnapshotManager(tmp_path).latest_valid().meta["value"] == 1
+
+
+def test_a_snapshot_pruned_while_it_is_read_is_replaced_by_the_newer_one(tmp_path, monkeypatch):
+    reader, writer = SnapshotManager(tmp_path), SnapshotManager(tmp_path, keep=1)
+    _write(writer, 1)
+    real_load, moved = np.load, []
+
+    def load_while_the_writer_moves_on(*args, **kwargs):
+        if not moved:  # between verifying snap 1 and loading it, snap 2 commits and snap 1 is pruned
+            moved.append(_write(writer, 2))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", load_while_the_writer_moves_on)
+    snapshot = reader.latest_valid()
+    assert moved and not (tmp_path / "snap-000000000001").exists()
+    assert snapshot.seq == 2 and int(snapshot.arrays["v"][0]) == 2
+
+
+def test_readers_never_fail_while_a_writer_prunes(tmp_path):
+    writer, reader = SnapshotManager(tmp_path, keep=1), SnapshotManager(tmp_path)
+    _write(writer, 0)
+    errors: list[BaseException] = []
+
+    def write_many() -> None:
+        try:
+            for value in range(1, 80):
+                _write(writer, value)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=write_many)
+    thread.start()
+    reads = 0
+    while thread.is_alive() or reads == 0:
+        snapshot = reader.latest_valid()  # must neither raise nor return a mixed snapshot
+        assert snapshot is not None and (snapshot.arrays["v"] == snapshot.meta["value"]).all()
+        reads += 1
+    thread.join()
+    assert not errors and reads > 1
+
+
+def test_acquire_holds_the_directory_for_the_writers_whole_life(tmp_path):
+    first, second = SnapshotManager(tmp_path), SnapshotManager(tmp_path)
+    first.acquire()
+    _write(first, 1)  # the holder itself writes
+    with pytest.raises(StoreError, match=f"in use by another writer \\(pid {os.getpid()}\\)"):
+        second.acquire()
+    with pytest.raises(StoreError, match="in use"):
+        _write(second, 2)
+    first.release()
+    second.acquire()
+    _write(second, 2)
+    second.release()
+
+
+def test_a_bad_directory_fails_at_acquire_in_one_line(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(StoreError, match="is a file, not a directory"):
+        SnapshotManager(a_file).acquire()
+    with pytest.raises(StoreError, match="not writable: Not a directory"):
+        SnapshotManager(a_file / "below").acquire()
+
+    def disk_full(path, payload):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(snapshot_module, "_write_durable", disk_full)
+    with pytest.raises(StoreError, match="not writable: No space left on device"):
+        SnapshotManager(tmp_path / "full").acquire()
+
+
+def test_a_failed_write_leaves_the_previous_snapshot_current(tmp_path, monkeypatch):
+    manager = SnapshotManager(tmp_path)
+    _write(manager, 1)
+    real = snapshot_module._write_durable
+
+    def full_at_the_manifest(path, payload):
+        if path.name.startswith("manifest"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, payload)
+
+    monkeypatch.setattr(snapshot_module, "_write_durable", full_at_the_manifest)
+    with pytest.raises(StoreError, match="cannot write snapshot .*No space left on device.*previous snapshot stays"):
+        _write(manager, 2)
+    assert manager.snapshots() == [1] and manager.latest_valid().meta["value"] == 1
 
 
 def _shared_file(root, name, data: bytes) -> dict:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from felrec_stream.errors import DatasetError
+from felrec_stream.stream.events import make_events
 from felrec_stream.stream.messages import (DERIVED_EVENT_ID_BASE, MAX_ID_CHARS, Event, PoisonMessage, decode_event,
-                                           derive_event_id, encode_event, events_to_batch, max_timestamp)
+                                           derive_event_id, encode_event, events_to_batch, invalid_events,
+                                           max_timestamp)
 
 GOOD = {"v": 1, "user": "u1", "item": "i1", "ts": 1_700_000_000, "event_id": 7}
 
@@ -161,3 +163,19 @@ def test_events_to_batch():
     assert list(batch.user) == ["a", "b"] and list(batch.item) == ["x", "y"]
     assert batch.timestamp.dtype == np.int64 and list(batch.event_id) == [10, 11]
     assert len(events_to_batch([])) == 0
+
+
+def test_a_table_is_checked_by_the_same_rules_as_the_wire():
+    table = make_events(["ok", "bad\x07", "ok", "ok"], ["i", "j", " ", "k"], [1, 2, 3, -4], sort=False)
+    wire = [decode_event(json.dumps({"v": 1, "user": u, "item": i, "ts": t}).encode())
+            for u, i, t in (("bad\x07", "j", 2), ("ok", " ", 3), ("ok", "k", -4))]
+    assert invalid_events(table) == [(1, wire[0].reason), (2, wire[1].reason), (3, wire[2].reason)]
+    assert invalid_events(make_events(["a"], ["b"], [max_timestamp("s") + 1]), ts_unit="s")[0][1] == \
+        decode_event(_raw(ts=max_timestamp("s") + 1)).reason
+    assert invalid_events(make_events(["a"], ["b"], [max_timestamp("s") + 1]), ts_unit=None) == []  # files: any unit
+
+
+def test_events_beyond_the_consumers_clock_limit_are_poison():
+    poison = decode_event(_raw(ts=2_000), not_after=1_999)
+    assert isinstance(poison, PoisonMessage) and (poison.kind, poison.field) == ("future_timestamp", "ts")
+    assert isinstance(decode_event(_raw(ts=1_999), not_after=1_999), Event)
