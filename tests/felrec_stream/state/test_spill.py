@@ -192,3 +192,19 @@ def test_batches_larger_than_the_cap_still_apply_exactly(bundle, table, uncapped
     store = _replay(bundle, table, _store(bundle, "faiss", 2))  # below the users of one batch: kept whole
     assert_same_store(store_fingerprint(store), uncapped["faiss"])
     assert store.users.resident <= BATCH
+
+
+@pytest.mark.parametrize("damage", ["resident_rows", "location", "resident_slot"])
+def test_a_damaged_capped_state_is_refused_before_anything_loads(bundle, table, damage):
+    state = _replay(bundle, table.slice(0, 320), _store(bundle, "faiss", CAP)).state_dict()
+    items = state["items"]
+    if damage == "resident_rows":
+        items["resident"]["rows"] = items["resident"]["rows"][:, :3]
+    elif damage == "location":
+        items["spill"]["file"] = np.full_like(items["spill"]["file"], len(items["spill"]["files"]))
+    else:
+        items["resident"]["slots"] = items["resident"]["slots"] + len(items["ids"])
+    fresh = _store(bundle, "faiss", CAP)
+    with pytest.raises(StoreError, match="item"):
+        fresh.load_state_dict(state)
+    assert len(fresh.users) == 0  # checked first: the users' (valid) part was not loaded either
