@@ -64,6 +64,7 @@ import os
 import re
 import tempfile
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -82,7 +83,8 @@ log = get_logger(__name__)
 
 SPILL_DIR = "spill"  # spill files of a worker live in <snapshot root>/spill/
 ROW_GROUP = 128  # records per Parquet row group: a restore reads only the groups it needs
-OPEN_FILES = 32  # spill files kept open (footer parsed once), least recently used closed first
+OPEN_FILES = 128  # spill files kept open (footer parsed once), least recently used closed first
+GROUP_CACHE_BYTES = 64 << 20  # decoded row groups kept (files never change), least recently used dropped
 EVICT_TO = 0.95  # an eviction round frees down to this fraction of the cap
 _NAME_RE = re.compile(r"^(user|item)-([0-9a-f]{64})\.parquet$")
 
@@ -109,7 +111,9 @@ class SpillFiles:
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._verified: set[str] = set()
-        self._open: dict[str, pq.ParquetFile] = {}  # insertion order = least recently used first
+        self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()  # least recently used first
+        self._groups: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()  # same order
+        self._group_bytes = 0
 
     def write(self, kind: str, table: pa.Table) -> str:
         """Durably write `table`; returns its name `<kind>-<sha256>.parquet`."""
@@ -125,8 +129,49 @@ class SpillFiles:
         self._verified.add(name)
         return name
 
-    def read(self, name: str, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
-        """Records `rows` of file `name`, in the order given (only their row groups and `columns`)."""
+    def read(self, name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Columns (but the id) of records `rows` of file `name` as numpy arrays, in the order given.
+
+        Reads only the row groups holding them, through a cache of decoded row groups: histories
+        keep naming the same spilled entities batch after batch, and the files never change.
+        """
+        self._verify(name)
+        groups, where = np.unique(rows // ROW_GROUP, return_inverse=True)
+        parts = self._row_groups(name, [int(g) for g in groups])
+        sizes = np.asarray([len(part["slot"]) for part in parts], dtype=np.int64)
+        take = np.concatenate([[0], np.cumsum(sizes)[:-1]])[where] + rows % ROW_GROUP
+        if len(parts) == 1:
+            return {key: value[take] for key, value in parts[0].items()}
+        return {key: np.concatenate([part[key] for part in parts])[take] for key in parts[0]}
+
+    def _row_groups(self, name: str, groups: list[int]) -> list[dict[str, np.ndarray]]:
+        """Decoded row groups of one file, from the cache or read in one call."""
+        found = {g: self._groups[(name, g)] for g in groups if (name, g) in self._groups}
+        for g in found:
+            self._groups.move_to_end((name, g))
+        missing = [g for g in groups if g not in found]
+        if missing:
+            parquet = self._parquet(name)
+            columns = [c for c in parquet.schema_arrow.names if c != "id"]
+            table = parquet.read_row_groups(missing, columns=columns)
+            start = 0
+            for g in missing:
+                size = parquet.metadata.row_group(g).num_rows
+                part = table.slice(start, size)
+                start += size
+                found[g] = {c: _column_numpy(part.column(c)) for c in columns}
+                self._cache_group((name, g), found[g])
+        return [found[g] for g in groups]
+
+    def _cache_group(self, key: tuple[str, int], columns: dict[str, np.ndarray]) -> None:
+        self._groups[key] = columns
+        self._group_bytes += sum(value.nbytes for value in columns.values())
+        while self._group_bytes > GROUP_CACHE_BYTES and len(self._groups) > 1:
+            _, dropped = self._groups.popitem(last=False)
+            self._group_bytes -= sum(value.nbytes for value in dropped.values())
+
+    def _verify(self, name: str) -> None:
+        """Check a file against its content address once per process (SpillError if it fails)."""
         path = self.directory / name
         if name not in self._verified:
             match = _NAME_RE.match(name)
@@ -135,19 +180,15 @@ class SpillFiles:
             if match is None or hash_file(path, fsync=False)["sha256"] != match.group(2):
                 raise SpillError(f"spill file {path} does not match its sha256 name (corrupt)")
             self._verified.add(name)
-        parquet = self._parquet(name)
-        groups, where = np.unique(rows // ROW_GROUP, return_inverse=True)
-        sizes = np.asarray([parquet.metadata.row_group(int(g)).num_rows for g in groups], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        table = parquet.read_row_groups([int(g) for g in groups], columns=columns)
-        return table.take(starts[where] + rows % ROW_GROUP)
 
     def _parquet(self, name: str) -> pq.ParquetFile:
-        parquet = self._open.pop(name, None) or pq.ParquetFile(self.directory / name)
-        self._open[name] = parquet
-        if len(self._open) > OPEN_FILES:
-            self._open.pop(next(iter(self._open))).close()
-        return parquet
+        if name in self._open:
+            self._open.move_to_end(name)
+        else:
+            self._open[name] = pq.ParquetFile(self.directory / name)
+            if len(self._open) > OPEN_FILES:
+                self._open.popitem(last=False)[1].close()
+        return self._open[name]
 
     def refs(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
         """{name: {"sha256", "size"}} for a snapshot manifest (the hash is the name: no re-read)."""
@@ -175,6 +216,8 @@ class SpillFiles:
             self._verified.discard(name)
             if name in self._open:
                 self._open.pop(name).close()
+            for key in [key for key in self._groups if key[0] == name]:
+                self._group_bytes -= sum(value.nbytes for value in self._groups.pop(key).values())
         if names:
             log.debug("spill_files_deleted", directory=str(self.directory), files=len(names))
 
@@ -384,7 +427,7 @@ class SpillingTable(EntityTable):
         return EntityRows(vectors, rows, h.lengths[slots].copy(), h.counts[slots].copy(), h.last_time[slots].copy())
 
     def read_vectors(self, slots: np.ndarray) -> np.ndarray:
-        """(n, D) raw vectors of evicted `slots` from their records (vector columns only), zeros
+        """(n, D) raw vectors of evicted `slots` from their records (through the row-group cache), zeros
         for those without one; nothing is restored (a read must not churn the resident set)."""
         unique, inverse = np.unique(slots, return_inverse=True)
         template = self.vectors.rows_state(np.zeros(0, dtype=np.int64))
@@ -528,16 +571,15 @@ class SpillingTable(EntityTable):
                       rows: np.ndarray | None) -> None:
         """Fill `vectors[key][positions]` and `rows[positions]` (unless None) from the records of `slots`."""
         files = self.loc_file[slots]
-        columns = ["slot", *vectors] + (["history"] if rows is not None else [])
         for f in np.unique(files):
             mine = np.flatnonzero(files == f)
-            table = self.spill.read(self.files[f], self.loc_row[slots[mine]], columns)
-            if not np.array_equal(table.column("slot").to_numpy(), slots[mine]):
+            records = self.spill.read(self.files[f], self.loc_row[slots[mine]])
+            if not np.array_equal(records["slot"], slots[mine]):
                 raise SpillError(f"spill file {self.files[f]} holds other slots than its index says")
             for key in vectors:
-                vectors[key][positions[mine]] = _column_numpy(table.column(key), vectors[key].shape[1:])
+                vectors[key][positions[mine]] = records[key]
             if rows is not None:
-                rows[positions[mine]] = _column_numpy(table.column("history"), rows.shape[1:])
+                rows[positions[mine]] = records["history"]
 
     def _drop_dead_files(self) -> None:
         """In a private directory, delete files without current records at once."""
@@ -646,8 +688,9 @@ def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
-def _column_numpy(column: pa.ChunkedArray, tail: tuple[int, ...]) -> np.ndarray:
+def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy; fixed-size lists become 2-D (rows, list size)."""
     array = column.combine_chunks()
     if isinstance(array, pa.FixedSizeListArray):
-        return array.flatten().to_numpy(zero_copy_only=False).reshape((len(array),) + tail)
+        return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
     return array.to_numpy(zero_copy_only=False)
