@@ -103,7 +103,8 @@ def ann_figures(n: int, dim: int, shards: int, batch: int, clusters: int) -> Non
         got = backend.search(q, 10)[1]
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
         one_ms, qps = time_search(backend, 1000, 10)
-        print(f"{kind}: n={n} clusters={clusters} fill={fill_s:.1f}s update_{batch}={update_ms:.2f}ms (mean {update_mean_ms:.1f}ms) recall@10={recall:.3f} "
+        print(f"{kind}: n={n} clusters={clusters} fill={fill_s:.1f}s update_{batch}={update_ms:.2f}ms "
+              f"(mean {update_mean_ms:.1f}ms) recall@10={recall:.3f} "
               f"search_1q={one_ms:.2f}ms batch_qps={qps:.0f} bytes/entity={backend.bytes_per_entity():.0f}")
 
 

@@ -185,8 +185,8 @@ def main() -> None:
         for cap in (0, args.cap):
             command = [sys.executable, __file__, "--child", path, "--events", str(args.events), "--users",
                        str(args.users), "--items", str(args.items), "--cap", str(cap), "--batch-size",
-                       str(args.batch_size), "--snapshot-every", str(args.snapshot_every), "--threads", str(args.threads),
-                       "--encoder", args.encoder]
+                       str(args.batch_size), "--snapshot-every", str(args.snapshot_every),
+                       "--threads", str(args.threads), "--encoder", args.encoder]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if done.returncode:
@@ -195,7 +195,8 @@ def main() -> None:
             print(f"  done: {path} cap={cap}", file=sys.stderr)
     print(f"{args.events:,} events, {args.users:,} users, {args.items:,} items (synthetic, seed 0), batch "
           f"{args.batch_size}, d=128, L=64, encoder {ENCODERS[args.encoder]}, {args.threads} threads")
-    print("| path | max_entities | events/s | peak RSS MB | growth MB | entities | resident | spill MB | evicted | restored |")
+    print("| path | max_entities | events/s | peak RSS MB | growth MB | entities | resident | spill MB "
+          "| evicted | restored |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['path']} | {r['cap'] or 'none'} | {r['events_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | "

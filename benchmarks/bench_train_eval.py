@@ -76,8 +76,9 @@ def bench_training(name: str, enc: EncoderConfig, train_events: pa.Table, args: 
     split = " ".join(f"{k}={1e3 * v / len(timed):.1f}ms" for k, v in timer.items())
     print(f"train[{name}] d={enc.d_model} layers={enc.n_layers} batch={args.batch_size}: "
           f"{n / seconds:,.0f} interactions/s ({len(timed)} batches, per step: {split})")
+    first = padded_lengths(RepresentationStore(enc.d_model, 64), batches[:5], torch.device("cpu"))
     print(f"train[{name}] padded length: mean {np.mean(lengths):.1f} vs history_len 64 "
-          f"(first batches of the replay: {padded_lengths(RepresentationStore(enc.d_model, 64), batches[:5], torch.device('cpu'))})")
+          f"(first batches of the replay: {first})")
     return model
 
 

@@ -76,7 +76,8 @@ def measure(events, batch: int, history: int) -> tuple[float, float]:
 
     ids = {kind: IdMap() for kind in ("user", "item")}
     buffers = {kind: HistoryBuffer(history) for kind in ("user", "item")}
-    users, items = events.column("user").to_numpy(zero_copy_only=False), events.column("item").to_numpy(zero_copy_only=False)
+    users = events.column("user").to_numpy(zero_copy_only=False)
+    items = events.column("item").to_numpy(zero_copy_only=False)
     fills, uniques = [], []
     for lo in range(0, len(users) - batch + 1, batch):
         u = ids["user"].lookup(users[lo:lo + batch], create=True)

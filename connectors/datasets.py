@@ -81,6 +81,15 @@ def dataset_names() -> list[str]:
     return sorted(_registry())
 
 
+def dataset_label(name: str, path: str | Path | None) -> str:
+    """What reports call the data: the dataset's name, or the file's for the generic formats (csv,
+    parquet), whose name says nothing about the data."""
+    fmt = _registry().get(name)
+    if fmt is None or not fmt.takes_path or fmt.filename is not None or path is None:
+        return name
+    return Path(path).name
+
+
 def load_dataset(name: str, path: str | Path | None = None, cache_dir: str | Path | None = None,
                  **options: Any) -> pa.Table:
     """Load dataset `name` from `path` (folder or file) as a canonical, time-ordered event table.
@@ -292,7 +301,8 @@ def _events_from(table: pa.Table, user: str, item: str, timestamp: str, event_id
     problems = invalid_events(events, ts_unit=None, limit=MAX_REPORTED)
     if problems:
         labels = dict(where(sorted({row for row, _ in problems})))
-        raise DatasetError(f"{source}: invalid event(s): " + "; ".join(f"{labels[row]}: {why}" for row, why in problems))
+        raise DatasetError(f"{source}: invalid event(s): "
+                           + "; ".join(f"{labels[row]}: {why}" for row, why in problems))
     return sort_events(events)
 
 

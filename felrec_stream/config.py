@@ -24,6 +24,8 @@ C = TypeVar("C")
 # another dataset. The one list of modes: EvalConfig, the CLI's --mode and build_felrec read it.
 EvalMode = Literal["keep", "reset", "zero-shot"]
 EVAL_MODES: tuple[str, ...] = typing.get_args(EvalMode)
+EvalProtocol = Literal["serve", "paper"]
+EVAL_PROTOCOLS: tuple[str, ...] = typing.get_args(EvalProtocol)
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,19 @@ class EncoderConfig:
     # kind (users, items). The cache -> encoder -> cache recursion averages vectors over and over
     # (power iteration): without it every vector drifts to one shared direction; see model/felrec.py.
     output_norm: Literal["none", "batch"] = "none"
+    # Recency inside the encoder: "reversed_sinusoidal" adds sinusoidal positions counted from the
+    # newest element (position 0 = the latest interaction), as the reference implementation does.
+    positions: Literal["none", "reversed_sinusoidal"] = "none"
+    norm_first: bool = True  # pre-norm blocks (False: post-norm, as the reference)
+    activation: Literal["gelu", "relu"] = "gelu"
+    # Input of a history with no element (an entity's very first query encoding): "cold_start" =
+    # the cache's cold_start_input (id seed or zero); "learned" = one learned vector per kind.
+    empty_history: Literal["cold_start", "learned"] = "cold_start"
 
     def __post_init__(self) -> None:
         check(self.output_norm in ("none", "batch"), "encoder.output_norm must be 'none' or 'batch'")
-        check(self.d_model > 0 and self.d_model % self.n_heads == 0, "encoder.d_model must be a positive multiple of n_heads")
+        check(self.d_model > 0 and self.d_model % self.n_heads == 0,
+              "encoder.d_model must be a positive multiple of n_heads")
         check(self.n_layers >= 1 and self.d_ff >= 1, "encoder.n_layers and d_ff must be >= 1")
         check(0.0 <= self.dropout < 1.0, "encoder.dropout must be in [0, 1)")
 
@@ -60,6 +71,10 @@ class ModelConfig:
     share_mlp: bool = False  # ablation "-shareMLP": users and items share their MLPs
     proj_hidden: int = 256  # FELRec-P bottleneck projection 128 -> 256 -> 64
     proj_out: int = 64
+    # What the cache holds after an event: "pre_event" = the paper's recursion (the encoding from the
+    # history *before* the event); "post_event" = the encoding from the history *including* the event
+    # (what a deployed system should serve after the event).
+    cache_update: Literal["pre_event", "post_event"] = "pre_event"
 
     def __post_init__(self) -> None:
         check(self.variant in ("q", "p"), "model.variant must be 'q' or 'p'")
@@ -78,6 +93,7 @@ class TrainingConfig:
     min_lr: float = 1e-7
     momentum: float = 0.9
     weight_decay: float = 0.0
+    optimizer: Literal["sgd", "adam"] = "sgd"  # sgd = the paper (with momentum); adam = AdamW
     batch_size: int = 1024
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -105,10 +121,33 @@ class EvalConfig:
     seed: int = 0
     nn_neighbors: int = 10  # nearest-neighbour variant: average the scores of the user's 10 nearest users
     mode: EvalMode = "keep"
+    # "serve": every event is scored with what the store served just before it, then applied (what
+    # a deployed system can do; used for every comparison). "paper": the event's user and item are
+    # encoded and written first, then the user is scored (the reference's protocol).
+    protocol: EvalProtocol = "serve"
 
     def __post_init__(self) -> None:
         check(self.num_negatives >= 1 and self.hr_k >= 1, "eval.num_negatives and hr_k must be >= 1")
         check(self.mode in EVAL_MODES, f"eval.mode must be one of {', '.join(EVAL_MODES)}")
+        check(self.protocol in EVAL_PROTOCOLS, f"eval.protocol must be one of {', '.join(EVAL_PROTOCOLS)}")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How a user's vector ranks items, in the evaluator and the query API alike.
+
+    score(u, x) = cos(u, x) + popularity_weight * log(1 + popularity(x)), popularity as kept by the
+    store (`cache.popularity_halflife`). Why: InfoNCE against negatives drawn from the recent
+    positives (the queue) learns log p(x|u) - log p(x) up to a constant, so ranking by p(x|u) needs
+    the item prior added back. With `calibrate_popularity`, training picks the weight on the
+    validation split (each epoch, from a fixed grid) and saves it in the checkpoint.
+    """
+
+    popularity_weight: float = 0.0
+    calibrate_popularity: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.popularity_weight >= 0, "scoring.popularity_weight must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -128,9 +167,13 @@ class CacheConfig:
     # the least recently touched ones spill to Parquet files and come back on their next use
     # (felrec_stream/state/spill.py).
     max_entities: int = 0
+    # Item popularity for the score's prior: interaction counts, each weighted 0.5 ** (events since
+    # it / popularity_halflife); 0 = plain counts.
+    popularity_halflife: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.history_len >= 1, "cache.history_len must be >= 1")
+        check(self.popularity_halflife >= 0, "cache.popularity_halflife must be >= 0 (0 = plain counts)")
         check(self.shards >= 1, "cache.shards must be >= 1")
         check(self.max_entities >= 0, "cache.max_entities must be >= 0 (0 = no cap)")
         check(self.cold_start_input in ("id_seed", "zero"), "cache.cold_start_input must be id_seed or zero")
@@ -196,6 +239,7 @@ class Configs:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: to_dict(getattr(self, name)) for name in BUNDLED_SECTIONS}
@@ -225,22 +269,37 @@ BUNDLED_SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Con
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's hyper-parameters (the typed defaults), full size.
     "paper": {},
-    # Measured on MovieLens 100K (README): the paper's projection MLPs + queue of 8192 stayed at
-    # popularity level (test rank ~0.22) and several runs collapsed; per-kind output
-    # standardisation without MLPs, a softer temperature and a short queue reached 0.164.
-    "stable": {
+    # The recipe for serving, every choice made on the validation splits of MovieLens 100K and
+    # Amazon Magazine (README "Quality under the serve protocol"): the cache holds the encoding
+    # that includes each entity's latest event (what is served), per-kind standardisation of the
+    # encoder outputs, no MLP heads, T 0.5, queue 256, and a recent-popularity prior whose half-life
+    # and weight are chosen on the validation split.
+    "serve": {
         "encoder": {"output_norm": "batch"},
-        "model": {"use_mlp": False, "temperature": 0.5, "queue_size": 256},
+        "model": {"use_mlp": False, "temperature": 0.5, "queue_size": 256, "cache_update": "post_event"},
         "training": {"warmup_epochs": 0, "batch_size": 256},
         "eval": {"batch_size": 256},
+        "scoring": {"calibrate_popularity": True},
     },
-    # "stable" at a size that trains in minutes on a laptop CPU (quickstart, benchmarks' small row).
+    # "serve" at a size that trains in minutes on a laptop CPU (quickstart, benchmarks' small row).
     "small": {
         "encoder": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "output_norm": "batch"},
-        "model": {"use_mlp": False, "temperature": 0.5, "queue_size": 256},
+        "model": {"use_mlp": False, "temperature": 0.5, "queue_size": 256, "cache_update": "post_event"},
         "training": {"epochs": 5, "warmup_epochs": 0, "batch_size": 256},
         "eval": {"batch_size": 256},
+        "scoring": {"calibrate_popularity": True},
     },
+}
+# What each preset is for and how long it takes (`train --help`, README "Configuration"). Times for
+# 100k events (ML-100K: 80k training + 10k validation events an epoch) on 2 CPU cores: `small`
+# measured (README "Results"); paper size estimated as small's epoch x 11.8, the small/paper training
+# throughput ratio of benchmarks/bench_train_eval.py (2,363 / 201 interactions/s).
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "paper": "the paper's setup (the typed defaults), d=128, 3 layers, 100 epochs: ~12 min an epoch, "
+             "~20 h (estimated)",
+    "serve": "paper size, the recipe chosen on validation for serving (post-event cache, popularity prior), "
+             "100 epochs: ~12 min an epoch, ~20 h (estimated)",
+    "small": "serve at d=32, 1 layer, 5 epochs: ~1 min an epoch, ~5 min (measured)",
 }
 
 

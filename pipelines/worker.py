@@ -165,6 +165,8 @@ def model_version(model_state: Mapping[str, torch.Tensor], configs: Configs) -> 
         sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     shaping = {"encoder": to_dict(configs.encoder), "model": to_dict(configs.model),
                "history_len": configs.cache.history_len, "cold_start_input": configs.cache.cold_start_input}
+    if configs.cache.popularity_halflife:  # only when set: versions of checkpoints without it stay the same
+        shaping["popularity_halflife"] = configs.cache.popularity_halflife
     sha.update(json.dumps(shaping, sort_keys=True).encode())
     return sha.hexdigest()[:16]
 
@@ -497,7 +499,8 @@ class StreamWorker:
                 "late_events": p.late, "batch_size": self.options.batch_size,
                 "model_version": self.bundle.version, "checkpoint": self.bundle.path,
                 "cache": to_dict(self.bundle.cache),  # as run (shards, index); serving reads it
-                "configs": {k: to_dict(getattr(self.bundle.configs, k)) for k in ("encoder", "model", "cache")}}
+                "configs": {k: to_dict(getattr(self.bundle.configs, k))
+                            for k in ("encoder", "model", "cache", "scoring")}}
 
     def restore(self) -> dict[int, int] | None:
         """Load the newest usable snapshot into the (empty) store; returns its offsets (None: from
@@ -639,7 +642,8 @@ def spill_dir_for(snapshot_dir: str | Path | None) -> Path | None:
 
 
 def store_fingerprint(store: RepresentationStore) -> dict[str, np.ndarray | list[str]]:
-    """Flat view of a store for equality checks (tests, crash drills): ids, vectors, histories.
+    """Flat view of a store for equality checks (tests, crash drills): ids, vectors, histories, counts,
+    times and item/user popularity (with the event index it decays from).
 
     Spilled entities are read from their files (`EntityTable.read`), so a capped store and an
     uncapped one holding the same state give equal fingerprints.
@@ -650,5 +654,6 @@ def store_fingerprint(store: RepresentationStore) -> dict[str, np.ndarray | list
         out[f"{name}_ids"] = table.ids.ids()
         out[f"{name}_vectors"] = data.raw()
         out.update({f"{name}_rows": data.rows, f"{name}_lengths": data.lengths, f"{name}_counts": data.counts,
-                    f"{name}_last_time": data.last_time})
+                    f"{name}_last_time": data.last_time, f"{name}_pop": data.pop, f"{name}_pop_at": data.pop_at,
+                    f"{name}_events": np.asarray([table.history.events])})
     return out

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOUNDATIONS = frozenset({"felrec_stream.config", "felrec_stream.errors", "felrec_stream.log", "felrec_stream.device",
-                         "felrec_stream.faults"})
+FOUNDATION_MODULES = ("config", "errors", "log", "device", "faults", "progress")
+FOUNDATIONS = frozenset(f"felrec_stream.{name}" for name in FOUNDATION_MODULES)
 PURE = frozenset({"torch", "numpy", "felrec_stream.config", "felrec_stream.errors", "felrec_stream.model"})
 READ_SIDE = frozenset({"felrec_stream.serving", "felrec_stream.cli"})
 
@@ -43,7 +43,7 @@ RULES = [
     Rule("connectors", allow=frozenset({"connectors", "felrec_stream"})),
     Rule("pipelines", allow=frozenset({"pipelines", "connectors", "felrec_stream"})),
     Rule("training", allow=frozenset({"training", "felrec_stream"})),
-    *(Rule(f"felrec_stream/{name}.py", allow=FOUNDATIONS) for name in ("config", "errors", "log", "device", "faults")),
+    *(Rule(f"felrec_stream/{name}.py", allow=FOUNDATIONS) for name in FOUNDATION_MODULES),
     Rule("felrec_stream/model", allow=PURE, project_only=False),
     Rule("training/baselines/models.py", allow=PURE, project_only=False),
     Rule("felrec_stream/state", deny=READ_SIDE),

@@ -1,22 +1,28 @@
 """The online evaluator: replay events in time order, score each against the catalog so far.
 
-Protocol (paper section 4): the catalog holds every item seen so far (training items, then warm-up
-items, then evaluation items as their batches arrive). For each micro-batch the model scores every
-event's user against the whole catalog (`OnlineModel.score_batch`), and each event gets
-- its normalized rank among all catalog items (0 best, ties half),
-- a sampled HR@k hit (true item vs `num_negatives` random catalog items),
-- its cold-start partition relative to the training events (`split.label_partitions`),
+The catalog holds every item met so far (training items, then warm-up items, then evaluation
+items as they occur). Events are replayed in micro-batches, but batching is an implementation
+detail: event i is ranked among the items met before it plus its own item (`catalog_sizes`), and
+every model scores it with what it knew just before event i (`eval.protocol` "serve"; see
+training/protocol.py for the contract and training/felrec_online.py for FELRec's "paper" protocol).
+Each event gets
+- its normalized rank among those catalog items (0 best, ties half),
+- a sampled HR@k hit (true item vs `num_negatives` random items of the same catalog prefix),
+- its partition (`event_partitions`): observed / new_user / new_item relative to the training
+  events, and first_item for an item's very first interaction, which no deployed model can serve:
+  it is reported on its own row and left out of the total under "serve",
 - the number of interactions its item had before it (training + warm-up + earlier events).
 Partitions a model does not serve are reported as missing, never as numbers.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,9 +33,10 @@ import torch
 from felrec_stream.config import EvalConfig
 from felrec_stream.data.split import Split, label_partitions
 from felrec_stream.log import get_logger
-from felrec_stream.model.ranking import normalized_rank, sampled_hit_rate
-from felrec_stream.stream.events import iter_batches
-from training.protocol import PARTITIONS, ItemCatalog, OnlineModel
+from felrec_stream.model.ranking import hit_rate_against, normalized_rank, sample_negatives
+from felrec_stream.progress import ProgressLog
+from felrec_stream.stream.events import EventBatch, iter_batches
+from training.protocol import EVAL_PARTITIONS, ItemCatalog, OnlineModel
 
 log = get_logger(__name__)
 
@@ -50,10 +57,12 @@ class EvalResult:
     hr_k: int
     num_negatives: int
     seconds: float = 0.0
+    protocol: str = "serve"
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready dict: per-partition and total count/share/rank/hit_rate, rank vs item history."""
-        return summarize(self.model, self.served, self.events, self.hr_k, self.num_negatives, self.seconds)
+        return summarize(self.model, self.served, self.events, self.hr_k, self.num_negatives, self.seconds,
+                         self.protocol)
 
     @property
     def mean_rank(self) -> float:
@@ -73,27 +82,50 @@ class EvalResult:
 def evaluate(model: OnlineModel, events: pa.Table, train: pa.Table, eval_cfg: EvalConfig,
              warmup: pa.Table | None = None) -> EvalResult:
     """Replay `warmup` (unscored), then score every event of `events` in time order."""
+    return evaluate_variants(model, events, train, eval_cfg, warmup)[0]
+
+
+def evaluate_variants(model: OnlineModel, events: pa.Table, train: pa.Table, eval_cfg: EvalConfig,
+                      warmup: pa.Table | None = None,
+                      popularity_weights: Sequence[float] | None = None) -> list[EvalResult]:
+    """`evaluate`, or with `popularity_weights` (a model with `score_parts`, e.g. FELRecOnline) one
+    result per weight of the popularity prior from a single replay (same negatives for each)."""
     started = time.perf_counter()
     catalog = ItemCatalog()
     catalog.add(np.asarray(pc.unique(train.column("item")).to_pylist(), dtype=object))
     if warmup is not None and len(warmup):
-        for batch in iter_batches(warmup, eval_cfg.batch_size):
-            catalog.add(batch.item)
-            model.score_batch(batch, catalog)  # updates the model's state; scores unused
-    ranks, hits = _score_events(model, events, catalog, eval_cfg)
+        _warm_up(model, warmup, catalog, eval_cfg.batch_size)
+    ranks, hits = _score_events(model, events, catalog, eval_cfg, popularity_weights)
     history = [train] + ([warmup] if warmup is not None else [])
-    table = pa.table({
+    columns = {
         "event_id": events.column("event_id"), "user": events.column("user"), "item": events.column("item"),
-        "partition": pa.array(label_partitions(train, events).tolist(), pa.string()),
-        "rank": pa.array(ranks, pa.float64()), "hit": pa.array(hits, pa.bool_()),
+        "partition": pa.array(event_partitions(train, events, history).tolist(), pa.string()),
         "item_prior_interactions": pa.array(item_prior_interactions(history, events), pa.int64()),
-    }, schema=EVENT_RESULT_SCHEMA)
-    result = EvalResult(model.name, frozenset(model.partitions), table, eval_cfg.hr_k, eval_cfg.num_negatives,
-                        time.perf_counter() - started)
-    total = result.summary()["total"]
-    log.info("evaluation_done", model=model.name, events=len(events), rank=total["rank"],
-             hit_rate=total["hit_rate"], seconds=round(result.seconds, 3))
-    return result
+    }
+    served = frozenset(model.partitions)
+    names = [model.name] if popularity_weights is None else [f"{model.name} w={w:g}" for w in popularity_weights]
+    results = []
+    for name, rank, hit in zip(names, ranks, hits):
+        table = pa.table({**columns, "rank": pa.array(rank, pa.float64()), "hit": pa.array(hit, pa.bool_())},
+                         schema=EVENT_RESULT_SCHEMA)
+        results.append(EvalResult(name, served, table, eval_cfg.hr_k, eval_cfg.num_negatives,
+                                  time.perf_counter() - started, eval_cfg.protocol))
+    for result in results:
+        total = result.summary()["total"]
+        log.info("evaluation_done", model=result.model, protocol=eval_cfg.protocol, events=len(events),
+                 rank=total["rank"], hit_rate=total["hit_rate"], seconds=round(result.seconds, 3))
+    return results
+
+
+def _warm_up(model: OnlineModel, warmup: pa.Table, catalog: ItemCatalog, batch_size: int) -> None:
+    """Replay events into the model's state without scoring them."""
+    observe = getattr(model, "observe", None)
+    for batch in iter_batches(warmup, batch_size):
+        catalog.add(batch.item)
+        if observe is not None:
+            observe(batch)
+        else:
+            model.score_batch(batch, catalog)  # updates the model's state; scores unused
 
 
 def evaluate_and_report(models: list[OnlineModel], split: Split, eval_cfg: EvalConfig, title: str,
@@ -104,7 +136,8 @@ def evaluate_and_report(models: list[OnlineModel], split: Split, eval_cfg: EvalC
     """
     from training.report import plot_rank_vs_prior, table1_markdown
 
-    results = [evaluate(m, split.test, split.train, eval_cfg, warmup=split.val) for m in models]
+    results = [evaluate(m, split.test, split.train, eval_cfg, warmup=warmup_events(split, getattr(m, "mode", "keep")))
+               for m in models]
     summaries = [r.summary() for r in results]
     report = table1_markdown(summaries, title=title)
     if out_dir is not None:
@@ -116,22 +149,60 @@ def evaluate_and_report(models: list[OnlineModel], split: Split, eval_cfg: EvalC
     return report
 
 
-def _score_events(model: OnlineModel, events: pa.Table, catalog: ItemCatalog,
-                  eval_cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) normalized ranks and (N,) HR@k hits of the events, batch by batch."""
-    ranks, hits = [], []
+def warmup_events(split: Split, mode: str = "keep") -> pa.Table:
+    """Events replayed unscored before the test events: the validation events; from an empty cache
+    (FELRec modes "reset", "zero-shot") the training events first, as the reference replays them."""
+    return split.val if mode == "keep" else pa.concat_tables([split.train, split.val])
+
+
+def _score_events(model: OnlineModel, events: pa.Table, catalog: ItemCatalog, eval_cfg: EvalConfig,
+                  popularity_weights: Sequence[float] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per variant, (N,) normalized ranks and (N,) HR@k hits of the events, batch by batch. Event i
+    of a batch is ranked among the items met before it and its own (`catalog_sizes`)."""
+    n_variants = 1 if popularity_weights is None else len(popularity_weights)
+    ranks: list[list[np.ndarray]] = [[] for _ in range(n_variants)]
+    hits: list[list[np.ndarray]] = [[] for _ in range(n_variants)]
     generator: torch.Generator | None = None
+    progress = ProgressLog("eval_progress", total_events=len(events), model=model.name)
     for batch in iter_batches(events, eval_cfg.batch_size):
-        catalog.add(batch.item)
-        scores = model.score_batch(batch, catalog)  # (B, C)
-        target = torch.from_numpy(catalog.index(batch.item)).to(scores.device)  # (B,)
+        progress.update(len(batch))
+        sizes = catalog_sizes(catalog, batch.item)
+        variants = _score_variants(model, batch, catalog, popularity_weights)
+        first = next(variants)
+        device = first.device
+        target = torch.from_numpy(catalog.index(batch.item)).to(device)  # (B,)
+        sizes_t = torch.from_numpy(sizes).to(device)
         if generator is None:
-            generator = torch.Generator(device=scores.device).manual_seed(eval_cfg.seed)
-        ranks.append(normalized_rank(scores, target).cpu().numpy())
-        hits.append(sampled_hit_rate(scores, target, eval_cfg.num_negatives, eval_cfg.hr_k, generator).cpu().numpy())
-    if not ranks:
-        return np.zeros(0), np.zeros(0, dtype=bool)
-    return np.concatenate(ranks).astype(np.float64), np.concatenate(hits)
+            generator = torch.Generator(device=device).manual_seed(eval_cfg.seed)
+        negatives = sample_negatives(target, first.shape[1], eval_cfg.num_negatives, generator, sizes_t)
+        for n, scores in enumerate(itertools.chain([first], variants)):
+            ranks[n].append(normalized_rank(scores, target, sizes_t).cpu().numpy())
+            hits[n].append(hit_rate_against(scores, target, negatives, eval_cfg.hr_k).cpu().numpy())
+    progress.finish()
+    if not ranks[0]:
+        return [np.zeros(0)] * n_variants, [np.zeros(0, dtype=bool)] * n_variants
+    return ([np.concatenate(r).astype(np.float64) for r in ranks], [np.concatenate(h) for h in hits])
+
+
+def _score_variants(model: OnlineModel, batch: EventBatch, catalog: ItemCatalog,
+                    popularity_weights: Sequence[float] | None) -> Iterator[torch.Tensor]:
+    """(B, C) scores of the batch, one per popularity weight (lazily: one (B, C) matrix at a time)."""
+    if popularity_weights is None:
+        yield model.score_batch(batch, catalog)
+        return
+    similarity, prior = model.score_parts(batch, catalog)  # type: ignore[attr-defined]
+    for weight in popularity_weights:
+        yield similarity if weight == 0 else similarity + weight * prior
+
+
+def catalog_sizes(catalog: ItemCatalog, items: np.ndarray) -> np.ndarray:
+    """Add the batch's items to the catalog; (B,) catalog size each event is ranked in: the items
+    met before the event plus the event's own item (an item first met later in the batch does not
+    exist yet for an earlier event)."""
+    before = len(catalog)
+    catalog.add(items)
+    index = catalog.index(items)
+    return np.maximum.accumulate(np.maximum(index + 1, before)).astype(np.int64)
 
 
 def item_prior_interactions(history: list[pa.Table], events: pa.Table) -> np.ndarray:
@@ -155,22 +226,34 @@ def item_prior_interactions(history: list[pa.Table], events: pa.Table) -> np.nda
     return prior_base[inverse] + occurrence
 
 
+def event_partitions(train: pa.Table, events: pa.Table, history: list[pa.Table]) -> np.ndarray:
+    """Cold-start partition of each event relative to the training events (`label_partitions`),
+    except that an item's very first interaction (none in `history` nor earlier in `events`) is
+    "first_item": no model can serve an item before it exists."""
+    labels = label_partitions(train, events).astype(object)
+    labels[item_prior_interactions(history, events) == 0] = "first_item"
+    return labels
+
+
 def summarize(model: str, served: frozenset[str], events: pa.Table, hr_k: int, num_negatives: int,
-              seconds: float = 0.0) -> dict[str, Any]:
+              seconds: float = 0.0, protocol: str = "serve") -> dict[str, Any]:
     """Means and shares per partition and in total (over served partitions only)."""
     partition = np.asarray(events.column("partition").to_pylist(), dtype=object)
     rank = events.column("rank").to_numpy()
     hit = events.column("hit").to_numpy(zero_copy_only=False).astype(bool)
     n = len(partition)
     parts = {}
-    for name in PARTITIONS:
+    for name in EVAL_PARTITIONS:
         mask = partition == name
         parts[name] = _cell(mask, rank, hit, n, name in served)
-    served_mask = np.isin(partition, sorted(served))
+    # serve cannot rank an item before it exists: its first interaction is reported, not totalled
+    in_total = served - ({"first_item"} if protocol == "serve" else set())
+    served_mask = np.isin(partition, sorted(in_total))
     prior = events.column("item_prior_interactions").to_numpy()
-    return {"model": model, "hr_k": hr_k, "num_negatives": num_negatives, "n_events": n,
+    figure_mask = np.isin(partition, sorted(served))
+    return {"model": model, "protocol": protocol, "hr_k": hr_k, "num_negatives": num_negatives, "n_events": n,
             "served": sorted(served), "partitions": parts, "total": _cell(served_mask, rank, hit, n, True),
-            "rank_by_prior": log_binned_means(prior[served_mask], rank[served_mask]),
+            "rank_by_prior": log_binned_means(prior[figure_mask], rank[figure_mask]),
             "seconds": round(seconds, 3)}
 
 

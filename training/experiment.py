@@ -9,7 +9,7 @@ Rows (keys as given to `--models`):
   (LayerNorm in the MLPs), `nomlp`, `sharemlp`, `notype` (ModelConfig/EncoderConfig switches).
 
 FELRec presets (`ExperimentConfig.felrec_preset`): "paper" = the paper's setup (MLP heads, queue
-8192, T 0.07) scaled by `size`; "stable" = the recipe of `config.PRESETS` (per-kind BatchNorm of
+8192, T 0.07) scaled by `size`; "serve" = the recipe of `config.PRESETS` (per-kind BatchNorm of
 the encoder outputs, no MLP heads, T 0.5, queue 256, no warm-up, batch 256; at size small the
 "small" preset's d_model 32 / 1 layer / 2 heads / d_ff 64 / 5 epochs). Ablation rows apply their
 switch on top; without MLP heads `ln`, `sharemlp` and `nomlp` switch nothing, so those rows reuse
@@ -50,9 +50,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from felrec_stream.config import (CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, TrainingConfig,
-                                  preset_sections, replace, to_dict)
-from felrec_stream.data.split import PARTITIONS, Split, chronological_split
+from felrec_stream.config import (CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, ScoringConfig,
+                                  TrainingConfig, preset_sections, replace, to_dict)
+from felrec_stream.data.split import Split, chronological_split
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ConfigError, FelrecError
 from felrec_stream.log import get_logger
@@ -61,22 +61,25 @@ from felrec_stream.model.ranking import NaNScoresError
 from felrec_stream.state.checkpoint import load_checkpoint
 from training.baselines import build_baseline, fit, make_config
 from training.baselines.configs import config_to_dict
-from training.evaluate import EvalResult, evaluate
+from training.evaluate import EvalResult, evaluate, warmup_events
 from training.felrec_online import PopularityOnline, build_felrec
-from training.report import plot_rank_vs_prior
-from training.train import train
+from training.protocol import EVAL_PARTITIONS
+from training.report import DASH, PARTITION_TITLES, plot_rank_vs_prior
+from training.train import choose_popularity_halflife, train
 
 log = get_logger(__name__)
 
 BASELINE_ROWS = {"bpr-mf": "BPR-MF", "gru4rec": "GRU4Rec", "gru4rec-bptt": "GRU4Rec-BPTT", "sasrec": "SASRec",
-                 "jodie": "JODIE*", "popularity": "Popularity"}
-FELREC_EXTRAS = {"reset": "reset", "zero": "zero", "nn": "NN", "ln": "LN", "nomlp": "noMLP",
-                 "sharemlp": "shareMLP", "notype": "noType"}
+                 "jodie": "JODIE*", "popularity": "Popularity", "popularity-recent": "Popularity (recent)"}
+POPULARITY_ROWS = ("popularity", "popularity-recent")
+FELREC_EXTRAS = {"reset": "-reset", "zero": "-zero", "nn": "-NN", "ln": "-LN", "nomlp": "-noMLP",
+                 "sharemlp": "-shareMLP", "notype": "-noType", "paper": " (paper protocol)"}
+REUSES_BASE = ("reset", "nn", "paper")  # rows evaluated differently from the base row's checkpoint
 ABLATIONS = ("ln", "nomlp", "sharemlp", "notype")
 MLP_ABLATIONS = ("ln", "sharemlp", "nomlp")  # switches of the MLP heads: no-ops when the base has none
-FELREC_PRESETS = ("paper", "stable")
-# config.PRESETS entry holding the stable recipe at each experiment size ("small" = stable, CPU-sized)
-STABLE_PRESET_OF_SIZE = {"paper": "stable", "small": "small", "tiny": "stable"}
+FELREC_PRESETS = ("paper", "serve")
+# config.PRESETS entry holding the serve recipe at each experiment size ("small" = serve, CPU-sized)
+SERVE_PRESET_OF_SIZE = {"paper": "serve", "small": "small", "tiny": "serve"}
 DEFAULT_MODELS = ("felrec-q", "felrec-p", "sasrec", "gru4rec", "gru4rec-bptt", "bpr-mf", "jodie", "popularity")
 FIGURE_ROWS = ("felrec-q", "felrec-p", "sasrec")  # Figure 2 overlays FELRec and SASRec
 
@@ -94,12 +97,12 @@ class RowSpec:
     @property
     def train_key(self) -> str:
         """Checkpoint folder: -reset and -nn reuse the plain FELRec training."""
-        return f"felrec-{self.variant}" if self.extra in (None, "reset", "nn") else self.key
+        return f"felrec-{self.variant}" if self.extra in (None, *REUSES_BASE) else self.key
 
 
 def parse_row(key: str) -> RowSpec:
     key = key.strip().lower()
-    if key == "popularity":
+    if key in POPULARITY_ROWS:
         return RowSpec(key, BASELINE_ROWS[key], "popularity")
     if key in BASELINE_ROWS:
         return RowSpec(key, BASELINE_ROWS[key], "baseline")
@@ -107,7 +110,7 @@ def parse_row(key: str) -> RowSpec:
     if parts[0] == "felrec" and len(parts) in (2, 3) and parts[1] in ("q", "p"):
         extra = parts[2] if len(parts) == 3 else None
         if extra is None or extra in FELREC_EXTRAS:
-            display = f"FELRec-{parts[1].upper()}" + (f"-{FELREC_EXTRAS[extra]}" if extra else "")
+            display = f"FELRec-{parts[1].upper()}" + (FELREC_EXTRAS[extra] if extra else "")
             return RowSpec(key, display, "felrec", parts[1], extra)
     known = list(BASELINE_ROWS) + ["felrec-q", "felrec-p"] + [f"felrec-q-{e}" for e in FELREC_EXTRAS]
     raise ConfigError(f"unknown model {key!r}; known: {', '.join(known)} (and felrec-p-<extra>)")
@@ -132,13 +135,14 @@ class FELRecSetup:
     model: ModelConfig
     training: TrainingConfig
     cache: CacheConfig
+    scoring: ScoringConfig = ScoringConfig()
 
 
 def felrec_setup(size: str, variant: str, extra: str | None, seed: int, preset: str = "paper") -> FELRecSetup:
     """FELRec configs of a size and FELRec preset, with the row's ablation switch applied on top."""
     if preset not in FELREC_PRESETS:
         raise ConfigError(f"unknown FELRec preset {preset!r}; known: {', '.join(FELREC_PRESETS)}")
-    setup = _stable_setup(size, variant, seed) if preset == "stable" else _paper_setup(size, variant, seed)
+    setup = _serve_setup(size, variant, seed) if preset == "serve" else _paper_setup(size, variant, seed)
     switches = {"ln": {"norm": "layer"}, "nomlp": {"use_mlp": False}, "sharemlp": {"share_mlp": True}}
     if extra in switches:
         setup = replace(setup, model=replace(setup.model, **switches[extra]))
@@ -152,17 +156,18 @@ def ablation_is_noop(base: FELRecSetup, extra: str | None) -> bool:
     return extra in MLP_ABLATIONS and not base.model.use_mlp
 
 
-def _stable_setup(size: str, variant: str, seed: int) -> FELRecSetup:
-    """config.PRESETS' stable recipe over the typed defaults (tiny: over the tiny sizes)."""
-    if size not in STABLE_PRESET_OF_SIZE:
+def _serve_setup(size: str, variant: str, seed: int) -> FELRecSetup:
+    """config.PRESETS' serve recipe over the typed defaults (tiny: over the tiny sizes)."""
+    if size not in SERVE_PRESET_OF_SIZE:
         raise ConfigError(f"unknown size {size!r}; known: small, paper, tiny")
     base = (_paper_setup("tiny", variant, seed) if size == "tiny" else
             FELRecSetup(EncoderConfig(), ModelConfig(variant=variant), TrainingConfig(seed=seed), CacheConfig()))
-    sections = preset_sections(STABLE_PRESET_OF_SIZE[size])
+    sections = preset_sections(SERVE_PRESET_OF_SIZE[size])
     return FELRecSetup(replace(base.encoder, **sections.get("encoder", {})),
                        replace(base.model, **sections.get("model", {})),
                        replace(base.training, **sections.get("training", {})),
-                       replace(base.cache, **sections.get("cache", {})))
+                       replace(base.cache, **sections.get("cache", {})),
+                       replace(base.scoring, **sections.get("scoring", {})))
 
 
 def _paper_setup(size: str, variant: str, seed: int) -> FELRecSetup:
@@ -192,7 +197,7 @@ class ExperimentConfig:
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     zero_shot_dataset: str | None = None  # label of the dataset the -zero rows were trained on
-    felrec_preset: Literal["paper", "stable"] = "paper"  # FELRec rows' recipe (baselines do not depend on it)
+    felrec_preset: Literal["paper", "serve"] = "paper"  # FELRec rows' recipe (baselines do not depend on it)
 
     def __post_init__(self) -> None:
         if self.felrec_preset not in FELREC_PRESETS:
@@ -205,7 +210,7 @@ class ExperimentConfig:
         return f"{spec.key}@{self.felrec_preset}"
 
     def output_name(self, stem: str, suffix: str) -> str:
-        """table.md / figure2.png (paper) or table-stable.md / figure2-stable.png."""
+        """table.md / figure2.png (paper) or table-serve.md / figure2-serve.png."""
         return f"{stem}{suffix}" if self.felrec_preset == "paper" else f"{stem}-{self.felrec_preset}{suffix}"
 
 
@@ -259,8 +264,12 @@ def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Spli
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if spec.family == "popularity":
-        result = evaluate(PopularityOnline([split.train]), split.test, split.train, cfg.eval, warmup=split.val)
-        info: dict[str, Any] = {"params": 0, "params_grow": False, "train": {}, "config": {}}
+        # recent popularity counts with the half-life the serve preset's FELRec chooses on validation
+        recent = spec.key == "popularity-recent"
+        halflife = choose_popularity_halflife(split.train, split.val, cfg.eval) if recent else 0.0
+        popularity = PopularityOnline([split.train], halflife)
+        result = evaluate(popularity, split.test, split.train, cfg.eval, warmup=split.val)
+        info: dict[str, Any] = {"params": 0, "params_grow": False, "train": {}, "config": {"halflife": halflife}}
     elif spec.family == "baseline":
         result, info = _run_baseline(spec, cfg, split)
     else:
@@ -324,20 +333,25 @@ def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: S
         spec_trained = parse_row(spec.train_key)
     train_events = zero_shot_events if spec.extra == "zero" else events
     ckpt_dir = out / "checkpoints" / cfg.result_key(spec_trained)
-    configs = Configs(setup.encoder, setup.model, setup.training, cfg.eval, setup.cache)
+    configs = Configs(setup.encoder, setup.model, setup.training, cfg.eval, setup.cache, setup.scoring)
     trained = train(train_events, configs, ckpt_dir, resume=(ckpt_dir / "last.pt").is_file())
     checkpoint = load_checkpoint(trained.best_checkpoint or trained.last_checkpoint)
     mode = {"reset": "reset", "zero": "zero-shot"}.get(spec.extra or "", "keep")
+    protocol = "paper" if spec.extra == "paper" else cfg.eval.protocol
+    if protocol == "paper":  # the reference's protocol and score: no popularity prior
+        checkpoint = replace(checkpoint, configs=replace(checkpoint.configs, scoring=ScoringConfig()))
     online = build_felrec(checkpoint, mode, resolve_device(setup.training.device),
-                          nn_neighbors=cfg.eval.nn_neighbors if spec.extra == "nn" else None)
-    result = evaluate(online, split.test, split.train, cfg.eval, warmup=split.val)
+                          nn_neighbors=cfg.eval.nn_neighbors if spec.extra == "nn" else None, protocol=protocol)
+    result = evaluate(online, split.test, split.train, replace(cfg.eval, protocol=protocol),
+                      warmup=warmup_events(split, mode))
     train_info = {"best_epoch": trained.best_epoch, "best_val_rank": trained.best_val_rank,
                   "history": trained.history, "checkpoint": str(ckpt_dir),
                   "trained_on": cfg.zero_shot_dataset if spec.extra == "zero" else cfg.dataset, "mode": mode}
     if noop:
         train_info["same_model_as"] = spec_trained.key
     config = {"encoder": to_dict(setup.encoder), "model": to_dict(setup.model),
-              "training": to_dict(setup.training), "cache": to_dict(setup.cache)}
+              "training": to_dict(setup.training), "cache": to_dict(setup.cache),
+              "scoring": to_dict(checkpoint.configs.scoring), "protocol": protocol}
     return result, {"params": count_parameters(online.model), "params_grow": False, "train": train_info,
                     "config": config}
 
@@ -354,8 +368,6 @@ def _write_atomic(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Rendering (Tables 1-3 layout, Figure 2)
 
-DASH = "–"
-PARTITION_TITLES = {"observed": "observed", "new_user": "new users", "new_item": "new items"}
 
 
 def format_params(n: int, grows: bool) -> str:
@@ -377,11 +389,11 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str, notes: Sequence
     first = done[0]["summary"]
     k = first["hr_k"]
     header = ["model", "params"]
-    for name in PARTITIONS:
+    for name in EVAL_PARTITIONS:
         share = first["partitions"][name]["share"]
         header += [f"{PARTITION_TITLES[name]} ({share:.1%}) rank ↓", f"HR@{k} ↑"]
     header += ["total rank ↓", f"HR@{k} ↑"]
-    lines = [f"**{dataset}** — {first['n_events']} test events", "",
+    lines = [f"**{dataset}** — {first['n_events']} test events, protocol {first.get('protocol', 'serve')}", "",
              "| " + " | ".join(header) + " |", "| --- | ---: |" + " ---: |" * (len(header) - 2)]
     failures = []
     for row in rows:
@@ -390,8 +402,9 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str, notes: Sequence
             lines.append("| " + " | ".join([f"{row['model']} (failed)"] + [DASH] * (len(header) - 1)) + " |")
         else:
             lines.append("| " + " | ".join(_row_cells(row)) + " |")
-    lines += ["", f"Normalized rank over all catalog items (0 best, 0.5 random); HR@{k} against "
+    lines += ["", f"Normalized rank over the items met before each event (0 best, 0.5 random); HR@{k} against "
                   f"{first['num_negatives']} sampled negatives. {DASH}: partition the model cannot serve. "
+                  f"{PROTOCOL_NOTE} "
                   "Params: trainable parameters; \"+\" = grows with the number of users/items. "
                   "†: total over the served partitions only (not comparable with full totals)."]
     for note in notes:
@@ -400,11 +413,18 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str, notes: Sequence
     return "\n".join(lines) + "\n"
 
 
+PROTOCOL_NOTE = ("Protocol serve: each event is scored with what the model served just before it, then applied; "
+                 "an item's first interaction cannot be served (the item does not exist yet): its own column "
+                 "shows the rank of the item's no-history representation and it is not in the total. Rows "
+                 "marked \"paper protocol\" encode and write the event's user and item first, then score "
+                 "(the reference's protocol; all of their events are in their total).")
+
+
 def _row_cells(row: dict[str, Any]) -> list[str]:
     summary = row["summary"]
     cells = [row["model"], format_params(int(row["params"]), bool(row["params_grow"]))]
     present = {name for name, part in summary["partitions"].items() if part["count"] > 0}
-    for name in PARTITIONS:
+    for name in EVAL_PARTITIONS:
         part = summary["partitions"][name]
         cells += [_fmt(part["rank"]), _fmt(part["hit_rate"])]
     partial = not present <= set(summary["served"])
@@ -419,13 +439,18 @@ def felrec_notes(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> list[
         return []
     base = felrec_setup(cfg.size, "q", None, cfg.seed, cfg.felrec_preset)
     e, m, t = base.encoder, base.model, base.training
-    notes = [f"FELRec rows: preset \"{cfg.felrec_preset}\", not the paper's setup — encoder outputs standardised "
-             f"per kind (encoder.output_norm={e.output_norm}), "
+    c, sc = base.cache, base.scoring
+    notes = [f"FELRec rows: preset \"{cfg.felrec_preset}\", not the paper's setup — cache holds "
+             f"{m.cache_update.replace('_', '-')} encodings, encoder outputs standardised per kind "
+             f"(encoder.output_norm={e.output_norm}), positions {e.positions}, "
+             f"{'pre' if e.norm_first else 'post'}-norm {e.activation}, empty history input {e.empty_history}, "
              f"{'MLP heads' if m.use_mlp else 'no MLP heads (losses on the encoder outputs)'}, "
-             f"T {m.temperature:g}, queue {m.queue_size}, warm-up {t.warmup_epochs} epochs, batch {t.batch_size}, "
-             f"lr {t.lr:g}, {t.epochs} epochs; d_model {e.d_model}, {e.n_layers} layer(s), {e.n_heads} heads, "
-             f"d_ff {e.d_ff}, history {base.cache.history_len}. Baselines and the evaluation protocol are the "
-             "same as with the paper preset."]
+             f"T {m.temperature:g}, queue {m.queue_size}, {t.optimizer} lr {t.lr:g}, warm-up {t.warmup_epochs} "
+             f"epochs, batch {t.batch_size}, {t.epochs} epochs; d_model {e.d_model}, {e.n_layers} layer(s), "
+             f"{e.n_heads} heads, d_ff {e.d_ff}, history {c.history_len}; score = cosine + w log(1 + popularity), "
+             f"popularity half-life {c.popularity_halflife:g} events, w "
+             f"{'chosen on the validation split' if sc.calibrate_popularity else f'{sc.popularity_weight:g}'}. "
+             "Baselines and the evaluation protocol are the same as with the paper preset."]
     noop = [r["model"] for r in rows if (spec := _felrec_spec(r["key"])) and ablation_is_noop(base, spec.extra)]
     if noop:
         notes.append(f"{', '.join(noop)}: -LN (LayerNorm in the MLP heads), -shareMLP (heads shared by users and "

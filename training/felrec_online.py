@@ -1,13 +1,23 @@
 """OnlineModel adapters for the evaluator: FELRec (own vector or nearest neighbours) and popularity.
 
-FELRec scores a batch the way the streaming worker serves it: `engine.infer_batch` encodes every
-event's user u and item x from their cached histories (which never contain the event itself) and
-writes them back; u is then compared by cosine with the cached vectors of every catalog item.
-Evaluation modes (`config.EVAL_MODES`):
+FELRec under eval protocol "serve" (the default, what a deployed system can do): event i of a batch
+is scored with the user's vector as the store served it just before the event, against every item
+vector as the store served it just before the event (vectors written by earlier events of the same
+batch included, later ones never), then the batch is applied. An item's very first interaction
+has no served vector: its column holds the item's no-history encoding (the evaluator reports these
+events apart). A user without history is scored with its no-history encoding.
 
-- "keep": continue from the cache the model had at the end of training (store from the checkpoint);
-- "reset": same weights, empty cache (every entity starts cold);
-- "zero-shot": weights trained on *another* dataset, empty cache (same mechanics as reset).
+Under "paper" (the reference's protocol, for comparison): the event's user u and item x are encoded
+from their histories and written first, then u is scored against the items as they are after the
+event (but never vectors of later events of the batch).
+
+Scores are cosine (or the nearest-neighbour mean, `nn_neighbors`) plus the popularity prior of
+`ScoringConfig` (popularity before the event, earlier events of the batch included).
+
+Evaluation modes: "keep" continues from the cache the model had at the end of training (the store
+in the checkpoint); "reset" (same weights) and "zero-shot" (weights trained on another dataset)
+start from an empty cache: the evaluator then replays the training and validation events unscored
+before the test events, as the reference does.
 """
 
 from __future__ import annotations
@@ -16,48 +26,121 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
+import torch.nn.functional as F
 
-from felrec_stream.config import EVAL_MODES, CacheConfig
+from felrec_stream.config import EVAL_MODES, CacheConfig, ScoringConfig
 from felrec_stream.errors import ModelError
 from felrec_stream.model.felrec import FELRec
-from felrec_stream.model.ranking import cosine_scores, nearest_neighbour_scores
+from felrec_stream.model.ranking import nearest_neighbour_queries
 from felrec_stream.state.checkpoint import Checkpoint
-from felrec_stream.state.engine import infer_batch
+from felrec_stream.state.engine import (BatchInputs, commit_batch, encode, encode_after, infer_batch, prepare_batch,
+                                        previous_same, visible_updates, written_vectors)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch
-from training.protocol import PARTITIONS, ItemCatalog
+from training.protocol import EVAL_PARTITIONS, ItemCatalog
+
+DEFAULT_SCORING = ScoringConfig()
 
 
 class FELRecOnline:
     """FELRec as an OnlineModel: serves every partition (no embedding layer, no cold-start gap)."""
 
-    partitions = frozenset(PARTITIONS)
+    partitions = frozenset(EVAL_PARTITIONS)
 
     def __init__(self, model: FELRec, store: RepresentationStore, cache_cfg: CacheConfig,
-                 nn_neighbors: int | None = None, name: str | None = None) -> None:
+                 nn_neighbors: int | None = None, name: str | None = None, protocol: str = "serve",
+                 scoring: ScoringConfig = DEFAULT_SCORING) -> None:
         self.model, self.store, self.cache_cfg = model, store, cache_cfg
-        self.nn_neighbors = nn_neighbors
+        self.nn_neighbors, self.protocol, self.scoring = nn_neighbors, protocol, scoring
+        self.mode = "keep"  # set by build_felrec: which events the evaluator replays first
         variant = f"FELRec-{model.config.variant.upper()}"
         self.name = name or (f"{variant}-NN" if nn_neighbors else variant)
         self._catalog: ItemCatalog | None = None
         self._slots = np.empty(0, dtype=np.int64)  # store item slot of each catalog position
 
     def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
+        """(B, C) scores, then the batch is applied to the store."""
+        weight = self.scoring.popularity_weight
+        similarity, prior = self.score_parts(batch, catalog, with_prior=weight != 0)
+        return similarity if prior is None else similarity.add_(prior, alpha=weight)
+
+    @torch.no_grad()
+    def observe(self, batch: EventBatch) -> None:
+        """Apply a batch without scoring it (warm-up replays)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            inputs, u, _ = infer_batch(self.model, self.store, batch, self.cache_cfg)
+            infer_batch(self.model, self.store, batch, self.cache_cfg)
         finally:
             self.model.train(was_training)
-        slots = torch.from_numpy(self._catalog_slots(catalog))
-        items = self.store.items.vectors.get(slots).to(u.device)  # (C, D), zero for unknown items
+
+    @torch.no_grad()
+    def score_parts(self, batch: EventBatch, catalog: ItemCatalog,
+                    with_prior: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C) similarity and (B, C) log(1 + popularity) of every catalog item before each event
+        (None without `with_prior`); the batch is applied to the store afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._score(batch, catalog, with_prior)
+        finally:
+            self.model.train(was_training)
+
+    def _score(self, batch: EventBatch, catalog: ItemCatalog,
+               with_prior: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        post = self.model.config.cache_update == "post_event"
+        device = next(self.model.parameters()).device
+        inputs = prepare_batch(self.store, batch, device, self.cache_cfg, after=post)
+        u, x = encode(self.model, inputs)  # (B, D) each: histories before each event
+        after = encode_after(self.model, inputs) if post else None
+        W_u, W_x = written_vectors(inputs, u, x, after)  # (B, D) what each event leaves in the store
+        Q = self._queries(self._user_vectors(inputs, u, W_u), inputs)  # (B, D)
+        slots = self._catalog_slots(catalog)
+        items = self.store.items.vectors.get(torch.from_numpy(slots)).to(Q.device)  # (C, D) before the batch
+        similarity = Q @ F.normalize(items, dim=-1).T  # (B, C)
+        col = torch.from_numpy(catalog.index(batch.item)).to(Q.device)  # (B,)
+        i, j = (torch.from_numpy(a).to(Q.device) for a in visible_updates(inputs.item_slots, self.protocol == "paper"))
+        similarity[i, col[j]] = (Q[i] * F.normalize(W_x[j], dim=-1)).sum(-1)  # written earlier in the batch
+        if self.protocol == "serve":  # an item's first interaction: its no-history encoding
+            first = torch.from_numpy(np.flatnonzero(inputs.item_plan.event_length == 0)).to(Q.device)
+            similarity[first, col[first]] = (Q[first] * F.normalize(x[first], dim=-1)).sum(-1)
+        prior = self._prior(inputs, slots, col) if with_prior else None
+        commit_batch(self.store, inputs, u, x, after)
+        return similarity, prior
+
+    def _user_vectors(self, inputs: BatchInputs, u: torch.Tensor, W_u: torch.Tensor) -> torch.Tensor:
+        """paper: the encoding of the history before the event; serve: what the store served (the
+        vector an earlier event of the batch wrote, else the stored one), and the no-history
+        encoding for a user the store has never seen."""
+        if self.protocol == "paper":
+            return u
+        prev = torch.from_numpy(previous_same(inputs.user_slots)).to(u.device)  # (B,) -1 = none
+        known = torch.from_numpy(self.store.users.history.counts[inputs.user_slots] > 0).to(u.device)
+        stored = self.store.users.vectors.get(torch.from_numpy(inputs.user_slots)).to(u.device)  # (B, D)
+        served = torch.where(known.unsqueeze(1), stored, u)
+        return torch.where((prev >= 0).unsqueeze(1), W_u[prev.clamp(min=0)], served)
+
+    def _queries(self, U: torch.Tensor, inputs: BatchInputs) -> torch.Tensor:
+        """(B, D) unit user vectors, or the nearest-neighbour mean (pre-batch users as neighbours)."""
         if not self.nn_neighbors:
-            return cosine_scores(u, items)  # (B, C)
-        users = self.store.users.vectors.all().to(u.device)  # (U, D)
-        return nearest_neighbour_scores(u, users, items, self.nn_neighbors,
-                                        self_index=torch.from_numpy(inputs.user_slots))
+            return F.normalize(U, dim=-1)
+        users = self.store.users.vectors.all().to(U.device)  # (U, D)
+        return nearest_neighbour_queries(U, users, self.nn_neighbors, torch.from_numpy(inputs.user_slots))
+
+    def _prior(self, inputs: BatchInputs, slots: np.ndarray, col: torch.Tensor) -> torch.Tensor:
+        """(B, C) log(1 + popularity) of every catalog item just before each event (exact per event:
+        earlier events of the batch counted, each weighted by the store's decay)."""
+        history, B = self.store.items.history, len(col)
+        present = slots >= 0
+        base = np.zeros(len(slots), dtype=np.float32)
+        base[present] = history.popularity(slots[present])  # before the batch
+        steps = np.arange(B)
+        decay = torch.from_numpy(history.decay(steps).astype(np.float32))  # (B,)
+        counts = torch.outer(decay, torch.from_numpy(base)).to(col.device)  # (B, C)
+        earlier = np.tril(history.decay(steps[:, None] - steps[None, :]), k=-1).astype(np.float32)  # (B, B): j < i
+        counts.index_add_(1, col, torch.from_numpy(earlier).to(col.device))
+        return counts.log1p_()
 
     def _catalog_slots(self, catalog: ItemCatalog) -> np.ndarray:
         """(C,) store slots of the catalog items, extended incrementally as the catalog grows."""
@@ -74,46 +157,63 @@ class FELRecOnline:
 
 
 class PopularityOnline:
-    """Scores = interaction counts so far; the batch is counted only *after* it was scored."""
+    """Scores = interaction counts before each event (earlier events of the batch included).
 
-    name = "Popularity"
-    partitions = frozenset(PARTITIONS)
+    With `halflife` (events; 0 = plain counts, the paper's baseline) each interaction is weighted
+    0.5 ** (events since it / halflife): recent popularity, the same prior FELRec's score adds."""
 
-    def __init__(self, history: Iterable[pa.Table] = ()) -> None:
-        self._base: dict[str, int] = {}
-        for table in history:
-            counts = pc.value_counts(table.column("item"))
-            for item, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
-                self._base[item] = self._base.get(item, 0) + n
+    partitions = frozenset(EVAL_PARTITIONS)
+
+    def __init__(self, history: Iterable[pa.Table] = (), halflife: float = 0.0) -> None:
+        self.halflife = halflife
+        self.name = "Popularity" if not halflife else f"Popularity (half-life {halflife:g} events)"
+        items = [item for table in history for item in table.column("item").to_pylist()]
+        weights = self._decay(np.arange(len(items), 0, -1))  # the last history event is 1 event ago
+        self._base: dict[str, float] = {}
+        for item, weight in zip(items, weights):
+            self._base[item] = self._base.get(item, 0.0) + float(weight)
         self._catalog: ItemCatalog | None = None
-        self._counts = np.zeros(0, dtype=np.float32)  # per catalog position
+        self._counts = np.zeros(0, dtype=np.float64)  # per catalog position, just before the next event
+
+    def _decay(self, steps: np.ndarray) -> np.ndarray:
+        steps = np.asarray(steps, dtype=np.float64)
+        return 0.5 ** (steps / self.halflife) if self.halflife else np.ones_like(steps)
 
     def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         if catalog is not self._catalog:
-            self._catalog, self._counts = catalog, np.zeros(0, dtype=np.float32)
+            self._catalog, self._counts = catalog, np.zeros(0, dtype=np.float64)
         known = len(self._counts)
         if len(catalog) > known:
-            new = np.fromiter((self._base.get(i, 0) for i in catalog.ids[known:]), dtype=np.float32)
+            new = np.fromiter((self._base.get(i, 0.0) for i in catalog.ids[known:]), dtype=np.float64)
             self._counts = np.concatenate([self._counts, new])
-        scores = torch.from_numpy(self._counts.copy()).expand(len(batch), -1)  # (B, C)
-        np.add.at(self._counts, catalog.index(batch.item), 1.0)
+        B, col = len(batch), catalog.index(batch.item)
+        steps = np.arange(B)
+        decay = torch.from_numpy(self._decay(steps).astype(np.float32))  # (B,)
+        scores = torch.outer(decay, torch.from_numpy(self._counts.astype(np.float32)))  # (B, C) older events
+        earlier = np.tril(self._decay(steps[:, None] - steps[None, :]), k=-1).astype(np.float32)  # (i, j): j < i
+        scores.index_add_(1, torch.from_numpy(col), torch.from_numpy(earlier))
+        self._counts *= self._decay(np.asarray(B))
+        np.add.at(self._counts, col, self._decay(B - steps))
         return scores
 
 
 def build_felrec(checkpoint: Checkpoint, mode: str = "keep", device: torch.device | str = "cpu",
-                 nn_neighbors: int | None = None) -> FELRecOnline:
-    """A FELRecOnline from a checkpoint: weights always; the training cache only in "keep" mode."""
+                 nn_neighbors: int | None = None, protocol: str | None = None) -> FELRecOnline:
+    """A FELRecOnline from a checkpoint: weights and scoring always; the training cache only in
+    "keep" mode. protocol defaults to the checkpoint's eval config."""
     if mode not in EVAL_MODES:
         raise ModelError(f"evaluation mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
     cfg = checkpoint.configs
     model = FELRec(cfg.encoder, cfg.model)
     model.load_state_dict(checkpoint.model_state)
     model.to(device).eval()
-    store = RepresentationStore(cfg.encoder.d_model, cfg.cache.history_len, device=device)
+    store = RepresentationStore.for_cache(cfg.encoder.d_model, cfg.cache, device)
     if mode == "keep":
         if checkpoint.store_state is None:
             raise ModelError("this checkpoint holds no cache: evaluate it with --mode reset or zero-shot")
         store.load_state_dict(checkpoint.store_state)
-    online = FELRecOnline(model, store, cfg.cache, nn_neighbors)
+    online = FELRecOnline(model, store, cfg.cache, nn_neighbors, protocol=protocol or cfg.eval.protocol,
+                          scoring=cfg.scoring)
     online.name = f"{online.name} ({mode})"
+    online.mode = mode
     return online

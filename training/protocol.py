@@ -3,10 +3,16 @@
 The evaluator replays events in time order in micro-batches. For each batch it first adds the
 batch's new items to the `ItemCatalog` (items seen so far, in order of first appearance: catalog
 index = position), then asks the model for scores of every event's user against the whole
-catalog. The model may update its state from the batch *as the paper's protocol does* (FELRec
-encodes u and x from their histories, which never include the event itself, then writes them);
-it must never let an event's own outcome raise that event's true item (e.g. popularity counts
-are taken before the batch is counted).
+catalog, then the model applies the batch to its state.
+
+Row i of the scores must be what the model would have served just before event i (eval protocol
+"serve"): it may depend on every earlier event, including earlier events of the same batch, and
+on nothing from event i or later. Only columns below the row's catalog size count (items met
+before event i, plus event i's own item); for an item's very first interaction the own column
+holds the model's score for an item with no interactions (-inf if it cannot represent one). So
+the scores of the first k events of a batch never change when later events are removed, and
+batching is an implementation detail (tests/training/test_protocol.py checks every model).
+FELRec also implements the reference's "paper" protocol for comparison (training/felrec_online.py).
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from felrec_stream.data.split import PARTITIONS
 from felrec_stream.stream.events import EventBatch
 
-PARTITIONS = ("observed", "new_user", "new_item")
+# The rows of every report: the cold-start partitions of `data.split.label_partitions`, plus an
+# item's very first interaction, which under "serve" nobody can rank (the item does not exist yet).
+EVAL_PARTITIONS = (*PARTITIONS, "first_item")
 
 
 class ItemCatalog:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-PARTITION_TITLES = {"observed": "observed", "new_user": "new users", "new_item": "new items"}
+PARTITION_TITLES = {"observed": "observed", "new_user": "new users", "new_item": "new items",
+                    "first_item": "first interaction of an item"}
 DASH = "–"
 
 
@@ -30,7 +31,8 @@ def table1_markdown(summaries: Sequence[dict[str, Any]], title: str | None = Non
     header = ["model"]
     for _, label in groups + [("total", f"total ({first['n_events']} events)")]:
         header += [f"{label} rank ↓", f"{label} HR@{k} ↑"]
-    lines = [f"**{title}**", ""] if title else []
+    protocol = first.get("protocol", "serve")
+    lines = [f"**{title}** (protocol {protocol})", ""] if title else [f"(protocol {protocol})", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
     for summary in summaries:
         cells = [summary["model"]]
@@ -39,9 +41,10 @@ def table1_markdown(summaries: Sequence[dict[str, Any]], title: str | None = Non
             cells += [_fmt(part["rank"]), _fmt(part["hit_rate"])]
         cells += [_fmt(summary["total"]["rank"]), _fmt(summary["total"]["hit_rate"])]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"Normalized rank over all catalog items (0 best, 0.5 random); HR@{k} against "
+    notes = [f"Normalized rank over the items met before each event (0 best, 0.5 random); HR@{k} against "
              f"{first['num_negatives']} sampled negatives. {DASH}: partition not served by the model; "
-             f"total = served partitions."]
+             f"total = served partitions" + (", without first interactions of items (no model can serve an item "
+                                             "before it exists)." if protocol == "serve" else ".")]
     return "\n".join(lines + [""] + notes) + "\n"
 
 

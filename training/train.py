@@ -22,23 +22,28 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from felrec_stream.config import CacheConfig, Configs
+from felrec_stream.config import CacheConfig, Configs, EvalConfig, ScoringConfig, replace
 from felrec_stream.data.split import chronological_split
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ModelError, TrainingError
 from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.model.losses import representation_spread
+from felrec_stream.progress import ProgressLog
 from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
-from felrec_stream.state.engine import DEFAULT_CACHE, commit_batch, encode, infer_batch, prepare_batch
+from felrec_stream.state.engine import DEFAULT_CACHE, commit_batch, encode, encode_after, infer_batch, prepare_batch
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches
-from training.evaluate import evaluate
-from training.felrec_online import FELRecOnline
+from training.evaluate import EvalResult, evaluate, evaluate_variants
+from training.felrec_online import FELRecOnline, PopularityOnline
 
 log = get_logger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
+# scoring.calibrate_popularity: the popularity half-lives (events; 0 = plain counts) tried on the
+# validation split before training (popularity alone), and the prior's weights tried every epoch.
+POPULARITY_HALFLIVES = (0.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 50000.0)
+POPULARITY_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
 @dataclass
@@ -58,7 +63,7 @@ class _State:
 
     model: FELRec
     store: RepresentationStore
-    optimizer: torch.optim.SGD
+    optimizer: torch.optim.Optimizer
     schedule: CosineWarmupSchedule
     configs: Configs
     epoch: int = 0
@@ -79,6 +84,9 @@ def train(events: pa.Table, configs: Configs, out_dir: str | Path, resume: bool 
     training_cfg = configs.training
     split = chronological_split(events, training_cfg.val_fraction, training_cfg.test_fraction)
     device = resolve_device(training_cfg.device)
+    if configs.scoring.calibrate_popularity:  # deterministic: a resumed run chooses the same
+        configs = replace(configs, cache=replace(configs.cache, popularity_halflife=choose_popularity_halflife(
+            split.train, split.val, configs.eval)))
     state = _new_state(configs, device)
     if resume:
         _resume(state, out / LAST)
@@ -97,9 +105,12 @@ def _new_state(configs: Configs, device: torch.device) -> _State:
     training_cfg = configs.training
     seed_everything(training_cfg.seed)
     model = FELRec(configs.encoder, configs.model).to(device)
-    store = RepresentationStore(configs.encoder.d_model, configs.cache.history_len, device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=training_cfg.lr, momentum=training_cfg.momentum,
-                                weight_decay=training_cfg.weight_decay)
+    store = RepresentationStore.for_cache(configs.encoder.d_model, configs.cache, device)
+    if training_cfg.optimizer == "adam":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=training_cfg.lr, weight_decay=training_cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=training_cfg.lr, momentum=training_cfg.momentum,
+                                    weight_decay=training_cfg.weight_decay)
     schedule = CosineWarmupSchedule(optimizer, training_cfg.lr, training_cfg.min_lr,
                                     training_cfg.warmup_epochs, training_cfg.epochs)
     return _State(model, store, optimizer, schedule, configs)
@@ -117,7 +128,8 @@ def _resume(state: _State, path: Path) -> None:
         state.optimizer.load_state_dict(checkpoint.optimizer_state)
     if checkpoint.schedule_state is not None:
         state.schedule.load_state_dict(checkpoint.schedule_state)
-    state.epoch, state.best_val_rank, state.best_epoch = checkpoint.epoch, checkpoint.best_val_rank, checkpoint.best_epoch
+    state.epoch, state.best_val_rank = checkpoint.epoch, checkpoint.best_val_rank
+    state.best_epoch = checkpoint.best_epoch
     state.spread_history, state.history = list(checkpoint.spread_history), list(checkpoint.history)
     log.info("training_resumed", path=str(path), epoch=state.epoch, best_val_rank=state.best_val_rank)
 
@@ -134,19 +146,20 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     seconds = time.perf_counter() - started
     spread = float(representation_spread(state.store.users.vectors.all()))
     store_state = state.store.state_dict()  # the cache after training, before validation moves it on
-    val = evaluate(FELRecOnline(state.model, state.store, cfgs.cache), val_events, train_events, cfgs.eval)
+    val, scoring = validate(state.model, state.store, cfgs, val_events, train_events)
     val_rank = val.mean_rank
     state.epoch = epoch + 1
     state.spread_history.append(spread)
     record = {"epoch": epoch + 1, "loss": loss, "lr": lr, "val_rank": val_rank,
-              "val_hit_rate": val.summary()["total"]["hit_rate"], "spread": spread,
-              "seconds": round(seconds, 3), "events_per_s": round(len(train_events) / max(seconds, 1e-9), 1)}
+              "val_hit_rate": val.summary()["total"]["hit_rate"], "popularity_weight": scoring.popularity_weight,
+              "spread": spread, "seconds": round(seconds, 3),
+              "events_per_s": round(len(train_events) / max(seconds, 1e-9), 1)}
     state.history.append(record)
     log.info("epoch_done", **record)
     improved = val_rank < state.best_val_rank
     if improved:
         state.best_val_rank, state.best_epoch = val_rank, epoch + 1
-    checkpoint = _checkpoint(state, store_state)
+    checkpoint = _checkpoint(state, store_state, replace(cfgs, scoring=scoring))
     save_checkpoint(checkpoint, out / LAST)
     if improved:
         save_checkpoint(checkpoint, out / BEST)
@@ -160,9 +173,35 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
             f"(id_seed avoids the all-zero start), lower the learning rate, or use the other variant.")
 
 
-def _checkpoint(state: _State, store_state: dict[str, Any]) -> Checkpoint:
+def choose_popularity_halflife(train_events: pa.Table, val_events: pa.Table, eval_cfg: EvalConfig) -> float:
+    """The half-life of POPULARITY_HALFLIVES whose recent popularity alone ranks the validation
+    events best (a property of the stream, chosen before training: the store counts with it)."""
+    ranks = [evaluate(PopularityOnline([train_events], halflife), val_events, train_events, eval_cfg).mean_rank
+             for halflife in POPULARITY_HALFLIVES]
+    best = POPULARITY_HALFLIVES[int(np.argmin(ranks))]
+    log.info("popularity_halflife_chosen", halflife=best,
+             ranks={f"{h:g}": round(r, 4) for h, r in zip(POPULARITY_HALFLIVES, ranks)})
+    return best
+
+
+def validate(model: FELRec, store: RepresentationStore, cfgs: Configs, val_events: pa.Table,
+             train_events: pa.Table) -> tuple[EvalResult, ScoringConfig]:
+    """Replay the validation events from the epoch's cache (under the eval protocol); with
+    `scoring.calibrate_popularity` every weight of POPULARITY_WEIGHTS is scored in the same replay
+    and the best (lowest validation rank) is kept. Returns the result and the scoring used."""
+    online = FELRecOnline(model, store, cfgs.cache, protocol=cfgs.eval.protocol, scoring=cfgs.scoring)
+    if not cfgs.scoring.calibrate_popularity:
+        return evaluate(online, val_events, train_events, cfgs.eval), cfgs.scoring
+    results = evaluate_variants(online, val_events, train_events, cfgs.eval, popularity_weights=POPULARITY_WEIGHTS)
+    best = int(np.argmin([r.mean_rank for r in results]))
+    log.info("popularity_weight_calibrated", weight=POPULARITY_WEIGHTS[best],
+             ranks={f"{w:g}": round(r.mean_rank, 4) for w, r in zip(POPULARITY_WEIGHTS, results)})
+    return results[best], replace(cfgs.scoring, popularity_weight=POPULARITY_WEIGHTS[best])
+
+
+def _checkpoint(state: _State, store_state: dict[str, Any], configs: Configs) -> Checkpoint:
     return Checkpoint(
-        model_state=state.model.state_dict(), configs=state.configs, epoch=state.epoch,
+        model_state=state.model.state_dict(), configs=configs, epoch=state.epoch,
         best_val_rank=state.best_val_rank, best_epoch=state.best_epoch,
         optimizer_state=state.optimizer.state_dict(), schedule_state=state.schedule.state_dict(),
         spread_history=list(state.spread_history), history=list(state.history), store_state=store_state)
@@ -184,6 +223,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     store.reset()
     model.train()
     losses = []
+    progress = ProgressLog("train_progress", total_events=len(events), epoch=desc)  # logs outside a TTY too
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for batch in iter_batches(events, batch_size):
             loss = train_step(model, store, optimizer, batch, cache, timer)
@@ -191,19 +231,25 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(len(batch))
+            progress.update(len(batch), loss)
+    progress.finish()
     return float(np.mean(losses)) if losses else float("nan")
 
 
 def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, batch: EventBatch,
                cache: CacheConfig = DEFAULT_CACHE, timer: dict[str, float] | None = None) -> float | None:
     """prepare -> encode -> loss -> SGD step -> commit. A batch of one event (BatchNorm needs two)
-    only updates the cache. Returns the loss, or None for such a batch."""
+    only updates the cache. Returns the loss, or None for such a batch.
+
+    With cache_update="post_event" the loss is the paper's (histories before the event) and the
+    cache receives the encodings of the histories after the batch (no gradient)."""
     if len(batch) < 2:
         infer_batch(model, store, batch, cache)
         return None
     device = next(model.parameters()).device
+    post = model.config.cache_update == "post_event"
     t0 = time.perf_counter()
-    inputs = prepare_batch(store, batch, device, cache)
+    inputs = prepare_batch(store, batch, device, cache, after=post)
     t1 = time.perf_counter()
     u, x = encode(model, inputs)  # (B, D), (B, D)
     loss = model.loss(u, x)
@@ -212,7 +258,12 @@ def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim
     optimizer.step()
     value = float(loss.detach())  # syncs the device, so the timings below are honest
     t2 = time.perf_counter()
-    commit_batch(store, inputs, u, x)
+    if post:
+        with torch.no_grad():
+            after = encode_after(model, inputs)
+        commit_batch(store, inputs, u, x, after)
+    else:
+        commit_batch(store, inputs, u, x)
     if timer is not None:
         t3 = time.perf_counter()
         for key, seconds in (("prep", t1 - t0), ("fwd_bwd", t2 - t1), ("write", t3 - t2)):

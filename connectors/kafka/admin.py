@@ -190,7 +190,8 @@ class TopicAdmin:
         deadline = time.monotonic() + self.kafka_config.request_timeout_ms / 1000
         while self.topic_exists(topic):
             if time.monotonic() > deadline:
-                raise KafkaError(f"topic {topic!r} still listed {self.kafka_config.request_timeout_ms} ms after deletion")
+                raise KafkaError(f"topic {topic!r} still listed {self.kafka_config.request_timeout_ms} ms "
+                                 "after deletion")
             time.sleep(0.1)
 
     def recreate_topic(self, topic: str, partitions: int) -> None:

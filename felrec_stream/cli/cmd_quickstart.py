@@ -33,7 +33,7 @@ QUICKSTART_PRESET = "small"
 def quickstart(dataset: str, path: str | None, topic: str, partitions: int, epochs: int | None,
                bootstrap_servers: str | None, out_dir: str) -> None:
     """Broker -> replay -> train from the topic -> online evaluation -> report, in one go."""
-    from connectors.datasets import load_dataset
+    from connectors.datasets import dataset_label, load_dataset
     from connectors.kafka.broker import ensure_broker
     from felrec_stream.config import KafkaConfig, preset_sections
     from felrec_stream.log import get_logger
@@ -48,7 +48,8 @@ def quickstart(dataset: str, path: str | None, topic: str, partitions: int, epoc
     overrides = preset_sections(QUICKSTART_PRESET)
     if epochs is not None:
         overrides["training"]["epochs"] = epochs
-    report = train_and_report(events, overrides, Path(out_dir), title=f"quickstart: {dataset} via topic {topic}")
+    title = f"quickstart: {dataset_label(dataset, path)} via topic {topic}"
+    report = train_and_report(events, overrides, Path(out_dir), title=title)
     click.echo(report)
     click.echo(f"done in {time.perf_counter() - started:.0f} s; outputs in {out_dir}")
 

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from felrec_stream.cli.group import cli, parse_key_values
-from felrec_stream.config import (EVAL_MODES, PRESETS, Configs, ModelConfig, literal_choices, merge_sections,
-                                  preset_sections, read_config_file)
+from felrec_stream.config import (EVAL_MODES, EVAL_PROTOCOLS, PRESET_DESCRIPTIONS, PRESETS, Configs, ModelConfig,
+                                  literal_choices, merge_sections, preset_sections, read_config_file)
 
 DATASET_HELP = ("Dataset name (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest, twitch, csv, parquet, "
                 "synthetic).")
@@ -47,6 +47,13 @@ def _read_topic(topic: str, bootstrap_servers: str | None) -> Any:
         return read_topic_table(kafka, topic)
 
 
+def _label(dataset: str | None, path: str | None) -> str | None:
+    """The dataset's name in reports (the file's name for csv/parquet)."""
+    from connectors.datasets import dataset_label
+
+    return dataset_label(dataset, path) if dataset else None
+
+
 def _dataset_options(func: Any) -> Any:
     func = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                         help="Folder for a Parquet cache of the parsed dataset (default: no cache).")(func)
@@ -68,8 +75,9 @@ def _dataset_options(func: Any) -> Any:
 @click.option("--variant", type=click.Choice(literal_choices(ModelConfig, "variant")), default=None,
               help="FELRec-Q (queue + InfoNCE) or FELRec-P (predictor, BYOL-style). Default: model.variant (q).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Named starting configuration below --config: paper (the typed defaults), stable (output "
-                   "standardisation, no MLP heads; best measured on ML-100K), small (stable at laptop size).")
+              help="Named starting configuration below --config (times for 100k events on 2 CPU cores; "
+                   "a GPU or fewer --epochs take less). "
+                   + " ".join(f"{name}: {text}." for name, text in PRESET_DESCRIPTIONS.items()))
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML/JSON file with encoder/model/training/eval/cache sections; FELREC_<SECTION>__<FIELD> "
                    "environment variables override it, these options override both.")
@@ -101,7 +109,8 @@ def train_command(dataset: str | None, path: str | None, dataset_options: tuple[
                                                     "device": device}}, preset)
     events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
     result = train(events, cfgs, out_dir, resume=resume)
-    summary = {"dataset": dataset, "topic": topic, "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch,
+    summary = {"dataset": _label(dataset, path), "topic": topic, "epochs_completed": result.epochs_completed,
+               "best_epoch": result.best_epoch,
                "best_val_rank": result.best_val_rank, "last_checkpoint": str(result.last_checkpoint),
                "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
                "history": result.history}
@@ -125,19 +134,33 @@ def _load_configs(config_file: str | None, overrides: dict[str, dict[str, Any]],
                    "weights trained on another dataset, empty cache. Default: the checkpoint's eval.mode (keep).")
 @click.option("--nn", "nn", is_flag=True, help="Also report FELRec-NN (scores averaged over the user's "
                                                "eval.nn_neighbors nearest users).")
-@click.option("--baseline", type=click.Choice(["popularity", "none"]), default="popularity", show_default=True,
-              help="Baseline row evaluated on the same events.")
+@click.option("--baseline", type=click.Choice(["popularity", "popularity-recent", "none"]), default="popularity",
+              show_default=True, help="Baseline row evaluated on the same events (popularity-recent: counts "
+                                      "decayed with the checkpoint's cache.popularity_halflife).")
+@click.option("--protocol", type=click.Choice(list(EVAL_PROTOCOLS)), default=None,
+              help="serve: score each event with what was served just before it, then apply it (what a "
+                   "deployed system can do); paper: encode and write the event's user and item first, then "
+                   "score (the reference's protocol, no popularity prior). Default: the checkpoint's eval.protocol.")
+@click.option("--batch-size", "eval_batch_size", type=click.IntRange(min=1), default=None,
+              help="Events per evaluation micro-batch (default: the checkpoint's eval.batch_size). Scores are "
+                   "per event whatever the batch; only the encodings' pre-batch cache reads depend on it.")
+@click.option("--split", "split_name", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="Score the test events (after replaying validation) or the validation events: choose "
+                   "settings on val, report test.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for report.md, <model>.json, <model>.parquet (per event) and rank_vs_prior.png.")
 def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None, dataset_options: tuple[str, ...],
-                     cache_dir: str | None, topic: str | None, bootstrap_servers: str | None, mode: str | None, nn: bool, baseline: str, out_dir: str | None) -> None:
+                     cache_dir: str | None, topic: str | None, bootstrap_servers: str | None, mode: str | None,
+                     nn: bool, baseline: str, protocol: str | None, eval_batch_size: int | None, split_name: str,
+                     out_dir: str | None) -> None:
     """Score the test events online (after replaying the validation events) and print Table 1.
 
     The split is the checkpoint's (training.val_fraction / test_fraction), so keep/reset use the
     same test events as training held out. Partitions: observed, new users, new items (relative
-    to the training events).
+    to the training events) and the first interaction of an item.
     """
-    from felrec_stream.data.split import chronological_split
+    from felrec_stream.config import ScoringConfig, replace
+    from felrec_stream.data.split import Split, chronological_split
     from felrec_stream.device import resolve_device
     from felrec_stream.state.checkpoint import load_checkpoint
     from training.evaluate import evaluate_and_report
@@ -147,17 +170,25 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
     cfgs = checkpoint.configs
     mode = mode or cfgs.eval.mode
     events = load_events(dataset, path, cache_dir, parse_key_values(dataset_options), topic, bootstrap_servers)
-    dataset = dataset or f"topic {topic}"
+    dataset = _label(dataset, path) if dataset else f"topic {topic}"
     split = chronological_split(events, cfgs.training.val_fraction, cfgs.training.test_fraction)
     # a checkpoint trained on a GPU stays usable on a machine without one
     device = resolve_device(cfgs.training.device if cfgs.training.device != "cuda" else "auto")
-    models = [build_felrec(checkpoint, mode, device)]
+    protocol = protocol or cfgs.eval.protocol
+    if protocol == "paper":  # the reference's protocol and score: no popularity prior
+        checkpoint = replace(checkpoint, configs=replace(cfgs, scoring=ScoringConfig()))
+    if split_name == "val":  # score validation: nothing is replayed before it but the training cache
+        split = Split(split.train, split.val.slice(0, 0), split.val)
+    models = [build_felrec(checkpoint, mode, device, protocol=protocol)]
     if nn:
-        models.append(build_felrec(checkpoint, mode, device, nn_neighbors=cfgs.eval.nn_neighbors))
-    if baseline == "popularity":
-        models.append(PopularityOnline([split.train]))
-    report = evaluate_and_report(models, split, cfgs.eval, f"{dataset}: test events {len(split.test)}, mode {mode}",
-                                 out_dir, plot_title=f"{dataset} ({mode})")
+        models.append(build_felrec(checkpoint, mode, device, nn_neighbors=cfgs.eval.nn_neighbors, protocol=protocol))
+    if baseline != "none":
+        halflife = cfgs.cache.popularity_halflife if baseline == "popularity-recent" else 0.0
+        models.append(PopularityOnline([split.train], halflife))
+    title = f"{dataset}: {split_name} events {len(split.test)}, mode {mode}"
+    eval_cfg = replace(cfgs.eval, protocol=protocol, batch_size=eval_batch_size or cfgs.eval.batch_size)
+    report = evaluate_and_report(models, split, eval_cfg, title, out_dir,
+                                 plot_title=f"{dataset} ({mode}, {protocol})")
     click.echo(report)
     if out_dir:
         click.echo(f"results written to {out_dir}")

@@ -8,8 +8,9 @@ The world: every user and item belongs to one of `n_clusters` clusters (balanced
 Zipf popularity. Each interaction picks, with probability `affinity`, an item of the user's own
 cluster, otherwise an item from the whole catalogue; both choices are popularity-weighted over the
 items released so far, plus a novelty bonus (additive, so an unpopular new item still gets noticed)
-that decays after release: new items collect several interactions soon after they appear. Some users join late and some items are released late (their
-arrival times are spread evenly over 5%..95% of the timeline), so a chronological 80/10/10 split has
+that decays after release: new items collect several interactions soon after they appear. Some
+users join late and some items are released late (their arrival times are spread evenly over
+5%..95% of the timeline), so a chronological 80/10/10 split has
 new users and new items in validation and test. A user's events are spread uniformly between its
 arrival and the end of the timeline, so late users are dense: cold start is a real share of test.
 """
@@ -50,14 +51,16 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check(1 <= self.n_clusters <= min(self.n_users, self.n_items), "synthetic.n_clusters must be in [1, min(n_users, n_items)]")
+        check(1 <= self.n_clusters <= min(self.n_users, self.n_items),
+              "synthetic.n_clusters must be in [1, min(n_users, n_items)]")
         check(self.n_events >= self.n_users, "synthetic.n_events must be >= n_users (every user acts once)")
         check(0.0 <= self.affinity <= 1.0, "synthetic.affinity must be in [0, 1]")
         check(self.popularity_exponent >= 0, "synthetic.popularity_exponent must be >= 0")
         check(0.0 <= self.late_item_fraction < 1.0 and 0.0 <= self.late_user_fraction < 1.0,
                "synthetic late fractions must be in [0, 1)")
         check(self.novelty_boost >= 0 and self.novelty_decay > 0, "synthetic.novelty_boost >= 0 and novelty_decay > 0")
-        check(self.activity_sigma >= 0 and self.seconds_per_event >= 1, "synthetic.activity_sigma >= 0, seconds_per_event >= 1")
+        check(self.activity_sigma >= 0 and self.seconds_per_event >= 1,
+              "synthetic.activity_sigma >= 0, seconds_per_event >= 1")
 
 
 PRESETS: dict[str, SyntheticConfig] = {

@@ -21,7 +21,11 @@ import torch
 from felrec_stream.config import Configs
 from felrec_stream.errors import ModelError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (nn.TransformerEncoder layers; type embedding and output norm rows keyed by the kind of
+# the sequence *elements*) loads through `migrate_model_state`; the outputs are the same.
+_V1_RENAMES = (("self_attn.in_proj_weight", "qkv.weight"), ("self_attn.in_proj_bias", "qkv.bias"),
+               ("self_attn.out_proj.", "proj."), ("linear1.", "ff1."), ("linear2.", "ff2."))
 
 
 @dataclass
@@ -85,16 +89,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise ModelError(f"{path} is not a felrec-stream checkpoint")
-    if payload["format_version"] != FORMAT_VERSION:
+    if payload["format_version"] not in (1, FORMAT_VERSION):
         raise ModelError(f"checkpoint {path} has format version {payload['format_version']}, "
-                         f"this felrec-stream reads version {FORMAT_VERSION}")
+                         f"this felrec-stream reads versions 1 and {FORMAT_VERSION}")
     return Checkpoint(
-        model_state=payload["model_state"], configs=Configs.from_dict(payload["configs"]), epoch=int(payload["epoch"]),
+        model_state=migrate_model_state(payload["model_state"], payload["format_version"]),
+        configs=Configs.from_dict(payload["configs"]), epoch=int(payload["epoch"]),
         best_val_rank=float(payload["best_val_rank"]), best_epoch=int(payload["best_epoch"]),
         optimizer_state=payload["optimizer_state"], schedule_state=payload["schedule_state"],
         spread_history=list(payload["spread_history"]), history=list(payload["history"]),
         store_state=_torch_to_numpy(payload["store_state"]),
     )
+
+
+def migrate_model_state(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    """The model state of a checkpoint of `version` as this version's FELRec names it."""
+    if version == FORMAT_VERSION:
+        return state
+    out = {}
+    for name, tensor in state.items():
+        name = name.replace("encoder.transformer.layers.", "encoder.blocks.")
+        for old, new in _V1_RENAMES:
+            name = name.replace(old, new)
+        out[name] = tensor
+    if "encoder.type_embedding.weight" in out:  # rows were the elements' kind, now the encoded entity's
+        out["encoder.type_embedding.weight"] = out["encoder.type_embedding.weight"].flip(0)
+    for suffix in ("running_mean", "running_var", "num_batches_tracked"):
+        a, b = f"encoder.output_norm.0.{suffix}", f"encoder.output_norm.1.{suffix}"
+        if a in out:
+            out[a], out[b] = out[b], out[a]
+    return out
 
 
 def _numpy_to_torch(obj: Any) -> Any:

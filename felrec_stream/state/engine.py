@@ -5,18 +5,22 @@ the same batching rules (see DEVELOPERS.md):
 
 - every event of the batch reads the cache as it was *before* the batch;
 - a history holds the earlier interactions of the entity, including earlier events of the same
-  batch (never the event itself); an empty history is one zero vector;
-- after encoding, each user/item touched by the batch gets the vector of its *latest* event in
-  the batch (deterministic, unlike a scatter with duplicate indices on GPU), and every event is
+  batch (never the event itself);
+- after the batch, each user/item touched by it gets one vector (deterministic), and every event is
   appended to the histories.
 
-Cold start. The cache starts empty (all zero) at every epoch, and the encoder is a shared
-function of cached vectors: with zero inputs every entity gets the same vector, and the encoder
-applied to its own outputs drifts to one fixed point (measured: loss stuck at 2 ln(K+1), spread
-0). With `cache.cold_start_input="id_seed"` (default) the single input of an entity's *first* encoding
-is a fixed pseudo-random vector derived from a hash of its external id instead of the zero vector:
-no parameters, no table, defined for ids never seen before, identical across runs and restarts.
-`"zero"` keeps the paper's behaviour.
+What the cache holds (`ModelConfig.cache_update`):
+- "pre_event" (the paper): the encoding computed for the entity's latest event, from its history
+  *before* that event. What is served therefore lags one interaction behind.
+- "post_event": the encoding of the entity's history *after* the batch, i.e. including its latest
+  event. Served vectors include every applied event; an item's first interaction already gives it
+  a vector that knows its first user.
+
+Cold start. An element of a history that has no cached vector yet (an entity first seen in this
+batch) reads `cache.cold_start_input`: "id_seed" = a fixed pseudo-random vector derived from a
+hash of its external id (no parameters, defined for ids never seen before, identical across runs),
+"zero" = the paper's zero vector. An empty history reads the entity's own cold-start input, or a
+learned vector per kind (`encoder.empty_history = "learned"`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,26 @@ import numpy as np
 import torch
 
 from felrec_stream.config import CacheConfig
-from felrec_stream.model.felrec import FELRec
+from felrec_stream.model.felrec import ITEM, USER, FELRec
 from felrec_stream.state.store import HistoryPlan, Kind, RepresentationStore, last_occurrence
 from felrec_stream.stream.events import EventBatch
 
 DEFAULT_CACHE = CacheConfig()  # frozen: safe as a default argument
+
+_MODEL_KIND = {Kind.USER: USER, Kind.ITEM: ITEM}
+
+
+@dataclass
+class Sequences:
+    """Encoder inputs of R histories of one kind of entity."""
+
+    kind: Kind  # kind of the encoded entities (their elements are of kind.other)
+    h: torch.Tensor  # (R, N, D) cached vectors of the elements, right-aligned (newest last)
+    mask: torch.Tensor  # (R, N) True where valid
+    empty: torch.Tensor  # (R,) True where the history has no element
+
+    def __len__(self) -> int:
+        return self.h.shape[0]
 
 
 @dataclass
@@ -44,45 +63,56 @@ class BatchInputs:
     item_slots: np.ndarray  # (B,)
     user_plan: HistoryPlan  # users' item histories
     item_plan: HistoryPlan  # items' user histories
-    item_seq: torch.Tensor  # (B, Nu, D) cached vectors of each user's previous items
-    item_mask: torch.Tensor  # (B, Nu) True where valid
-    user_seq: torch.Tensor  # (B, Ni, D) cached vectors of each item's previous users
-    user_mask: torch.Tensor  # (B, Ni)
+    users_before: Sequences  # (B) each event's user, history before the event
+    items_before: Sequences  # (B) each event's item, history before the event
+    users_after: Sequences | None  # (G_u) each touched user, history after the batch (post_event)
+    items_after: Sequences | None  # (G_x)
 
 
 def prepare_batch(store: RepresentationStore, batch: EventBatch, device: torch.device | str,
-                  cache: CacheConfig = DEFAULT_CACHE) -> BatchInputs:
-    """Register new ids, build the batch's histories and gather their (pre-batch) cached vectors."""
+                  cache: CacheConfig = DEFAULT_CACHE, after: bool = False, before: bool = True) -> BatchInputs:
+    """Register new ids, build the batch's histories and gather their (pre-batch) cached vectors.
+
+    before: the histories before each event (training loss, scoring); after: the histories after
+    the batch of every touched entity (what "post_event" writes)."""
     user_slots = store.users.slots(batch.user, create=True)
     item_slots = store.items.slots(batch.item, create=True)
     user_plan = store.users.history.plan(user_slots, item_slots)
     item_plan = store.items.history.plan(item_slots, user_slots)
-    item_seq, item_mask = _gather_sequences(store, Kind.ITEM, user_plan, device)
-    user_seq, user_mask = _gather_sequences(store, Kind.USER, item_plan, device)
+    gather = lambda kind, hist, length, slots: _sequences(store, kind, hist, length, slots, device, cache)  # noqa: E731
+    users_before = items_before = users_after = items_after = None
+    if before:
+        users_before = gather(Kind.USER, user_plan.event_history, user_plan.event_length, user_slots)
+        items_before = gather(Kind.ITEM, item_plan.event_history, item_plan.event_length, item_slots)
+    if after:
+        users_after = gather(Kind.USER, user_plan.new_rows, user_plan.new_lengths, user_plan.unique_slots)
+        items_after = gather(Kind.ITEM, item_plan.new_rows, item_plan.new_lengths, item_plan.unique_slots)
+    return BatchInputs(batch, user_slots, item_slots, user_plan, item_plan,
+                       users_before, items_before, users_after, items_after)
+
+
+def _sequences(store: RepresentationStore, kind: Kind, history: np.ndarray, length: np.ndarray,
+               owners: np.ndarray, device: torch.device | str, cache: CacheConfig) -> Sequences:
+    """Right-aligned (R, N, D) vectors of the history elements, trimmed to the longest history."""
+    elements = store.tables[kind.other]
+    L = history.shape[1]
+    N = max(int(length.max(initial=0)), 1)  # trim padding; an empty history is one input vector
+    slots = history[:, L - N:]  # (R, N), -1 = padding
+    mask = np.arange(N)[None, :] >= (N - np.maximum(length, 1))[:, None]  # (R, N)
+    h = elements.vectors.get(torch.from_numpy(slots)).to(torch.float32)  # (R, N, D), zeros for -1
+    empty = length == 0
     if cache.cold_start_input == "id_seed":
-        _seed_empty_histories(item_seq, user_plan, batch.user, Kind.USER)
-        _seed_empty_histories(user_seq, item_plan, batch.item, Kind.ITEM)
-    return BatchInputs(batch, user_slots, item_slots, user_plan, item_plan, item_seq, item_mask, user_seq, user_mask)
-
-
-def _gather_sequences(store: RepresentationStore, element_kind: Kind, plan: HistoryPlan,
-                      device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-aligned (B, N, D) vectors of the history elements, trimmed to the batch's longest."""
-    L = plan.event_history.shape[1]
-    N = max(int(plan.event_length.max(initial=0)), 1)  # trim padding; empty history -> 1 zero vector
-    slots = plan.event_history[:, L - N:]  # (B, N), -1 = padding/missing
-    positions = np.arange(N)[None, :]
-    mask = positions >= (N - np.maximum(plan.event_length, 1))[:, None]  # (B, N)
-    seq = store.tables[element_kind].vectors.get(torch.from_numpy(slots))  # (B, N, D), zeros for -1
-    return seq.to(device, non_blocking=True), torch.from_numpy(mask).to(device)
-
-
-def _seed_empty_histories(seq: torch.Tensor, plan: HistoryPlan, ids: np.ndarray, kind: Kind) -> None:
-    """Replace the zero input of first encodings by the entity's id seed (in place)."""
-    empty = np.flatnonzero(plan.event_length == 0)
-    if len(empty):
-        seeds = id_seed_vectors(ids[empty], kind, seq.shape[-1])
-        seq[torch.from_numpy(empty), -1] = seeds.to(seq.device)
+        cold = (slots >= 0) & (elements.history.counts[np.maximum(slots, 0)] == 0)  # no cached vector yet
+        if cold.any():
+            rows, cols = np.nonzero(cold)
+            h[torch.from_numpy(rows), torch.from_numpy(cols)] = id_seed_vectors(
+                np.asarray(elements.ids.names(slots[rows, cols]), dtype=object), kind.other, h.shape[-1])
+        if empty.any():
+            rows = np.flatnonzero(empty)
+            own = store.tables[kind].ids.names(owners[rows])
+            h[torch.from_numpy(rows), -1] = id_seed_vectors(np.asarray(own, dtype=object), kind, h.shape[-1])
+    return Sequences(kind, h.to(device, non_blocking=True), torch.from_numpy(mask).to(device),
+                     torch.from_numpy(empty).to(device))
 
 
 def id_seed_vectors(ids: np.ndarray, kind: Kind, dim: int) -> torch.Tensor:
@@ -94,28 +124,100 @@ def id_seed_vectors(ids: np.ndarray, kind: Kind, dim: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def encode_sequences(model: FELRec, seqs: Sequences) -> torch.Tensor:
+    """(R, D) representations of the sequences' entities."""
+    return model.encode_kind(seqs.h, seqs.mask, _MODEL_KIND[seqs.kind], seqs.empty)
+
+
 def encode(model: FELRec, inputs: BatchInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """New representations u (B, D) of the users and x (B, D) of the items of the batch."""
-    return model.encode(inputs.item_seq, inputs.item_mask, inputs.user_seq, inputs.user_mask)
+    """Query representations u (B, D) and x (B, D) of each event's user and item, from their
+    histories before the event (the paper's positive pair)."""
+    return encode_sequences(model, inputs.users_before), encode_sequences(model, inputs.items_before)
 
 
-def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tensor, x: torch.Tensor) -> None:
-    """Write the latest vector per user/item (never through autograd) and append the histories."""
-    for kind, slots, vectors in ((Kind.USER, inputs.user_slots, u), (Kind.ITEM, inputs.item_slots, x)):
-        unique, last = last_occurrence(slots)
-        table = store.tables[kind]
-        table.vectors.put(torch.from_numpy(unique), vectors.detach()[torch.from_numpy(last).to(vectors.device)])
+def encode_after(model: FELRec, inputs: BatchInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G_u, D), (G_x, D) representations of the touched users/items after the batch."""
+    return encode_sequences(model, inputs.users_after), encode_sequences(model, inputs.items_after)
+
+
+def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tensor, x: torch.Tensor,
+                 after: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Write one vector per touched user/item (never through autograd) and append the histories.
+
+    after = (users, items) post-batch encodings aligned with the plans' unique slots ("post_event");
+    without it the vector of each entity's latest event in the batch is written ("pre_event")."""
+    plans = ((Kind.USER, inputs.user_plan, inputs.user_slots, u), (Kind.ITEM, inputs.item_plan, inputs.item_slots, x))
+    for n, (kind, plan, slots, vectors) in enumerate(plans):
+        if after is not None:
+            store.tables[kind].vectors.put(torch.from_numpy(plan.unique_slots), after[n].detach())
+        else:
+            unique, last = last_occurrence(slots)
+            store.tables[kind].vectors.put(torch.from_numpy(unique),
+                                           vectors.detach()[torch.from_numpy(last).to(vectors.device)])
     ts = inputs.batch.timestamp
-    store.users.history.apply(inputs.user_plan, ts[last_occurrence(inputs.user_slots)[1]])
-    store.items.history.apply(inputs.item_plan, ts[last_occurrence(inputs.item_slots)[1]])
+    store.users.history.apply(inputs.user_plan, ts[last_occurrence(inputs.user_slots)[1]], inputs.user_slots)
+    store.items.history.apply(inputs.item_plan, ts[last_occurrence(inputs.item_slots)[1]], inputs.item_slots)
 
 
 @torch.no_grad()
 def infer_batch(model: FELRec, store: RepresentationStore, batch: EventBatch,
-                cache: CacheConfig = DEFAULT_CACHE) -> tuple[BatchInputs, torch.Tensor, torch.Tensor]:
-    """Inference step (evaluation, streaming worker): prepare, encode without MLPs, commit."""
+                cache: CacheConfig = DEFAULT_CACHE) -> BatchInputs:
+    """Inference step (streaming worker): prepare, encode what the cache needs, commit."""
     device = next(model.parameters()).device
-    inputs = prepare_batch(store, batch, device, cache)
-    u, x = encode(model, inputs)
-    commit_batch(store, inputs, u, x)
-    return inputs, u, x
+    post = model.config.cache_update == "post_event"
+    inputs = prepare_batch(store, batch, device, cache, after=post, before=not post)
+    if post:
+        commit_batch(store, inputs, None, None, encode_after(model, inputs))
+    else:
+        u, x = encode(model, inputs)
+        commit_batch(store, inputs, u, x)
+    return inputs
+
+
+# ---- what each event of a batch sees and leaves (online evaluation, exact per event) ----------
+
+def previous_same(keys: np.ndarray) -> np.ndarray:
+    """(B,) position of the previous event with the same key in the batch, -1 for none."""
+    order = np.argsort(keys, kind="stable")
+    prev = np.full(len(keys), -1, dtype=np.int64)
+    same = keys[order][1:] == keys[order][:-1]
+    prev[order[1:][same]] = order[:-1][same]
+    return prev
+
+
+def next_same(keys: np.ndarray) -> np.ndarray:
+    """(B,) position of the next event with the same key in the batch, B for none."""
+    order = np.argsort(keys, kind="stable")
+    nxt = np.full(len(keys), len(keys), dtype=np.int64)
+    same = keys[order][1:] == keys[order][:-1]
+    nxt[order[:-1][same]] = order[1:][same]
+    return nxt
+
+
+def visible_updates(keys: np.ndarray, inclusive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) where event j is the latest event of its entity strictly before event i
+    (inclusive: at or before it). Event i must see what event j wrote, and nothing later."""
+    B = len(keys)
+    i, j = np.arange(B)[:, None], np.arange(B)[None, :]
+    nxt = next_same(keys)[None, :]
+    visible = (j <= i) & (nxt > i) if inclusive else (j < i) & (nxt >= i)
+    return np.nonzero(visible)
+
+
+def written_vectors(inputs: BatchInputs, u: torch.Tensor, x: torch.Tensor,
+                    after: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) each: the vector each event leaves in the store for its user and its item.
+
+    pre_event (after is None): the event's own encodings u, x. post_event: the encoding of the
+    history including the event, which is the "before" encoding of the entity's next event in the
+    batch (same elements, same pre-batch vectors) or, for its last event, the post-batch encoding."""
+    if after is None:
+        return u, x
+    out = []
+    for slots, plan, before, last_vectors in ((inputs.user_slots, inputs.user_plan, u, after[0]),
+                                              (inputs.item_slots, inputs.item_plan, x, after[1])):
+        nxt = torch.from_numpy(next_same(slots)).to(before.device)
+        group = torch.from_numpy(np.searchsorted(plan.unique_slots, slots)).to(before.device)
+        is_last = (nxt >= len(slots)).unsqueeze(1)
+        out.append(torch.where(is_last, last_vectors[group], before[nxt.clamp(max=len(slots) - 1)]))
+    return out[0], out[1]

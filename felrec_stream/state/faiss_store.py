@@ -368,7 +368,8 @@ class ShardedFaissVectors(VectorBackend):
     @classmethod
     def from_config(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu",
                     **options: Any) -> "ShardedFaissVectors":
-        return cls(dim, cache.shards, cache.index_type, device, hnsw_m=cache.hnsw_m, ivf_nlist=cache.ivf_nlist, **options)
+        return cls(dim, cache.shards, cache.index_type, device, hnsw_m=cache.hnsw_m, ivf_nlist=cache.ivf_nlist,
+                   **options)
 
     def _init_gpu(self, use_gpu: bool | None) -> Any:
         """GPU resources when wanted (default: device is cuda) and possible; None otherwise."""
@@ -615,7 +616,8 @@ class ShardedFaissVectors(VectorBackend):
             todo = todo[~done]
         return scores, slots
 
-    def _shard_index_search(self, shard: _Shard, q: np.ndarray, width: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _shard_index_search(self, shard: _Shard, q: np.ndarray, width: int,
+                            exact: bool) -> tuple[np.ndarray, np.ndarray]:
         if not exact:
             return shard.ann.search(q, width)
         if self._gpu is not None:
@@ -744,4 +746,5 @@ def make_store(dim: int, cache_config: CacheConfig | None = None, device: torch.
         user_vectors=ShardedFaissVectors.from_config(dim, cache, device, **options),
         item_vectors=ShardedFaissVectors.from_config(dim, cache, device, **options),
         max_entities=cache.max_entities, spill_dir=spill_dir, spill_read_only=spill_read_only,
+        popularity_halflife=cache.popularity_halflife,
     )

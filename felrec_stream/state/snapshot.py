@@ -539,7 +539,8 @@ class SnapshotManager:
             except _Vanished:
                 raise
             except skip as exc:
-                reason = str(exc) if isinstance(exc, SnapshotCorrupt) else f"cannot be loaded: {type(exc).__name__}: {exc}"
+                reason = (str(exc) if isinstance(exc, SnapshotCorrupt)
+                          else f"cannot be loaded: {type(exc).__name__}: {exc}")
                 log.warning("snapshot_corrupt", seq=seq, path=str(path), reason=reason[:500])
                 continue
             event = "snapshot_restored" if current is None or seq <= current else "snapshot_uncommitted_used"

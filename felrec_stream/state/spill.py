@@ -76,8 +76,9 @@ import torch
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
 from felrec_stream.state.snapshot import fsync_dir, hash_file
-from felrec_stream.state.store import (EntityRows, EntityTable, HistoryBuffer, IdMap, Kind, VectorBackend,
-                                       check_lengths, check_shapes, raw_vectors, vector_shapes)
+from felrec_stream.state.store import (POPULARITY, SLOT_COLUMNS, EntityRows, EntityTable, HistoryBuffer, IdMap, Kind,
+                                       VectorBackend, check_lengths, check_shapes, raw_vectors, slot_column_parts,
+                                       vector_shapes)
 
 log = get_logger(__name__)
 
@@ -290,24 +291,25 @@ class TensorRows(VectorBackend):
         """(size, D) vectors of every slot: evicted ones read as zero here (`SpillingTable.read` has them)."""
         out = torch.zeros(len(self.owner), self.dim, device=self.device)
         resident = self.owner.resident_slots()
-        out[torch.from_numpy(resident).to(self.device)] = self._data[torch.from_numpy(self.owner.row_of[resident]).to(self.device)]
+        rows = torch.from_numpy(self.owner.row_of[resident]).to(self.device)
+        out[torch.from_numpy(resident).to(self.device)] = self._data[rows]
         return out
 
 
 class PooledHistory(HistoryBuffer):
-    """`HistoryBuffer` for a capped table: `rows` holds pool rows; lengths, counts and times stay per slot."""
+    """`HistoryBuffer` for a capped table: `rows` holds pool rows; the per-slot columns (lengths, counts,
+    times, popularity: `SLOT_COLUMNS`) stay in memory for every slot, evicted or not."""
 
-    def __init__(self, length: int, owner: "SpillingTable") -> None:
-        super().__init__(length)
+    def __init__(self, length: int, owner: "SpillingTable", halflife: float = 0.0) -> None:
+        super().__init__(length, halflife=halflife)
         self.owner = owner
 
     def ensure(self, size: int) -> None:
         """Per-slot columns for `size` slots (rows grow with the pool: `ensure_rows`)."""
         if size > len(self.lengths):
             cap = max(size, 2 * len(self.lengths))
-            self.lengths = _grow(self.lengths, cap, 0)
-            self.counts = _grow(self.counts, cap, 0)
-            self.last_time = _grow(self.last_time, cap, 0)
+            for key in SLOT_COLUMNS:
+                setattr(self, key, _grow(getattr(self, key), cap, 0))
         self.size = max(self.size, size)
 
     def ensure_rows(self, n_rows: int) -> None:
@@ -322,16 +324,17 @@ class PooledHistory(HistoryBuffer):
         self.owner.need(slots)
         self.rows[self.owner.row_of[slots]] = rows
 
-    def apply(self, plan: Any, last_time: np.ndarray | None = None) -> None:
-        super().apply(plan, last_time)
+    def apply(self, plan: Any, last_time: np.ndarray | None = None, slots: np.ndarray | None = None) -> None:
+        super().apply(plan, last_time, slots)
         self.owner.wrote(plan.unique_slots)
         self.owner.committed(plan.unique_slots)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Per-slot columns only: the rows travel in the table's state (resident) and spill files."""
+        """Per-slot columns and the event index only: the rows travel in the table's state (resident)
+        and spill files."""
         n = self.size
-        return {"lengths": self.lengths[:n].copy(), "counts": self.counts[:n].copy(),
-                "last_time": self.last_time[:n].copy()}
+        return {**{key: getattr(self, key)[:n].copy() for key in SLOT_COLUMNS},
+                "events": np.asarray([self.events], dtype=np.int64)}
 
 
 def _grow(array: np.ndarray, capacity: int, fill: Any) -> np.ndarray:
@@ -347,14 +350,15 @@ class SpillingTable(EntityTable):
 
     capped = True
 
-    def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int, cap: int, spill: SpillFiles) -> None:
+    def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int, cap: int, spill: SpillFiles,
+                 popularity_halflife: float = 0.0) -> None:
         if cap < 1:
             raise StoreError(f"max_entities must be >= 1, got {cap}")
         self.kind, self.cap, self.spill = kind, cap, spill
         self.ids = IdMap()
         self.vectors = vectors
         vectors.owner = self
-        self.history = PooledHistory(history_len, self)
+        self.history = PooledHistory(history_len, self, popularity_halflife)
         self.row_of = np.full(1024, -1, dtype=np.int64)  # slot -> pool row (-1: evicted or never stored)
         self.loc_file = np.full(1024, -1, dtype=np.int32)  # slot -> index in files of its current record
         self.loc_row = np.full(1024, -1, dtype=np.int64)  # slot -> row in that file
@@ -424,14 +428,15 @@ class SpillingTable(EntityTable):
         if len(spilled):
             self._read_records(slots[spilled], spilled, vectors, rows)
         h = self.history
-        return EntityRows(vectors, rows, h.lengths[slots].copy(), h.counts[slots].copy(), h.last_time[slots].copy())
+        return EntityRows(vectors, rows, *(getattr(h, key)[slots].copy() for key in SLOT_COLUMNS))
 
     def read_vectors(self, slots: np.ndarray) -> np.ndarray:
         """(n, D) raw vectors of evicted `slots` from their records (through the row-group cache), zeros
         for those without one; nothing is restored (a read must not churn the resident set)."""
         unique, inverse = np.unique(slots, return_inverse=True)
         template = self.vectors.rows_state(np.zeros(0, dtype=np.int64))
-        vectors = {key: np.zeros((len(unique),) + value.shape[1:], dtype=value.dtype) for key, value in template.items()}
+        vectors = {key: np.zeros((len(unique),) + value.shape[1:], dtype=value.dtype)
+                   for key, value in template.items()}
         located = np.flatnonzero(self.loc_file[unique] >= 0)
         if len(located):
             self._read_records(unique[located], located, vectors, None)
@@ -509,7 +514,8 @@ class SpillingTable(EntityTable):
         """Move resident `slots` to the spill (a write only for those whose record is stale)."""
         slots = np.unique(np.asarray(slots, dtype=np.int64))
         if (self.row_of[slots] < 0).any():
-            raise StoreError(f"evict: {self.kind.value} slots {slots[self.row_of[slots] < 0][:5].tolist()} are not resident")
+            missing = slots[self.row_of[slots] < 0][:5].tolist()
+            raise StoreError(f"evict: {self.kind.value} slots {missing} are not resident")
         stale = slots[self.loc_file[slots] < 0]
         if len(stale):
             self._write_records(stale)
@@ -565,6 +571,8 @@ class SpillingTable(EntityTable):
         columns["history_length"] = pa.array(data.lengths)
         columns["interaction_count"] = pa.array(data.counts)
         columns["last_update_time"] = pa.array(data.last_time)
+        columns["popularity"] = pa.array(data.pop)  # as of event index popularity_at (HistoryBuffer.popularity)
+        columns["popularity_at"] = pa.array(data.pop_at)
         return pa.table(columns)
 
     def _read_records(self, slots: np.ndarray, positions: np.ndarray, vectors: dict[str, np.ndarray],
@@ -613,7 +621,8 @@ class SpillingTable(EntityTable):
             "history": self.history.state_dict(),
             "resident": {"slots": resident, "rows": self.history.rows[self.row_of[resident]],
                          "vectors": self.vectors.rows_state(resident)},
-            "spill": {"files": [self.files[f] for f in used], "file_rows": np.asarray(self.file_rows, dtype=np.int64)[used],
+            "spill": {"files": [self.files[f] for f in used],
+                      "file_rows": np.asarray(self.file_rows, dtype=np.int64)[used],
                       "file": remap[self.loc_file[:n]], "row": self.loc_row[:n].copy()},
         }
 
@@ -626,12 +635,13 @@ class SpillingTable(EntityTable):
         resident, spill, history = state["resident"], state["spill"], state["history"]
         slots = np.asarray(resident["slots"])
         r, files = len(slots), len(spill["files"])
-        parts = [(f"history.{key}", history[key], (n,)) for key in ("lengths", "counts", "last_time")]
+        parts = slot_column_parts(history, n)
         parts += [("resident.rows", resident["rows"], (r, length)), ("spill.file", spill["file"], (n,)),
                   ("spill.row", spill["row"], (n,)), ("spill.file_rows", spill["file_rows"], (files,))]
         parts += [(f"resident.vectors.{key}", resident["vectors"][key], shape)
                   for key, shape in vector_shapes(resident["vectors"], r, dim).items()]
-        check_shapes(self.kind, parts, f"{n} ids, {r} resident, {files} spill files, dim {dim}, history length {length}")
+        check_shapes(self.kind, parts,
+                     f"{n} ids, {r} resident, {files} spill files, dim {dim}, history length {length}")
         check_lengths(self.kind, history["lengths"], length)
         located = np.asarray(spill["file"])
         if r and (slots.min() < 0 or slots.max() >= n or len(np.unique(slots)) != r):
@@ -651,8 +661,11 @@ class SpillingTable(EntityTable):
         self.ids = IdMap(ids)
         n = len(ids)
         self._register_loaded(n)
-        for key in ("lengths", "counts", "last_time"):
-            getattr(self.history, key)[:n] = history[key]
+        for key in SLOT_COLUMNS:
+            if key in history:  # popularity: absent from states written before it existed
+                getattr(self.history, key)[:n] = history[key]
+        if POPULARITY[0] in history:
+            self.history.events = int(np.asarray(history["events"]).reshape(-1)[0])
         if "spill" in state:
             self._load_spill(state["spill"], n)
             resident = np.asarray(state["resident"]["slots"], dtype=np.int64)

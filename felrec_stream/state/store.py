@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 
 
@@ -183,6 +184,12 @@ class TensorVectors(VectorBackend):
         return self._data[: self._size]
 
 
+# Per-slot columns of a HistoryBuffer, in EntityRows order: a capped table keeps them in memory for
+# every slot, evicted or not (felrec_stream/state/spill.py).
+SLOT_COLUMNS = ("lengths", "counts", "last_time", "pop", "pop_at")
+POPULARITY = ("pop", "pop_at")  # absent from states written before popularity existed
+
+
 @dataclass
 class HistoryPlan:
     """Histories of one batch under the in-batch rule, and the rows to store once it commits."""
@@ -196,14 +203,23 @@ class HistoryPlan:
 
 
 class HistoryBuffer:
-    """Last-L interaction histories of every slot of one kind, plus interaction counts."""
+    """Last-L interaction histories of every slot of one kind, plus interaction counts.
 
-    def __init__(self, length: int, capacity: int = 1024) -> None:
+    Popularity: `popularity(slots)` is each slot's number of interactions, each weighted by
+    0.5 ** (events since it / halflife) (halflife 0 = plain counts), counted in events applied to
+    this buffer (`events`), so it needs no clock. Kept lazily: `pop[s]` is the weighted count at
+    event index `pop_at[s]` (the last event that touched s)."""
+
+    def __init__(self, length: int, capacity: int = 1024, halflife: float = 0.0) -> None:
         self.length = length
+        self.halflife = halflife
         self.rows = np.full((max(capacity, 1), length), -1, dtype=np.int64)
         self.lengths = np.zeros(max(capacity, 1), dtype=np.int64)
         self.counts = np.zeros(max(capacity, 1), dtype=np.int64)
         self.last_time = np.zeros(max(capacity, 1), dtype=np.int64)
+        self.pop = np.zeros(max(capacity, 1), dtype=np.float64)
+        self.pop_at = np.zeros(max(capacity, 1), dtype=np.int64)
+        self.events = 0
         self.size = 0
 
     def ensure(self, size: int) -> None:
@@ -213,6 +229,8 @@ class HistoryBuffer:
             self.lengths = _grow(self.lengths, cap, 0)
             self.counts = _grow(self.counts, cap, 0)
             self.last_time = _grow(self.last_time, cap, 0)
+            self.pop = _grow(self.pop, cap, 0)
+            self.pop_at = _grow(self.pop_at, cap, 0)
         self.size = max(self.size, size)
 
     def reset(self) -> None:
@@ -220,6 +238,20 @@ class HistoryBuffer:
         self.lengths[:] = 0
         self.counts[:] = 0
         self.last_time[:] = 0
+        self.pop[:] = 0
+        self.pop_at[:] = 0
+        self.events = 0
+
+    def decay(self, steps: np.ndarray | float) -> np.ndarray | float:
+        """Weight of an interaction `steps` events ago."""
+        steps = np.asarray(steps, dtype=np.float64)
+        return 0.5 ** (steps / self.halflife) if self.halflife else np.ones_like(steps)
+
+    def popularity(self, slots: np.ndarray, at: int | None = None) -> np.ndarray:
+        """(n,) float64 weighted interaction counts of `slots` just before event index `at`
+        (default: now, i.e. after every applied event)."""
+        at = self.events if at is None else at
+        return self.pop[slots] * self.decay(at - self.pop_at[slots])
 
     def plan(self, slots: np.ndarray, others: np.ndarray) -> HistoryPlan:
         """Histories for events (slots[i] interacted with others[i]), in batch order.
@@ -255,12 +287,27 @@ class HistoryBuffer:
         """(n, L) stored histories of `slots` (a copy)."""
         return self.rows[slots]
 
-    def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None) -> None:
+    def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None, slots: np.ndarray | None = None) -> None:
+        """Store the batch's histories; with `slots` (the batch's event slots, in order) also count
+        the events into the popularity, event i of the batch at index `events + i`."""
         self.store_rows(plan.unique_slots, plan.new_rows)
         self.lengths[plan.unique_slots] = plan.new_lengths
         self.counts[plan.unique_slots] += plan.added
         if last_time is not None:
             self.last_time[plan.unique_slots] = last_time
+        if slots is not None:
+            self._count(plan.unique_slots, slots)
+
+    def _count(self, unique: np.ndarray, slots: np.ndarray) -> None:
+        position = self.events + np.arange(len(slots))  # (B,) event index of each event
+        last = np.zeros(len(unique), dtype=np.int64)
+        group = np.searchsorted(unique, slots)  # (B,) unique is sorted
+        np.maximum.at(last, group, position)
+        added = np.zeros(len(unique), dtype=np.float64)
+        np.add.at(added, group, self.decay(last[group] - position))
+        self.pop[unique] = self.pop[unique] * self.decay(last - self.pop_at[unique]) + added
+        self.pop_at[unique] = last
+        self.events += len(slots)
 
     def store_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
         self.rows[slots] = rows
@@ -268,7 +315,9 @@ class HistoryBuffer:
     def state_dict(self) -> dict[str, np.ndarray]:
         n = self.size
         return {"rows": self.rows[:n].copy(), "lengths": self.lengths[:n].copy(),
-                "counts": self.counts[:n].copy(), "last_time": self.last_time[:n].copy()}
+                "counts": self.counts[:n].copy(), "last_time": self.last_time[:n].copy(),
+                "pop": self.pop[:n].copy(), "pop_at": self.pop_at[:n].copy(),
+                "events": np.asarray([self.events], dtype=np.int64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         n = len(state["lengths"])
@@ -277,6 +326,9 @@ class HistoryBuffer:
         self.ensure(n)
         self.rows[:n], self.lengths[:n] = state["rows"], state["lengths"]
         self.counts[:n], self.last_time[:n] = state["counts"], state["last_time"]
+        if "pop" in state:  # states written before popularity existed count from here on
+            self.pop[:n], self.pop_at[:n] = state["pop"], state["pop_at"]
+            self.events = int(np.asarray(state["events"]).reshape(-1)[0])
 
 
 def _grow(array: np.ndarray, capacity: int, fill: int) -> np.ndarray:
@@ -300,6 +352,8 @@ class EntityRows:
     lengths: np.ndarray  # (n,)
     counts: np.ndarray  # (n,)
     last_time: np.ndarray  # (n,)
+    pop: np.ndarray  # (n,) float64 decayed popularity as of event index pop_at (HistoryBuffer.popularity)
+    pop_at: np.ndarray  # (n,)
 
     def raw(self) -> np.ndarray:
         """(n, D) float32 vectors as `VectorBackend.get` returns them."""
@@ -311,11 +365,11 @@ class EntityTable:
 
     capped = False
 
-    def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int) -> None:
+    def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int, popularity_halflife: float = 0.0) -> None:
         self.kind = kind
         self.ids = IdMap()
         self.vectors = vectors
-        self.history = HistoryBuffer(history_len)
+        self.history = HistoryBuffer(history_len, halflife=popularity_halflife)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -333,8 +387,8 @@ class EntityTable:
         """Vectors, histories, counts and times of `slots` (all >= 0), e.g. for queries and exports."""
         slots = np.asarray(slots, dtype=np.int64)
         h = self.history
-        return EntityRows(self.vectors.rows_state(slots), h.stored_rows(slots), h.lengths[slots].copy(),
-                          h.counts[slots].copy(), h.last_time[slots].copy())
+        return EntityRows(self.vectors.rows_state(slots), h.stored_rows(slots),
+                          *(getattr(h, key)[slots].copy() for key in SLOT_COLUMNS))
 
     def resident_slots(self) -> np.ndarray:
         """Slots held in memory (every slot here; a capped table leaves the evicted ones out)."""
@@ -358,8 +412,7 @@ class EntityTable:
                              "spill files): load it into a store with a cap (--max-entities)")
         n, length, vectors, history = len(state["ids"]), self.history.length, state["vectors"], state["history"]
         parts = [(f"vectors.{key}", vectors[key], shape) for key, shape in vector_shapes(vectors, n, dim).items()]
-        parts += [(f"history.{key}", history[key], shape)
-                  for key, shape in (("rows", (n, length)), ("lengths", (n,)), ("counts", (n,)), ("last_time", (n,)))]
+        parts += [("history.rows", history["rows"], (n, length)), *slot_column_parts(history, n)]
         check_shapes(self.kind, parts, f"{n} ids, dim {dim}, history length {length}")
         check_lengths(self.kind, history["lengths"], length)
 
@@ -385,7 +438,8 @@ class RepresentationStore:
 
     def __init__(self, dim: int, history_len: int = 64, device: torch.device | str = "cpu",
                  user_vectors: VectorBackend | None = None, item_vectors: VectorBackend | None = None, *,
-                 max_entities: int = 0, spill_dir: str | Path | None = None, spill_read_only: bool = False) -> None:
+                 popularity_halflife: float = 0.0, max_entities: int = 0, spill_dir: str | Path | None = None,
+                 spill_read_only: bool = False) -> None:
         self.dim = dim
         self.history_len = history_len
         self.spill = None
@@ -396,11 +450,17 @@ class RepresentationStore:
             self.spill = SpillFiles(spill_dir, read_only=spill_read_only)
             self.tables: dict[Kind, EntityTable] = {
                 kind: SpillingTable(kind, TensorRows(dim, device) if backend is None else backend, history_len,
-                                    max_entities, self.spill)
+                                    max_entities, self.spill, popularity_halflife)
                 for kind, backend in backends.items()}
         else:
-            self.tables = {kind: EntityTable(kind, TensorVectors(dim, device) if backend is None else backend, history_len)
+            self.tables = {kind: EntityTable(kind, TensorVectors(dim, device) if backend is None else backend,
+                                             history_len, popularity_halflife)
                            for kind, backend in backends.items()}
+
+    @classmethod
+    def for_cache(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu") -> "RepresentationStore":
+        """An in-memory store shaped by a cache config (history length, popularity half-life)."""
+        return cls(dim, cache.history_len, device, popularity_halflife=cache.popularity_halflife)
 
     @property
     def users(self) -> EntityTable:
@@ -462,6 +522,12 @@ class RepresentationStore:
 def vector_shapes(vectors: dict[str, Any], n: int, dim: int) -> dict[str, tuple[int, ...]]:
     """Expected shapes of a backend's vector state for `n` rows ({"vectors"} or {"unit", "norms"})."""
     return {"vectors": (n, dim)} if "vectors" in vectors else {"unit": (n, dim), "norms": (n,)}
+
+
+def slot_column_parts(history: dict[str, Any], n: int) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """(name, value, expected shape) of a history state's per-slot columns (popularity only when
+    present: states written before it existed load with zero popularity)."""
+    return [(f"history.{key}", history[key], (n,)) for key in SLOT_COLUMNS if key in history or key not in POPULARITY]
 
 
 def check_shapes(kind: Kind, parts: Iterable[tuple[str, Any, tuple[int, ...]]], context: str) -> None:

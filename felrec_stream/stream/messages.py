@@ -152,7 +152,8 @@ def decode_event(raw: bytes | None, max_bytes: int = 65536, *, key: bytes | None
                            f"than kafka.future_skew_s (latest accepted: {not_after})")
         if key is not None and key != user.encode("utf-8"):
             raise _Invalid("key_mismatch", "key",
-                           f"message 'key' {key[:64]!r} differs from field 'user' {user[:64]!r}: producers must key by user id")
+                           f"message 'key' {key[:64]!r} differs from field 'user' {user[:64]!r}: "
+                           "producers must key by user id")
     except _Invalid as exc:
         return PoisonMessage(exc.kind, exc.field, exc.reason, raw, key, topic, partition, offset)
     if event_id is None and partition is not None and offset is not None:
@@ -213,7 +214,8 @@ def _fields(body: Mapping[str, Any], ts_unit: str) -> tuple[str, str, int, int |
     if type(version) is not int:
         raise _Invalid("wrong_type", "v", f"field 'v' must be an integer, got {_json_type(version)}")
     if version != SCHEMA_VERSION:
-        raise _Invalid("unknown_version", "v", f"field 'v': schema version {version} is not supported (expected {SCHEMA_VERSION})")
+        raise _Invalid("unknown_version", "v",
+                       f"field 'v': schema version {version} is not supported (expected {SCHEMA_VERSION})")
     for name in ("user", "item", "ts"):
         if name not in body:
             raise _Invalid("missing_field", name, f"field {name!r} is missing")

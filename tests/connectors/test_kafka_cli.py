@@ -7,7 +7,6 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from connectors.kafka.broker import resolve_binary
 from connectors.kafka.replay import read_replay_meta
 from connectors.kafka.source import read_topic_table
 from felrec_stream.cli import cli
@@ -20,11 +19,8 @@ def _run(*args: str, env: dict | None = None):
     return CliRunner().invoke(cli, ["--log-level", "WARNING", *args], env=env, catch_exceptions=False)
 
 
+@pytest.mark.usefixtures("broker_binary")
 def test_broker_start_status_stop(tmp_path, monkeypatch):
-    try:
-        resolve_binary()
-    except Exception as exc:
-        pytest.skip(f"kafka: embedded broker binary unavailable: {exc}")
     monkeypatch.setenv("FELREC_HOME", str(tmp_path))
     started = _run("broker", "start")
     servers = started.stdout.strip().splitlines()[-1]

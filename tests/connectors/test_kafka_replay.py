@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from connectors.kafka.admin import TopicAdmin, end_offsets, new_consumer
-from connectors.kafka.broker import EmbeddedBroker, resolve_binary
-from connectors.kafka.replay import read_replay_meta, replay_events, split_indices
+from connectors.kafka.broker import EmbeddedBroker
+from connectors.kafka.replay import _Acks, _pacer, read_replay_meta, replay_events, split_indices
 from connectors.kafka.source import read_topic_table
 from felrec_stream.config import KafkaConfig, replace
 from felrec_stream.errors import ConfigError, DatasetError, KafkaError, ReplayError
 from felrec_stream.stream.events import make_events
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -72,20 +73,57 @@ def test_no_meta_topic_without_splits(kafka_config, topic_name):
     assert read_replay_meta(kafka_config, topic_name) is None
 
 
+def _send_times_ms(kafka_config, topic: str, n: int) -> np.ndarray:
+    """Record timestamps (the producer's send time, ms) of the first n messages of partition 0."""
+    from kafka import TopicPartition
+
+    consumer = new_consumer(kafka_config)
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        times: list[int] = []
+
+        def read_all() -> bool:
+            times.extend(record.timestamp for record in consumer.poll(timeout_ms=100).get(tp, []))
+            return len(times) >= n
+
+        wait_for(read_all, 10, f"{n} messages were read back")
+    finally:
+        consumer.close()
+    return np.asarray(times[:n])
+
+
+def test_pacing_schedules_are_the_rate_or_the_event_time_over_the_speedup():
+    table = make_events(["u"] * 4, ["i"] * 4, [0, 0, 3, 4])  # seconds
+    assert [_pacer(table, 0, 1000, None, "s")(i) for i in range(4)] == pytest.approx([0, 0.001, 0.002, 0.003])
+    assert [_pacer(table, 0, None, 10, "s")(i) for i in range(4)] == pytest.approx([0, 0, 0.3, 0.4])
+    assert [_pacer(table, 0, None, 10, "ms")(i) for i in range(4)] == pytest.approx([0, 0, 0.0003, 0.0004])
+    # resumed: the schedule starts at the first row sent
+    assert [_pacer(table, 2, None, 10, "s")(i) for i in range(2, 4)] == pytest.approx([0, 0.1])
+    assert _pacer(table, 0, None, None, "s") is None
+
+
+# The schedule itself is checked exactly above. Here: the replay really waits for it. Event i is sent
+# no earlier than schedule[i] after the replay's start, and the first send comes right after the
+# start, so the sends span about the whole schedule; unpaced they would span a few ms. Half the
+# schedule as the bound leaves room for a first send delayed by a loaded machine.
+
+
 def test_rate_limit_paces_the_replay(kafka_config, topic_name):
     _topic(kafka_config, topic_name, 1)
-    started = time.monotonic()
-    result = replay_events(random_events(300), kafka_config, topic_name, rate=1000, progress=False)
-    assert time.monotonic() - started >= 0.25
+    result = replay_events(random_events(300), kafka_config, topic_name, rate=500, progress=False)
     assert result.acknowledged == 300
+    sent = _send_times_ms(kafka_config, topic_name, 300)
+    assert sent[-1] - sent[0] >= 598 / 2  # scheduled 598 ms apart (unpaced: ~80 ms here)
 
 
 def test_speedup_follows_event_time(kafka_config, topic_name):
     _topic(kafka_config, topic_name, 1)
-    table = make_events(["u"] * 5, ["i"] * 5, [0, 1, 2, 3, 4])  # 4 s of event time
-    started = time.monotonic()
+    table = make_events(["u"] * 4, ["i"] * 4, [0, 0, 3, 4])  # 4 s of event time
     replay_events(table, kafka_config, topic_name, speedup=10, progress=False)
-    assert 0.35 <= time.monotonic() - started < 5
+    sent = _send_times_ms(kafka_config, topic_name, 4)
+    assert sent[-1] - sent[0] >= 400 / 2  # scheduled 400 ms apart
 
 
 def test_start_from_resumes_without_gaps_or_repeats(kafka_config, topic_name):
@@ -123,12 +161,8 @@ def test_options_and_timestamps_are_checked_before_sending(kafka_config, topic_n
 
 
 @pytest.fixture
-def own_broker():
+def own_broker(broker_binary):
     """A broker this test may kill (the session broker is shared)."""
-    try:
-        resolve_binary()
-    except Exception as exc:
-        pytest.skip(f"kafka: embedded broker binary unavailable: {exc}")
     broker = EmbeddedBroker(data_dir=tempfile.mkdtemp(prefix="felrec-test-broker-"))
     broker.start()
     yield broker
@@ -136,22 +170,32 @@ def own_broker():
 
 
 @pytest.mark.timeout(60)
-def test_broker_stopped_mid_replay_reports_acknowledged_and_rerun_is_safe(own_broker):
+def test_broker_stopped_mid_replay_reports_acknowledged_and_rerun_is_safe(own_broker, monkeypatch):
     config = KafkaConfig(bootstrap_servers=own_broker.bootstrap_servers, request_timeout_ms=1500, connect_retries=2)
     table = random_events(6000, seed=4)
     _topic(config, "events", 2)
+    some_acknowledged = threading.Event()
+    on_ack = _Acks.on_ack
 
-    def kill_soon() -> None:
-        time.sleep(0.6)
-        own_broker.stop(timeout_s=0.1)  # Tansu drains open connections on SIGTERM: SIGKILL soon
+    def observed_on_ack(self: _Acks, index: int, metadata) -> None:
+        on_ack(self, index, metadata)
+        if self.count >= 500:
+            some_acknowledged.set()
 
-    threading.Thread(target=kill_soon, daemon=True).start()
+    monkeypatch.setattr(_Acks, "on_ack", observed_on_ack)
+
+    def kill_once_some_are_acknowledged() -> None:
+        # rate 4000/s: 500 acknowledged after ~0.13 s, 5500 events still to send when the broker dies
+        if some_acknowledged.wait(timeout=30):
+            own_broker.stop(timeout_s=0.1)  # Tansu drains open connections on SIGTERM: SIGKILL soon
+
+    threading.Thread(target=kill_once_some_are_acknowledged, daemon=True).start()
     started = time.monotonic()
     with pytest.raises(ReplayError) as caught:
         replay_events(table, config, "events", rate=4000, progress=False)
     assert time.monotonic() - started < 20
     error = caught.value
-    assert 0 < error.acknowledged < len(table)
+    assert 500 <= error.acknowledged < len(table)
     assert 0 < error.next_index <= error.acknowledged
     message = str(error)
     assert f"{error.acknowledged} of 6000 events acknowledged" in message

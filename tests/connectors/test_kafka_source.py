@@ -148,7 +148,8 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_valid_ones_are_proce
     for i, case in enumerate(POISON_CASES):
         key = case[4] if len(case) > 4 else None
         messages.append((i % 2, *encode_event(f"u{i}", "i", 1000 + i, i)))  # valid neighbour
-        messages.append((i % 2, key if key is not None or case[1] is not None else b"k", case[1]))  # tombstones need a key
+        # tombstones need a key
+        messages.append((i % 2, key if key is not None or case[1] is not None else b"k", case[1]))
     sent = _produce_raw(kafka_config, topic_name, messages)
     with KafkaSource(kafka_config, topic_name) as source:  # default sink: the dead-letter topic
         read = _concat(list(source.batches()))

@@ -2,7 +2,8 @@
 
 import pytest
 
-from felrec_stream.config import EncoderConfig, TrainingConfig, from_dict, load_section, read_config_file, to_dict
+from felrec_stream.config import (PRESET_DESCRIPTIONS, PRESETS, Configs, EncoderConfig, TrainingConfig, from_dict,
+                                  load_section, preset_sections, read_config_file, to_dict)
 from felrec_stream.errors import ConfigError
 
 
@@ -39,3 +40,20 @@ def test_config_file_errors(tmp_path):
 def test_config_round_trip():
     cfg = EncoderConfig(d_model=64, n_heads=2)
     assert from_dict(EncoderConfig, to_dict(cfg)) == cfg
+
+
+def test_every_preset_states_its_epochs_and_expected_time():
+    assert list(PRESET_DESCRIPTIONS) == list(PRESETS)
+    for name, text in PRESET_DESCRIPTIONS.items():
+        epochs = Configs.load(preset_sections(name), environ={}).training.epochs
+        assert f"{epochs} epochs" in text and "min an epoch" in text, name
+
+
+def test_train_help_shows_the_preset_descriptions():
+    from click.testing import CliRunner
+
+    from felrec_stream.cli import cli
+
+    help_text = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
+    for name, text in PRESET_DESCRIPTIONS.items():
+        assert f"{name}: {' '.join(text.split())}" in help_text

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,20 @@ from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import iter_batches
+from tests.waiting import wait_for
 
 TINY_ENCODER = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
 TINY_CACHE = CacheConfig(history_len=8)
 
 
-def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+def write_tiny_checkpoint(path: Path, seed: int = 0, cache_update: str = "pre_event") -> Path:
     """A randomly initialised FELRec checkpoint (no training: equality tests need no quality)."""
     torch.manual_seed(seed)
-    model = FELRec(TINY_ENCODER, ModelConfig(queue_size=32))
+    model_config = ModelConfig(queue_size=32, cache_update=cache_update)
+    model = FELRec(TINY_ENCODER, model_config)
     for parameter in model.encoder.parameters():  # move off the near-identity init: a real function
         parameter.data.add_(0.05 * torch.randn_like(parameter))
-    configs = Configs(encoder=TINY_ENCODER, model=ModelConfig(queue_size=32), cache=TINY_CACHE)
+    configs = Configs(encoder=TINY_ENCODER, model=model_config, cache=TINY_CACHE)
     return save_checkpoint(Checkpoint(model.state_dict(), configs, epoch=0), path)
 
 
@@ -99,7 +100,6 @@ def run_until_applied(worker: Any, n_events: int, timeout_s: float = 60) -> tupl
     results: list = []
     thread = threading.Thread(target=lambda: results.append(worker.run()))
     thread.start()
-    deadline = time.monotonic() + timeout_s
-    while worker.progress.applied < n_events and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
+    wait_for(lambda: worker.progress.applied >= n_events or not thread.is_alive(), timeout_s,
+             f"the worker applied {n_events} events (or stopped)")
     return thread, results

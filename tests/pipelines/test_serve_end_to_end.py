@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +21,7 @@ from connectors.kafka.replay import replay_events
 from felrec_stream.serving.client import FelrecClient
 from felrec_stream.stream.events import make_events
 from tests.pipelines import stop_with_sigterm, synthetic_events
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.kafka
 BATCH = 8
@@ -59,17 +59,10 @@ def wait_applied(proc: subprocess.Popen, n_events: int) -> None:
 
 
 def wait_ready(client: FelrecClient, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if client.readyz():
-                return
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the restarted worker never became ready")
+    wait_for(client.readyz, timeout_s, "the restarted worker is ready")  # errors while it is not listening yet
 
 
+@pytest.mark.slow
 def test_new_item_is_similar_to_its_co_interacted_items_and_restart_keeps_answers(checkpoint, kafka, topic_name,
                                                                                   tmp_path):
     table = cold_start_stream()

@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
+from felrec_stream.config import EvalConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.stream.source import InMemorySource
 from pipelines.worker import StreamWorker, WorkerOptions, load_model, store_fingerprint
-from tests.pipelines import assert_histories_match_table, assert_same_store, offline_replay, synthetic_events
+from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, synthetic_events,
+                             write_tiny_checkpoint)
 
 N_EVENTS, BATCH = 600, 32
 TOPIC = "in-memory"
@@ -200,3 +203,23 @@ def test_snapshots_carry_a_lineage_that_a_fresh_start_renews(bundle, table, tmp_
     elsewhere = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "other", max_events=64)
     elsewhere.run()
     assert elsewhere.lineage != first.lineage
+
+
+def test_worker_serves_the_vectors_the_evaluator_scores_with(tmp_path, table):
+    """The same events in the same batches: the worker's FAISS store (what the query API serves)
+    holds the vectors the online evaluator's store holds, for both cache rules."""
+    from felrec_stream.state.store import RepresentationStore
+    from training.evaluate import evaluate
+    from training.felrec_online import FELRecOnline
+
+    for rule in ("post_event", "pre_event"):
+        bundle = load_model(write_tiny_checkpoint(tmp_path / f"{rule}.pt", cache_update=rule))
+        worker = _worker(bundle, InMemorySource(table, BATCH), None)
+        worker.run()
+        online = FELRecOnline(bundle.model, RepresentationStore.for_cache(bundle.dim, bundle.cache), bundle.cache)
+        evaluate(online, table, table.slice(0, 0), EvalConfig(batch_size=BATCH, num_negatives=5))
+        for kind in ("users", "items"):
+            served, scored = getattr(worker.store, kind), getattr(online.store, kind)
+            assert served.ids.ids() == scored.ids.ids()
+            np.testing.assert_allclose(served.vectors.all().numpy(), scored.vectors.all().numpy(),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{rule} {kind}")

@@ -23,7 +23,7 @@ from training.protocol import ItemCatalog, OnlineModel
 
 EVAL = EvalConfig(batch_size=256, num_negatives=50)
 SERVED = {"bpr-mf": {"observed"}, "gru4rec": {"observed", "new_user"}, "gru4rec-bptt": {"observed", "new_user"},
-          "sasrec": {"observed", "new_user"}, "jodie": {"observed", "new_user", "new_item"}}
+          "sasrec": {"observed", "new_user"}, "jodie": {"observed", "new_user", "new_item", "first_item"}}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_baseline_learns_better_than_random(trained, name):
     _, result = trained[name]
     summary = result.summary()
     assert summary["total"]["rank"] < 0.35, summary["total"]
-    for part in SERVED[name]:
+    for part in SERVED[name] - {"first_item"}:  # an item's first interaction carries no information
         cell = summary["partitions"][part]
         assert cell["count"] > 0 and cell["rank"] < 0.45, (part, cell)
 
@@ -153,11 +153,11 @@ def test_sasrec_blocks_are_felrecs_encoder_blocks():
     cfg = EncoderConfig(d_model=16, n_layers=3, n_heads=2, d_ff=32)
     sasrec = M.SASRec(10, cfg, max_len=8)
     encoder = Encoder(cfg)
-    assert str(sasrec.transformer) == str(encoder.transformer) and str(sasrec.norm) == str(encoder.norm)
+    assert str(sasrec.blocks) == str(encoder.blocks) and str(sasrec.norm) == str(encoder.norm)
     shapes = lambda m: [(n, tuple(p.shape)) for n, p in m.named_parameters()]  # noqa: E731
-    assert shapes(sasrec.transformer) == shapes(encoder.transformer)
-    layer = sasrec.transformer.layers[0]
-    assert layer.norm_first and layer.activation_relu_or_gelu == 2  # pre-norm, GELU as in FELRec
+    assert shapes(sasrec.blocks) == shapes(encoder.blocks)
+    block = sasrec.blocks[0]
+    assert block.norm_first and block.act is torch.nn.functional.gelu  # pre-norm, GELU as in FELRec
 
 
 def test_sasrec_is_causal():

@@ -45,33 +45,34 @@ def test_felrec_ablation_switches():
     assert felrec_setup("small", "p", "nomlp", 0).model.use_mlp is False
     assert felrec_setup("small", "q", "sharemlp", 0).model.share_mlp is True
     assert felrec_setup("small", "q", "notype", 0).encoder.type_embedding is False
-    assert felrec_setup("paper", "p", None, 3).model.variant == "p" and felrec_setup("paper", "p", None, 3).training.seed == 3
+    assert (felrec_setup("paper", "p", None, 3).model.variant == "p"
+            and felrec_setup("paper", "p", None, 3).training.seed == 3)
     assert felrec_setup("paper", "q", None, 0).encoder.d_model == 128
     with pytest.raises(ConfigError):
         felrec_setup("huge", "q", None, 0)
 
 
-def test_stable_preset_configs():
-    """The stable recipe at every size, from config.PRESETS; ablations on top."""
+def test_serve_preset_configs():
+    """The serve recipe at every size, from config.PRESETS; ablations on top."""
     for size in ("tiny", "small", "paper"):
-        s = felrec_setup(size, "q", None, 4, "stable")
+        s = felrec_setup(size, "q", None, 4, "serve")
         assert s.encoder.output_norm == "batch" and s.model.use_mlp is False and s.model.variant == "q"
         assert (s.model.temperature, s.model.queue_size) == (0.5, 256)
         assert (s.training.warmup_epochs, s.training.batch_size, s.training.seed) == (0, 256, 4)
         assert felrec_setup(size, "q", None, 4).model.use_mlp is True  # paper preset unchanged
-    small = felrec_setup("small", "p", None, 0, "stable")
+    small = felrec_setup("small", "p", None, 0, "serve")
     enc = PRESETS["small"]["encoder"]
     assert (small.encoder.d_model, small.encoder.n_layers, small.encoder.n_heads, small.encoder.d_ff) == (
         enc["d_model"], enc["n_layers"], enc["n_heads"], enc["d_ff"]) == (32, 1, 2, 64)
     assert small.training.epochs == 5 and small.training.lr == 0.01 and small.model.variant == "p"
-    assert felrec_setup("paper", "q", None, 0, "stable").encoder.d_model == 128
-    tiny = felrec_setup("tiny", "q", None, 0, "stable")
+    assert felrec_setup("paper", "q", None, 0, "serve").encoder.d_model == 128
+    tiny = felrec_setup("tiny", "q", None, 0, "serve")
     assert tiny.encoder.d_model == felrec_setup("tiny", "q", None, 0).encoder.d_model == 16
 
-    notype = felrec_setup("small", "q", "notype", 0, "stable")
+    notype = felrec_setup("small", "q", "notype", 0, "serve")
     assert notype.encoder.type_embedding is False and notype.encoder.output_norm == "batch"
-    assert felrec_setup("small", "q", "ln", 0, "stable").model.norm == "layer"
-    base = felrec_setup("small", "q", None, 0, "stable")
+    assert felrec_setup("small", "q", "ln", 0, "serve").model.norm == "layer"
+    base = felrec_setup("small", "q", None, 0, "serve")
     assert all(ablation_is_noop(base, e) for e in ("ln", "sharemlp", "nomlp"))
     assert not any(ablation_is_noop(base, e) for e in (None, "notype", "reset", "nn", "zero"))
     assert not ablation_is_noop(felrec_setup("small", "q", None, 0), "ln")  # paper heads: a real ablation
@@ -87,19 +88,19 @@ def test_presets_are_keyed_separately_and_share_baselines(events, tmp_path):
     assert paper.computed == ["popularity", "felrec-q"]
     paper_md = paper.table_md.read_text()
 
-    cfg = ExperimentConfig("synthetic", models=models, size="tiny", eval=EVAL, felrec_preset="stable")
+    cfg = ExperimentConfig("synthetic", models=models, size="tiny", eval=EVAL, felrec_preset="serve")
     stable = run_experiment(events, cfg, tmp_path)
     assert stable.computed == ["felrec-q", "felrec-q-ln", "felrec-q-notype"]  # popularity reused
     results, ckpts = tmp_path / "results", tmp_path / "checkpoints"
     assert {p.name for p in results.glob("*.json")} == {
-        "popularity.json", "felrec-q.json", "felrec-q@stable.json", "felrec-q-ln@stable.json",
-        "felrec-q-notype@stable.json"}
-    assert {p.name for p in ckpts.iterdir()} == {"felrec-q", "felrec-q@stable", "felrec-q-notype@stable"}
-    assert stable.table_md.name == "table-stable.md" and (tmp_path / "table.md").read_text() == paper_md
+        "popularity.json", "felrec-q.json", "felrec-q@serve.json", "felrec-q-ln@serve.json",
+        "felrec-q-notype@serve.json"}
+    assert {p.name for p in ckpts.iterdir()} == {"felrec-q", "felrec-q@serve", "felrec-q-notype@serve"}
+    assert stable.table_md.name == "table-serve.md" and (tmp_path / "table.md").read_text() == paper_md
 
     rows = {r["key"]: r for r in stable.rows}
     q, ln, notype = rows["felrec-q"], rows["felrec-q-ln"], rows["felrec-q-notype"]
-    assert q["felrec_preset"] == "stable" and q["result_key"] == "felrec-q@stable"
+    assert q["felrec_preset"] == "serve" and q["result_key"] == "felrec-q@serve"
     assert q["config"]["encoder"]["output_norm"] == "batch" and q["config"]["model"]["use_mlp"] is False
     assert (q["config"]["model"]["temperature"], q["config"]["model"]["queue_size"]) == (0.5, 256)
     assert q["config"]["training"]["batch_size"] == 256 and q["config"]["training"]["warmup_epochs"] == 0
@@ -109,12 +110,12 @@ def test_presets_are_keyed_separately_and_share_baselines(events, tmp_path):
     paper_q = json.loads((results / "felrec-q.json").read_text())
     assert paper_q["config"]["model"]["use_mlp"] is True and paper_q["summary"]["total"] != q["summary"]["total"]
     md = stable.table_md.read_text()
-    assert 'FELRec rows: preset "stable"' in md and "FELRec-Q-LN: -LN" in md and "not ablations" in md
-    assert json.loads(stable.table_json.read_text())["felrec_preset"] == "stable"
+    assert 'FELRec rows: preset "serve"' in md and "FELRec-Q-LN: -LN" in md and "not ablations" in md
+    assert json.loads(stable.table_json.read_text())["felrec_preset"] == "serve"
 
     assert run_experiment(events, cfg, tmp_path).computed == []  # resumable per preset
-    (results / "felrec-q@stable.json").rename(results / "moved.json")
-    (results / "felrec-q.json").rename(results / "felrec-q@stable.json")  # a paper row under a stable key
+    (results / "felrec-q@serve.json").rename(results / "moved.json")
+    (results / "felrec-q.json").rename(results / "felrec-q@serve.json")  # a paper row under a stable key
     with pytest.raises(ConfigError, match="preset 'paper'"):
         run_experiment(events, cfg, tmp_path)
 
@@ -148,28 +149,32 @@ def test_nan_validation_scores_end_a_baseline_like_divergence(events, monkeypatc
 
 def _summary(served, ranks, total):
     parts = {}
-    shares = {"observed": 0.6, "new_user": 0.3, "new_item": 0.1}
+    shares = {"observed": 0.6, "new_user": 0.3, "new_item": 0.05, "first_item": 0.05}
     for name, share in shares.items():
         ok = name in served
         parts[name] = {"count": int(share * 100), "share": share, "served": ok,
                        "rank": ranks.get(name) if ok else None, "hit_rate": 0.5 if ok else None}
-    return {"model": "x", "hr_k": 10, "num_negatives": 100, "n_events": 100, "served": sorted(served),
+    return {"model": "x", "protocol": "serve", "hr_k": 10, "num_negatives": 100, "n_events": 100,
+            "served": sorted(served),
             "partitions": parts, "total": {"count": 100, "share": 1.0, "served": True, "rank": total, "hit_rate": 0.5}}
 
 
 def test_table_renderer_on_fixed_inputs():
     rows = [
         {"key": "felrec-q", "model": "FELRec-Q", "params": 123_456, "params_grow": False,
-         "summary": _summary({"observed", "new_user", "new_item"}, {"observed": 0.1, "new_user": 0.2, "new_item": 0.3}, 0.15)},
+         "summary": _summary({"observed", "new_user", "new_item", "first_item"},
+                             {"observed": 0.1, "new_user": 0.2, "new_item": 0.3, "first_item": 0.6}, 0.15)},
         {"key": "bpr-mf", "model": "BPR-MF", "params": 2_500_000, "params_grow": True,
          "summary": _summary({"observed"}, {"observed": 0.125}, 0.125)},
     ]
     md = table_markdown(rows, "toy")
     lines = md.splitlines()
-    assert lines[0] == "**toy** — 100 test events"
-    assert "observed (60.0%) rank ↓" in lines[2] and "new users (30.0%)" in lines[2] and "new items (10.0%)" in lines[2]
-    assert lines[4] == "| FELRec-Q | 123.5K | 0.100 | 0.500 | 0.200 | 0.500 | 0.300 | 0.500 | 0.150 | 0.500 |"
-    assert lines[5] == "| BPR-MF | 2.50M+ | 0.125 | 0.500 | – | – | – | – | 0.125† | 0.500† |"
+    assert lines[0] == "**toy** — 100 test events, protocol serve"
+    assert "observed (60.0%) rank ↓" in lines[2] and "new users (30.0%)" in lines[2] and "new items (5.0%)" in lines[2]
+    assert "first interaction of an item (5.0%)" in lines[2]
+    assert lines[4] == ("| FELRec-Q | 123.5K | 0.100 | 0.500 | 0.200 | 0.500 | 0.300 | 0.500 | 0.600 | 0.500 | 0.150 "
+                        "| 0.500 |")
+    assert lines[5] == "| BPR-MF | 2.50M+ | 0.125 | 0.500 | – | – | – | – | – | – | 0.125† | 0.500† |"
     data = table_json(rows, ExperimentConfig("toy"))
     assert data["rows"][1]["partitions"]["new_user"]["rank"] is None
     assert format_params(999, False) == "999" and format_params(1000, True) == "1.0K+"
@@ -232,10 +237,30 @@ def test_cli_experiment(events, tmp_path):
     assert "| Popularity |" in result.output and (out / "table.json").is_file()
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "nothing (all rows were finished)" in again.output
-    stable = CliRunner().invoke(cli, args + ["--felrec-preset", "stable"])
-    assert stable.exit_code == 0 and (out / "table-stable.md").is_file()
+    stable = CliRunner().invoke(cli, args + ["--felrec-preset", "serve"])
+    assert stable.exit_code == 0 and (out / "table-serve.md").is_file()
     assert "nothing (all rows were finished)" in stable.output  # baselines are shared between presets
     assert CliRunner().invoke(cli, args + ["--felrec-preset", "huge"]).exit_code != 0
+
+
+def test_cli_experiment_on_a_csv_with_its_own_column_names(events, tmp_path, monkeypatch):
+    """--dataset-option maps the columns; the table and the default folder are named after the file."""
+    import pyarrow.csv as pacsv
+
+    from felrec_stream.cli import cli
+
+    own = events.select(["user", "item", "timestamp"]).rename_columns(["uid", "movie", "ts"])
+    pacsv.write_csv(own, tmp_path / "my-clicks.csv")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["experiment", "--dataset", "csv", "--path", "my-clicks.csv",
+                                      "--dataset-option", "user=uid", "--dataset-option", "item=movie",
+                                      "--dataset-option", "timestamp=ts", "--models", "popularity", "--size", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"**my-clicks.csv** — {len(events) // 10} test events")
+    assert (tmp_path / "runs" / "experiment-my-clicks.csv-tiny" / "table.md").is_file()
+    bad = CliRunner().invoke(cli, ["experiment", "--dataset", "csv", "--path", "my-clicks.csv",
+                                   "--dataset-option", "user"])
+    assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
 
 
 def test_failed_row_is_shown_without_numbers_and_retried(events, tmp_path, monkeypatch):

@@ -155,7 +155,7 @@ class SASRec(TiedItemScores, nn.Module):
         with torch.no_grad():
             self.E.weight[PAD].zero_()
         blocks = Encoder(config)  # the very blocks of FELRec's encoder (same constructor, same config)
-        self.transformer, self.norm = blocks.transformer, blocks.norm
+        self.blocks, self.norm = blocks.blocks, blocks.norm
         self.dropout = nn.Dropout(config.dropout)
         self.fc = nn.Linear(D, D)
 
@@ -164,8 +164,10 @@ class SASRec(TiedItemScores, nn.Module):
         T = seq.shape[1]
         positions = torch.arange(T, device=seq.device)
         h = self.dropout(self.E(seq) * math.sqrt(self.E.embedding_dim) + self.pos(positions))  # (B, T, D)
-        causal = nn.Transformer.generate_square_subsequent_mask(T, device=seq.device)  # (T, T)
-        z = self.norm(self.transformer(h, mask=causal, is_causal=True))  # (B, T, D)
+        causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()[None, None]  # (1, 1, T, T)
+        for block in self.blocks:
+            h = block(h, causal)
+        z = self.norm(h)  # (B, T, D)
         return self.fc(z)
 
 

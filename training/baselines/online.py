@@ -34,13 +34,13 @@ from felrec_stream.stream.events import EventBatch, iter_batches
 from training.baselines import models as M
 from training.baselines.configs import (BaselineConfig, BPRMFConfig, GRU4RecBPTTConfig, GRU4RecConfig,
                                         JodieConfig, SASRecConfig)
-from training.protocol import ItemCatalog
+from training.protocol import EVAL_PARTITIONS, ItemCatalog
 
 log = get_logger(__name__)
 
 OBSERVED = frozenset({"observed"})
 NO_NEW_ITEMS = frozenset({"observed", "new_user"})
-ALL = frozenset({"observed", "new_user", "new_item"})
+ALL = frozenset(EVAL_PARTITIONS)
 
 
 def unique_ids(table: pa.Table, column: str) -> list[str]:
@@ -500,7 +500,8 @@ class JodieOnline(BaselineOnline):
         du = self._delta(batch.timestamp, self.users.last[us], self.users.seen[us])
         di = self._delta(batch.timestamp, self.items.last[it], self.items.seen[it])
         prev = self.user_prev[us]
-        prev_dyn = self._dynamic("item", np.maximum(prev, 0)) * torch.from_numpy(prev >= 0).to(self.device).unsqueeze(-1)
+        has_prev = torch.from_numpy(prev >= 0).to(self.device).unsqueeze(-1)
+        prev_dyn = self._dynamic("item", np.maximum(prev, 0)) * has_prev
         users_static = self._static_index(us, len(self.train_users))
         pred = self.model.predict(self.model.project(u_prev, du), users_static, prev_dyn,
                                   self._static_index(prev, len(self.train_items)))  # i~ (B, D+S)
@@ -520,7 +521,8 @@ class JodieOnline(BaselineOnline):
             self.flush()
         return scores, float(loss.detach())
 
-    def _write(self, batch: EventBatch, us: np.ndarray, it: np.ndarray, u_new: torch.Tensor, i_new: torch.Tensor) -> None:
+    def _write(self, batch: EventBatch, us: np.ndarray, it: np.ndarray, u_new: torch.Tensor,
+               i_new: torch.Tensor) -> None:
         """Latest event per user/item wins (out of place: gradients keep flowing through the state)."""
         uu, ul = last_occurrence(us)
         iu, il = last_occurrence(it)

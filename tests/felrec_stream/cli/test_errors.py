@@ -88,4 +88,5 @@ def test_train_rejects_the_same_file_with_the_same_line(tmp_path, monkeypatch, c
     path.write_text("user,item,timestamp\nu,i,1\nu\x01v,j,2\n" + "".join(f"u{n},i{n},{n}\n" for n in range(30)))
     line = _fails(monkeypatch, capsys, "train", "--dataset", "csv", "--path", str(path), "--preset", "small",
                   "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "m"))
-    assert line == f"error: {path}: invalid event(s): line 3: 'u\\x01v,j,2': field 'user' has control character '\\x01' at 1"
+    assert line == (f"error: {path}: invalid event(s): line 3: 'u\\x01v,j,2': "
+                    "field 'user' has control character '\\x01' at 1")

@@ -40,6 +40,7 @@ def test_topic_training_equals_file_training(kafka_config, topic_name, tmp_path)
         assert torch.equal(tensor, topic_ckpt.model_state[name]), name
 
 
+@pytest.mark.slow
 def test_quickstart_command_runs_the_whole_path(kafka_bootstrap, topic_name, tmp_path):
     out = tmp_path / "qs"
     result = CliRunner().invoke(cli, ["quickstart", "--bootstrap-servers", kafka_bootstrap, "--topic", topic_name,

@@ -37,7 +37,8 @@ def test_encoder_is_bidirectional_and_order_invariant_without_positions():
     seq = torch.randn(1, 4, 16)
     mask = torch.ones(1, 4, dtype=torch.bool)
     kinds = torch.tensor([0])
-    torch.testing.assert_close(model.encoder(seq, mask, kinds), model.encoder(seq.flip(1), mask, kinds), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.encoder(seq, mask, kinds), model.encoder(seq.flip(1), mask, kinds),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_type_embedding_distinguishes_user_and_item_sequences_and_can_be_ablated():
@@ -46,7 +47,8 @@ def test_type_embedding_distinguishes_user_and_item_sequences_and_can_be_ablated
     model = FELRec(TINY, ModelConfig(queue_size=8)).eval()
     assert not torch.allclose(model.encoder(seq, mask, torch.tensor([0])), model.encoder(seq, mask, torch.tensor([1])))
     no_type = FELRec(EncoderConfig(**{**TINY.__dict__, "type_embedding": False}), ModelConfig(queue_size=8)).eval()
-    torch.testing.assert_close(no_type.encoder(seq, mask, torch.tensor([0])), no_type.encoder(seq, mask, torch.tensor([1])))
+    torch.testing.assert_close(no_type.encoder(seq, mask, torch.tensor([0])),
+                               no_type.encoder(seq, mask, torch.tensor([1])))
 
 
 def test_info_nce_equals_cross_entropy_by_hand():
@@ -103,5 +105,6 @@ def test_ablations_build_and_train(variant, kw):
 
 
 def test_parameter_count_does_not_depend_on_the_catalog():
-    assert count_parameters(FELRec(EncoderConfig(), ModelConfig())) == count_parameters(FELRec(EncoderConfig(), ModelConfig()))
+    assert (count_parameters(FELRec(EncoderConfig(), ModelConfig()))
+            == count_parameters(FELRec(EncoderConfig(), ModelConfig())))
     assert count_parameters(FELRec(EncoderConfig(), ModelConfig()).encoder) < 500_000

@@ -32,7 +32,8 @@ def test_batch_reads_the_cache_as_it_was_before_the_batch():
     inputs = prepare_batch(store, batch(["b", "c"], ["x", "x"]), "cpu")
     # user c's history is empty; item x's users: a (stored) and, for the 2nd event, b (same batch, not yet written)
     x_slot = store.items.ids.lookup(["x"])[0]
-    assert inputs.item_plan.event_history[1, -2:].tolist() == [store.users.ids.lookup(["a"])[0], store.users.ids.lookup(["b"])[0]]
+    assert inputs.item_plan.event_history[1, -2:].tolist() == [store.users.ids.lookup(["a"])[0],
+                                                               store.users.ids.lookup(["b"])[0]]
     b_slot = store.users.ids.lookup(["b"])[0]
     assert store.users.vectors.get(torch.tensor([b_slot])).abs().sum() == 0  # b not written before the batch
     torch.testing.assert_close(store.items.vectors.all(), before)  # prepare never writes
@@ -68,25 +69,40 @@ def test_sequences_are_trimmed_to_the_longest_history_in_the_batch():
     store = RepresentationStore(16, 64)
     model = tiny_model()
     infer_batch(model, store, batch(["a", "a", "a"], ["x", "y", "z"]))
-    inputs = prepare_batch(store, batch(["a", "b"], ["w", "w"]), "cpu")
-    assert inputs.item_seq.shape[1] == 3  # a has 3 previous items, not 64
-    assert inputs.item_mask.tolist() == [[True, True, True], [False, False, True]]
+    inputs = prepare_batch(store, batch(["a", "b"], ["w", "w"]), "cpu", after=True)
+    assert inputs.users_before.h.shape[1] == 3  # a has 3 previous items, not 64
+    assert inputs.users_before.mask.tolist() == [[True, True, True], [False, False, True]]
+    assert inputs.users_before.empty.tolist() == [False, True]
+    assert inputs.items_before.h.shape[1] == 1  # w is new: its histories are padded to 1, not to the users'
+    assert inputs.users_after.h.shape[1] == 4  # after the batch a has 4 items
 
 
 def test_cold_start_input_is_a_deterministic_id_seed():
     store = RepresentationStore(16, 8)
-    inputs = prepare_batch(store, batch(["new-user"], ["new-item"]), "cpu", CacheConfig(cold_start_input="id_seed"))
+    inputs = prepare_batch(store, batch(["new-user"], ["new-item"]), "cpu", CacheConfig(cold_start_input="id_seed"),
+                           after=True)
     expected = id_seed_vectors(np.array(["new-user"], dtype=object), Kind.USER, 16)
-    torch.testing.assert_close(inputs.item_seq[0, -1], expected[0])
+    torch.testing.assert_close(inputs.users_before.h[0, -1], expected[0])  # an empty history: its own seed
+    # after the batch the user's history holds the new item, which has no cached vector: the item's seed
+    item_seed = id_seed_vectors(np.array(["new-item"], dtype=object), Kind.ITEM, 16)
+    torch.testing.assert_close(inputs.users_after.h[0, -1], item_seed[0])
     zero = prepare_batch(RepresentationStore(16, 8), batch(["new-user"], ["new-item"]), "cpu",
-                         CacheConfig(cold_start_input="zero"))
-    assert zero.item_seq.abs().sum() == 0
+                         CacheConfig(cold_start_input="zero"), after=True)
+    assert zero.users_before.h.abs().sum() == 0 and zero.users_after.h.abs().sum() == 0
+
+
+def test_an_entity_first_met_earlier_in_the_batch_enters_histories_as_its_id_seed():
+    store = RepresentationStore(16, 8)
+    inputs = prepare_batch(store, batch(["a", "b"], ["x", "x"]), "cpu")  # b's item x has a's event before it
+    seed_a = id_seed_vectors(np.array(["a"], dtype=object), Kind.USER, 16)
+    torch.testing.assert_close(inputs.items_before.h[1, -1], seed_a[0])  # a has no cached vector yet
 
 
 def test_distinct_new_entities_get_distinct_first_vectors():
     store = RepresentationStore(16, 8)
-    _, u, _ = infer_batch(tiny_model(), store, batch(["a", "b"], ["x", "y"]))
-    assert not torch.allclose(u[0], u[1])
+    infer_batch(tiny_model(), store, batch(["a", "b"], ["x", "y"]))
+    a, b = store.users.vectors.get(torch.from_numpy(store.users.ids.lookup(["a", "b"])))
+    assert not torch.allclose(a, b)
 
 
 @pytest.mark.parametrize("variant", ["q", "p"])

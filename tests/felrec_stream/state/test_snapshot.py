@@ -55,7 +55,8 @@ def test_store_state_round_trips_exactly(tmp_path, backend):
         (lambda: make_store(D, CacheConfig(history_len=3, shards=3)))
     store = _filled(make())
     manager = SnapshotManager(tmp_path)
-    extra = (lambda d: store.items.vectors.write_index_files(d / "faiss", prefix="items-")) if backend == "faiss" else None
+    extra = ((lambda d: store.items.vectors.write_index_files(d / "faiss", prefix="items-"))
+             if backend == "faiss" else None)
     manager.write_state(store.state_dict(), {"offsets": {"interactions": {"0": 41}}, "config_version": 1}, extra)
     snap = manager.latest_valid()
     assert snap.meta == {"offsets": {"interactions": {"0": 41}}, "config_version": 1}
@@ -168,7 +169,8 @@ def test_retention_keeps_newest_k_complete(tmp_path):
 
 def test_manifest_holds_checksums_sizes_meta_and_created_time(tmp_path):
     manager = SnapshotManager(tmp_path)
-    path = manager.write({"x": np.arange(3.0)}, {"offsets": [1, 2]}, extra=lambda d: (d / "extra.bin").write_bytes(b"abc"))
+    path = manager.write({"x": np.arange(3.0)}, {"offsets": [1, 2]},
+                         extra=lambda d: (d / "extra.bin").write_bytes(b"abc"))
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest["files"]) == {"array-00000.npy", "extra.bin"}
     assert manifest["files"]["extra.bin"]["size"] == 3 and len(manifest["files"]["extra.bin"]["sha256"]) == 64

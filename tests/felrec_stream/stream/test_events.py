@@ -15,7 +15,8 @@ def test_events_sorted_stably_by_time_then_original_order():
     assert is_time_ordered(t)
 
 
-@pytest.mark.parametrize("user,message", [([None, "a"], "missing"), (["", "a"], "empty"), ([1.5, 2.5], "integers or strings")])
+@pytest.mark.parametrize("user,message", [([None, "a"], "missing"), (["", "a"], "empty"),
+                                          ([1.5, 2.5], "integers or strings")])
 def test_bad_ids_are_rejected(user, message):
     with pytest.raises(DatasetError, match=message):
         make_events(user, ["x", "y"], [0, 1])
