@@ -1,5 +1,6 @@
-"""Spilling tables (cache.max_entities): a capped store ends in exactly the state of an uncapped one,
-evicted entities come back bit for bit, spill files are immutable, verified, collected and compacted."""
+"""Spilling tables (cache.max_entities): a capped store ends in exactly the state of an uncapped one
+(vectors, histories, counts, times and decayed popularity, under both cache_update rules), evicted
+entities come back bit for bit, spill files are immutable, verified, collected and compacted."""
 
 from __future__ import annotations
 
@@ -19,12 +20,24 @@ from pipelines.worker import load_model, store_fingerprint
 from tests.pipelines import assert_same_store, offline_replay, synthetic_events, write_tiny_checkpoint
 
 N_EVENTS, BATCH, CAP = 900, 32, 24
+HALFLIFE = 40.0  # events: popularity decays over the run, so a lost or stale pop_at shows in the sums
 BACKENDS = ["tensor", "faiss", "faiss-hnsw-2-shards"]
+UPDATES = ["pre_event", "post_event"]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt"))
+def bundles(tmp_path_factory):
+    """A tiny model per cache_update rule, its cache with a popularity half-life."""
+    out = {}
+    for update in UPDATES:
+        plain = load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", cache_update=update))
+        out[update] = replace(plain, cache=replace(plain.cache, popularity_halflife=HALFLIFE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(bundles):
+    return bundles["pre_event"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +48,8 @@ def table():
 def _store(bundle, backend: str, cap: int, spill_dir=None) -> RepresentationStore:
     cache = replace(bundle.cache, max_entities=cap)
     if backend == "tensor":
-        return RepresentationStore(bundle.dim, cache.history_len, max_entities=cap, spill_dir=spill_dir)
+        return RepresentationStore(bundle.dim, cache.history_len, max_entities=cap, spill_dir=spill_dir,
+                                   popularity_halflife=cache.popularity_halflife)
     if backend == "faiss-hnsw-2-shards":
         cache = replace(cache, index_type="hnsw", shards=2)
     return make_store(bundle.dim, cache, spill_dir=spill_dir)
@@ -46,18 +60,43 @@ def _replay(bundle, events, store):
 
 
 @pytest.fixture(scope="module")
-def uncapped(bundle, table):
-    return {backend: store_fingerprint(_replay(bundle, table, _store(bundle, backend, 0))) for backend in BACKENDS}
+def uncapped_stores(bundles, table):
+    """(cache_update, backend) -> the uncapped store after the whole table (replayed on first use)."""
+    memo = {}
+
+    def get(update: str, backend: str) -> RepresentationStore:
+        if (update, backend) not in memo:
+            memo[update, backend] = _replay(bundles[update], table, _store(bundles[update], backend, 0))
+        return memo[update, backend]
+    return get
 
 
+@pytest.fixture(scope="module")
+def uncapped(uncapped_stores):
+    """backend -> fingerprint of the uncapped pre_event store."""
+    return {backend: store_fingerprint(uncapped_stores("pre_event", backend)) for backend in BACKENDS}
+
+
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_capped_store_ends_in_the_same_state_as_an_uncapped_one(bundle, table, uncapped, backend):
-    capped = _replay(bundle, table, _store(bundle, backend, CAP))
-    assert_same_store(store_fingerprint(capped), uncapped[backend])  # every vector, history, count, time
+def test_capped_store_ends_in_the_same_state_as_an_uncapped_one(bundles, table, uncapped_stores, backend, update):
+    capped = _replay(bundles[update], table, _store(bundles[update], backend, CAP))
+    reference = uncapped_stores(update, backend)
+    # every vector, history, count, time, popularity (pop, pop_at) and event index
+    assert_same_store(store_fingerprint(capped), store_fingerprint(reference))
     for t in capped.tables.values():
         assert len(t) > 3 * CAP and t.evicted > len(t) and t.restored > len(t) / 2  # real spill traffic
     capped.enforce_cap()
     assert all(t.resident <= CAP for t in capped.tables.values())
+    # the popularity prior of evicted items: exact, and still decaying with the events applied since
+    items = capped.items
+    evicted = np.flatnonzero(items.row_of[: len(items)] < 0)
+    assert len(evicted) > len(items) / 2
+    for at in (items.history.events, items.history.events + 500):
+        popularity = items.history.popularity(evicted, at)
+        assert popularity.min() > 0
+        np.testing.assert_array_equal(popularity, reference.items.history.popularity(evicted, at))
+    assert (items.history.popularity(evicted) < items.history.counts[evicted]).all()  # the half-life acts
 
 
 @pytest.mark.parametrize("backend", ["tensor", "faiss"])
@@ -81,17 +120,22 @@ def test_an_evicted_entity_comes_back_bit_for_bit(bundle, table, backend):
     assert record["history"] == before.rows[0].tolist()
     assert (record["history_length"], record["interaction_count"], record["last_update_time"]) == \
         (before.lengths[0], before.counts[0], before.last_time[0])
+    assert (record["popularity"], record["popularity_at"]) == (before.pop[0], before.pop_at[0])
+    assert before.pop[0] > 0 and before.pop_at[0] > 0
 
     assert users.slots(np.asarray([external], dtype=object)).tolist() == [slot]  # the id appears again
     assert users.row_of[slot] >= 0
     for key, value in users.vectors.rows_state(np.asarray([slot])).items():
         assert value.tobytes() == held[key].tobytes(), key
     after = users.read(np.asarray([slot]))
-    for field in ("rows", "lengths", "counts", "last_time"):
+    for field in ("rows", "lengths", "counts", "last_time", "pop", "pop_at"):
         np.testing.assert_array_equal(getattr(after, field), getattr(before, field), err_msg=field)
 
 
-def test_state_dict_with_spill_restores_and_continues_like_an_uninterrupted_run(bundle, table, uncapped, tmp_path):
+@pytest.mark.parametrize("update", UPDATES)
+def test_state_dict_with_spill_restores_and_continues_like_an_uninterrupted_run(bundles, table, uncapped_stores,
+                                                                                update, tmp_path):
+    bundle = bundles[update]
     first, rest = table.slice(0, 448), table.slice(448)
     running = _replay(bundle, first, _store(bundle, "faiss", CAP, tmp_path / "spill"))
     state = running.state_dict()
@@ -101,9 +145,10 @@ def test_state_dict_with_spill_restores_and_continues_like_an_uninterrupted_run(
     restored.load_state_dict(unflatten_state(arrays, spec))
     assert_same_store(store_fingerprint(restored), store_fingerprint(running))
     assert restored.users.resident == len(state["users"]["resident"]["slots"]) < len(restored.users)
+    assert restored.items.history.events == 448 and restored.items.history.pop[: len(restored.items)].min() > 0
     for store in (running, restored):
         _replay(bundle, rest, store)
-        assert_same_store(store_fingerprint(store), uncapped["faiss"])
+        assert_same_store(store_fingerprint(store), store_fingerprint(uncapped_stores(update, "faiss")))
 
 
 def test_a_cap_can_be_switched_on_but_not_off_without_the_spill(bundle, table, uncapped):
@@ -194,12 +239,14 @@ def test_batches_larger_than_the_cap_still_apply_exactly(bundle, table, uncapped
     assert store.users.resident <= BATCH
 
 
-@pytest.mark.parametrize("damage", ["resident_rows", "location", "resident_slot"])
+@pytest.mark.parametrize("damage", ["resident_rows", "location", "resident_slot", "popularity"])
 def test_a_damaged_capped_state_is_refused_before_anything_loads(bundle, table, damage):
     state = _replay(bundle, table.slice(0, 320), _store(bundle, "faiss", CAP)).state_dict()
     items = state["items"]
     if damage == "resident_rows":
         items["resident"]["rows"] = items["resident"]["rows"][:, :3]
+    elif damage == "popularity":
+        items["history"]["pop_at"] = items["history"]["pop_at"][:-1]
     elif damage == "location":
         items["spill"]["file"] = np.full_like(items["spill"]["file"], len(items["spill"]["files"]))
     else:
