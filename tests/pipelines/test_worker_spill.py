@@ -1,6 +1,7 @@
 """The streaming worker with a cap (cache.max_entities) on an InMemorySource: the final state equals
 the uncapped offline replay, snapshots refer to their spill files, a crash after spill writes and
-before the next snapshot restarts to the same final state, and only unreferenced files are deleted."""
+before the next snapshot restarts to the same final state (popularity included), and only unreferenced
+files are deleted."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.stream.source import InMemorySource
 from pipelines.worker import ModelBundle, StreamWorker, WorkerOptions, load_model, spill_dir_for, store_fingerprint
-from tests.pipelines import assert_histories_match_table, assert_same_store, offline_replay, synthetic_events
+from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, synthetic_events,
+                             write_tiny_checkpoint)
 from tests.pipelines.test_worker_in_memory import CrashingSource
 
 N_EVENTS, BATCH, CAP = 1200, 32, 30
+HALFLIFE = 50.0  # a decaying popularity prior: its state (pop, pop_at, events) must survive spill and snapshots
 TOPIC = "in-memory-spill"
 
 
@@ -27,17 +30,31 @@ def table():
     return synthetic_events(N_EVENTS, n_users=160, n_items=100, seed=11)
 
 
+def _capped(plain: ModelBundle) -> ModelBundle:
+    cache = replace(plain.cache, max_entities=CAP, shards=2, popularity_halflife=HALFLIFE)
+    return ModelBundle(plain.model, cache, plain.configs, plain.version, plain.path)
+
+
+def _uninterrupted(bundle, table):
+    """Reference: the same batches applied offline on an uncapped store."""
+    return store_fingerprint(offline_replay(bundle.model, table, BATCH, replace(bundle.cache, max_entities=0)))
+
+
 @pytest.fixture(scope="module")
 def bundle(checkpoint):
-    plain = load_model(checkpoint)
-    return ModelBundle(plain.model, replace(plain.cache, max_entities=CAP, shards=2), plain.configs, plain.version,
-                       plain.path)
+    return _capped(load_model(checkpoint))
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(bundle, table):
-    """Reference: the same batches applied offline on an uncapped store."""
-    return store_fingerprint(offline_replay(bundle.model, table, BATCH, replace(bundle.cache, max_entities=0)))
+    return _uninterrupted(bundle, table)
+
+
+@pytest.fixture(scope="module")
+def post_event(tmp_path_factory, table):
+    """(bundle, reference) of a model whose cache holds post-event encodings."""
+    plain = load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "post.pt", cache_update="post_event"))
+    return _capped(plain), _uninterrupted(_capped(plain), table)
 
 
 def _worker(bundle, source, snapshot_dir, **options) -> StreamWorker:
@@ -70,7 +87,11 @@ def test_capped_worker_ends_like_the_uncapped_replay(bundle, table, uninterrupte
     assert len(manager.snapshots()) == 3  # pruned to `keep`; files of pruned snapshots were collected
 
 
-def test_crash_after_spill_writes_restarts_to_the_same_state(bundle, table, uninterrupted, tmp_path):
+@pytest.mark.parametrize("update", ["pre_event", "post_event"])
+def test_crash_after_spill_writes_restarts_to_the_same_state(bundle, table, uninterrupted, post_event, update,
+                                                             tmp_path):
+    if update == "post_event":
+        bundle, uninterrupted = post_event
     snap = tmp_path / "snap"
     crashing = _worker(bundle, CrashingSource(table, BATCH, crash_at_batch=29), snap, snapshot_every_events=256)
     with pytest.raises(RuntimeError, match="simulated crash"):
