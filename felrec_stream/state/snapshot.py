@@ -236,6 +236,10 @@ class _Vanished(StoreError):
     """A snapshot directory disappeared while it was read: the writer pruned it after a newer commit."""
 
 
+class _Missing(SnapshotCorrupt):
+    """A file of a snapshot is absent: corrupt, unless the writer is pruning it (then `_Vanished`)."""
+
+
 # Errors of a loader that mean "this snapshot is unusable, try the previous one".
 LOAD_ERRORS: tuple[type[BaseException], ...] = (SnapshotCorrupt, ValueError, KeyError, TypeError, IndexError)
 Accept = Callable[[int, Mapping[str, Any]], bool]
@@ -557,9 +561,13 @@ class SnapshotManager:
             if accept is not None and not accept(seq, manifest["meta"]):
                 return None
             arrays = self._verified_arrays(path, manifest)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, _Missing) as exc:
+            # Pruning removes the files (the manifest among them, in any order), then the directory,
+            # then the spill files only it referred to; all after CURRENT moved on.
             if not path.is_dir() or self.current_seq() != current:
                 raise _Vanished(str(path)) from None
+            if isinstance(exc, _Missing):
+                raise
             raise SnapshotCorrupt(f"missing file {Path(exc.filename or '?').name}") from None
         except (KeyError, TypeError, AttributeError) as exc:
             raise SnapshotCorrupt(f"malformed manifest: {type(exc).__name__}: {exc}") from None
@@ -569,7 +577,7 @@ class SnapshotManager:
     def _manifest(self, path: Path, seq: int) -> dict[str, Any]:
         """The manifest after checking its own checksum and seq (FileNotFoundError passes through)."""
         if not (path / MANIFEST).exists() and path.is_dir():
-            raise SnapshotCorrupt("no manifest (incomplete snapshot)")
+            raise _Missing("no manifest (incomplete snapshot)")
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except ValueError as exc:
@@ -602,7 +610,7 @@ class SnapshotManager:
         for name, expected in manifest.get("refs", {}).items():
             file = path.parent / name  # refs are relative to the root
             if not file.is_file():
-                raise SnapshotCorrupt(f"missing referenced file {name}")
+                raise _Missing(f"missing referenced file {name}")
             if file.stat().st_size != expected["size"]:
                 raise SnapshotCorrupt(f"size mismatch in referenced file {name}")
         try:
