@@ -17,7 +17,7 @@ hash(id) % R (as `faiss_store.shard_of` already assigns FAISS shards), one step 
 
 Each message is an `all_to_all_single` with per-rank split sizes; with hashing, a fraction
 (R-1)/R of every message leaves the rank. Memory per rank: N/R entities x (vector, history,
-length/count/time, a compact id index). `--dataset` measures the history fill and u of a real
+length/count/time/popularity, a compact id index). `--dataset` measures the history fill and u of a real
 or synthetic stream with the store's own `HistoryBuffer` (the figures below assume steady state:
 full histories, u as given).
 """
@@ -39,7 +39,7 @@ ENTITIES = (10_000_000, 100_000_000, 1_000_000_000)  # users + items
 DTYPES = {"float32": 4, "bfloat16": 2}
 KEY = 8  # int64 entity key (a 64-bit id hash: slots are rank-local once the cache is sharded)
 ID_INDEX = 32  # bytes per entity of an open-addressing key -> row table (16 B entries at load factor 0.5)
-COUNTERS = 3 * 8  # history length, interaction count, last-update time
+COUNTERS = 5 * 8  # history length, interaction count, last-update time, popularity and its event index
 
 
 @dataclass(frozen=True)

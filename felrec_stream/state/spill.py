@@ -11,8 +11,9 @@ An entity keeps the slot it got on first appearance for ever; eviction frees its
 its slot. Slots are never reused because histories store slots of the other kind (a reused slot
 would silently redirect every history that names the evicted entity), the query service maps
 FAISS results back to ids through slots, and snapshots list ids in slot order. Memory per entity
-ever seen is therefore a small floor (id map entry, length/count/time, residency and spill
-location: `benchmarks/bench_spill.py` measures it) while vectors, histories and FAISS rows, the
+ever seen is therefore a small floor (id map entry, the per-slot columns `SLOT_COLUMNS`: history
+length, count, last-update time, popularity and its event index; residency and spill location:
+`benchmarks/bench_spill.py` measures it) while vectors, histories and FAISS rows, the
 bulk, exist only for resident entities: the history rows and `TensorRows` vectors live in a pool
 of rows (slot -> row map, freed rows reused); `ShardedFaissVectors` frees and reuses shard rows.
 
@@ -24,7 +25,9 @@ Eviction and restore
   down to 95% of N, so spill files are written in chunks, not per batch.
 - Evicting writes one immutable Parquet file per round (kind, chunk): per entity the slot, id,
   exactly what the vector backend holds (`vectors` for `TensorRows`; `unit` + `norms` for FAISS),
-  the last-L history, its length, interaction count and last-update time. An entity whose record
+  the last-L history, its length, interaction count, last-update time and popularity (`popularity`
+  as of event index `popularity_at`; copies of the per-slot columns, which stay in memory and are
+  the ones a restore keeps). An entity whose record
   is still current (restored, then only read) is dropped from memory without a write.
 - A write path to an evicted slot (`slots(create=True)`, `vectors.put`, `history.plan/apply`)
   restores it first, bit for bit, from its newest record. Reads of vectors (`vectors.get`: the
@@ -41,6 +44,12 @@ Top-k and similarity searches rank *resident* entities only (the FAISS indexes h
 N sized to the active set, candidates are the recently active items. Point reads (a user's own
 vector and history for its recommendations, `/v1/vectors`) are served from the spill without
 restoring (`SpillingTable.read`), so every known id answers.
+
+The popularity prior (`HistoryBuffer.popularity`, `cache.popularity_halflife`) is exact for every
+item, evicted or not: `pop`/`pop_at` are per-slot columns that never leave memory, and the decay
+is computed from `pop_at` when asked, so an evicted item keeps decaying without being touched and
+comes back with the popularity an uncapped store would hold. Eviction changes only which items
+the searches rank (the resident ones).
 
 Snapshots and crashes
 ---------------------
