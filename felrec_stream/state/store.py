@@ -459,7 +459,8 @@ class RepresentationStore:
 
     @classmethod
     def for_cache(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu") -> "RepresentationStore":
-        """An in-memory store shaped by a cache config (history length, popularity half-life)."""
+        """An in-memory store shaped by a cache config (history length, popularity half-life); no cap:
+        `cache.max_entities` is for the worker's store (`faiss_store.make_store`)."""
         return cls(dim, cache.history_len, device, popularity_halflife=cache.popularity_halflife)
 
     @property
