@@ -96,6 +96,10 @@ ROW_GROUP = 128  # records per Parquet row group: a restore reads only the group
 OPEN_FILES = 128  # spill files kept open (footer parsed once), least recently used closed first
 GROUP_CACHE_BYTES = 64 << 20  # decoded row groups kept (files never change), least recently used dropped
 EVICT_TO = 0.95  # an eviction round frees down to this fraction of the cap
+# Record column of each per-slot column (copies: the per-slot columns stay in memory). `popularity`
+# is the decayed count as of event index `popularity_at` (HistoryBuffer.popularity).
+RECORD_COLUMNS = {"lengths": "history_length", "counts": "interaction_count", "last_time": "last_update_time",
+                  "pop": "popularity", "pop_at": "popularity_at"}
 _NAME_RE = re.compile(r"^(user|item)-([0-9a-f]{64})\.parquet$")
 
 
@@ -577,11 +581,8 @@ class SpillingTable(EntityTable):
         for key, value in data.vectors.items():
             columns[key] = _fixed_list(value) if value.ndim == 2 else pa.array(value)
         columns["history"] = _fixed_list(data.rows)
-        columns["history_length"] = pa.array(data.lengths)
-        columns["interaction_count"] = pa.array(data.counts)
-        columns["last_update_time"] = pa.array(data.last_time)
-        columns["popularity"] = pa.array(data.pop)  # as of event index popularity_at (HistoryBuffer.popularity)
-        columns["popularity_at"] = pa.array(data.pop_at)
+        for key in SLOT_COLUMNS:  # KeyError here = a per-slot column without a record name
+            columns[RECORD_COLUMNS[key]] = pa.array(getattr(data, key))
         return pa.table(columns)
 
     def _read_records(self, slots: np.ndarray, positions: np.ndarray, vectors: dict[str, np.ndarray],
