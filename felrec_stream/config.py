@@ -163,7 +163,10 @@ class CacheConfig:
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
     hnsw_m: int = 32
     ivf_nlist: int = 1024
-    max_entities: int = 0  # 0 = unbounded; else least-recently-updated entities spill to disk
+    # Entities of each kind (users and items separately) held in memory; 0 = no cap. Over the cap
+    # the least recently touched ones spill to Parquet files and come back on their next use
+    # (felrec_stream/state/spill.py).
+    max_entities: int = 0
     # Item popularity for the score's prior: interaction counts, each weighted 0.5 ** (events since
     # it / popularity_halflife); 0 = plain counts.
     popularity_halflife: float = 0.0
@@ -172,6 +175,7 @@ class CacheConfig:
         check(self.history_len >= 1, "cache.history_len must be >= 1")
         check(self.popularity_halflife >= 0, "cache.popularity_halflife must be >= 0 (0 = plain counts)")
         check(self.shards >= 1, "cache.shards must be >= 1")
+        check(self.max_entities >= 0, "cache.max_entities must be >= 0 (0 = no cap)")
         check(self.cold_start_input in ("id_seed", "zero"), "cache.cold_start_input must be id_seed or zero")
         check(self.index_type in ("flat", "hnsw", "ivf"), "cache.index_type must be flat, hnsw or ivf")
 

@@ -11,6 +11,8 @@ Metric names (all prefixed `felrec_worker_`):
     batch_latency_seconds        histogram read -> encode -> FAISS write of one micro-batch
     consumer_lag                 gauge     records behind the high watermark, per partition
     cache_entities{kind}         gauge     users / items in the store
+    resident_entities{kind}      gauge     of those, held in memory (the rest are spilled to
+                                           Parquet under cache.max_entities; equal without a cap)
     snapshot_duration_seconds    histogram one durable snapshot (state + fsync + CURRENT switch)
     dead_letters_total           counter   poison messages sent to the dead-letter topic
     late_events_total            counter   events released after a later one (follow mode only)
@@ -43,6 +45,8 @@ class WorkerMetrics:
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.lag = Gauge(p + "consumer_lag", "Records behind the high watermark", ["partition"], registry=r)
         self.cache = Gauge(p + "cache_entities", "Entities in the representation store", ["kind"], registry=r)
+        self.resident = Gauge(p + "resident_entities", "Entities held in memory (the rest are spilled)", ["kind"],
+                              registry=r)
         self.snapshot_duration = Histogram(p + "snapshot_duration_seconds", "Durable snapshot write time",
                                            buckets=_LATENCY_BUCKETS, registry=r)
         self.dead_letters = Counter(p + "dead_letters", "Poison messages sent to the dead-letter topic", registry=r)
@@ -70,6 +74,10 @@ class WorkerMetrics:
         self.applied.set(applied)
         self.cache.labels(kind="user").set(users)
         self.cache.labels(kind="item").set(items)
+
+    def set_resident(self, users: int, items: int) -> None:
+        self.resident.labels(kind="user").set(users)
+        self.resident.labels(kind="item").set(items)
 
     def set_lag(self, lag: Mapping[int, int]) -> None:
         for partition, value in lag.items():

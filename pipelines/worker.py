@@ -56,8 +56,13 @@ Guarantees
 4. Dead letters are written at least once: poison messages after the restored offsets are sent
    again after a crash. Their count in a snapshot is exact (only those behind the stored offsets
    are counted, see `CountingDeadLetters`); `late_events` is a plain per-run sum (follow mode).
-5. Bounded memory (`CacheConfig.max_entities`) is not implemented: the store grows with the
-   number of distinct users and items.
+5. Bounded memory (`cache.max_entities`, `consume --max-entities N`): at most N users and N items
+   stay in memory (a batch may briefly hold more); the least recently touched spill to immutable,
+   content-addressed Parquet files in `<snapshot dir>/spill/` and come back exactly on their next
+   use (felrec_stream/state/spill.py). Every snapshot lists the spill files its state refers to
+   (manifest refs: size and sha256); after each snapshot the worker deletes only the files that
+   neither the live store nor any kept snapshot refers to, so guarantees 1 and 2 hold with a cap:
+   the final state equals that of an uncapped run (tests/pipelines/test_worker_spill.py).
 6. Every record is one interaction: two records with the same `event_id` (a producer that retried
    without idempotence) are both applied. Producers must be idempotent (replay's is) for
    exactly-once *input*; the worker guarantees exactly-once *processing* of what the topic holds.
@@ -121,6 +126,7 @@ from felrec_stream.state.checkpoint import load_checkpoint
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import Snapshot, SnapshotCorrupt, SnapshotManager
+from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch
 from felrec_stream.stream.messages import TS_UNITS, PoisonMessage
@@ -317,6 +323,7 @@ class StreamWorker:
             from pipelines.replicas import Leader  # the followers' protocol imports this module
 
             self.replicas = Leader(ranks, self.request_stop)
+        _check_spill_dir(store, snapshots)
         self.dead_letters = dead_letters  # the sink the source sends to, for exact counts
         self.snapshots = snapshots
         self.metrics = metrics or WorkerMetrics()
@@ -406,6 +413,7 @@ class StreamWorker:
         lag = self.source.lag()  # KafkaSource: against the fetch high watermark, right on Tansu too
         users, items = len(self.store.users), len(self.store.items)
         self.metrics.observe_batch(len(batch), seconds, dead, late, self.progress.applied, users, items)
+        self.metrics.set_resident(_resident(self.store.users), _resident(self.store.items))
         self.metrics.set_lag(lag)
         arrivals = self._arrival_times(batch)
         if arrivals is not None:
@@ -460,10 +468,12 @@ class StreamWorker:
         log.info("snapshot_writing", applied=self.progress.applied, offsets=offsets)
         with self.lock:
             state = {"store": self.store.state_dict()}  # copies: the write below needs no lock
+            refs = {f"{SPILL_DIR}/{name}": info for name, info in self.store.spill_refs().items()}
         if self.replicas is not None:
             self.replicas.check(state["store"])  # what is written is every rank's state
         self.progress.offsets = offsets
-        path = self.snapshots.write_state(state, self._meta())
+        path = self.snapshots.write_state(state, self._meta(), refs=refs)
+        self._collect_spill()
         seconds = time.perf_counter() - started
         self.metrics.snapshot_duration.observe(seconds)
         self._snapshots_written += 1
@@ -479,6 +489,15 @@ class StreamWorker:
             return
         if self.progress.applied > self._snapshot_applied or dict(self.source.positions()) != self.progress.offsets:
             self.snapshot()
+
+    def _collect_spill(self) -> None:
+        """Delete spill files that neither the live store nor a kept snapshot refers to."""
+        if self.snapshots is None or self.store.spill is None:
+            return
+        prefix = f"{SPILL_DIR}/"
+        protected = {ref[len(prefix):] for ref in self.snapshots.referenced() if ref.startswith(prefix)}
+        with self.lock:
+            self.store.collect_spill(protected)
 
     def _commit(self, offsets: dict[int, int]) -> None:
         """Group commit for lag monitoring only; a failure must not stop the worker."""
@@ -523,6 +542,7 @@ class StreamWorker:
                                  int(meta["late_events"]), {int(k): int(v) for k, v in meta["offsets"].items()})
         self.restored_seq = snapshot.seq
         self.lineage = snapshot.lineage or self.lineage
+        self._collect_spill()  # files a crashed run wrote after this snapshot
         self._snapshot_applied = self.progress.applied
         self._dlq_restored = self.progress.dead_letters
         log.info("worker_restored", seq=snapshot.seq, applied=self.progress.applied, offsets=self.progress.offsets,
@@ -601,27 +621,48 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+def _resident(table: Any) -> int:
+    return getattr(table, "resident", len(table))
+
+
+def _check_spill_dir(store: RepresentationStore, snapshots: SnapshotManager | None) -> None:
+    """A capped store that is snapshotted must spill into <snapshot root>/spill (manifest refs)."""
+    if store.spill is None or snapshots is None:
+        return
+    expected = (snapshots.root / SPILL_DIR).resolve()
+    if store.spill.directory.resolve() != expected:
+        raise ConfigError(f"a store with cache.max_entities must spill into {expected} to be snapshotted "
+                          f"(make_store(..., spill_dir=...)), not {store.spill.directory}")
+
+
 def model_and_store(checkpoint: str | Path, *, shards: int | None = None, index_type: str | None = None,
+                    max_entities: int | None = None, spill_dir: Path | None = None,
                     device: str = "auto", ranks: Ranks | None = None) -> tuple[ModelBundle, RepresentationStore]:
-    """The trained encoder (with the worker's shards/index_type overrides) and an empty FAISS store."""
+    """The trained encoder (with the worker's shards/index_type/max_entities overrides) and an empty
+    FAISS store (a capped one spills into `spill_dir`; None: a temporary folder)."""
     torch_device = resolve_device(device)
     if ranks is not None:
         torch_device = ranks.place(torch_device)
     bundle = load_model(checkpoint, torch_device)
-    overrides = {k: v for k, v in (("shards", shards), ("index_type", index_type)) if v is not None}
+    overrides = {k: v for k, v in (("shards", shards), ("index_type", index_type), ("max_entities", max_entities))
+                 if v is not None}
     cache = replace(bundle.cache, **overrides)
+    if ranks is not None and cache.max_entities:
+        # Followers restore rank 0's state and apply its batches; a spill would have to be shared too.
+        raise ConfigError("cache.max_entities (a spilling store) is not supported with data-parallel ranks yet")
     bundle = ModelBundle(bundle.model, cache, bundle.configs, bundle.version, bundle.path)
-    return bundle, make_store(bundle.dim, cache, torch_device)
+    return bundle, make_store(bundle.dim, cache, torch_device, spill_dir=spill_dir)
 
 
 def build_worker(checkpoint: str | Path, kafka_config: KafkaConfig, options: WorkerOptions, *,
-                 shards: int | None = None, index_type: str | None = None, device: str = "auto",
-                 snapshot_dir: str | Path | None = None, keep_snapshots: int = 3,
+                 shards: int | None = None, index_type: str | None = None, max_entities: int | None = None,
+                 device: str = "auto", snapshot_dir: str | Path | None = None, keep_snapshots: int = 3,
                  metrics: WorkerMetrics | None = None, lock: Any = None,
                  source_kwargs: Mapping[str, Any] | None = None, ranks: Ranks | None = None) -> StreamWorker:
     """Wire model, FAISS store, ordered source and snapshots (kafka_config needs bootstrap servers).
     With data-parallel `ranks` this is rank 0's worker (the others: `replicas.build_follower`)."""
-    bundle, store = model_and_store(checkpoint, shards=shards, index_type=index_type, device=device, ranks=ranks)
+    bundle, store = model_and_store(checkpoint, shards=shards, index_type=index_type, max_entities=max_entities,
+                                    spill_dir=spill_dir_for(snapshot_dir), device=device, ranks=ranks)
     dead_letters = CountingDeadLetters(lambda: KafkaDeadLetters(kafka_config))
     source = make_source(kafka_config, options, dead_letters=dead_letters, **dict(source_kwargs or {}))
     snapshots = SnapshotManager(snapshot_dir, keep=keep_snapshots) if snapshot_dir is not None else None
@@ -629,12 +670,24 @@ def build_worker(checkpoint: str | Path, kafka_config: KafkaConfig, options: Wor
                         dead_letters, ranks=ranks)
 
 
+def spill_dir_for(snapshot_dir: str | Path | None) -> Path | None:
+    """Where a capped store spills: next to the snapshots that refer to its files (None: a temp dir)."""
+    return None if snapshot_dir is None else Path(snapshot_dir) / SPILL_DIR
+
+
 def store_fingerprint(store: RepresentationStore) -> dict[str, np.ndarray | list[str]]:
-    """Flat view of a store for equality checks (tests, crash drills): ids, vectors, histories."""
+    """Flat view of a store for equality checks (tests, crash drills): ids, vectors, histories, counts,
+    times and item/user popularity (with the event index it decays from).
+
+    Spilled entities are read from their files (`EntityTable.read`), so a capped store and an
+    uncapped one holding the same state give equal fingerprints.
+    """
     out: dict[str, Any] = {}
     for name, table in (("user", store.users), ("item", store.items)):
+        data = table.read(np.arange(len(table)))
         out[f"{name}_ids"] = table.ids.ids()
-        out[f"{name}_vectors"] = table.vectors.all().cpu().numpy()
-        for key, value in table.history.state_dict().items():
-            out[f"{name}_{key}"] = value
+        out[f"{name}_vectors"] = data.raw()
+        out.update({f"{name}_rows": data.rows, f"{name}_lengths": data.lengths, f"{name}_counts": data.counts,
+                    f"{name}_last_time": data.last_time, f"{name}_pop": data.pop, f"{name}_pop_at": data.pop_at,
+                    f"{name}_events": np.asarray([table.history.events])})
     return out

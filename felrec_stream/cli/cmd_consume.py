@@ -36,6 +36,10 @@ from felrec_stream.config import CacheConfig, literal_choices
 @click.option("--shards", default=None, type=click.IntRange(min=1),
               help="FAISS shards per kind (default: cache config).")
 @click.option("--index-type", default=None, type=click.Choice(literal_choices(CacheConfig, "index_type")))
+@click.option("--max-entities", default=None, type=click.IntRange(min=0),
+              help="Users and items (each) kept in memory; the least recently touched spill to Parquet "
+                   "files in <snapshot-dir>/spill and come back on their next event. 0: no cap "
+                   "[default: cache config].")
 @click.option("--snapshot-dir", default=None, type=click.Path(file_okay=False),
               help="Snapshot directory [default: $FELREC_HOME/snapshots/<topic>].")
 @click.option("--snapshot-every-events", default=50_000, show_default=True, type=click.IntRange(min=1))
@@ -87,7 +91,8 @@ def consume(**opts: Any) -> None:
         return
     with ensure_broker(kafka) as servers:
         worker = build_worker(opts["checkpoint"], replace(kafka, bootstrap_servers=servers), options,
-                              shards=opts["shards"], index_type=opts["index_type"], device=opts["device"],
+                              shards=opts["shards"], index_type=opts["index_type"],
+                              max_entities=opts["max_entities"], device=opts["device"],
                               snapshot_dir=opts["snapshot_dir"] or _default_snapshot_dir(opts["topic"]),
                               keep_snapshots=opts["keep_snapshots"], ranks=ranks)
         if opts["metrics_port"]:

@@ -8,6 +8,9 @@ Pieces, from the inside out:
   with item vectors from before it). FAISS-backed stores are searched through
   `ShardedFaissVectors.search` (exact or ANN, as configured); any other backend gets an exact
   cosine scan with the same ordering (score desc, slot asc), so results never depend on the backend.
+  With a capped store (cache.max_entities) searches rank the entities held in memory only, while
+  point reads (the query entity's vector and history, `/v1/vectors`) come from `EntityTable.read`,
+  which serves spilled entities from their Parquet files without bringing them back into memory.
 - `create_app(engine_provider)` is the FastAPI app. The provider is called once per request, so
   the standalone server can swap in a new engine (a newer snapshot) by reassigning one reference:
   a request in flight keeps the engine it started with, nothing is ever half-swapped.
@@ -56,6 +59,7 @@ from felrec_stream.log import get_logger
 from felrec_stream.serving.schema import CatalogInfo, Scored
 from felrec_stream.state.faiss_store import ShardedFaissVectors, make_store
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
+from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.state.store import Kind, RepresentationStore
 
 log = get_logger(__name__)
@@ -171,7 +175,7 @@ class QueryEngine:
             missing = [i for i, s in zip(ids, slots) if s < 0]
             if missing:
                 raise NotFound(f"unknown {kind.value} id(s): {_preview(missing)}")
-            values = table.vectors.get(torch.from_numpy(slots)).cpu().numpy()
+            values = table.read(slots).raw()
         return {external: row.tolist() for external, row in zip(ids, values)}
 
     def sizes(self) -> dict[str, int]:
@@ -214,19 +218,24 @@ class QueryEngine:
         return slot
 
     def _vector(self, kind: Kind, slot: int) -> np.ndarray:
-        return self.store.tables[kind].vectors.get(torch.tensor([slot])).cpu().numpy()[0]
+        return self.store.tables[kind].read(np.asarray([slot])).raw()[0]
 
     def _recent(self, kind: Kind, slot: int) -> np.ndarray:
         """Slots of the other kind in the entity's last-L history (what it already interacted with)."""
-        history = self.store.tables[kind].history
-        n = int(history.lengths[slot])
-        return history.rows[slot, history.length - n:].copy() if n else np.zeros(0, np.int64)
+        data = self.store.tables[kind].read(np.asarray([slot]))
+        n = int(data.lengths[0])
+        return data.rows[0, data.rows.shape[1] - n:].copy() if n else np.zeros(0, np.int64)
 
     def _search(self, kind: Kind, query: np.ndarray, k: int, exclude: np.ndarray) -> list[Scored]:
         table = self.store.tables[kind]
         if isinstance(table.vectors, ShardedFaissVectors):
             scores, slots = table.vectors.search(query[None, :], k, exclude=[exclude])
             scores, slots = scores[0], slots[0]
+        elif table.capped:  # rank the resident entities (ascending slots keep the tie order)
+            resident = table.resident_slots()
+            positions = np.flatnonzero(np.isin(resident, exclude))
+            scores, found = exact_top_k(torch.from_numpy(table.read(resident).raw()), query, k, positions)
+            slots = resident[found]
         else:
             scores, slots = exact_top_k(table.vectors.all(), query, k, exclude)
         keep = (slots >= 0) & np.isfinite(scores)
@@ -294,7 +303,8 @@ def load_store_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, A
         raise ServiceError(f"snapshot {snapshot.path} holds no representation store state")
     cache = cache_config_from_meta(snapshot.meta, {**dict(cache_overrides or {}),
                                                   "history_len": int(store_state["history_len"])})
-    store = make_store(int(store_state["dim"]), cache, device)
+    store = make_store(int(store_state["dim"]), cache, device, spill_dir=snapshot.path.parent / SPILL_DIR,
+                       spill_read_only=True)
     store.load_state_dict(store_state)
     return store
 

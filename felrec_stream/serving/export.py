@@ -10,7 +10,7 @@ Output directory (documented for consumers in docker/README.md, "Export layout")
         history_length    int64   entries in its last-L history (<= history_len)
     faiss/users/, faiss/items/     ShardedFaissVectors.write_index_files output per kind:
         shard-NNNN.faiss           IndexFlatIP over *unit* vectors (inner product = cosine)
-        shard-NNNN.row_slot.npy    faiss row -> slot (= parquet row)
+        shard-NNNN.row_slot.npy    faiss row -> slot (= parquet row); -1 = free row (zero vector)
         shard-NNNN.norms.npy       row -> norm (raw vector = unit * norm)
         shard-NNNN.ids.json        row -> external id
         shard-NNNN.hnsw.faiss (+ .hnsw_node_row.npy) / .ivf.faiss   optional ANN side index
@@ -18,6 +18,10 @@ Output directory (documented for consumers in docker/README.md, "Export layout")
     layout.json                    written last: its presence means the export is complete
 
 Plain pyarrow + faiss read all of it (tests/felrec_stream/serving/test_export.py does exactly that).
+
+With a capped store (cache.max_entities) the Parquet tables still hold every entity (spilled ones
+are read from their files, `EXPORT_CHUNK` slots at a time, so the export never holds the whole
+store in memory) while the FAISS files index the entities held in memory, as the query service does.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -45,32 +49,47 @@ LAYOUT = "layout.json"
 _TABLE_NAMES = {Kind.USER: "users", Kind.ITEM: "items"}
 
 
-def entity_table(table: EntityTable, dim: int) -> pa.Table:
-    """One kind as an Arrow table in slot order (row number = slot)."""
-    n = len(table)
-    vectors = table.vectors.all().detach().cpu().numpy().astype(np.float32, copy=False)[:n]
-    history = table.history
-    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=pa.float32())
-    schema = pa.schema([
+EXPORT_CHUNK = 65_536  # slots read and written per Parquet row group
+
+
+def _schema(table: EntityTable, dim: int) -> pa.Schema:
+    return pa.schema([
         pa.field("id", pa.string(), nullable=False),
         pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
         pa.field("last_update_time", pa.int64(), nullable=False),
         pa.field("interaction_count", pa.int64(), nullable=False),
         pa.field("history_length", pa.int64(), nullable=False),
     ], metadata={"kind": table.kind.value, "dim": str(dim), "format": FORMAT})
-    return pa.table([
-        pa.array(table.ids.ids(), type=pa.string()),
-        pa.FixedSizeListArray.from_arrays(flat, dim),
-        pa.array(history.last_time[:n]), pa.array(history.counts[:n]), pa.array(history.lengths[:n]),
-    ], schema=schema)
+
+
+def entity_batches(table: EntityTable, dim: int) -> Iterator[pa.RecordBatch]:
+    """One kind as Arrow record batches in slot order (row number = slot)."""
+    schema = _schema(table, dim)
+    for start in range(0, len(table), EXPORT_CHUNK):
+        slots = np.arange(start, min(start + EXPORT_CHUNK, len(table)), dtype=np.int64)
+        data = table.read(slots)
+        flat = pa.array(np.ascontiguousarray(data.raw(), dtype=np.float32).reshape(-1), type=pa.float32())
+        yield pa.record_batch([
+            pa.array(table.ids.names(slots), type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim),
+            pa.array(data.last_time), pa.array(data.counts), pa.array(data.lengths),
+        ], schema=schema)
+
+
+def _write_entities(table: EntityTable, dim: int, path: Path) -> None:
+    with pq.ParquetWriter(path, _schema(table, dim)) as writer:
+        for batch in entity_batches(table, dim):
+            writer.write_batch(batch)
 
 
 def _faiss_backend(table: EntityTable, dim: int, cache: CacheConfig) -> ShardedFaissVectors:
-    """The table's FAISS backend, or one built from its vectors (e.g. a TensorVectors store)."""
+    """The table's FAISS backend, or one built from its resident vectors (e.g. a TensorVectors store)."""
     if isinstance(table.vectors, ShardedFaissVectors):
         return table.vectors
     backend = ShardedFaissVectors.from_config(dim, cache)
-    backend.load_state_dict(table.vectors.state_dict(), np.asarray(table.ids.ids(), dtype=object))
+    backend.register(len(table), np.asarray(table.ids.ids(), dtype=object))
+    resident = table.resident_slots()
+    backend.admit(resident, table.ids.names(resident))
+    backend.load_rows(resident, {"vectors": table.read(resident).raw()})
     return backend
 
 
@@ -89,7 +108,7 @@ def export_store(store: RepresentationStore, out_dir: str | Path, cache: CacheCo
                               "source": dict(source or {}), "tables": {}, "faiss": {}}
     for kind, name in _TABLE_NAMES.items():
         table = store.tables[kind]
-        pq.write_table(entity_table(table, store.dim), out / f"{name}.parquet")
+        _write_entities(table, store.dim, out / f"{name}.parquet")
         faiss_dir = out / "faiss" / name
         written = _faiss_backend(table, store.dim, cache).write_index_files(faiss_dir)
         layout["tables"][name] = {"path": f"{name}.parquet", "rows": len(table)}

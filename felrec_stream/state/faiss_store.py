@@ -21,6 +21,11 @@ shards chosen by a *stable* hash of the external id (crc32 of UTF-8, never Pytho
 Zero vectors (never-written slots, empty histories) stay zero: exact search scores them 0, ANN
 indexes leave them out (they have no direction). Not thread-safe for writers; a lock serialises
 writes against concurrent searches from a query thread.
+
+Under a cap (`cache.max_entities`, felrec_stream/state/spill.py) slots can be registered without
+storage and evicted: an evicted slot's shard row is zeroed (ANN indexes drop it), marked free
+(row -> slot -1, never returned by a search) and reused by the next slot admitted to that shard,
+so each shard holds at most the resident entities plus the rows freed since the last admissions.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.state.store import RepresentationStore, VectorBackend, last_occurrence
+from felrec_stream.state.store import RepresentationStore, VectorBackend, last_occurrence, raw_vectors
 
 log = get_logger(__name__)
 
@@ -255,6 +260,7 @@ class _Shard:
         self.ann = ann
         self.nonzero = 0
         self.gpu_index: Any = None  # clone of `flat` on the GPU, None when stale or unused
+        self.free: list[int] = []  # rows released by evictions (zero vectors, row_slot -1)
 
     @property
     def size(self) -> int:
@@ -278,6 +284,28 @@ class _Shard:
             self.ann.grow(len(slots))
         self.gpu_index = None
         return np.arange(first, first + len(slots), dtype=np.int64)
+
+    def take_rows(self, slots: np.ndarray, ids: list[str]) -> np.ndarray:
+        """Rows for `slots`: freed rows first (they hold zero vectors), then new ones."""
+        reused = min(len(self.free), len(slots))
+        rows = np.empty(len(slots), dtype=np.int64)
+        if reused:
+            rows[:reused] = self.free[-reused:][::-1]
+            del self.free[-reused:]
+            self.row_slot.data[rows[:reused]] = slots[:reused]
+            for row, external in zip(rows[:reused].tolist(), ids[:reused]):
+                self.ids[row] = external
+        if reused < len(slots):
+            rows[reused:] = self.add_rows(slots[reused:], ids[reused:])
+        return rows
+
+    def release(self, rows: np.ndarray) -> None:
+        """Zero `rows` (ANN indexes drop them) and mark them free for `take_rows`."""
+        self.write(rows, np.zeros((len(rows), self.dim), dtype=np.float32), np.zeros(len(rows), dtype=np.float32))
+        self.row_slot.data[rows] = -1
+        for row in rows.tolist():
+            self.ids[row] = ""
+        self.free.extend(rows.tolist())
 
     def write(self, rows: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
         """Overwrite `rows` in place: O(len(rows)), the index keeps its size."""
@@ -335,6 +363,7 @@ class ShardedFaissVectors(VectorBackend):
         self._slot_row = _Column(np.int64, -1)
         self._lock = threading.RLock()
         self._gpu = self._init_gpu(use_gpu)
+        self.owner: Any = None  # a capped table (spill.SpillingTable): restores slots before reads/writes
 
     @classmethod
     def from_config(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu",
@@ -369,27 +398,64 @@ class ShardedFaissVectors(VectorBackend):
         """New slots [self.size, size) get their shard from their id; they read as zero until put."""
         with self._lock:
             old = self.size
+            new_ids = self.register(size, ids)
+            if new_ids:
+                self.admit(np.arange(old, size, dtype=np.int64), new_ids)
+
+    def register(self, size: int, ids: np.ndarray | Sequence[str]) -> list[str]:
+        """Slots [self.size, size) get their shard from their id, but no row yet (see `admit`).
+
+        `ids` are the new slots' ids, or every id (e.g. load_state_dict on an empty table).
+        Returns the new slots' ids.
+        """
+        with self._lock:
+            old = self.size
             if size <= old:
-                return
+                return []
             ids = list(ids)
-            if len(ids) == size:  # callers may pass every id (e.g. load_state_dict on an empty table)
+            if len(ids) == size:
                 ids = ids[old:]
             if len(ids) != size - old:
                 raise StoreError(f"ensure({size}) on {old} slots needs {size - old} new ids, got {len(ids)}")
-            slots = np.arange(old, size, dtype=np.int64)
-            shard_ids = shard_of(ids, len(self.shards))
-            rows = np.empty(len(slots), dtype=np.int64)
+            self._slot_shard.extend(shard_of(ids, len(self.shards)))
+            self._slot_row.extend(np.full(len(ids), -1, dtype=np.int64))
+            return ids
+
+    def admit(self, slots: np.ndarray, ids: np.ndarray | Sequence[str]) -> None:
+        """Zero rows in their shards for registered `slots` that have none (`ids`: theirs, same order)."""
+        with self._lock:
+            slots = np.asarray(slots, dtype=np.int64)
+            if len(slots) and (self._slot_row.data[slots] >= 0).any():
+                raise StoreError("admit: some slots already have rows")
+            shard_ids = self._slot_shard.data[slots]
             for s in np.unique(shard_ids):
                 mine = np.flatnonzero(shard_ids == s)
-                rows[mine] = self.shards[s].add_rows(slots[mine], [ids[i] for i in mine])
-            self._slot_shard.extend(shard_ids)
-            self._slot_row.extend(rows)
+                self._slot_row.data[slots[mine]] = self.shards[s].take_rows(slots[mine], [ids[i] for i in mine])
+
+    def evict(self, slots: np.ndarray) -> None:
+        """Free the rows of `slots` (they read as missing until admitted again)."""
+        with self._lock:
+            slots = np.asarray(slots, dtype=np.int64)
+            self._check_slots(slots)
+            shard_ids, rows = self._slot_shard.data[slots], self._slot_row.data[slots]
+            for s in np.unique(shard_ids):
+                self.shards[s].release(rows[shard_ids == s])
+            self._slot_row.data[slots] = -1
 
     def get(self, slots: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-        """(..., D) raw vectors (unit * norm) of `slots` (-1 -> zero) on `device` or `self.device`."""
+        """(..., D) raw vectors (unit * norm) of `slots` (-1 -> zero) on `device` or `self.device`.
+
+        Under a cap, evicted slots are read from their spill records (`owner.read_vectors`)."""
         flat = np.asarray(torch.as_tensor(slots).detach().cpu().reshape(-1).numpy(), dtype=np.int64)
         out = np.zeros((len(flat), self.dim), dtype=np.float32)
         with self._lock:
+            if self.owner is not None:  # evicted slots: straight from their spill records (not restored)
+                spilled = np.flatnonzero(flat >= 0)
+                spilled = spilled[self._slot_row.data[flat[spilled]] < 0]
+                if len(spilled):
+                    out[spilled] = self.owner.read_vectors(flat[spilled])
+                    flat = flat.copy()
+                    flat[spilled] = -1
             where = np.flatnonzero(flat >= 0)
             present = self._check_slots(flat[where])
             shard_ids, rows = self._slot_shard.data[present], self._slot_row.data[present]
@@ -410,7 +476,11 @@ class ShardedFaissVectors(VectorBackend):
         if len(np.unique(flat)) != len(flat):  # keep the latest write per slot, like the in-batch rule
             flat, last = last_occurrence(flat)
             values = values[last]
+        if self.owner is not None:
+            self.owner.need(flat)
         self._write_unit(flat, *_unit_and_norm(values))
+        if self.owner is not None:
+            self.owner.wrote(flat)
 
     def _write_unit(self, slots: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
         with self._lock:
@@ -430,14 +500,40 @@ class ShardedFaissVectors(VectorBackend):
         with self._lock:
             out = np.zeros((self.size, self.dim), dtype=np.float32)
             for shard in self.shards:
+                used = shard.row_slot.data >= 0  # free rows (evictions) belong to no slot
                 if shard.size:
-                    out[shard.row_slot.data] = shard.unit_view() * shard.norms.data[:, None]
+                    out[shard.row_slot.data[used]] = (shard.unit_view() * shard.norms.data[:, None])[used]
         return torch.from_numpy(out)
 
     def _check_slots(self, slots: np.ndarray) -> np.ndarray:
         if len(slots) and slots.max() >= self.size:
             raise StoreError(f"slot {int(slots.max())} out of range: store has {self.size} slots")
+        if len(slots) and (self._slot_row.data[slots] < 0).any():
+            raise StoreError(f"slots {slots[self._slot_row.data[slots] < 0][:5].tolist()} are evicted (no row)")
         return slots
+
+    def rows_state(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """{"unit": (n, D), "norms": (n,)} exactly as stored, for resident `slots`."""
+        slots = np.asarray(slots, dtype=np.int64)
+        unit = np.zeros((len(slots), self.dim), dtype=np.float32)
+        norms = np.zeros(len(slots), dtype=np.float32)
+        with self._lock:
+            self._check_slots(slots)
+            shard_ids, rows = self._slot_shard.data[slots], self._slot_row.data[slots]
+            for s in np.unique(shard_ids):
+                mine = shard_ids == s
+                unit[mine] = self.shards[s].unit_view()[rows[mine]]
+                norms[mine] = self.shards[s].norms.data[rows[mine]]
+        return {"unit": unit, "norms": norms}
+
+    def load_rows(self, slots: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Restore rows bit for bit from `rows_state` output (or raw {"vectors"}, normalised here)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if "unit" in state:
+            self._write_unit(slots, np.asarray(state["unit"], np.float32).reshape(-1, self.dim),
+                             np.asarray(state["norms"], np.float32))
+        else:
+            self._write_unit(slots, *_unit_and_norm(raw_vectors(state)))
 
     def state_dict(self) -> dict[str, Any]:
         """{"unit": (size, D), "norms": (size,)} in slot order: restores bit-exactly (no re-normalising).
@@ -449,9 +545,10 @@ class ShardedFaissVectors(VectorBackend):
             unit = np.zeros((self.size, self.dim), dtype=np.float32)
             norms = np.zeros(self.size, dtype=np.float32)
             for shard in self.shards:
+                used = shard.row_slot.data >= 0
                 if shard.size:
-                    unit[shard.row_slot.data] = shard.unit_view()
-                    norms[shard.row_slot.data] = shard.norms.data
+                    unit[shard.row_slot.data[used]] = shard.unit_view()[used]
+                    norms[shard.row_slot.data[used]] = shard.norms.data[used]
         return {"unit": unit, "norms": norms}
 
     def load_state_dict(self, state: dict[str, Any], ids: np.ndarray) -> None:
@@ -507,7 +604,8 @@ class ShardedFaissVectors(VectorBackend):
             width = int(fetch[todo].max())
             raw, rows = self._shard_index_search(shard, q[todo], width, exact)
             found = np.where(rows >= 0, shard.row_slot.data[np.maximum(rows, 0)], _NO_SLOT)
-            drop = (rows < 0) | excluded.contains(todo, found)
+            found = np.where(found < 0, _NO_SLOT, found)  # a free row (evicted entity)
+            drop = (found == _NO_SLOT) | excluded.contains(todo, found)
             d, found = np.where(drop, -np.inf, raw), np.where(drop, _NO_SLOT, found)
             scores, slots = _put_rows(scores, slots, todo, d, found)
             if not exact:
@@ -633,13 +731,20 @@ def _merge(parts_scores: list[np.ndarray], parts_slots: list[np.ndarray], n_quer
     return top_scores, np.where(top_slots == _NO_SLOT, -1, top_slots)
 
 
-def make_store(dim: int, cache_config: CacheConfig | None = None, device: torch.device | str = "cpu",
+def make_store(dim: int, cache_config: CacheConfig | None = None, device: torch.device | str = "cpu", *,
+               spill_dir: str | Path | None = None, spill_read_only: bool = False,
                **options: Any) -> RepresentationStore:
-    """A RepresentationStore whose user and item vectors live in sharded FAISS indexes."""
+    """A RepresentationStore whose user and item vectors live in sharded FAISS indexes.
+
+    With `cache.max_entities` > 0 at most that many entities per kind stay in memory; the others
+    spill to Parquet files in `spill_dir` (a private temporary directory when None; the worker
+    uses `<snapshot root>/spill`), see felrec_stream/state/spill.py.
+    """
     cache = cache_config or CacheConfig()
     return RepresentationStore(
         dim, cache.history_len, device,
         user_vectors=ShardedFaissVectors.from_config(dim, cache, device, **options),
         item_vectors=ShardedFaissVectors.from_config(dim, cache, device, **options),
+        max_entities=cache.max_entities, spill_dir=spill_dir, spill_read_only=spill_read_only,
         popularity_halflife=cache.popularity_halflife,
     )

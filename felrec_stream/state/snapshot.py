@@ -14,6 +14,7 @@ Layout under `root`:
                                   and `checksum`, the sha256 of the manifest itself (canonical JSON)
     CURRENT                       {"seq": 7, "dir": "snap-000000000007"}: the commit point
     .lock                         the writer's lock (pid inside)
+    spill/...                     immutable files shared by snapshots ("refs", e.g. spill files)
 
 Write protocol: files (each fsynced) -> manifest (tmp + fsync + rename) -> fsync the directory ->
 CURRENT.tmp + fsync + os.replace -> fsync root -> delete all but the newest `keep` complete
@@ -23,6 +24,12 @@ missing, fails its own checksum, or whose files fail theirs: an edited offset or
 entry is caught like a flipped bit. Each file is read once, checked and parsed from the same
 bytes. A snapshot directory that vanishes while it is read (a writer pruned it) means a newer one
 was committed: the reader starts over from CURRENT.
+
+Refs: files under `root` outside any snapshot directory that a snapshot's state refers to
+(immutable, written and fsynced by their owner before the snapshot). The manifest lists them with
+size and sha256 (covered by the manifest's own checksum); a snapshot whose ref is missing or has
+another size is skipped like a corrupt one (the owner checks their content when it reads them);
+pruning never deletes them, and `referenced()` tells the owner which ones kept snapshots need.
 
 One writer per root: `acquire()` takes an exclusive lock for the writer's whole life (the worker
 holds it from start to exit) after checking that the root is a writable directory; `write()`
@@ -154,7 +161,8 @@ class _HashingFile:
         return self.handle.write(view)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new, renamed, deleted files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -172,7 +180,8 @@ def _write_durable(path: Path, payload: Callable[[Any], None]) -> dict[str, Any]
     return {"sha256": sink.sha.hexdigest(), "size": sink.size}
 
 
-def _hash_existing(path: Path, fsync: bool) -> dict[str, Any]:
+def hash_file(path: Path, fsync: bool) -> dict[str, Any]:
+    """{"sha256", "size"} of an existing file, read once in chunks (fsynced first when asked)."""
     sha, size = hashlib.sha256(), 0
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
@@ -204,6 +213,7 @@ class Snapshot:
     created_at: str
     files: list[str] = field(default_factory=list)
     state_spec: Any = None
+    refs: dict[str, Any] = field(default_factory=dict)  # root-relative path -> {"sha256", "size"}
 
     def state(self) -> Any:
         """The nested state written by `SnapshotManager.write_state`."""
@@ -224,6 +234,10 @@ class SnapshotCorrupt(StoreError):
 
 class _Vanished(StoreError):
     """A snapshot directory disappeared while it was read: the writer pruned it after a newer commit."""
+
+
+class _Missing(SnapshotCorrupt):
+    """A file of a snapshot is absent: corrupt, unless the writer is pruning it (then `_Vanished`)."""
 
 
 # Errors of a loader that mean "this snapshot is unusable, try the previous one".
@@ -307,26 +321,29 @@ class SnapshotManager:
     # -- write --
 
     def write(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-              extra: Callable[[Path], Any] | None = None) -> Path:
+              extra: Callable[[Path], Any] | None = None, refs: Mapping[str, Any] | None = None) -> Path:
         """Durably write a new snapshot and make it current; returns its directory.
 
         `meta` (JSON-able: offsets, model/config versions) is stored in the manifest with a
         created time. `extra(dir)` may write more files into the snapshot directory first; they
         are fsynced and checksummed like the arrays. A failed write (disk full, I/O error) removes
-        its directory and raises StoreError; the previous snapshot stays current.
+        its directory and raises StoreError; the previous snapshot stays current. `refs`: {root-relative
+        path: {"sha256", "size"}} of durable files outside the snapshot that its state needs
+        (module docstring).
         """
-        return self._write(arrays, meta, extra, None)
+        return self._write(arrays, meta, extra, None, refs)
 
     def write_state(self, state: Mapping[str, Any], meta: Mapping[str, Any],
-                    extra: Callable[[Path], Any] | None = None) -> Path:
+                    extra: Callable[[Path], Any] | None = None, refs: Mapping[str, Any] | None = None) -> Path:
         """`write` for a nested state (e.g. RepresentationStore.state_dict()); read back with Snapshot.state()."""
         arrays, spec = flatten_state(state)
-        return self._write(arrays, meta, extra, spec)
+        return self._write(arrays, meta, extra, spec, refs)
 
     def _write(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-               extra: Callable[[Path], Any] | None, spec: Any) -> Path:
+               extra: Callable[[Path], Any] | None, spec: Any, refs: Mapping[str, Any] | None) -> Path:
         start = time.perf_counter()
         meta = _json_checked(meta, "meta")
+        refs = self._checked_refs(refs or {})
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -339,9 +356,9 @@ class SnapshotManager:
                 files, index = self._write_files(path, arrays, extra)
                 fault_point("snapshot_files_written")
                 manifest = {"format": FORMAT_VERSION, "seq": seq, "created_at": _now(), "files": files,
-                            "arrays": index, "meta": meta, "state": spec}
+                            "arrays": index, "meta": meta, "state": spec, "refs": refs}
                 _atomic_json(path / MANIFEST, {**manifest, "checksum": _manifest_checksum(manifest)})
-                _fsync_dir(path)
+                fsync_dir(path)
                 fault_point("snapshot_manifest_written")
                 self._commit(seq, path)
             except OSError as exc:
@@ -354,6 +371,33 @@ class SnapshotManager:
         log.info("snapshot_written", seq=seq, path=str(path), files=len(files), bytes=size,
                  seconds=round(time.perf_counter() - start, 3))
         return path
+
+    def _checked_refs(self, refs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Refs as {posix path: {"sha256", "size"}}, each an existing file below root, outside snapshots."""
+        out = {}
+        for name, info in refs.items():
+            relative = Path(name)
+            if relative.is_absolute() or ".." in relative.parts or _SNAP_RE.match(relative.parts[0]):
+                raise StoreError(f"snapshot ref {name!r} must be a relative path below the root, outside snapshots")
+            try:
+                size = (self.root / relative).stat().st_size
+            except FileNotFoundError:
+                raise StoreError(f"snapshot ref {name} does not exist under {self.root}") from None
+            if size != int(info["size"]):
+                raise StoreError(f"snapshot ref {name}: size {size} != {info['size']}")
+            out[relative.as_posix()] = {"sha256": str(info["sha256"]), "size": size}
+        return out
+
+    def referenced(self) -> set[str]:
+        """Root-relative refs of every snapshot directory with a readable manifest (kept ones)."""
+        refs: set[str] = set()
+        for _, path in self._snapshot_dirs():
+            try:
+                manifest = json.loads((path / MANIFEST).read_text())
+                refs.update(manifest.get("refs", {}))
+            except (OSError, ValueError, AttributeError):
+                continue  # incomplete or unreadable: pruned, never restored
+        return refs
 
     def _write_files(self, path: Path, arrays: Mapping[str, np.ndarray],
                      extra: Callable[[Path], Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -379,14 +423,14 @@ class SnapshotManager:
         for item in sorted(path.rglob("*")):
             relative = item.relative_to(path).as_posix()
             if item.is_dir():
-                _fsync_dir(item)
+                fsync_dir(item)
             elif relative not in known and relative != MANIFEST:
-                sealed[relative] = _hash_existing(item, fsync=True)
+                sealed[relative] = hash_file(item, fsync=True)
         return sealed
 
     def _commit(self, seq: int, path: Path) -> None:
         _atomic_json(self.root / CURRENT, {"seq": seq, "dir": path.name})
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _prune(self, current: int, previous: int | None) -> None:
         """Keep the newest `keep` complete committed snapshots; drop older, partial and crashed ones.
@@ -407,7 +451,7 @@ class SnapshotManager:
                     shutil.rmtree(path, ignore_errors=True)
                     log.info("snapshot_deleted", seq=seq, path=str(path))
                     fault_point("snapshot_pruning")
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             log.warning("snapshot_prune_failed", root=str(self.root), error=str(exc))
 
@@ -418,7 +462,7 @@ class SnapshotManager:
             (self.root / CURRENT).unlink(missing_ok=True)
             for _, path in dirs:
                 shutil.rmtree(path, ignore_errors=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         log.warning("snapshots_discarded", root=str(self.root), count=len(dirs))
         return len(dirs)
 
@@ -517,19 +561,23 @@ class SnapshotManager:
             if accept is not None and not accept(seq, manifest["meta"]):
                 return None
             arrays = self._verified_arrays(path, manifest)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, _Missing) as exc:
+            # Pruning removes the files (the manifest among them, in any order), then the directory,
+            # then the spill files only it referred to; all after CURRENT moved on.
             if not path.is_dir() or self.current_seq() != current:
                 raise _Vanished(str(path)) from None
+            if isinstance(exc, _Missing):
+                raise
             raise SnapshotCorrupt(f"missing file {Path(exc.filename or '?').name}") from None
         except (KeyError, TypeError, AttributeError) as exc:
             raise SnapshotCorrupt(f"malformed manifest: {type(exc).__name__}: {exc}") from None
         return Snapshot(path, seq, arrays, manifest["meta"], manifest["created_at"], sorted(manifest["files"]),
-                        manifest.get("state"))
+                        manifest.get("state"), manifest.get("refs", {}))
 
     def _manifest(self, path: Path, seq: int) -> dict[str, Any]:
         """The manifest after checking its own checksum and seq (FileNotFoundError passes through)."""
         if not (path / MANIFEST).exists() and path.is_dir():
-            raise SnapshotCorrupt("no manifest (incomplete snapshot)")
+            raise _Missing("no manifest (incomplete snapshot)")
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except ValueError as exc:
@@ -554,11 +602,17 @@ class SnapshotManager:
             size = file.stat().st_size
             if size != expected["size"]:
                 raise SnapshotCorrupt(f"size mismatch in {name}: {size} != {expected['size']}")
-            if _hash_existing(file, fsync=False)["sha256"] != expected["sha256"]:
+            if hash_file(file, fsync=False)["sha256"] != expected["sha256"]:
                 raise SnapshotCorrupt(f"checksum mismatch in {name}")
         missing = set(manifest["arrays"].values()) - set(files)
         if missing:
             raise SnapshotCorrupt(f"arrays without checksums: {sorted(missing)}")
+        for name, expected in manifest.get("refs", {}).items():
+            file = path.parent / name  # refs are relative to the root
+            if not file.is_file():
+                raise _Missing(f"missing referenced file {name}")
+            if file.stat().st_size != expected["size"]:
+                raise SnapshotCorrupt(f"size mismatch in referenced file {name}")
         try:
             return {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
         except ValueError as exc:

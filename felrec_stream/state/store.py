@@ -10,6 +10,10 @@ for it. A `RepresentationStore` holds, per kind (users, items):
 - a `HistoryBuffer`: the last L slots of the *other* kind each entity interacted with
   (right-aligned, -1 padding), plus interaction counts and last-update times.
 
+With `max_entities` (cache.max_entities, per kind) the tables are `spill.SpillingTable`s: the least
+recently touched entities move to Parquet files and come back on their next use; slots stay
+stable (see felrec_stream/state/spill.py for the design).
+
 Writes never go through autograd. All batch operations are vectorised (no per-event Python loop
 except the id dict lookups).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -117,6 +122,26 @@ class VectorBackend(abc.ABC):
         if len(vectors):
             self.put(torch.arange(len(vectors)), torch.from_numpy(vectors))
 
+    def rows_state(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """Exactly what the backend holds for `slots` (resident), in `state_dict` format."""
+        return {"vectors": self.get(torch.from_numpy(np.asarray(slots, np.int64))).cpu().numpy()}
+
+    def load_rows(self, slots: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Inverse of `rows_state` (restores the rows bit for bit; not a write by the engine)."""
+        self.put(torch.from_numpy(np.asarray(slots, np.int64)), torch.from_numpy(raw_vectors(state)))
+
+    # Residency, for tables with a cap (spill.SpillingTable): `register` makes slots known
+    # without storage, `admit` gives them zeroed storage, `evict` frees it.
+
+    def register(self, size: int, ids: np.ndarray) -> None:
+        raise StoreError(f"{type(self).__name__} cannot hold evicted entities (cache.max_entities)")
+
+    def admit(self, slots: np.ndarray, ids: np.ndarray) -> None:
+        raise StoreError(f"{type(self).__name__} cannot hold evicted entities (cache.max_entities)")
+
+    def evict(self, slots: np.ndarray) -> None:
+        raise StoreError(f"{type(self).__name__} cannot hold evicted entities (cache.max_entities)")
+
 
 def raw_vectors(state: dict[str, Any]) -> np.ndarray:
     """(size, D) raw vectors of a backend state: {"vectors"} or the FAISS backend's {"unit", "norms"}."""
@@ -157,6 +182,12 @@ class TensorVectors(VectorBackend):
 
     def all(self) -> torch.Tensor:
         return self._data[: self._size]
+
+
+# Per-slot columns of a HistoryBuffer, in EntityRows order: a capped table keeps them in memory for
+# every slot, evicted or not (felrec_stream/state/spill.py).
+SLOT_COLUMNS = ("lengths", "counts", "last_time", "pop", "pop_at")
+POPULARITY = ("pop", "pop_at")  # absent from states written before popularity existed
 
 
 @dataclass
@@ -240,7 +271,7 @@ class HistoryBuffer:
         added = np.diff(np.append(first_index, B))  # (G,)
         # M = [stored history (right-aligned in L) | this batch's others in order]
         M = np.full((len(unique_slots), L + int(added.max(initial=0))), -1, dtype=np.int64)
-        M[:, :L] = self.rows[unique_slots]
+        M[:, :L] = self.stored_rows(unique_slots)
         M[group_sorted, L + rank_sorted] = others[order]
         group = np.empty(B, dtype=np.int64)
         rank = np.empty(B, dtype=np.int64)
@@ -252,10 +283,14 @@ class HistoryBuffer:
         new_lengths = np.minimum(self.lengths[unique_slots] + added, L)
         return HistoryPlan(event_history, event_length, unique_slots, new_rows, new_lengths, added)
 
+    def stored_rows(self, slots: np.ndarray) -> np.ndarray:
+        """(n, L) stored histories of `slots` (a copy)."""
+        return self.rows[slots]
+
     def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None, slots: np.ndarray | None = None) -> None:
         """Store the batch's histories; with `slots` (the batch's event slots, in order) also count
         the events into the popularity, event i of the batch at index `events + i`."""
-        self.rows[plan.unique_slots] = plan.new_rows
+        self.store_rows(plan.unique_slots, plan.new_rows)
         self.lengths[plan.unique_slots] = plan.new_lengths
         self.counts[plan.unique_slots] += plan.added
         if last_time is not None:
@@ -273,6 +308,9 @@ class HistoryBuffer:
         self.pop[unique] = self.pop[unique] * self.decay(last - self.pop_at[unique]) + added
         self.pop_at[unique] = last
         self.events += len(slots)
+
+    def store_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.rows[slots] = rows
 
     def state_dict(self) -> dict[str, np.ndarray]:
         n = self.size
@@ -305,8 +343,27 @@ def last_occurrence(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return reversed_unique, len(slots) - 1 - reversed_index
 
 
+@dataclass
+class EntityRows:
+    """Everything a table holds for some slots, read without changing the table."""
+
+    vectors: dict[str, np.ndarray]  # backend row state: {"vectors"} or the FAISS {"unit", "norms"}
+    rows: np.ndarray  # (n, L) history, slots of the other kind, -1 padding
+    lengths: np.ndarray  # (n,)
+    counts: np.ndarray  # (n,)
+    last_time: np.ndarray  # (n,)
+    pop: np.ndarray  # (n,) float64 decayed popularity as of event index pop_at (HistoryBuffer.popularity)
+    pop_at: np.ndarray  # (n,)
+
+    def raw(self) -> np.ndarray:
+        """(n, D) float32 vectors as `VectorBackend.get` returns them."""
+        return raw_vectors(self.vectors)
+
+
 class EntityTable:
-    """Ids, vectors and histories of one kind."""
+    """Ids, vectors and histories of one kind (every entity in memory)."""
+
+    capped = False
 
     def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int, popularity_halflife: float = 0.0) -> None:
         self.kind = kind
@@ -326,12 +383,45 @@ class EntityTable:
             self.history.ensure(len(self.ids))
         return slots
 
+    def read(self, slots: np.ndarray) -> EntityRows:
+        """Vectors, histories, counts and times of `slots` (all >= 0), e.g. for queries and exports."""
+        slots = np.asarray(slots, dtype=np.int64)
+        h = self.history
+        return EntityRows(self.vectors.rows_state(slots), h.stored_rows(slots),
+                          *(getattr(h, key)[slots].copy() for key in SLOT_COLUMNS))
+
+    def resident_slots(self) -> np.ndarray:
+        """Slots held in memory (every slot here; a capped table leaves the evicted ones out)."""
+        return np.arange(len(self), dtype=np.int64)
+
+    def reset(self) -> None:
+        self.vectors.reset()
+        self.history.reset()
+
+    def enforce_cap(self) -> None:
+        """Nothing to evict: this table has no cap."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"ids": self.ids.ids(), "vectors": self.vectors.state_dict(), "history": self.history.state_dict()}
+
+    def check_state(self, state: dict[str, Any], dim: int) -> None:
+        """The arrays of this kind's state have the shapes its ids, dim and history length imply
+        (StoreError if not), checked before anything is loaded so a damaged state changes nothing."""
+        if "spill" in state:
+            raise StoreError(f"the {self.kind.value} state was written with cache.max_entities set (it refers to "
+                             "spill files): load it into a store with a cap (--max-entities)")
+        n, length, vectors, history = len(state["ids"]), self.history.length, state["vectors"], state["history"]
+        parts = [(f"vectors.{key}", vectors[key], shape) for key, shape in vector_shapes(vectors, n, dim).items()]
+        parts += [("history.rows", history["rows"], (n, length)), *slot_column_parts(history, n)]
+        check_shapes(self.kind, parts, f"{n} ids, dim {dim}, history length {length}")
+        check_lengths(self.kind, history["lengths"], length)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(self.ids):
             raise StoreError("load_state_dict needs an empty table")
+        if "spill" in state:
+            raise StoreError(f"the {self.kind.value} state was written with cache.max_entities set (it refers to "
+                             "spill files): load it into a store with a cap (--max-entities)")
         ids = list(state["ids"])
         self.ids = IdMap(ids)
         self.vectors.load_state_dict(state["vectors"], np.asarray(ids, dtype=object))
@@ -339,22 +429,38 @@ class EntityTable:
 
 
 class RepresentationStore:
-    """User and item tables; the object the training loop, evaluator and worker all update."""
+    """User and item tables; the object the training loop, evaluator and worker all update.
+
+    `max_entities` > 0 caps the entities held in memory per kind; the rest live in Parquet files
+    under `spill_dir` (a private temporary directory when None). `spill_read_only`: a read replica
+    that loads a snapshot and never evicts.
+    """
 
     def __init__(self, dim: int, history_len: int = 64, device: torch.device | str = "cpu",
-                 user_vectors: VectorBackend | None = None, item_vectors: VectorBackend | None = None,
-                 popularity_halflife: float = 0.0) -> None:
+                 user_vectors: VectorBackend | None = None, item_vectors: VectorBackend | None = None, *,
+                 popularity_halflife: float = 0.0, max_entities: int = 0, spill_dir: str | Path | None = None,
+                 spill_read_only: bool = False) -> None:
         self.dim = dim
         self.history_len = history_len
-        self.tables = {
-            kind: EntityTable(kind, TensorVectors(dim, device) if vectors is None else vectors, history_len,
-                              popularity_halflife)
-            for kind, vectors in ((Kind.USER, user_vectors), (Kind.ITEM, item_vectors))
-        }
+        self.spill = None
+        backends = {Kind.USER: user_vectors, Kind.ITEM: item_vectors}
+        if max_entities > 0:
+            from felrec_stream.state.spill import SpillFiles, SpillingTable, TensorRows  # spill builds on this module
+
+            self.spill = SpillFiles(spill_dir, read_only=spill_read_only)
+            self.tables: dict[Kind, EntityTable] = {
+                kind: SpillingTable(kind, TensorRows(dim, device) if backend is None else backend, history_len,
+                                    max_entities, self.spill, popularity_halflife)
+                for kind, backend in backends.items()}
+        else:
+            self.tables = {kind: EntityTable(kind, TensorVectors(dim, device) if backend is None else backend,
+                                             history_len, popularity_halflife)
+                           for kind, backend in backends.items()}
 
     @classmethod
     def for_cache(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu") -> "RepresentationStore":
-        """An in-memory store shaped by a cache config (history length, popularity half-life)."""
+        """An in-memory store shaped by a cache config (history length, popularity half-life); no cap:
+        `cache.max_entities` is for the worker's store (`faiss_store.make_store`)."""
         return cls(dim, cache.history_len, device, popularity_halflife=cache.popularity_halflife)
 
     @property
@@ -369,11 +475,34 @@ class RepresentationStore:
     def device(self) -> torch.device:
         return self.users.vectors.device
 
+    @property
+    def max_entities(self) -> int:
+        """The per-kind cap (0 = none)."""
+        return getattr(self.users, "cap", 0)
+
     def reset(self) -> None:
         """Empty the cache and histories but keep id->slot maps (cheap epoch restarts)."""
         for table in self.tables.values():
-            table.vectors.reset()
-            table.history.reset()
+            table.reset()
+
+    def enforce_cap(self) -> None:
+        """Evict down to the cap now (a capped table also does this after every history update)."""
+        for table in self.tables.values():
+            table.enforce_cap()
+
+    def spill_refs(self) -> dict[str, dict[str, Any]]:
+        """{file name: {"sha256", "size"}} of every spill file this state refers to ({} without a cap)."""
+        if self.spill is None:
+            return {}
+        names = set().union(*(table.spill_names() for table in self.tables.values()))
+        return self.spill.refs(names)
+
+    def collect_spill(self, protected: Iterable[str] = ()) -> list[str]:
+        """Delete spill files that neither this store nor `protected` (names) refers to; returns them."""
+        if self.spill is None:
+            return []
+        live = set().union(*(table.spill_names() for table in self.tables.values()))
+        return self.spill.delete_except(live | set(protected))
 
     def state_dict(self) -> dict[str, Any]:
         return {"dim": self.dim, "history_len": self.history_len,
@@ -385,25 +514,31 @@ class RepresentationStore:
         if state["dim"] != self.dim or state["history_len"] != self.history_len:
             raise StoreError(f"store shape mismatch: state dim={state['dim']} history_len={state['history_len']}, "
                              f"store dim={self.dim} history_len={self.history_len}")
-        check_store_state(state)
+        for kind, table in self.tables.items():
+            table.check_state(state[f"{kind.value}s"], self.dim)
         self.users.load_state_dict(state["users"])
         self.items.load_state_dict(state["items"])
 
 
-def check_store_state(state: dict[str, Any]) -> None:
-    """The arrays of a store state have the shapes its ids, dim and history length imply (StoreError if not)."""
-    dim, length = int(state["dim"]), int(state["history_len"])
-    for kind in Kind:
-        table = state[f"{kind.value}s"]
-        n, vectors, history = len(table["ids"]), table["vectors"], table["history"]
-        expected = {"vectors": (n, dim)} if "vectors" in vectors else {"unit": (n, dim), "norms": (n,)}
-        parts = [(f"vectors.{key}", vectors[key], shape) for key, shape in expected.items()]
-        parts += [(f"history.{key}", history[key], shape)
-                  for key, shape in (("rows", (n, length)), ("lengths", (n,)), ("counts", (n,)), ("last_time", (n,)))]
-        for name, value, shape in parts:
-            if np.shape(value) != shape:
-                raise StoreError(f"{kind.value} {name} has shape {np.shape(value)}, expected {shape} "
-                                 f"({n} ids, dim {dim}, history length {length})")
-        lengths = np.asarray(history["lengths"])
-        if lengths.size and (lengths.min() < 0 or lengths.max() > length):
-            raise StoreError(f"{kind.value} history lengths outside [0, {length}]")
+def vector_shapes(vectors: dict[str, Any], n: int, dim: int) -> dict[str, tuple[int, ...]]:
+    """Expected shapes of a backend's vector state for `n` rows ({"vectors"} or {"unit", "norms"})."""
+    return {"vectors": (n, dim)} if "vectors" in vectors else {"unit": (n, dim), "norms": (n,)}
+
+
+def slot_column_parts(history: dict[str, Any], n: int) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """(name, value, expected shape) of a history state's per-slot columns (popularity only when
+    present: states written before it existed load with zero popularity)."""
+    return [(f"history.{key}", history[key], (n,)) for key in SLOT_COLUMNS if key in history or key not in POPULARITY]
+
+
+def check_shapes(kind: Kind, parts: Iterable[tuple[str, Any, tuple[int, ...]]], context: str) -> None:
+    """StoreError naming the first (name, value, expected shape) whose shape differs."""
+    for name, value, shape in parts:
+        if np.shape(value) != shape:
+            raise StoreError(f"{kind.value} {name} has shape {np.shape(value)}, expected {shape} ({context})")
+
+
+def check_lengths(kind: Kind, lengths: Any, length: int) -> None:
+    lengths = np.asarray(lengths)
+    if lengths.size and (lengths.min() < 0 or lengths.max() > length):
+        raise StoreError(f"{kind.value} history lengths outside [0, {length}]")

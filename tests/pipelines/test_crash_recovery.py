@@ -28,6 +28,7 @@ from felrec_stream.config import CacheConfig, KafkaConfig, from_dict
 from felrec_stream.faults import ENV as FAULT_ENV
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
+from felrec_stream.state.spill import SPILL_DIR
 from pipelines.worker import WorkerOptions, build_worker, store_fingerprint
 from tests.pipelines import assert_histories_match_table, assert_same_store, synthetic_events
 
@@ -72,7 +73,8 @@ def reference(checkpoint, kafka, stream) -> dict[str, Any]:
 def _final_store_fingerprint(snapshot_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     snapshot = SnapshotManager(snapshot_dir).latest_valid()
     state = snapshot.state()["store"]
-    store = make_store(int(state["dim"]), from_dict(CacheConfig, snapshot.meta["cache"], "cache"))
+    store = make_store(int(state["dim"]), from_dict(CacheConfig, snapshot.meta["cache"], "cache"),
+                       spill_dir=snapshot_dir / SPILL_DIR, spill_read_only=True)
     store.load_state_dict(state)
     return store_fingerprint(store), snapshot.meta
 
@@ -191,6 +193,32 @@ def test_kills_at_every_named_point_and_sigkill_restarts_equal_an_uninterrupted_
     assert end_offsets(kafka, f"{topic}.dlq", [0])[0] >= len(POISON)  # at least once
     assert_same_store(fingerprint, reference)  # bit-exact, vectors included
     assert_histories_match_table(fingerprint, table, 8)  # nothing lost, nothing applied twice
+
+
+def test_sigkill_with_max_entities_restarts_equal_an_uninterrupted_run(checkpoint, kafka, stream, reference, tmp_path):
+    """`consume --max-entities 40` (far fewer than the 150 users / 100 items): SIGKILLs land between
+    spill writes and the next snapshot; the final state still equals the uncapped run."""
+    topic, table = stream
+    snapshot_dir = tmp_path / "snap"
+    command = _command(checkpoint, kafka, topic, snapshot_dir) + ["--max-entities", "40"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FELREC_HOME": str(tmp_path / "home"), "FELREC_LOG_JSON": "1",
+           "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    durable = 0
+    for events in (450, 1000):
+        rc, records, _ = _run(command, env, _applied_at_least(durable + events))
+        assert rc == -signal.SIGKILL, records[-3:]
+        assert _started_at(records) >= durable
+        durable = _started_at(records)
+    rc, records, out = _run(command, env, None)
+    assert rc == 0 and _started_at(records) > 0, records[-3:]
+    assert json.loads(out)["applied_total"] == N_EVENTS
+
+    fingerprint, meta = _final_store_fingerprint(snapshot_dir)
+    assert meta["cache"]["max_entities"] == 40 and meta["applied_events"] == N_EVENTS
+    assert_same_store(fingerprint, reference)  # bit-exact, spilled entities included
+    assert_histories_match_table(fingerprint, table, 8)
+    spill = {p.name for p in (snapshot_dir / SPILL_DIR).iterdir()}
+    assert spill and spill == {ref.split("/", 1)[1] for ref in SnapshotManager(snapshot_dir).referenced()}
 
 
 def test_corrupt_newest_snapshot_falls_back_to_the_previous(checkpoint, kafka, stream, reference, tmp_path):

@@ -453,3 +453,65 @@ def test_serve_command_serves_snapshots_and_stops_on_sigterm(tmp_path, model):
             proc.communicate()
     assert proc.returncode == 0, output
     assert "snapshot_swapped" in output and "api_stopped" in output
+
+
+# ---- capped stores (cache.max_entities) ----------------------------------------------------------
+
+CAPPED = CacheConfig(history_len=8, shards=2, max_entities=20)
+
+
+def _capped_store(model, spill_dir=None, tensor: bool = False) -> RepresentationStore:
+    if tensor:
+        return filled_store(model, synthetic_batches(), RepresentationStore(D, 8, max_entities=20))
+    return filled_store(model, synthetic_batches(), make_store(D, CAPPED, spill_dir=spill_dir))
+
+
+def _evicted_users(store: RepresentationStore) -> list[str]:
+    slots = np.flatnonzero(store.users.row_of[: len(store.users)] < 0)
+    return store.users.ids.names(slots[:5])
+
+
+def test_capped_store_serves_spilled_entities_and_ranks_resident_ones(model, store):
+    capped = _capped_store(model)
+    engine, full = QueryEngine(capped), QueryEngine(store)  # `store`: the same batches without a cap
+    users = _evicted_users(capped)
+    assert len(users) == 5
+    assert engine.vectors("user", users) == full.vectors("user", users)  # read from the spill files
+    resident = capped.items.resident_slots()
+    for user in users:
+        slot = int(store.users.ids.lookup([user])[0])
+        query = store.users.vectors.get(torch.tensor([slot])).numpy()[0]
+        history = store.users.history
+        recent = set(history.rows[slot, history.length - history.lengths[slot]:].tolist())
+        results = engine.top_k_items(user, k=10)
+        got = capped.items.ids.lookup([r.id for r in results])
+        assert set(got.tolist()) <= set(resident.tolist()) and not set(got.tolist()) & recent
+        candidates = [s for s in resident.tolist() if s not in recent]
+        truth = brute_force(store, Kind.ITEM, query, set(range(len(store.items))) - set(candidates))
+        np.testing.assert_allclose([r.score for r in results], sorted(truth.values(), reverse=True)[:10], atol=1e-5)
+        assert capped.users.row_of[slot] < 0  # answering did not bring the user back into memory
+
+
+def test_capped_exact_scan_matches_the_capped_faiss_search(model):
+    faiss_engine, tensor_engine = QueryEngine(_capped_store(model)), QueryEngine(_capped_store(model, tensor=True))
+    for user in ["u1", "u20", "u41"]:
+        a, b = faiss_engine.top_k_items(user, 12), tensor_engine.top_k_items(user, 12)
+        assert [r.id for r in a] == [r.id for r in b]
+        np.testing.assert_allclose([r.score for r in a], [r.score for r in b], atol=1e-5)
+
+
+def test_read_replica_of_a_capped_snapshot_reads_the_spill_in_place(model, tmp_path):
+    root = tmp_path / "snap"
+    live = _capped_store(model, spill_dir=root / "spill")
+    state, meta = snapshot_state(live, CAPPED)
+    SnapshotManager(root).write_state(state, meta, refs={f"spill/{n}": i for n, i in live.spill_refs().items()})
+    before = sorted(p.name for p in (root / "spill").iterdir())
+    follower = SnapshotFollower(root)
+    assert follower.poll_once()
+    replica, engine = follower.current(), QueryEngine(live)
+    users = _evicted_users(live)
+    assert replica.vectors("user", users) == engine.vectors("user", users)
+    for user in users:
+        assert replica.top_k_items(user, 10) == engine.top_k_items(user, 10)
+    assert replica.store.users.resident == live.users.resident  # memory bounded like the worker's
+    assert sorted(p.name for p in (root / "spill").iterdir()) == before  # read-only: nothing written

@@ -16,6 +16,7 @@ from felrec_stream.cli import cli
 from felrec_stream.config import CacheConfig
 from felrec_stream.serving.app import snapshot_state
 from felrec_stream.serving.export import export_snapshot, export_store
+from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
 from tests.felrec_stream.serving.test_app import D, filled_store, synthetic_batches, tiny_model
@@ -114,3 +115,24 @@ def test_export_skips_a_newest_snapshot_that_does_not_load(tmp_path, store):
     layout = export_snapshot(tmp_path / "snaps", tmp_path / "out")
     assert layout["source"]["snapshot_seq"] == 1
     _check_export(tmp_path / "out", store)
+
+
+def test_export_of_a_capped_snapshot_holds_every_entity_and_indexes_the_resident_ones(tmp_path, store):
+    cache = CacheConfig(history_len=8, shards=3, max_entities=15)
+    root = tmp_path / "snaps"
+    capped = filled_store(tiny_model(), synthetic_batches(n_events=800), make_store(D, cache, spill_dir=root / "spill"))
+    state, meta = snapshot_state(capped, cache)
+    SnapshotManager(root).write_state(state, meta, refs={f"spill/{n}": i for n, i in capped.spill_refs().items()})
+    result = CliRunner().invoke(cli, ["export", "--snapshot-dir", str(root), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    layout = json.loads((tmp_path / "out" / "layout.json").read_text())
+    for kind, name in ((Kind.USER, "users"), (Kind.ITEM, "items")):
+        table = pq.read_table(tmp_path / "out" / layout["tables"][name]["path"])
+        entity = store.tables[kind]  # the same batches without a cap
+        assert table.column("id").to_pylist() == entity.ids.ids()
+        vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(vectors, entity.vectors.all().numpy())  # spilled ones included, exactly
+        assert table.column("interaction_count").to_pylist() == entity.history.counts[: len(entity)].tolist()
+        _, by_id = _read_faiss_kind(tmp_path / "out" / layout["faiss"][name]["dir"])
+        resident = capped.tables[kind].resident_slots()
+        assert set(by_id) - {""} == set(capped.tables[kind].ids.names(resident)) != set(entity.ids.ids())

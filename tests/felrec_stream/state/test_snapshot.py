@@ -18,6 +18,7 @@ from felrec_stream.state import snapshot as snapshot_module
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager, flatten_state, unflatten_state
 from felrec_stream.state.store import RepresentationStore
+from tests.waiting import wait_for
 
 D = 8
 
@@ -245,27 +246,79 @@ def test_a_snapshot_pruned_while_it_is_read_is_replaced_by_the_newer_one(tmp_pat
     assert snapshot.seq == 2 and int(snapshot.arrays["v"][0]) == 2
 
 
+def test_a_snapshot_half_pruned_between_listing_and_reading_is_replaced_by_the_newer_one(tmp_path, monkeypatch):
+    """rmtree removes a pruned snapshot's files before its directory: a reader that listed it can find
+    the directory without its manifest. That is the writer moving on (CURRENT changed), not corruption."""
+    reader, writer = SnapshotManager(tmp_path), SnapshotManager(tmp_path, keep=1)
+    first = _write(writer, 1)
+    real_dirs, moved = SnapshotManager._snapshot_dirs, []
+
+    def list_then_the_writer_moves_on(self):
+        dirs = real_dirs(self)
+        if self is reader and not moved:
+            moved.append(_write(writer, 2))  # commits 2 and prunes 1...
+            first.mkdir()  # ...whose directory is still there, empty
+        return dirs
+
+    monkeypatch.setattr(SnapshotManager, "_snapshot_dirs", list_then_the_writer_moves_on)
+    snapshot = reader.latest_valid()
+    assert moved and snapshot is not None and snapshot.seq == 2 and snapshot.meta["value"] == 2
+
+
+def test_a_referenced_file_collected_while_its_snapshot_is_read_means_the_newer_one(tmp_path, monkeypatch):
+    """The worker deletes spill files after pruning the snapshots that referred to them: a reader of
+    such a snapshot finds the file gone and must move to the newer snapshot, not report none."""
+    reader, writer = SnapshotManager(tmp_path), SnapshotManager(tmp_path, keep=1)
+    first = writer.write({"v": np.zeros(3)}, {"value": 1}, refs=_shared_file(tmp_path, "a", b"abc"))
+    real_hash, moved = snapshot_module.hash_file, []
+
+    def hash_then_the_writer_moves_on(path, fsync):
+        result = real_hash(path, fsync)
+        if path.parent == first and not moved:  # the reader verified snap 1's own files
+            moved.append(writer.write({"v": np.ones(3)}, {"value": 2}))  # commits 2, prunes 1
+            (tmp_path / "spill" / "a").unlink()  # collected: no kept snapshot refers to it
+        return result
+
+    monkeypatch.setattr(snapshot_module, "hash_file", hash_then_the_writer_moves_on)
+    snapshot = reader.latest_valid()
+    assert moved and snapshot is not None and snapshot.seq == 2 and snapshot.meta["value"] == 2
+
+
 def test_readers_never_fail_while_a_writer_prunes(tmp_path):
+    """Reads race a writer that commits and prunes (keep=1) until the reader has seen 25 different
+    snapshots, so they overlap whatever the machine's load (not a fixed number of writes that a
+    slow reader might not overlap at all)."""
     writer, reader = SnapshotManager(tmp_path, keep=1), SnapshotManager(tmp_path)
     _write(writer, 0)
-    errors: list[BaseException] = []
+    stop, errors, seen, failures = threading.Event(), [], set(), []
 
-    def write_many() -> None:
+    def write_until_stopped() -> None:
         try:
-            for value in range(1, 80):
+            value = 0
+            while not stop.is_set():
+                value += 1
                 _write(writer, value)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    thread = threading.Thread(target=write_many)
+    def read_once() -> bool:
+        """True when done: 25 values seen, or a failed read (recorded: wait_for would swallow it)."""
+        try:
+            snapshot = reader.latest_valid()  # must neither raise nor return None or a mixed snapshot
+            assert snapshot is not None and (snapshot.arrays["v"] == snapshot.meta["value"]).all()
+            seen.add(snapshot.meta["value"])
+        except BaseException as exc:
+            failures.append(exc)
+        return bool(failures or errors) or len(seen) >= 25
+
+    thread = threading.Thread(target=write_until_stopped)
     thread.start()
-    reads = 0
-    while thread.is_alive() or reads == 0:
-        snapshot = reader.latest_valid()  # must neither raise nor return a mixed snapshot
-        assert snapshot is not None and (snapshot.arrays["v"] == snapshot.meta["value"]).all()
-        reads += 1
-    thread.join()
-    assert not errors and reads > 1
+    try:
+        wait_for(read_once, 120, "the reader saw 25 snapshots of the pruning writer", interval_s=0)
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures and not errors and len(seen) >= 25
 
 
 def test_acquire_holds_the_directory_for_the_writers_whole_life(tmp_path):
@@ -312,3 +365,39 @@ def test_a_failed_write_leaves_the_previous_snapshot_current(tmp_path, monkeypat
     with pytest.raises(StoreError, match="cannot write snapshot .*No space left on device.*previous snapshot stays"):
         _write(manager, 2)
     assert manager.snapshots() == [1] and manager.latest_valid().meta["value"] == 1
+
+
+def _shared_file(root, name, data: bytes) -> dict:
+    path = root / "spill" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return {f"spill/{name}": {"sha256": "0" * 64, "size": len(data)}}
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_snapshot_whose_referenced_file_is_damaged_is_skipped(tmp_path, damage):
+    manager = SnapshotManager(tmp_path)
+    manager.write({"v": np.zeros(3)}, {"value": 1}, refs=_shared_file(tmp_path, "a", b"abc"))
+    manager.write({"v": np.ones(3)}, {"value": 2}, refs={**_shared_file(tmp_path, "a", b"abc"),
+                                                         **_shared_file(tmp_path, "b", b"defg")})
+    if damage == "missing":
+        (tmp_path / "spill" / "b").unlink()
+    else:
+        (tmp_path / "spill" / "b").write_bytes(b"de")
+    snap = manager.latest_valid()
+    assert snap.meta["value"] == 1 and snap.refs == {"spill/a": {"sha256": "0" * 64, "size": 3}}
+
+
+def test_pruning_keeps_referenced_files_and_reports_what_kept_snapshots_need(tmp_path):
+    manager = SnapshotManager(tmp_path, keep=2)
+    for n in range(4):
+        manager.write({"v": np.full(2, n)}, {}, refs=_shared_file(tmp_path, f"f{n}", b"x" * (n + 1)))
+    assert manager.snapshots() == [3, 4]
+    assert manager.referenced() == {"spill/f2", "spill/f3"}  # the owner may delete f0 and f1
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["f0", "f1", "f2", "f3"]  # never by pruning
+
+
+@pytest.mark.parametrize("ref", ["/abs/file", "../outside", "snap-000000000001/x", "spill/missing"])
+def test_refs_must_be_existing_files_below_the_root_outside_snapshots(tmp_path, ref):
+    with pytest.raises(StoreError):
+        SnapshotManager(tmp_path).write({}, {}, refs={ref: {"sha256": "0" * 64, "size": 1}})
