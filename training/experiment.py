@@ -350,7 +350,8 @@ def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: S
     if noop:
         train_info["same_model_as"] = spec_trained.key
     config = {"encoder": to_dict(setup.encoder), "model": to_dict(setup.model),
-              "training": to_dict(setup.training), "cache": to_dict(setup.cache),
+              "training": to_dict(setup.training),
+              "cache": to_dict(checkpoint.configs.cache),  # with the popularity half-life chosen in training
               "scoring": to_dict(checkpoint.configs.scoring), "protocol": protocol}
     return result, {"params": count_parameters(online.model), "params_grow": False, "train": train_info,
                     "config": config}
@@ -433,6 +434,16 @@ def _row_cells(row: dict[str, Any]) -> list[str]:
     return cells
 
 
+def _prior_note(rows: Sequence[dict[str, Any]], halflife: float, scoring: ScoringConfig) -> str:
+    """The popularity prior of the base FELRec-Q row: as configured, or as chosen on validation."""
+    if not scoring.calibrate_popularity:
+        return f"popularity half-life {halflife:g} events, w {scoring.popularity_weight:g}"
+    base = next((r for r in rows if r["key"] == "felrec-q"), None)
+    chosen = "" if base is None else (f" (FELRec-Q: {base['config']['cache']['popularity_halflife']:g} events, "
+                                      f"w {base['config']['scoring']['popularity_weight']:g})")
+    return f"popularity half-life and w chosen on the validation split{chosen}"
+
+
 def felrec_notes(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
     """What the FELRec rows are when they are not the paper's setup; nothing for the paper preset."""
     if cfg.felrec_preset == "paper" or not any(r["key"].startswith("felrec-") for r in rows):
@@ -448,8 +459,7 @@ def felrec_notes(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> list[
              f"T {m.temperature:g}, queue {m.queue_size}, {t.optimizer} lr {t.lr:g}, warm-up {t.warmup_epochs} "
              f"epochs, batch {t.batch_size}, {t.epochs} epochs; d_model {e.d_model}, {e.n_layers} layer(s), "
              f"{e.n_heads} heads, d_ff {e.d_ff}, history {c.history_len}; score = cosine + w log(1 + popularity), "
-             f"popularity half-life {c.popularity_halflife:g} events, w "
-             f"{'chosen on the validation split' if sc.calibrate_popularity else f'{sc.popularity_weight:g}'}. "
+             f"{_prior_note(rows, c.popularity_halflife, sc)}. "
              "Baselines and the evaluation protocol are the same as with the paper preset."]
     noop = [r["model"] for r in rows if (spec := _felrec_spec(r["key"])) and ablation_is_noop(base, spec.extra)]
     if noop:

@@ -111,6 +111,8 @@ def test_presets_are_keyed_separately_and_share_baselines(events, tmp_path):
     assert paper_q["config"]["model"]["use_mlp"] is True and paper_q["summary"]["total"] != q["summary"]["total"]
     md = stable.table_md.read_text()
     assert 'FELRec rows: preset "serve"' in md and "FELRec-Q-LN: -LN" in md and "not ablations" in md
+    chosen = q["config"]["cache"]["popularity_halflife"]  # chosen in training, recorded from the checkpoint
+    assert chosen > 0 and f"(FELRec-Q: {chosen:g} events, w {q['config']['scoring']['popularity_weight']:g})" in md
     assert json.loads(stable.table_json.read_text())["felrec_preset"] == "serve"
 
     assert run_experiment(events, cfg, tmp_path).computed == []  # resumable per preset
