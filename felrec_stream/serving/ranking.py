@@ -14,7 +14,9 @@ Instead, threshold ranking over two candidate lists, each cheap to keep current:
 
 1. the index's cosine top-F for the query (exact with a flat index, approximate with hnsw/ivf);
 2. the P most popular items right now (`PopularItems`: the order of popularities never changes
-   between the events that touch an item, so the list is maintained from the touched items only).
+   between the events that touch an item, so the list is maintained from the touched items only);
+   P starts larger than F (MIN_POPULAR): taking them needs no search, and a longer list lowers
+   the bound below at once when the prior matters.
 
 Every candidate is scored exactly. An item in neither list scores at most cos_F + w * log(1 + pop_P)
 (the F-th cosine, the P-th popularity): once the k-th best candidate scores above that bound, the
@@ -31,7 +33,9 @@ import numpy as np
 
 from felrec_stream.state.store import HistoryBuffer
 
-MIN_CANDIDATES = 64  # per list at the first try
+MIN_CANDIDATES = 64  # cosine candidates at the first try (an ANN search: the costly list)
+MIN_POPULAR = 256  # popular candidates at the first try: a slice of a kept list, cheap to score, and
+                    # long enough that its bound certifies the top k at once unless cosine dominates
 POPULAR_CAPACITY = 4096  # popular items kept; grows (one O(N) rebuild) when a query needs more
 BOUND_MARGIN = 1e-6  # float noise between the index's and the recomputed cosines: widen on near-ties
 
@@ -108,11 +112,12 @@ def served_top_k(query: np.ndarray, k: int, weight: float, *, exclude: np.ndarra
     q = np.asarray(query, dtype=np.float64)
     q = q / np.linalg.norm(q) if np.linalg.norm(q) > 0 else q
     fetch = max(2 * k, MIN_CANDIDATES)
+    pop_fetch = max(fetch, MIN_POPULAR)
     while True:
         cos_scores, cos_slots = cosine_search(fetch)
         found = cos_slots >= 0
         cos_complete = int(found.sum()) < fetch  # the index has nothing more to give
-        popular_slots, pop_complete = popular.top(history, n_items, fetch)
+        popular_slots, pop_complete = popular.top(history, n_items, pop_fetch)
         candidates = np.union1d(cos_slots[found], popular_slots[~np.isin(popular_slots, exclude)])
         scores = _scores(q, candidates, weight, raw_vectors, history)
         best = np.lexsort((candidates, -scores))[:k]
@@ -123,7 +128,7 @@ def served_top_k(query: np.ndarray, k: int, weight: float, *, exclude: np.ndarra
         bound = float(cos_scores[fetch - 1]) + weight * prior_bound
         if len(best) == k and scores[best[-1]] > bound + BOUND_MARGIN:
             return scores[best], candidates[best]
-        fetch *= 2
+        fetch, pop_fetch = 2 * fetch, 2 * pop_fetch
 
 
 def _scores(q: np.ndarray, slots: np.ndarray, weight: float, raw_vectors: Callable[[np.ndarray], np.ndarray],

@@ -95,6 +95,7 @@ def test_served_top_k_equals_brute_force_and_widens_when_the_bound_is_not_met(we
     """Exact for every weight; where cosine and prior both matter the first lists often cannot
     certify the top k and are doubled; a dominant prior is certified by the popular list alone."""
     monkeypatch.setattr(ranking, "MIN_CANDIDATES", 1)  # first lists of 2k: often too short to certify
+    monkeypatch.setattr(ranking, "MIN_POPULAR", 1)
     n, dim = 600, 8
     history, batches = random_history(n, 4000, 200.0, seed=1)
     for slots in batches:
