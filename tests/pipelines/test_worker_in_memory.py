@@ -10,11 +10,12 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from felrec_stream.config import EvalConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.state.faiss_store import make_store
-from felrec_stream.serving.app import QueryEngine
+from felrec_stream.serving.app import ColdStartEncoder, QueryEngine
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.stream.events import iter_batches
 from felrec_stream.stream.source import InMemorySource
@@ -279,3 +280,26 @@ def test_queries_run_while_the_encoder_runs_and_never_see_half_a_batch(table, tm
             assert set(returned) <= users
         users |= set(batch.user.tolist())
         items |= set(batch.item.tolist())
+
+
+# Skip justified: CI and the development machines have no GPU; benchmarks/gpu_check.sh runs it where CUDA is.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_worker_and_cold_start_on_cuda_match_the_cpu(table, checkpoint, uninterrupted):
+    """The encoder on the GPU (store on the CPU, as `consume --device cuda` runs) writes the vectors
+    the CPU writes, within float tolerance, and serves cold-start queries from the GPU model."""
+    bundle = load_model(checkpoint, "cuda")
+    worker = StreamWorker(bundle, make_store(bundle.dim, bundle.cache, "cuda"), InMemorySource(table, BATCH),
+                          WorkerOptions(TOPIC, batch_size=BATCH, until_end=True))
+    worker.run()
+    got = store_fingerprint(worker.store)
+    for key, want in uninterrupted.items():
+        if isinstance(want, np.ndarray) and want.dtype.kind == "f":
+            np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-5, err_msg=key)
+        else:
+            assert np.array_equal(np.asarray(got[key]), np.asarray(want)), key
+    gpu = ColdStartEncoder(bundle.model, bundle.cache)("someone-new")
+    cpu = ColdStartEncoder(load_model(checkpoint).model, bundle.cache)("someone-new")
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5)
+    engine = QueryEngine(worker.store, worker.lock, cold_start=ColdStartEncoder(bundle.model, bundle.cache),
+                         committed_sizes=worker.committed_sizes)
+    assert engine.recommend("someone-new", k=5).cold_start and len(engine.recommend("u1", k=5).results) == 5
