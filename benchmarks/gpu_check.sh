@@ -38,16 +38,16 @@ PYEOF
 
 # The tests that need CUDA (skipped on CPU machines) and the GPU branch of the FAISS store; -rs
 # lists any skip, which here would mean a test did not find the GPU.
-step 90 "CUDA tests" $PY -m pytest -q -rs -p no:cacheprovider \
+step 80 "CUDA tests" $PY -m pytest -q -rs -p no:cacheprovider \
     tests/felrec_stream/state/test_faiss_store.py tests/pipelines/test_worker_in_memory.py -k "cuda or gpu"
 
-step 120 "training and evaluation (paper size: d=128, 3 layers, batch 1024)" \
+step 110 "training and evaluation (paper size: d=128, 3 layers, batch 1024)" \
     $PY benchmarks/bench_train_eval.py --device cuda --sizes paper --batch-size 1024 --train-batches 8
 
-step 90 "ingest: worker end to end vs the bare encoder (paper size)" \
+step 80 "ingest: worker end to end vs the bare encoder (paper size)" \
     $PY benchmarks/bench_worker.py --device cuda --sizes paper --events 10000 --repeats 1
 
-step 150 "queries at 1M items: IVF sweep, exact flat, under writes (encoder on the GPU)" \
+step 180 "queries at 1M items: IVF sweep, exact flat, under writes (encoder on the GPU)" \
     $PY benchmarks/bench_query.py --device cuda --items 1000000 --queries 300 --index-types ivf,flat \
     --nprobe 8,16,32 --weights 0.3 --write-seconds 10
 
