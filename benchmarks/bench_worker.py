@@ -9,7 +9,7 @@ replays the same synthetic stream into a 2-partition topic on an embedded broker
 - end-to-end events/s of `StreamWorker.run()` (until the end of the topic): Kafka fetch + JSON
   decode + ordered merge + `infer_batch` on the FAISS store + snapshots every N events + final
   snapshot (wall time of the whole run, broker connection and source open included);
-- the bare encoder: `model.encode` alone on the very same batches (inputs gathered beforehand by an
+- the bare encoder: `model.encode_kind` alone on the very same batches (inputs gathered beforehand by an
   offline pass with identical batch boundaries), i.e. the ceiling the worker can approach;
 - the ratio (target >= 80 % at the paper size), and per batch the time of the in-place store
   update (`commit_batch`: FAISS rows + histories) and of the read side (`prepare_batch`).
@@ -59,17 +59,18 @@ def write_checkpoint(path: Path, encoder: EncoderConfig, history_len: int) -> Pa
     return save_checkpoint(Checkpoint(model.state_dict(), configs, epoch=0), path)
 
 
-def offline_stages(checkpoint: Path, table, batch_size: int) -> dict[str, np.ndarray]:
+def offline_stages(checkpoint: Path, table, batch_size: int, device: str) -> dict[str, np.ndarray]:
     """Per-batch seconds of prepare / encode / commit on the worker's batches (same boundaries)."""
-    bundle = load_model(checkpoint, "cpu")
-    store = make_store(bundle.dim, bundle.cache)
+    bundle = load_model(checkpoint, device)
+    store = make_store(bundle.dim, bundle.cache, device)
     times: dict[str, list[float]] = {"prepare": [], "encode": [], "commit": []}
     with torch.no_grad():
         for batch in iter_batches(table, batch_size):
             t0 = time.perf_counter()
-            inputs = prepare_batch(store, batch, "cpu", bundle.cache)
+            inputs = prepare_batch(store, batch, device, bundle.cache)
             t1 = time.perf_counter()
             u, x = encode(bundle.model, inputs)
+            _sync(device)
             t2 = time.perf_counter()
             commit_batch(store, inputs, u, x)
             t3 = time.perf_counter()
@@ -79,31 +80,38 @@ def offline_stages(checkpoint: Path, table, batch_size: int) -> dict[str, np.nda
 
 
 def end_to_end(checkpoint: Path, kafka: KafkaConfig, topic: str, batch_size: int, snapshot_every: int,
-               snapshot_dir: Path) -> tuple[float, int, float, int, float]:
+               snapshot_dir: Path, device: str) -> tuple[float, int, float, int, float]:
     """(events/s, events, snapshot seconds, snapshots, encoder share of the wall time) of one run.
 
-    The encoder share times `model.encode` inside the very run (a wrapper on the instance): on a
+    The encoder share times `model.encode_kind` inside the very run (a wrapper on the instance): on a
     shared machine it compares encoder and pipeline at the same moment, unlike two separate runs.
     """
     metrics = WorkerMetrics()
     options = WorkerOptions(topic, batch_size=batch_size, until_end=True, snapshot_every_events=snapshot_every,
                             snapshot_every_seconds=3600)
-    worker = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=snapshot_dir, metrics=metrics)
+    worker = build_worker(checkpoint, kafka, options, device=device, snapshot_dir=snapshot_dir, metrics=metrics)
     model, spent = worker.bundle.model, [0.0]
-    inner = model.encode
+    inner = model.encode_kind
 
     def timed_encode(*args: Any) -> Any:
         t0 = time.perf_counter()
         out = inner(*args)
+        _sync(device)
         spent[0] += time.perf_counter() - t0
         return out
 
-    model.encode = timed_encode  # type: ignore[method-assign]
+    model.encode_kind = timed_encode  # type: ignore[method-assign]
     start = time.perf_counter()
     result = worker.run()
     seconds = time.perf_counter() - start
     snap_s = metrics.registry.get_sample_value("felrec_worker_snapshot_duration_seconds_sum") or 0.0
     return result.applied_total / seconds, result.applied_total, snap_s, result.snapshots, spent[0] / seconds
+
+
+def _sync(device: str) -> None:
+    """Wait for queued CUDA work, so a timed span holds the kernels it launched."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def bench_size(name: str, encoder: EncoderConfig, args: argparse.Namespace, kafka: KafkaConfig, table,
@@ -115,11 +123,11 @@ def bench_size(name: str, encoder: EncoderConfig, args: argparse.Namespace, kafk
     replay_events(table, kafka, topic, progress=False)
     best: dict[str, Any] = {}
     for repeat in range(args.repeats):  # alternate both measurements; keep the best of each (shared CPUs)
-        stages = offline_stages(checkpoint, table, args.batch_size)  # the first also warms up torch
+        stages = offline_stages(checkpoint, table, args.batch_size, args.device)  # the first also warms up torch
         if "stages" not in best or stages["encode"].sum() < best["stages"]["encode"].sum():
             best["stages"] = stages
         run = end_to_end(checkpoint, kafka, topic, args.batch_size, args.snapshot_every,
-                         workdir / f"snap-{name}-{repeat}")
+                         workdir / f"snap-{name}-{repeat}", args.device)
         best["run"] = max(best.get("run", run), run)
     stages, (e2e, n, snap_s, snaps, share) = best["stages"], best["run"]
     encoder_eps = n / stages["encode"].sum()
@@ -144,6 +152,7 @@ def main() -> None:
     parser.add_argument("--history-len", type=int, default=64)
     parser.add_argument("--snapshot-every", type=int, default=5_000)
     parser.add_argument("--sizes", default="paper,small")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the encoder and the store's tensors)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

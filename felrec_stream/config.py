@@ -162,7 +162,9 @@ class CacheConfig:
     shards: int = 1
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
     hnsw_m: int = 32
-    ivf_nlist: int = 1024
+    hnsw_ef_search: int = 64
+    ivf_nlist: int = 1024  # total over the shards
+    ivf_nprobe: int = 16  # lists searched per query (recall/latency table: README "Queries")
     # Entities of each kind (users and items separately) held in memory; 0 = no cap. Over the cap
     # the least recently touched ones spill to Parquet files and come back on their next use
     # (felrec_stream/state/spill.py).
@@ -178,6 +180,8 @@ class CacheConfig:
         check(self.max_entities >= 0, "cache.max_entities must be >= 0 (0 = no cap)")
         check(self.cold_start_input in ("id_seed", "zero"), "cache.cold_start_input must be id_seed or zero")
         check(self.index_type in ("flat", "hnsw", "ivf"), "cache.index_type must be flat, hnsw or ivf")
+        check(min(self.hnsw_m, self.hnsw_ef_search, self.ivf_nlist, self.ivf_nprobe) >= 1,
+              "cache.hnsw_m, hnsw_ef_search, ivf_nlist and ivf_nprobe must be >= 1")
 
 
 @dataclass(frozen=True)

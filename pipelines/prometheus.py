@@ -9,6 +9,8 @@ Metric names (all prefixed `felrec_worker_`):
     events_total                 counter   events applied (rate() = events/s)
     batches_total                counter   micro-batches applied
     batch_latency_seconds        histogram read -> encode -> FAISS write of one micro-batch
+    lock_held_seconds            histogram time queries wait on one micro-batch (id registration +
+                                           store write; the encoder runs without the lock)
     consumer_lag                 gauge     records behind the high watermark, per partition
     cache_entities{kind}         gauge     users / items in the store
     resident_entities{kind}      gauge     of those, held in memory (the rest are spilled to
@@ -30,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from felrec_stream.errors import ServiceError
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LOCK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _E2U_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 
 
@@ -43,6 +46,8 @@ class WorkerMetrics:
         self.batches = Counter(p + "batches", "Micro-batches applied", registry=r)
         self.batch_latency = Histogram(p + "batch_latency_seconds", "Encode + store update time of a micro-batch",
                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.lock_held = Histogram(p + "lock_held_seconds", "Query lock held per micro-batch (register + write)",
+                                   buckets=_LOCK_BUCKETS, registry=r)
         self.lag = Gauge(p + "consumer_lag", "Records behind the high watermark", ["partition"], registry=r)
         self.cache = Gauge(p + "cache_entities", "Entities in the representation store", ["kind"], registry=r)
         self.resident = Gauge(p + "resident_entities", "Entities held in memory (the rest are spilled)", ["kind"],

@@ -1,8 +1,10 @@
 """The streaming worker: Kafka -> ordered micro-batches -> FELRec encoder -> FAISS store, exactly once.
 
-Every micro-batch goes through `engine.infer_batch` (the same read/encode/write rules as training
-and evaluation) on a `faiss_store.make_store` store, with the trained encoder in eval mode (the
-training MLPs are never used), so a user or item gets a representation on its very first event.
+Every micro-batch goes through the steps of `engine.infer_batch` (the same read/encode/write rules
+as training and evaluation) on a `faiss_store.make_store` store, with the trained encoder in eval
+mode (the training MLPs are never used), so a user or item gets a representation on its very first
+event. The query lock is held only to register new ids and to write the results, never while the
+encoder runs (`apply`).
 
 State and positions
 -------------------
@@ -123,11 +125,12 @@ from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.parallel import Ranks
 from felrec_stream.state.checkpoint import load_checkpoint
-from felrec_stream.state.engine import infer_batch
+from felrec_stream.state.engine import (commit_batch, encode, encode_after, prepare_batch, whole_after,
+                                        whole_batch)
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import Snapshot, SnapshotCorrupt, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
-from felrec_stream.state.store import RepresentationStore
+from felrec_stream.state.store import Kind, RepresentationStore
 from felrec_stream.stream.events import EventBatch
 from felrec_stream.stream.messages import TS_UNITS, PoisonMessage
 from felrec_stream.stream.source import DeadLetterSink, Source
@@ -299,7 +302,7 @@ def make_source(kafka_config: KafkaConfig, options: WorkerOptions, **kwargs: Any
 class WorkerObserver(Protocol):
     """Read-side hooks: called after a batch is applied (lock released) and after a durable snapshot."""
 
-    def note_batch_applied(self, arrival_times: np.ndarray) -> Any: ...
+    def note_batch_applied(self, arrival_times: np.ndarray) -> Any: ...  # empty when unknown
 
     def note_snapshot(self, seq: int, created_at: str | None) -> None: ...
 
@@ -343,6 +346,7 @@ class StreamWorker:
         self._seen_poison = 0
         self._seen_late = 0
         self.observers: list[WorkerObserver] = []  # read side, e.g. serving.app.QueryEngine
+        self._committed = {Kind.USER: len(store.users), Kind.ITEM: len(store.items)}
 
     def request_stop(self, reason: str = "signal") -> None:
         """Finish the current batch, snapshot, return from run(). Safe in a signal handler."""
@@ -401,11 +405,12 @@ class StreamWorker:
     # -- batches --
 
     def apply(self, batch: EventBatch) -> None:
-        """infer_batch on the store (under the lock), then counters, metrics and `batch_applied`."""
+        """`engine.infer_batch`'s steps with the lock held only to change the store, then counters,
+        metrics, observers and `batch_applied`."""
         started = time.perf_counter()
-        with self.lock:
-            infer_batch(self.bundle.model, self.store, batch, self.bundle.cache, self.ranks)
+        held = self._apply_batch(batch)  # takes the lock itself, twice, never around the encoder
         seconds = time.perf_counter() - started
+        self.metrics.lock_held.observe(held)
         self.progress.applied += len(batch)
         self.progress.batches += 1
         self._run_applied += len(batch)
@@ -418,11 +423,50 @@ class StreamWorker:
         arrivals = self._arrival_times(batch)
         if arrivals is not None:
             self.metrics.event_to_update.observe(max(0.0, time.time() - float(arrivals.min())))
-            for observer in self.observers:
-                observer.note_batch_applied(arrivals)
+        for observer in self.observers:  # every batch: the query side also refreshes its popular items
+            observer.note_batch_applied(arrivals if arrivals is not None else np.zeros(0))
         log.info("batch_applied", size=len(batch), latency_ms=round(seconds * 1000, 3), lag=sum(lag.values()),
-                 late_events=late, dlq_count=self.progress.dead_letters, applied=self.progress.applied,
-                 users=users, items=items)
+                 lock_ms=round(held * 1000, 3), late_events=late, dlq_count=self.progress.dead_letters,
+                 applied=self.progress.applied, users=users, items=items)
+
+    @torch.no_grad()
+    def _apply_batch(self, batch: EventBatch) -> float:
+        """prepare -> encode -> commit as `engine.infer_batch` (same calls, same order: bit-identical
+        results) with the query lock held only while the store changes; returns the seconds held.
+
+        1. register the batch's new ids (lock): the only change before the commit. Readers then see
+           ids without vectors: `committed_sizes` (read under the lock) keeps them unserved;
+        2. gather the histories' cached vectors and run the encoder (no lock): reads only, and this
+           thread is the store's only writer, so nothing changes under it;
+        3. write vectors, histories and popularity, and publish the new sizes (lock): readers see
+           the whole batch or none of it.
+        """
+        model, cache, store = self.bundle.model, self.bundle.cache, self.store
+        post = model.config.cache_update == "post_event"
+        t0 = time.perf_counter()
+        with self.lock:
+            store.users.slots(batch.user, create=True)
+            store.items.slots(batch.item, create=True)
+        t1 = time.perf_counter()
+        inputs = prepare_batch(store, batch, next(model.parameters()).device, cache, after=post, before=not post,
+                               ranks=self.ranks)
+        if post:  # with data-parallel ranks each encodes its slice; the whole batch is gathered
+            u, x, after = None, None, whole_after(self.ranks, inputs, encode_after(model, inputs))
+        else:
+            (u, x), after = whole_batch(self.ranks, inputs, *encode(model, inputs)), None
+        t2 = time.perf_counter()
+        with self.lock:
+            commit_batch(store, inputs, u, x, after)
+            self._publish_sizes()
+        return (t1 - t0) + (time.perf_counter() - t2)
+
+    def _publish_sizes(self) -> None:
+        """Callers hold the lock: every user/item up to here has its vector written."""
+        self._committed = {Kind.USER: len(self.store.users), Kind.ITEM: len(self.store.items)}
+
+    def committed_sizes(self) -> dict[Kind, int]:
+        """Users/items whose vectors are written (QueryEngine's `committed_sizes`; read under the lock)."""
+        return self._committed
 
     def _source_deltas(self) -> tuple[int, int]:
         """New dead letters and late events since the previous batch (counters are per run)."""
@@ -466,9 +510,10 @@ class StreamWorker:
         started = time.perf_counter()
         offsets = dict(self.source.positions())  # flushes dead letters first
         log.info("snapshot_writing", applied=self.progress.applied, offsets=offsets)
-        with self.lock:
-            state = {"store": self.store.state_dict()}  # copies: the write below needs no lock
-            refs = {f"{SPILL_DIR}/{name}": info for name, info in self.store.spill_refs().items()}
+        # No query lock: this thread is the store's only writer and runs between batches, so the
+        # copy cannot be torn; holding the lock would stall queries for the whole copy (~1 s at 1M).
+        state = {"store": self.store.state_dict()}
+        refs = {f"{SPILL_DIR}/{name}": info for name, info in self.store.spill_refs().items()}
         if self.replicas is not None:
             self.replicas.check(state["store"])  # what is written is every rank's state
         self.progress.offsets = offsets
@@ -562,6 +607,7 @@ class StreamWorker:
         try:
             with self.lock:
                 self.store.load_state_dict(snapshot.state()["store"])
+                self._publish_sizes()
         except StoreError as exc:
             raise SnapshotCorrupt(f"its store state does not load: {exc}") from None
         return None

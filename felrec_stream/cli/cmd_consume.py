@@ -139,9 +139,12 @@ def _maybe_serve(worker: Any, serve: bool, host: str, port: int) -> Iterator[Non
     if not serve:
         yield
         return
-    from felrec_stream.serving.app import QueryEngine, create_app, serve_in_thread
+    from felrec_stream.serving.app import ColdStartEncoder, QueryEngine, create_app, serve_in_thread
 
-    engine = QueryEngine(worker.store, worker.lock)
+    bundle = worker.bundle  # the model is in-process: unknown users get cold-start recommendations
+    engine = QueryEngine(worker.store, worker.lock, scoring=bundle.configs.scoring,
+                         cold_start=ColdStartEncoder(bundle.model, bundle.cache),
+                         committed_sizes=worker.committed_sizes)
     worker.observers.append(engine)  # freshness and snapshot seq on /metrics and /v1/catalog
     # not ready (503) until the snapshot is restored: an empty store would answer 404s
     handle = serve_in_thread(create_app(lambda: engine if worker.ready else None), host=host, port=port)

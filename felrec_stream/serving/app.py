@@ -8,7 +8,8 @@ Pieces, from the inside out:
   with item vectors from before it). FAISS-backed stores are searched through
   `ShardedFaissVectors.search` (exact or ANN, as configured); any other backend gets an exact
   cosine scan with the same ordering (score desc, slot asc), so results never depend on the backend.
-  With a capped store (cache.max_entities) searches rank the entities held in memory only, while
+  With a capped store (cache.max_entities) searches rank the entities held in memory only (plus,
+  with a popularity prior, the most popular items, read from their files when spilled), while
   point reads (the query entity's vector and history, `/v1/vectors`) come from `EntityTable.read`,
   which serves spilled entities from their Parquet files without bringing them back into memory.
 - `create_app(engine_provider)` is the FastAPI app. The provider is called once per request, so
@@ -53,10 +54,12 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from pydantic import BaseModel, Field
 
 from felrec_stream import __version__
-from felrec_stream.config import CacheConfig, from_dict, to_dict
+from felrec_stream.config import CacheConfig, ScoringConfig, from_dict, to_dict
 from felrec_stream.errors import ServiceError
 from felrec_stream.log import get_logger
-from felrec_stream.serving.schema import CatalogInfo, Scored
+from felrec_stream.serving.ranking import PopularItems, served_top_k
+from felrec_stream.serving.schema import CatalogInfo, Recommendations, Scored
+from felrec_stream.state.engine import cold_vectors
 from felrec_stream.state.faiss_store import ShardedFaissVectors, make_store
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
@@ -132,29 +135,53 @@ class FreshnessTracker:
 class QueryEngine:
     """Consistent top-k / similarity / vector reads over one RepresentationStore.
 
-    `lock` must be the lock the writer holds while applying a batch (the worker passes its own);
-    a standalone engine over a frozen snapshot store gets a private one.
+    `lock` must be the lock the writer holds while it changes the store (the worker passes its
+    own); a standalone engine over a frozen snapshot store gets a private one. A writer that
+    registers a batch's new ids before it encodes them (the worker: `pipelines/worker.py` apply)
+    passes `committed_sizes`, the number of users/items whose vectors it has written, read under
+    the lock: slots beyond them are not served yet (unknown ids, never in results).
+
+    Recommendations rank by the served score (`serving.ranking`, `scoring`); similar items/users
+    by cosine. `cold_start` (in-process model only) encodes an unknown user's empty history.
     """
 
     def __init__(self, store: RepresentationStore, lock: threading.RLock | None = None, *,
+                 scoring: ScoringConfig | None = None, cold_start: Callable[[str], np.ndarray] | None = None,
+                 committed_sizes: Callable[[], Mapping[Kind, int]] | None = None,
                  snapshot_seq: int | None = None, snapshot_created_at: str | None = None,
                  freshness: FreshnessTracker | None = None, max_k: int = MAX_K) -> None:
         self.store = store
         self.lock = lock if lock is not None else threading.RLock()
+        self.scoring = scoring or ScoringConfig()
+        self.cold_start = cold_start
+        self.committed_sizes = committed_sizes
         self.snapshot_seq, self.snapshot_created_at = snapshot_seq, snapshot_created_at
         self.freshness = freshness or FreshnessTracker()
         self.max_k = max_k
+        self.popular = PopularItems()
 
     # -- queries --
 
-    def top_k_items(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> list[Scored]:
-        """Items by cosine to the user's vector; optionally without the items in its history."""
+    def recommend(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> Recommendations:
+        """Items by the served score for the user's vector (optionally without the items in its
+        history); an unknown user gets its no-history encoding when a cold-start encoder is set."""
         self._check_k(k)
         with self.lock:
-            slot = self._slot(Kind.USER, user_id)
-            query = self._vector(Kind.USER, slot)
-            exclude = self._recent(Kind.USER, slot) if exclude_recent else np.zeros(0, np.int64)
-            return self._search(Kind.ITEM, query, k, exclude)
+            slot = self._find(Kind.USER, user_id)
+            if slot >= 0:
+                exclude = self._recent(Kind.USER, slot) if exclude_recent else np.zeros(0, np.int64)
+                results = self._rank_items(self._vector(Kind.USER, slot), k, exclude)
+                return Recommendations(results, cold_start=False, snapshot_seq=self.snapshot_seq)
+        if self.cold_start is None:
+            raise NotFound(f"unknown user id {_quote(user_id)}")
+        query = self.cold_start(user_id)  # the encoder runs outside the lock
+        with self.lock:
+            results = self._rank_items(query, k, np.zeros(0, np.int64))
+        return Recommendations(results, cold_start=True, snapshot_seq=self.snapshot_seq)
+
+    def top_k_items(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> list[Scored]:
+        """`recommend(...).results`."""
+        return self.recommend(user_id, k, exclude_recent).results
 
     def similar_items(self, item_id: str, k: int = 10) -> list[Scored]:
         """Items by cosine to the item's vector, the item itself left out."""
@@ -172,6 +199,7 @@ class QueryEngine:
         with self.lock:
             table = self.store.tables[kind]
             slots = table.ids.lookup(list(ids))
+            slots[slots >= self._committed(kind)] = -1
             missing = [i for i, s in zip(ids, slots) if s < 0]
             if missing:
                 raise NotFound(f"unknown {kind.value} id(s): {_preview(missing)}")
@@ -180,19 +208,25 @@ class QueryEngine:
 
     def sizes(self) -> dict[str, int]:
         with self.lock:
-            return {"users": len(self.store.users), "items": len(self.store.items)}
+            return {"users": self._committed(Kind.USER), "items": self._committed(Kind.ITEM)}
 
     def catalog(self) -> CatalogInfo:
         """Sizes plus where the data came from (snapshot seq/time, or live when None)."""
         backend = self.store.items.vectors
         return CatalogInfo(**self.sizes(), dim=self.store.dim, history_len=self.store.history_len,
                            index_type=getattr(backend, "index_type", "exact"),
-                           snapshot_seq=self.snapshot_seq, snapshot_created_at=self.snapshot_created_at)
+                           snapshot_seq=self.snapshot_seq, snapshot_created_at=self.snapshot_created_at,
+                           popularity_weight=self.scoring.popularity_weight,
+                           popularity_halflife=self.store.items.history.halflife)
 
     # -- writer hooks --
 
     def note_batch_applied(self, arrival_times: Iterable[float], now: float | None = None) -> np.ndarray:
-        """Worker hook, called once a batch is applied and the lock released: records freshness."""
+        """Worker hook, called once a batch is applied and the lock released: records freshness and
+        brings the popular-items list up to date (so queries do not pay for it)."""
+        if self.scoring.popularity_weight:
+            with self.lock:
+                self._refresh_popular()
         return self.freshness.record(arrival_times, now)
 
     def note_snapshot(self, seq: int, created_at: str | None) -> None:
@@ -201,24 +235,63 @@ class QueryEngine:
 
     # -- internals (callers hold the lock) --
 
+    def _rank_items(self, query: np.ndarray, k: int, exclude: np.ndarray) -> list[Scored]:
+        exclude = np.concatenate([exclude, self._pending(Kind.ITEM)])
+        weight = self.scoring.popularity_weight
+        if not weight:
+            return self._scored(Kind.ITEM, *self._cosine(Kind.ITEM, query, k, exclude))
+        self._refresh_popular()
+        scores, slots = served_top_k(
+            query, k, weight, exclude=exclude, history=self.store.items.history, n_items=self._committed(Kind.ITEM),
+            popular=self.popular, cosine_search=lambda fetch: self._cosine(Kind.ITEM, query, fetch, exclude),
+            raw_vectors=lambda slots: self._raw(Kind.ITEM, slots))
+        return self._scored(Kind.ITEM, scores, slots)
+
+    def _refresh_popular(self) -> None:
+        self.popular.refresh(self.store.items.history, self._committed(Kind.ITEM))
+
     def _similar(self, kind: Kind, external: str, k: int) -> list[Scored]:
         self._check_k(k)
         with self.lock:
             slot = self._slot(kind, external)
-            return self._search(kind, self._vector(kind, slot), k, np.asarray([slot], dtype=np.int64))
+            exclude = np.concatenate([np.asarray([slot], dtype=np.int64), self._pending(kind)])
+            return self._scored(kind, *self._cosine(kind, self._vector(kind, slot), k, exclude))
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.max_k:
             raise InvalidRequest(f"k must be in [1, {self.max_k}], got {k}")
 
-    def _slot(self, kind: Kind, external: str) -> int:
+    def _committed(self, kind: Kind) -> int:
+        """Slots [0, n) are served: written by the writer (see the class docstring)."""
+        n = len(self.store.tables[kind].ids)
+        return n if self.committed_sizes is None else min(n, int(self.committed_sizes()[kind]))
+
+    def _pending(self, kind: Kind) -> np.ndarray:
+        """Slots registered by a batch that is still being encoded: never returned."""
+        return np.arange(self._committed(kind), len(self.store.tables[kind].ids), dtype=np.int64)
+
+    def _find(self, kind: Kind, external: str) -> int:
         slot = int(self.store.tables[kind].ids.lookup([external])[0])
+        return slot if slot < self._committed(kind) else -1
+
+    def _slot(self, kind: Kind, external: str) -> int:
+        slot = self._find(kind, external)
         if slot < 0:
             raise NotFound(f"unknown {kind.value} id {_quote(external)}")
         return slot
 
     def _vector(self, kind: Kind, slot: int) -> np.ndarray:
-        return self.store.tables[kind].read(np.asarray([slot])).raw()[0]
+        return self._raw(kind, np.asarray([slot], dtype=np.int64))[0]
+
+    def _raw(self, kind: Kind, slots: np.ndarray) -> np.ndarray:
+        """(n, D) stored vectors of `slots` as numpy (the FAISS backend skips torch: query path);
+        a capped table reads spilled ones from their files, without restoring them."""
+        table = self.store.tables[kind]
+        if table.capped:
+            return table.read(slots).raw()
+        if isinstance(table.vectors, ShardedFaissVectors):
+            return table.vectors.rows(slots)
+        return table.vectors.get(torch.from_numpy(slots)).cpu().numpy()
 
     def _recent(self, kind: Kind, slot: int) -> np.ndarray:
         """Slots of the other kind in the entity's last-L history (what it already interacted with)."""
@@ -226,20 +299,25 @@ class QueryEngine:
         n = int(data.lengths[0])
         return data.rows[0, data.rows.shape[1] - n:].copy() if n else np.zeros(0, np.int64)
 
-    def _search(self, kind: Kind, query: np.ndarray, k: int, exclude: np.ndarray) -> list[Scored]:
+    def _cosine(self, kind: Kind, query: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, slots) of the k best cosines, -1 padded; from the FAISS index or an exact scan."""
         table = self.store.tables[kind]
         if isinstance(table.vectors, ShardedFaissVectors):
             scores, slots = table.vectors.search(query[None, :], k, exclude=[exclude])
-            scores, slots = scores[0], slots[0]
-        elif table.capped:  # rank the resident entities (ascending slots keep the tie order)
+            return scores[0], slots[0]
+        if table.capped:  # rank the resident entities (ascending slots keep the tie order)
             resident = table.resident_slots()
+            resident = resident[resident < self._committed(kind)]
+            if not len(resident):
+                return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
             positions = np.flatnonzero(np.isin(resident, exclude))
             scores, found = exact_top_k(torch.from_numpy(table.read(resident).raw()), query, k, positions)
-            slots = resident[found]
-        else:
-            scores, slots = exact_top_k(table.vectors.all(), query, k, exclude)
+            return scores, np.where(found >= 0, resident[np.maximum(found, 0)], -1)
+        return exact_top_k(table.vectors.all()[: self._committed(kind)], query, k, exclude)
+
+    def _scored(self, kind: Kind, scores: np.ndarray, slots: np.ndarray) -> list[Scored]:
         keep = (slots >= 0) & np.isfinite(scores)
-        names = table.ids.names(slots[keep])
+        names = self.store.tables[kind].ids.names(slots[keep])
         return [Scored(name, float(score)) for name, score in zip(names, scores[keep])]
 
 
@@ -309,9 +387,30 @@ def load_store_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, A
     return store
 
 
+def scoring_config_from_meta(meta: Mapping[str, Any]) -> ScoringConfig:
+    """The scoring config the worker recorded (meta["configs"]["scoring"]); missing -> defaults
+    (weight 0: cosine only, as snapshots written before the popularity prior were served)."""
+    configs = meta.get("configs") or {}
+    values = configs.get("scoring") if isinstance(configs, Mapping) else None
+    return from_dict(ScoringConfig, dict(values) if isinstance(values, Mapping) else {}, "scoring")
+
+
 def engine_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, Any] | None = None) -> QueryEngine:
+    """A read replica's engine: no model, so unknown users are 404 (no cold start)."""
     store = load_store_from_snapshot(snapshot, cache_overrides)
-    return QueryEngine(store, snapshot_seq=snapshot.seq, snapshot_created_at=snapshot.created_at)
+    return QueryEngine(store, scoring=scoring_config_from_meta(snapshot.meta), snapshot_seq=snapshot.seq,
+                       snapshot_created_at=snapshot.created_at)
+
+
+class ColdStartEncoder:
+    """An unknown user's query vector: the encoding of its empty history (`engine.cold_vectors`),
+    what the evaluator scores a new user's first event with. Needs the model: `consume --serve` only."""
+
+    def __init__(self, model: Any, cache: CacheConfig) -> None:
+        self.model, self.cache = model, cache
+
+    def __call__(self, user_id: str) -> np.ndarray:
+        return cold_vectors(self.model, Kind.USER, [user_id], self.cache)[0].cpu().numpy()
 
 
 class SnapshotFollower:
@@ -394,7 +493,8 @@ class SnapshotFollower:
 
 class ScoredOut(BaseModel):
     id: str
-    score: float = Field(description="cosine similarity in [-1, 1]")
+    score: float = Field(description="recommendations: cosine + popularity_weight * log(1 + popularity) "
+                                     "(see /v1/catalog); similar: cosine similarity in [-1, 1]")
 
 
 class ResultsOut(BaseModel):
@@ -403,6 +503,8 @@ class ResultsOut(BaseModel):
     k: int
     results: list[ScoredOut]
     snapshot_seq: int | None = None
+    cold_start: bool = Field(False, description="recommendations for an unknown user, from the encoding of an "
+                                                "empty history (only where the model runs in-process)")
 
 
 class VectorsIn(BaseModel):
@@ -443,18 +545,22 @@ def _engine(provider: EngineProvider) -> QueryEngine:
     return engine
 
 
-def _results(engine: QueryEngine, query_id: str, kind: Kind, k: int, results: list[Scored]) -> ResultsOut:
+def _results(engine: QueryEngine, query_id: str, kind: Kind, k: int, results: list[Scored],
+             cold_start: bool = False) -> ResultsOut:
     return ResultsOut(query_id=query_id, kind=kind.value, k=k, snapshot_seq=engine.snapshot_seq,
-                      results=[ScoredOut(id=r.id, score=r.score) for r in results])
+                      results=[ScoredOut(id=r.id, score=r.score) for r in results], cold_start=cold_start)
 
 
 def _add_query_routes(app: FastAPI, provider: EngineProvider) -> None:
     # {id:path}: ids may contain '/', sent percent-encoded by FelrecClient.
     @app.get("/v1/users/{user_id:path}/recommendations", response_model=ResultsOut, tags=["query"])
     def recommendations(user_id: str, k: KParam = 10, exclude_recent: bool = True) -> ResultsOut:
-        """Top-k items for a user by cosine; `exclude_recent` drops items in its last-L history."""
+        """Top-k items for a user by the served score (cosine + popularity prior, as evaluated);
+        `exclude_recent` drops items in its last-L history. An unknown user is 404, or, where the
+        model runs in-process (`consume --serve`), ranked from an empty history with cold_start=true."""
         engine = _engine(provider)
-        return _results(engine, user_id, Kind.ITEM, k, engine.top_k_items(user_id, k, exclude_recent))
+        answer = engine.recommend(user_id, k, exclude_recent)
+        return _results(engine, user_id, Kind.ITEM, k, answer.results, answer.cold_start)
 
     @app.get("/v1/items/{item_id:path}/similar", response_model=ResultsOut, tags=["query"])
     def similar_items(item_id: str, k: KParam = 10) -> ResultsOut:

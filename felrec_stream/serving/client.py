@@ -15,7 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from felrec_stream.errors import ServiceError
-from felrec_stream.serving.schema import CatalogInfo, Scored
+from felrec_stream.serving.schema import CatalogInfo, Recommendations, Scored
 
 
 class ClientError(ServiceError):
@@ -49,10 +49,14 @@ class FelrecClient:
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
 
     def recommendations(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> list[Scored]:
-        """Top-k items for `user_id` (cosine); `exclude_recent` leaves out items in its history."""
+        """Top-k items for `user_id` by the served score; `exclude_recent` leaves out items in its history."""
+        return self.recommend(user_id, k, exclude_recent).results
+
+    def recommend(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> Recommendations:
+        """`recommendations` with the answer's flags (`cold_start`: the user was unknown to the store)."""
         body = self._get(f"/v1/users/{_seg(user_id)}/recommendations",
                          {"k": k, "exclude_recent": str(exclude_recent).lower()})
-        return _scored(body)
+        return Recommendations(_scored(body), bool(body.get("cold_start", False)), body.get("snapshot_seq"))
 
     def similar_items(self, item_id: str, k: int = 10) -> list[Scored]:
         return _scored(self._get(f"/v1/items/{_seg(item_id)}/similar", {"k": k}))

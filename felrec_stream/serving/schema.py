@@ -11,10 +11,21 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Scored:
-    """One result: an entity id and its cosine similarity to the query, in [-1, 1]."""
+    """One result: an entity id and its score: the served score for recommendations (cosine +
+    popularity prior, see `serving.ranking`), the cosine similarity in [-1, 1] for similar entities."""
 
     id: str
     score: float
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    """GET /v1/users/{id}/recommendations: the ranked items; `cold_start` is True when the user was
+    unknown and ranked with the encoding of an empty history (only where the model is in-process)."""
+
+    results: list[Scored]
+    cold_start: bool = False
+    snapshot_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -28,3 +39,5 @@ class CatalogInfo:
     index_type: str
     snapshot_seq: int | None
     snapshot_created_at: str | None
+    popularity_weight: float = 0.0  # score = cosine + popularity_weight * log(1 + popularity)
+    popularity_halflife: float = 0.0  # in events; 0 = plain interaction counts

@@ -136,6 +136,21 @@ def encode_sequences(model: FELRec, seqs: Sequences) -> torch.Tensor:
     return model.encode_kind(seqs.h, seqs.mask, _MODEL_KIND[seqs.kind], seqs.empty)
 
 
+@torch.no_grad()
+def cold_vectors(model: FELRec, kind: Kind, ids: list[str] | np.ndarray,
+                 cache: CacheConfig = DEFAULT_CACHE) -> torch.Tensor:
+    """(n, D) encodings of `ids` with an empty history, without touching any store: the input
+    `_sequences` builds for an entity never seen before (one position, its own cold-start input),
+    i.e. what a brand-new user is served with before its first event is applied."""
+    dim, device = model.encoder_config.d_model, next(model.parameters()).device
+    h = torch.zeros(len(ids), 1, dim)
+    if cache.cold_start_input == "id_seed":
+        h[:, -1] = id_seed_vectors(np.asarray(ids, dtype=object), kind, dim)
+    mask = torch.ones(len(ids), 1, dtype=torch.bool)
+    empty = torch.ones(len(ids), dtype=torch.bool)
+    return encode_sequences(model, Sequences(kind, h.to(device), mask.to(device), empty.to(device)))
+
+
 def encode(model: FELRec, inputs: BatchInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Query representations u (B, D) and x (B, D) of each event's user and item, from their
     histories before the event (the paper's positive pair)."""

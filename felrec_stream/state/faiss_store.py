@@ -368,8 +368,9 @@ class ShardedFaissVectors(VectorBackend):
     @classmethod
     def from_config(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu",
                     **options: Any) -> "ShardedFaissVectors":
-        return cls(dim, cache.shards, cache.index_type, device, hnsw_m=cache.hnsw_m, ivf_nlist=cache.ivf_nlist,
-                   **options)
+        settings = {"hnsw_m": cache.hnsw_m, "hnsw_ef_search": cache.hnsw_ef_search, "ivf_nlist": cache.ivf_nlist,
+                    "ivf_nprobe": cache.ivf_nprobe}
+        return cls(dim, cache.shards, cache.index_type, device, **{**settings, **options})
 
     def _init_gpu(self, use_gpu: bool | None) -> Any:
         """GPU resources when wanted (default: device is cuda) and possible; None otherwise."""
@@ -464,6 +465,20 @@ class ShardedFaissVectors(VectorBackend):
                 out[where[mine]] = self.shards[s].read(rows[mine])
         result = torch.from_numpy(out).reshape(*tuple(torch.as_tensor(slots).shape), self.dim)
         return result.to(device or self._device)
+
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        """(n, D) float32 raw vectors of `slots` (all >= 0) as numpy: `get` without torch (query path)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        out = np.empty((len(slots), self.dim), dtype=np.float32)
+        with self._lock:
+            self._check_slots(slots)
+            shard_ids, rows = self._slot_shard.data[slots], self._slot_row.data[slots]
+            if len(self.shards) == 1:
+                return self.shards[0].read(rows)
+            for s in np.unique(shard_ids):
+                mine = shard_ids == s
+                out[mine] = self.shards[s].read(rows[mine])
+        return out
 
     def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
         """Overwrite rows in place (O(batch) per shard); the indexes keep their size."""
@@ -597,17 +612,19 @@ class ShardedFaissVectors(VectorBackend):
         """
         exact = shard.ann is None or not shard.ann.ready()
         fetch = np.minimum(shard.size, k + n_excluded + (1 if exact else 0))
-        scores = np.full((len(q), 0), -np.inf, dtype=np.float32)
-        slots = np.full((len(q), 0), _NO_SLOT, dtype=np.int64)
+        scores = slots = None
         todo = np.arange(len(q))
         while len(todo):
             width = int(fetch[todo].max())
-            raw, rows = self._shard_index_search(shard, q[todo], width, exact)
+            raw, rows = self._shard_index_search(shard, q if scores is None else q[todo], width, exact)
             found = np.where(rows >= 0, shard.row_slot.data[np.maximum(rows, 0)], _NO_SLOT)
             found = np.where(found < 0, _NO_SLOT, found)  # a free row (evicted entity)
             drop = (found == _NO_SLOT) | excluded.contains(todo, found)
             d, found = np.where(drop, -np.inf, raw), np.where(drop, _NO_SLOT, found)
-            scores, slots = _put_rows(scores, slots, todo, d, found)
+            if scores is None:  # first pass: every query (the common case ends here)
+                scores, slots = d, found
+            else:
+                scores, slots = _put_rows(scores, slots, todo, d, found)
             if not exact:
                 break
             # rows not fetched score <= the last fetched score: complete iff k kept rows beat it
@@ -679,7 +696,8 @@ class _ExcludeSet:
             if len(exclude) != n_queries:
                 raise StoreError(f"exclude has {len(exclude)} entries for {n_queries} queries")
             for qi, slots in enumerate(exclude):
-                arr = np.unique(np.fromiter((int(x) for x in slots), dtype=np.int64))
+                arr = np.unique(np.asarray(slots, dtype=np.int64) if isinstance(slots, np.ndarray)
+                                else np.fromiter((int(x) for x in slots), dtype=np.int64))
                 pairs_q.append(np.full(len(arr), qi, dtype=np.int64))
                 pairs_s.append(arr)
         self.queries = np.concatenate(pairs_q) if pairs_q else np.zeros(0, dtype=np.int64)
@@ -725,9 +743,11 @@ def _merge(parts_scores: list[np.ndarray], parts_slots: list[np.ndarray], n_quer
     top_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
     top_slots = np.take_along_axis(slots, order, axis=1)
     if top_slots.shape[1] < k:
-        pad = k - top_slots.shape[1]
-        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        top_slots = np.pad(top_slots, ((0, 0), (0, pad)), constant_values=_NO_SLOT)
+        width = top_slots.shape[1]
+        padded_scores = np.full((n_queries, k), -np.inf, dtype=np.float32)
+        padded_slots = np.full((n_queries, k), _NO_SLOT, dtype=np.int64)
+        padded_scores[:, :width], padded_slots[:, :width] = top_scores, top_slots
+        top_scores, top_slots = padded_scores, padded_slots
     return top_scores, np.where(top_slots == _NO_SLOT, -1, top_slots)
 
 

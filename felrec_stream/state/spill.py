@@ -72,6 +72,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -128,6 +129,9 @@ class SpillFiles:
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()  # least recently used first
         self._groups: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()  # same order
         self._group_bytes = 0
+        # The worker encodes without the query lock while query threads read spilled rows too:
+        # the LRU caches above are shared, so reads take this lock.
+        self._read_lock = threading.Lock()
 
     def write(self, kind: str, table: pa.Table) -> str:
         """Durably write `table`; returns its name `<kind>-<sha256>.parquet`."""
@@ -149,9 +153,10 @@ class SpillFiles:
         Reads only the row groups holding them, through a cache of decoded row groups: histories
         keep naming the same spilled entities batch after batch, and the files never change.
         """
-        self._verify(name)
         groups, where = np.unique(rows // ROW_GROUP, return_inverse=True)
-        parts = self._row_groups(name, [int(g) for g in groups])
+        with self._read_lock:
+            self._verify(name)
+            parts = self._row_groups(name, [int(g) for g in groups])
         sizes = np.asarray([len(part["slot"]) for part in parts], dtype=np.int64)
         take = np.concatenate([[0], np.cumsum(sizes)[:-1]])[where] + rows % ROW_GROUP
         if len(parts) == 1:

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig
+from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig, ScoringConfig
 from felrec_stream.data.synthetic import SyntheticConfig, generate
 from felrec_stream.errors import ServiceError
 from felrec_stream.model.felrec import FELRec
-from felrec_stream.serving.app import (MAX_K, QueryEngine, SnapshotFollower, create_app, serve_in_thread,
-                                       snapshot_state)
+from felrec_stream.serving.app import (MAX_K, ColdStartEncoder, NotFound, QueryEngine, SnapshotFollower, create_app,
+                                       serve_in_thread, snapshot_state)
 from felrec_stream.serving.client import FelrecClient, InvalidRequestError, NotFoundError, ServiceUnavailableError
-from felrec_stream.state.engine import infer_batch
+from felrec_stream.state.engine import cold_vectors, infer_batch
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
@@ -144,6 +144,143 @@ def test_vectors_round_trip_raw_store_vectors(served, store):
     got = client.vectors("item", ["i2", "i9"])
     want = store.items.vectors.get(torch.from_numpy(store.items.ids.lookup(["i2", "i9"]))).numpy()
     np.testing.assert_allclose(np.asarray([got["i2"], got["i9"]]), want, rtol=1e-6)
+
+
+# ---- the served score: cosine + popularity prior, as the evaluator scores ---------------------------
+
+SCORED_CACHE = CacheConfig(history_len=8, shards=2, popularity_halflife=150.0)
+
+
+def brute_force_served(store: RepresentationStore, query: np.ndarray, weight: float, exclude: set[int],
+                       k: int) -> list[tuple[str, float]]:
+    """Every item scored by cos + weight * log(1 + popularity), (score desc, slot asc), top k."""
+    cosine = brute_force(store, Kind.ITEM, query, set())
+    slots = np.arange(len(store.items))
+    scores = np.asarray([cosine[s] for s in slots]) + weight * np.log1p(store.items.history.popularity(slots))
+    order = [s for s in np.lexsort((slots, -scores)) if s not in exclude][:k]
+    return [(store.items.ids.ids()[s], float(scores[s])) for s in order]
+
+
+@pytest.fixture(scope="module")
+def scored_store(model) -> RepresentationStore:
+    return filled_store(model, synthetic_batches(), cache=SCORED_CACHE)
+
+
+@pytest.mark.parametrize("weight", [0.1, 1.0, 5.0])
+def test_recommendations_rank_by_the_served_score_exactly_with_a_flat_index(model, scored_store, weight):
+    engine = QueryEngine(scored_store, scoring=ScoringConfig(popularity_weight=weight))
+    handle = serve_in_thread(create_app(lambda: engine), "127.0.0.1", 0)
+    try:
+        with FelrecClient(handle.url) as client:
+            for user in ["u0", "u7", "u33", "u59"]:
+                slot = int(scored_store.users.ids.lookup([user])[0])
+                query = scored_store.users.vectors.get(torch.tensor([slot])).numpy()[0]
+                history = scored_store.users.history
+                recent = set(history.rows[slot, history.length - history.lengths[slot]:].tolist())
+                for k, exclude in ((10, recent), (25, set())):
+                    answer = client.recommend(user, k=k, exclude_recent=bool(exclude))
+                    expected = brute_force_served(scored_store, query, weight, exclude, k)
+                    assert not answer.cold_start
+                    assert [r.id for r in answer.results] == [i for i, _ in expected]
+                    np.testing.assert_allclose([r.score for r in answer.results], [s for _, s in expected],
+                                               rtol=1e-6, atol=1e-6)
+            assert client.catalog().popularity_weight == weight
+    finally:
+        handle.stop()
+
+
+def test_the_prior_changes_the_ranking_and_similar_items_stay_cosine(model, scored_store):
+    """Not vacuous: the weight reorders recommendations; similar items ignore it."""
+    plain, scored = QueryEngine(scored_store), QueryEngine(scored_store, scoring=ScoringConfig(popularity_weight=1.0))
+    assert [r.id for r in plain.top_k_items("u7", 10)] != [r.id for r in scored.top_k_items("u7", 10)]
+    assert scored.similar_items("i3", 10) == plain.similar_items("i3", 10)
+
+
+def clustered_store(n_items: int, index_type: str, seed: int = 0, **options) -> RepresentationStore:
+    """Items around 40 centres with Zipf-like decayed popularity, 50 users; vectors written directly."""
+    rng = np.random.default_rng(seed)
+    dim, centres = 16, rng.standard_normal((40, 16)).astype(np.float32)
+    cache = CacheConfig(history_len=4, popularity_halflife=2000.0, index_type=index_type)
+    store = make_store(dim, cache, **options)
+    items = centres[rng.integers(0, 40, n_items)] + 0.6 * rng.standard_normal((n_items, dim)).astype(np.float32)
+    users = centres[rng.integers(0, 40, 50)] + 0.6 * rng.standard_normal((50, dim)).astype(np.float32)
+    item_slots = store.items.slots(np.asarray([f"i{n}" for n in range(n_items)], dtype=object))
+    user_slots = store.users.slots(np.asarray([f"u{n}" for n in range(50)], dtype=object))
+    store.users.vectors.put(torch.from_numpy(user_slots), torch.from_numpy(users))
+    store.items.vectors.put(torch.from_numpy(item_slots), torch.from_numpy(items))
+    weights = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    events = rng.choice(n_items, 20_000, p=weights / weights.sum())
+    history = store.items.history
+    for lo in range(0, len(events), 1000):
+        chunk = events[lo:lo + 1000]
+        history.apply(history.plan(chunk, np.zeros(len(chunk), dtype=np.int64)), slots=chunk)
+    return store
+
+
+def test_ann_recommendations_recall_the_exact_served_ranking():
+    """IVF cosine candidates + the popular list, re-ranked exactly: recall@10 of the served ranking
+    against the flat index's exact one (bench_query.py measures it at 1M items)."""
+    scoring = ScoringConfig(popularity_weight=0.3)
+    exact = QueryEngine(clustered_store(6000, "flat"), scoring=scoring)
+    ann = QueryEngine(clustered_store(6000, "ivf", ivf_nlist=64, ivf_nprobe=4, ivf_train_size=2560), scoring=scoring)
+    assert ann.store.items.vectors.shards[0].ann.ready()  # the IVF index answers, not the exact fallback
+    recalls = []
+    for user in [f"u{n}" for n in range(50)]:
+        want = {r.id for r in exact.top_k_items(user, 10, exclude_recent=False)}
+        got = [r.id for r in ann.top_k_items(user, 10, exclude_recent=False)]
+        recalls.append(len(want & set(got)) / 10)
+    assert np.mean(recalls) >= 0.9, recalls
+
+
+def test_unknown_users_get_cold_start_recommendations_when_the_model_is_in_process(model, scored_store):
+    """The query is the encoding of an empty history (what the evaluator scores a new user's first
+    event with), ranked by the same served score; without the model the API keeps answering 404."""
+    cache, scoring = SCORED_CACHE, ScoringConfig(popularity_weight=0.5)
+    engine = QueryEngine(scored_store, scoring=scoring, cold_start=ColdStartEncoder(model, cache))
+    handle = serve_in_thread(create_app(lambda: engine), "127.0.0.1", 0)
+    try:
+        with FelrecClient(handle.url) as client:
+            answer = client.recommend("someone-new", k=10)
+            assert answer.cold_start and len(answer.results) == 10
+            query = cold_vectors(model, Kind.USER, ["someone-new"], cache)[0].numpy()
+            expected = brute_force_served(scored_store, query, 0.5, set(), 10)
+            assert [r.id for r in answer.results] == [i for i, _ in expected]
+            assert not client.recommend("u7").cold_start  # known users: their stored vector
+            with pytest.raises(NotFoundError):
+                client.similar_users("someone-new")  # similarities need a stored vector
+    finally:
+        handle.stop()
+    assert "someone-new" not in scored_store.users.ids  # nothing written
+
+
+def test_ids_registered_by_a_batch_still_encoding_are_not_served(model):
+    """The worker registers a batch's new ids before encoding it without the lock; until its commit
+    (committed_sizes) they are unknown, never returned, and not counted."""
+    store = filled_store(model, synthetic_batches()[:3])
+    committed = {Kind.USER: len(store.users), Kind.ITEM: len(store.items)}
+    engine = QueryEngine(store, committed_sizes=lambda: committed)
+    store.users.slots(np.asarray(["pending-user"], dtype=object))  # what the worker's step 1 does
+    store.items.slots(np.asarray([f"pending-{n}" for n in range(20)], dtype=object))
+    with pytest.raises(NotFound):
+        engine.top_k_items("pending-user")
+    with pytest.raises(NotFound):
+        engine.vectors("item", ["pending-3"])
+    returned = {r.id for r in engine.similar_items("i1", k=MAX_K)} | {r.id for r in engine.top_k_items("u1", MAX_K)}
+    assert not {i for i in returned if i.startswith("pending")} and len(returned) >= len(store.items) - 21
+    assert engine.sizes() == {"users": committed[Kind.USER], "items": committed[Kind.ITEM]}
+
+
+def test_a_snapshot_is_served_with_its_scoring_config(tmp_path, model, scored_store):
+    state, meta = snapshot_state(scored_store, SCORED_CACHE)
+    SnapshotManager(tmp_path).write_state(state, {**meta, "configs": {"scoring": {"popularity_weight": 0.7}}})
+    follower = SnapshotFollower(tmp_path)
+    assert follower.poll_once()
+    replica, live = follower.current(), QueryEngine(scored_store, scoring=ScoringConfig(popularity_weight=0.7))
+    assert replica.scoring.popularity_weight == 0.7
+    assert replica.store.items.history.halflife == SCORED_CACHE.popularity_halflife
+    assert replica.top_k_items("u5", 10) == live.top_k_items("u5", 10)
+    with pytest.raises(NotFound):
+        replica.top_k_items("someone-new")  # a read replica has no model: 404, never a guess
 
 
 # ---- error paths -----------------------------------------------------------------------------

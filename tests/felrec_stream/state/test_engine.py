@@ -6,7 +6,8 @@ import torch
 
 from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig
 from felrec_stream.model.felrec import FELRec
-from felrec_stream.state.engine import commit_batch, encode, id_seed_vectors, infer_batch, prepare_batch
+from felrec_stream.state.engine import (cold_vectors, commit_batch, encode, id_seed_vectors, infer_batch,
+                                       prepare_batch)
 from felrec_stream.state.store import Kind, RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches, make_events
 
@@ -118,3 +119,28 @@ def test_gradients_flow_to_encoder_but_never_into_the_cache(variant):
     commit_batch(store, inputs, u, x)
     assert model.encoder.fc.weight.grad is not None and model.encoder.fc.weight.grad.abs().sum() > 0
     assert not store.users.vectors.all().requires_grad
+
+
+@pytest.mark.parametrize("cold_input, empty_history", [("id_seed", "cold_start"), ("zero", "cold_start"),
+                                                       ("id_seed", "learned")])
+def test_cold_vectors_are_what_a_new_users_first_event_is_encoded_with(cold_input, empty_history):
+    """cold_vectors (the query API's unknown users) = the no-history encoding prepare_batch + encode
+    give a user's first event (what the evaluator scores it with), and the store is untouched."""
+    torch.manual_seed(0)
+    model = FELRec(EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0,
+                                 empty_history=empty_history), ModelConfig(queue_size=64)).eval()
+    cache = CacheConfig(cold_start_input=cold_input)
+    store = RepresentationStore(16, 8)
+    infer_batch(model, store, batch(["a", "b"], ["x", "y"]), cache)  # a store with other entities
+    sizes = (len(store.users), len(store.items))
+    cold = cold_vectors(model, Kind.USER, ["new-1", "new-2"], cache)
+    assert (len(store.users), len(store.items)) == sizes
+    for n, user in enumerate(["new-1", "new-2"]):
+        with torch.no_grad():
+            inputs = prepare_batch(RepresentationStore(16, 8), batch([user], ["x"]), "cpu", cache)
+            u, _ = encode(model, inputs)
+        # one id (as the API asks) is bit-identical; several differ only by float reduction order
+        torch.testing.assert_close(cold_vectors(model, Kind.USER, [user], cache)[0], u[0], rtol=0, atol=0)
+        torch.testing.assert_close(cold[n], u[0], rtol=1e-5, atol=1e-6)
+    # per-user vectors only from id seeds; a zero or learned input gives every new user the same one
+    assert torch.allclose(cold[0], cold[1]) == (cold_input == "zero" or empty_history == "learned")
