@@ -3,16 +3,16 @@
 Run: OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python benchmarks/bench_train_eval.py --threads 1 \
        --dataset ml-100k --path ../shared/data/ml-100k --first 30000 [levers]
 
-Configuration: exactly the `paper` preset (d=128, 3 layers, 4 heads, d_ff 256, dropout 0.1,
-FELRec-Q, queue 8192, training batch 1024, evaluation batch 1024, history 64, SGD). Data: the
-earliest `--first` events of a dataset (the issue's comparison: the 30,000 earliest ML-100K
-events) or of the synthetic generator. Prints one line per figure, next to its target:
+Configuration: exactly the preset `--preset` names, by default `paper` (d=128, 3 layers, 4 heads,
+d_ff 256, dropout 0.1, FELRec-Q, queue 8192, training batch 1024, evaluation batch 1024, history
+64, SGD). Data: the earliest `--first` events of a dataset (the issue's comparison: the 30,000
+earliest ML-100K events) or of the synthetic generator. Prints one line per figure, next to its target:
 
 - training interactions/s over `--train-batches` steps after the first `--warm-events` training
   events filled the cache (so the timed batches see real history lengths), and the process's peak
   RSS; the padding the encoder computes on, with and without length buckets;
 - online evaluation interactions/s (serve protocol, full-catalog rank + HR@10) on the validation
-  split after replaying the training split.
+  split after replaying the training split; with `--catalog N`, 1,000 events against N items.
 
 Levers (each run in its own process: peak RSS is per process): `--no-buckets` (one padded pass per
 kind and batch), `--max-activation-mb N` (0 = keep every activation), `--torch-dropout` (torch's
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from connectors.datasets import load_dataset  # noqa: E402
-from felrec_stream.config import Configs, preset_sections  # noqa: E402
+from felrec_stream.config import PRESETS, Configs, preset_sections  # noqa: E402
 from felrec_stream.data import synthetic  # noqa: E402
 from felrec_stream.data.split import chronological_split  # noqa: E402
 from felrec_stream.device import resolve_device, tune_allocator  # noqa: E402
@@ -44,7 +44,7 @@ from felrec_stream.log import configure_logging  # noqa: E402
 from felrec_stream.model import felrec  # noqa: E402
 from felrec_stream.state import engine  # noqa: E402
 from felrec_stream.state.store import RepresentationStore  # noqa: E402
-from felrec_stream.stream.events import iter_batches  # noqa: E402
+from felrec_stream.stream.events import iter_batches, make_events  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.felrec_online import FELRecOnline  # noqa: E402
 from training.train import train_step  # noqa: E402
@@ -137,6 +137,22 @@ def bench_eval(configs: Configs, model: felrec.FELRec, split, args: argparse.Nam
           f"{'no_grad' if args.eval_no_grad else 'inference_mode'})")
 
 
+def bench_large_catalog(configs: Configs, model: felrec.FELRec, n_items: int, device: torch.device) -> None:
+    """1,000 events scored against n_items catalog items (FELRec scoring + rank + HR@10)."""
+    D = configs.encoder.d_model
+    store = RepresentationStore.for_cache(D, configs.cache, device)
+    ids = np.asarray([f"i{k}" for k in range(n_items)], dtype=object)
+    slots = store.items.slots(ids)
+    store.items.vectors.put(torch.from_numpy(slots), torch.randn(n_items, D))
+    train = make_events([f"w{k}" for k in range(n_items)], ids.tolist(), np.zeros(n_items, dtype=np.int64))
+    rng = np.random.default_rng(0)
+    events = make_events([f"u{k}" for k in rng.integers(0, 300, 1000)], ids[rng.integers(0, n_items, 1000)].tolist(),
+                         np.arange(1, 1001), np.arange(n_items, n_items + 1000))
+    with torch.inference_mode():
+        result = evaluate(FELRecOnline(model.eval(), store, configs.cache), events, train, configs.eval)
+    print(f"eval[{n_items:,} items]: 1,000 events in {result.seconds:.2f} s")
+
+
 def torch_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, training)
 
@@ -157,6 +173,8 @@ def main() -> None:
     parser.add_argument("--allocator", action="store_true")
     parser.add_argument("--eval-no-grad", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--catalog", type=int, default=0, help="also score 1,000 events against N catalog items")
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="the configuration measured")
     args = parser.parse_args()
     configure_logging(level="WARNING")
     if args.threads:
@@ -165,7 +183,7 @@ def main() -> None:
         print(f"allocator tuned: {tune_allocator()}")
     if args.torch_dropout:
         felrec.dropout = torch_dropout
-    configs = Configs.load(preset_sections("paper"), {}, environ={})  # exactly the preset
+    configs = Configs.load(preset_sections(args.preset), {}, environ={})  # exactly the preset
     if args.max_activation_mb is None:
         args.max_activation_mb = configs.training.max_activation_mb
     device = resolve_device(args.device)
@@ -174,7 +192,7 @@ def main() -> None:
     events = events.slice(0, args.first) if args.first else events
     split = chronological_split(events, configs.training.val_fraction, configs.training.test_fraction)
     print(f"device={device} threads={torch.get_num_threads()} data={args.dataset} {args.path or ''} "
-          f"({len(split.train)} training events) paper preset: d={configs.encoder.d_model} "
+          f"({len(split.train)} training events) preset {args.preset}: d={configs.encoder.d_model} "
           f"layers={configs.encoder.n_layers} heads={configs.encoder.n_heads} batch={configs.training.batch_size} "
           f"queue={configs.model.queue_size} variant={configs.model.variant} "
           f"buckets={not args.no_buckets} bucket_tokens={args.bucket_tokens or felrec.BUCKET_TOKENS} "
@@ -183,6 +201,8 @@ def main() -> None:
     model = bench_training(configs, split.train, args, device)
     if not args.skip_eval:
         bench_eval(configs, model, split, args, device)
+    if args.catalog:
+        bench_large_catalog(configs, model, args.catalog, device)
     print(f"peak RSS {peak_rss_mb():,.0f} MB")
 
 
