@@ -205,7 +205,7 @@ class Encoder(nn.Module):
 
 # Encoding in length buckets: positions per bucket at most (transient memory), and the fixed cost
 # of one more bucket in positions (per-operation overhead; measured by benchmarks/bench_train_eval.py).
-BUCKET_TOKENS = 16384
+BUCKET_TOKENS = 4096
 BUCKET_OVERHEAD = 1024
 
 
