@@ -142,12 +142,14 @@ def bench_eval(configs: Configs, model: felrec.FELRec, split, args: argparse.Nam
         online.observe(batch)
     print(f"eval: RSS after replaying the training split {rss_mb():,.0f} MB (peak {peak_rss_mb():,.0f} MB)")
     mode = torch.no_grad() if args.eval_no_grad else torch.inference_mode()
+    cpu = time.process_time()
     with mode:
         result = evaluate(online, split.val, split.train, configs.eval)
+    cpu = time.process_time() - cpu
     total = result.summary()["total"]
     print(f"eval: {len(split.val) / result.seconds:,.1f} interactions/s (target >= {EVAL_TARGET:,.0f}; serve "
           f"protocol, full-catalog rank {total['rank']:.4f}, HR@10 {total['hit_rate']:.4f}, {len(split.val)} events, "
-          f"{'no_grad' if args.eval_no_grad else 'inference_mode'})")
+          f"{'no_grad' if args.eval_no_grad else 'inference_mode'}; {len(split.val) / cpu:,.1f} per CPU-s)")
 
 
 def bench_large_catalog(configs: Configs, model: felrec.FELRec, n_items: int, device: torch.device) -> None:
