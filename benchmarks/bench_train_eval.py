@@ -1,35 +1,47 @@
-"""Training and online-evaluation throughput of FELRec, with the cost split of a training step.
+"""Training and online-evaluation throughput of FELRec at the paper's size, with its memory and levers.
 
-Run: OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2 python benchmarks/bench_train_eval.py
-(--train-batches 12 --batch-size 256 --catalog 100000 --device auto). Prints one line per figure:
+Run: OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python benchmarks/bench_train_eval.py --threads 1 \
+       --dataset ml-100k --path ../shared/data/ml-100k --first 30000 [levers]
 
-- training interactions/s at the paper's size (d=128, 3 layers) and at the small test config,
-  measured on batches whose histories are full (after a warm-up replay that fills the cache);
-- the split of a training step: data prep (histories + cache gather) / encoder fwd+bwd+SGD /
-  cache write, and the evaluation metrics per event;
-- the mean padded sequence length the encoder saw vs history_len (padding is trimmed per batch);
-- evaluation interactions/s (FELRecOnline + metrics) and 1,000 events against a 100k-item catalog.
+Configuration: exactly the preset `--preset` names, by default `paper` (d=128, 3 layers, 4 heads,
+d_ff 256, dropout 0.1, FELRec-Q, queue 8192, training batch 1024, evaluation batch 1024, history
+64, SGD). Data: the earliest `--first` events of a dataset (the issue's comparison: the 30,000
+earliest ML-100K events) or of the synthetic generator. Prints one line per figure, next to its target:
+
+- training interactions/s over `--train-batches` steps after the first `--warm-events` training
+  events filled the cache (so the timed batches see real history lengths), and the process's peak
+  RSS; the padding the encoder computes on, with and without length buckets;
+- online evaluation interactions/s (serve protocol, full-catalog rank + HR@10) on the validation
+  split after replaying the training split; with `--catalog N`, 1,000 events against N items.
+
+Levers (each run in its own process: peak RSS is per process): `--no-buckets` (one padded pass per
+kind and batch), `--max-activation-mb N` (0 = keep every activation), `--torch-dropout` (torch's
+dropout kernels instead of the PCG64 masks), `--allocator` (fixed glibc malloc thresholds),
+`--eval-no-grad` (evaluation under no_grad instead of inference_mode). Targets (issue 11): training
+>= 3x the reference trainer (114-119 interactions/s with 2 threads on the same events: >= 350/s),
+peak RSS <= 1 GB; evaluation >= 1,200 interactions/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig  # noqa: E402
+from connectors.datasets import load_dataset  # noqa: E402
+from felrec_stream.config import PRESETS, Configs, preset_sections  # noqa: E402
 from felrec_stream.data import synthetic  # noqa: E402
 from felrec_stream.data.split import chronological_split  # noqa: E402
 from felrec_stream.device import resolve_device  # noqa: E402
 from felrec_stream.log import configure_logging  # noqa: E402
-from felrec_stream.model.felrec import FELRec  # noqa: E402
-from felrec_stream.model.ranking import normalized_rank, sampled_hit_rate  # noqa: E402
+from felrec_stream.model import felrec  # noqa: E402
 from felrec_stream.state import engine  # noqa: E402
 from felrec_stream.state.store import RepresentationStore  # noqa: E402
 from felrec_stream.stream.events import iter_batches, make_events  # noqa: E402
@@ -37,49 +49,49 @@ from training.evaluate import evaluate  # noqa: E402
 from training.felrec_online import FELRecOnline  # noqa: E402
 from training.train import train_step  # noqa: E402
 
-SIZES = {
-    "paper": EncoderConfig(d_model=128, n_layers=3, n_heads=4, d_ff=256),
-    "small": EncoderConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64),
-}
+TRAIN_TARGET = 350.0  # interactions/s: 3x the reference trainer's 114-119 (issue 11)
+RSS_TARGET_MB = 1024.0
+EVAL_TARGET = 1200.0
 
 
-def padded_lengths(store: RepresentationStore, batches: list, device: torch.device) -> list[int]:
-    """Sequence length the encoder sees per batch (max of the trimmed user/item histories)."""
-    lengths = []
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def tune_allocator() -> bool:
+    """Lever `--allocator`: fixed glibc thresholds (heap up to 32 MiB requests, keep 1 GiB of free
+    memory) instead of the adaptive ones. Measured: no gain once the encoder runs in length buckets
+    (its temporaries stay below glibc's adaptive 32 MiB mmap threshold), so the package does not set it."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_, M_TRIM_THRESHOLD
+
+
+def rss_mb() -> float:
+    """Current resident set size (MB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def padding_share(store: RepresentationStore, batches: list, device: torch.device, overhead: int) -> float:
+    """Share of the encoder's positions that are padding over `batches` (without moving the cache on:
+    zero vectors are committed to a copy)."""
+    store = _copy(store)
+    computed = valid = 0
     for batch in batches:
         inputs = engine.prepare_batch(store, batch, device)
-        lengths.append(max(inputs.item_seq.shape[1], inputs.user_seq.shape[1]))
-        engine.commit_batch(store, inputs, torch.zeros(len(batch), store.dim, device=device),
-                            torch.zeros(len(batch), store.dim, device=device))
-    return lengths
-
-
-def bench_training(name: str, enc: EncoderConfig, train_events: pa.Table, args: argparse.Namespace,
-                   device: torch.device) -> FELRec:
-    torch.manual_seed(0)
-    model = FELRec(enc, ModelConfig(variant="q", queue_size=4096)).to(device)
-    store = RepresentationStore(enc.d_model, 64, device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    batches = list(iter_batches(train_events, args.batch_size))
-    warm, timed = batches[: -args.train_batches], batches[-args.train_batches:]
-    with torch.no_grad():  # fill the cache so that the timed batches have full histories
-        for batch in warm:
-            engine.infer_batch(model, store, batch)
-    lengths = padded_lengths(_copy(store), timed, device)
-    timer: dict[str, float] = {}
-    model.train()
-    started = time.perf_counter()
-    for batch in timed:
-        train_step(model, store, optimizer, batch, timer=timer)
-    seconds = time.perf_counter() - started
-    n = sum(len(b) for b in timed)
-    split = " ".join(f"{k}={1e3 * v / len(timed):.1f}ms" for k, v in timer.items())
-    print(f"train[{name}] d={enc.d_model} layers={enc.n_layers} batch={args.batch_size}: "
-          f"{n / seconds:,.0f} interactions/s ({len(timed)} batches, per step: {split})")
-    first = padded_lengths(RepresentationStore(enc.d_model, 64), batches[:5], torch.device("cpu"))
-    print(f"train[{name}] padded length: mean {np.mean(lengths):.1f} vs history_len 64 "
-          f"(first batches of the replay: {first})")
-    return model
+        for seqs in (inputs.users_before, inputs.items_before):
+            lengths = seqs.mask.sum(dim=1)
+            buckets = felrec.length_buckets(lengths, overhead=overhead)
+            computed += sum(b.length * (len(lengths) if b.rows is None else len(b.rows)) for b in buckets)
+            valid += int(lengths.sum())
+        zeros = torch.zeros(len(batch), store.dim, device=device)
+        engine.commit_batch(store, inputs, zeros, zeros)
+    return 1 - valid / computed
 
 
 def _copy(store: RepresentationStore) -> RepresentationStore:
@@ -88,20 +100,62 @@ def _copy(store: RepresentationStore) -> RepresentationStore:
     return copy
 
 
-def bench_eval(name: str, model: FELRec, split, device: torch.device) -> None:
-    store = RepresentationStore(model.encoder_config.d_model, 64, device=device)
-    with torch.no_grad():
-        for batch in iter_batches(split.train, 1024):
-            engine.infer_batch(model.eval(), store, batch)
-    result = evaluate(FELRecOnline(model, store, CacheConfig()), split.val, split.train, EvalConfig())
-    print(f"eval[{name}]: {len(split.val) / result.seconds:,.0f} interactions/s "
-          f"({len(split.val)} events, catalog ~{len(set(split.train.column('item').to_pylist()))} items)")
+def bench_training(configs: Configs, train_events, args: argparse.Namespace, device: torch.device) -> felrec.FELRec:
+    torch.manual_seed(0)
+    model = felrec.FELRec(configs.encoder, configs.model).to(device)
+    if args.no_buckets:
+        model.encoder.bucket_overhead = 10**9
+    if args.bucket_tokens is not None:
+        model.encoder.bucket_tokens = args.bucket_tokens
+    store = RepresentationStore.for_cache(configs.encoder.d_model, configs.cache, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=configs.training.lr, momentum=configs.training.momentum)
+    batches = list(iter_batches(train_events, configs.training.batch_size))
+    n_warm = args.warm_events // configs.training.batch_size
+    warm, timed = batches[:n_warm], batches[n_warm:n_warm + args.train_batches]
+    with torch.no_grad():  # fill the cache so that the timed batches have real histories
+        for batch in warm:
+            engine.infer_batch(model.eval(), store, batch, configs.cache)
+    shares = [padding_share(store, timed, device, o) for o in (10**9, felrec.BUCKET_OVERHEAD)]
+    print(f"train: padding share of encoded positions: one pass per kind {shares[0]:.0%}, "
+          f"length buckets {shares[1]:.0%}")
+    timer: dict[str, float] = {}
+    if not timed:
+        return model
+    model.train()
+    started, cpu = time.perf_counter(), time.process_time()
+    for batch in timed:
+        train_step(model, store, optimizer, batch, configs.cache, timer, max_activation_mb=args.max_activation_mb)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    n = sum(len(b) for b in timed)
+    split = " ".join(f"{k}={1e3 * v / len(timed):.0f}ms" for k, v in timer.items())
+    print(f"train: {n / seconds:,.1f} interactions/s (target >= {TRAIN_TARGET:.0f}; {len(timed)} batches of "
+          f"{configs.training.batch_size} after {len(warm) * configs.training.batch_size} events; "
+          f"{cpu / len(timed):.1f} CPU-s per step; per step: {split})")
+    print(f"train: peak RSS {peak_rss_mb():,.0f} MB (target <= {RSS_TARGET_MB:.0f}; now {rss_mb():,.0f} MB)")
+    return model
 
 
-def bench_large_catalog(model: FELRec, n_items: int, device: torch.device) -> None:
+def bench_eval(configs: Configs, model: felrec.FELRec, split, args: argparse.Namespace, device: torch.device) -> None:
+    store = RepresentationStore.for_cache(configs.encoder.d_model, configs.cache, device)
+    online = FELRecOnline(model.eval(), store, configs.cache, protocol="serve", scoring=configs.scoring)
+    for batch in iter_batches(split.train, configs.eval.batch_size):
+        online.observe(batch)
+    print(f"eval: RSS after replaying the training split {rss_mb():,.0f} MB (peak {peak_rss_mb():,.0f} MB)")
+    mode = torch.no_grad() if args.eval_no_grad else torch.inference_mode()
+    cpu = time.process_time()
+    with mode:
+        result = evaluate(online, split.val, split.train, configs.eval)
+    cpu = time.process_time() - cpu
+    total = result.summary()["total"]
+    print(f"eval: {len(split.val) / result.seconds:,.1f} interactions/s (target >= {EVAL_TARGET:,.0f}; serve "
+          f"protocol, full-catalog rank {total['rank']:.4f}, HR@10 {total['hit_rate']:.4f}, {len(split.val)} events, "
+          f"{'no_grad' if args.eval_no_grad else 'inference_mode'}; {len(split.val) / cpu:,.1f} per CPU-s)")
+
+
+def bench_large_catalog(configs: Configs, model: felrec.FELRec, n_items: int, device: torch.device) -> None:
     """1,000 events scored against n_items catalog items (FELRec scoring + rank + HR@10)."""
-    D = model.encoder_config.d_model
-    store = RepresentationStore(D, 64, device=device)
+    D = configs.encoder.d_model
+    store = RepresentationStore.for_cache(D, configs.cache, device)
     ids = np.asarray([f"i{k}" for k in range(n_items)], dtype=object)
     slots = store.items.slots(ids)
     store.items.vectors.put(torch.from_numpy(slots), torch.randn(n_items, D))
@@ -109,35 +163,64 @@ def bench_large_catalog(model: FELRec, n_items: int, device: torch.device) -> No
     rng = np.random.default_rng(0)
     events = make_events([f"u{k}" for k in rng.integers(0, 300, 1000)], ids[rng.integers(0, n_items, 1000)].tolist(),
                          np.arange(1, 1001), np.arange(n_items, n_items + 1000))
-    result = evaluate(FELRecOnline(model, store, CacheConfig()), events, train, EvalConfig())
-    scores = torch.randn(1000, n_items, device=device)
-    target = torch.from_numpy(rng.integers(0, n_items, 1000)).to(device)
-    started = time.perf_counter()
-    normalized_rank(scores, target)
-    sampled_hit_rate(scores, target, 100, 10, torch.Generator(device=device).manual_seed(0))
-    metrics_s = time.perf_counter() - started
-    print(f"eval[{n_items:,} items]: 1,000 events in {result.seconds:.2f} s "
-          f"(rank + HR@10 alone: {metrics_s:.2f} s = {metrics_s:.3f} ms/event)")
+    with torch.inference_mode():
+        result = evaluate(FELRecOnline(model.eval(), store, configs.cache), events, train, configs.eval)
+    print(f"eval[{n_items:,} items]: 1,000 events in {result.seconds:.2f} s")
+
+
+def torch_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, training)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-batches", type=int, default=8, help="timed training batches per size")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--catalog", type=int, default=100_000, help="items in the large-catalog evaluation")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--sizes", default="small,paper")
+    parser.add_argument("--dataset", default="synthetic", help="a connectors.datasets name, e.g. ml-100k or ml-1m")
+    parser.add_argument("--path", default=None, help="the dataset's file or folder")
+    parser.add_argument("--first", type=int, default=30_000, help="use the earliest N events (0 = all)")
+    parser.add_argument("--warm-events", type=int, default=12_288, help="training events replayed before timing")
+    parser.add_argument("--train-batches", type=int, default=3, help="timed training steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-buckets", action="store_true")
+    parser.add_argument("--max-activation-mb", type=int, default=None, help="default: the paper preset's")
+    parser.add_argument("--bucket-tokens", type=int, default=None, help="positions per bucket at most")
+    parser.add_argument("--torch-dropout", action="store_true")
+    parser.add_argument("--allocator", action="store_true")
+    parser.add_argument("--eval-no-grad", action="store_true")
+    parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--catalog", type=int, default=0, help="also score 1,000 events against N catalog items")
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="the configuration measured")
     args = parser.parse_args()
     configure_logging(level="WARNING")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.allocator:
+        print(f"allocator tuned: {tune_allocator()}")
+    if args.torch_dropout:
+        felrec.dropout = torch_dropout
+    configs = Configs.load(preset_sections(args.preset), {}, environ={})  # exactly the preset
+    if args.max_activation_mb is None:
+        args.max_activation_mb = configs.training.max_activation_mb
     device = resolve_device(args.device)
-    print(f"device={device} torch_threads={torch.get_num_threads()}")
-    data = synthetic.generate(synthetic.SyntheticConfig(n_users=1000, n_items=600, n_events=60_000, n_clusters=16))
-    split = chronological_split(data.events, 0.1, 0.1)
-    for name in args.sizes.split(","):
-        model = bench_training(name, SIZES[name], split.train, args, device)
-        bench_eval(name, model, split, device)
-    bench_large_catalog(model, args.catalog, device)
+    events = load_dataset(args.dataset, args.path) if args.dataset != "synthetic" else synthetic.generate(
+        synthetic.SyntheticConfig(n_users=1000, n_items=600, n_events=args.first or 30_000, n_clusters=16)).events
+    events = events.slice(0, args.first) if args.first else events
+    split = chronological_split(events, configs.training.val_fraction, configs.training.test_fraction)
+    print(f"device={device} threads={torch.get_num_threads()} data={args.dataset} {args.path or ''} "
+          f"({len(split.train)} training events) preset {args.preset}: d={configs.encoder.d_model} "
+          f"layers={configs.encoder.n_layers} heads={configs.encoder.n_heads} batch={configs.training.batch_size} "
+          f"queue={configs.model.queue_size} variant={configs.model.variant} "
+          f"buckets={not args.no_buckets} bucket_tokens={args.bucket_tokens or felrec.BUCKET_TOKENS} "
+          f"max_activation_mb={args.max_activation_mb} "
+          f"dropout={'torch' if args.torch_dropout else 'pcg64'} allocator={'tuned' if args.allocator else 'default'}")
+    model = bench_training(configs, split.train, args, device)
+    if not args.skip_eval:
+        bench_eval(configs, model, split, args, device)
+    if args.catalog:
+        bench_large_catalog(configs, model, args.catalog, device)
+    print(f"peak RSS {peak_rss_mb():,.0f} MB")
 
 
 if __name__ == "__main__":
+    np.seterr(all="ignore")
     main()

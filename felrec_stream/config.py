@@ -102,10 +102,15 @@ class TrainingConfig:
     # Collapse guard: stop when the spread of user vectors stays below this for `collapse_patience` epochs.
     min_spread: float = 1e-3
     collapse_patience: int = 3
+    # Memory: the most encoder activations (MiB) a training step keeps for backward; buckets beyond
+    # it are encoded again during backward (exact: same dropout masks, same gradients; costs their
+    # forward once more). 0 = no limit. See model/felrec.py ActivationBudget.
+    max_activation_mb: int = 256
 
     def __post_init__(self) -> None:
         check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")
         check(self.batch_size >= 1, "training.batch_size must be >= 1")
+        check(self.max_activation_mb >= 0, "training.max_activation_mb must be >= 0 (0 = no limit)")
         check(self.lr > 0, "training.lr must be > 0")
         check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
                and self.val_fraction + self.test_fraction < 1, "training val/test fractions must leave a train part")

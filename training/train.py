@@ -28,7 +28,7 @@ from felrec_stream.data.split import chronological_split
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ModelError, TrainingError
 from felrec_stream.log import get_logger
-from felrec_stream.model.felrec import FELRec
+from felrec_stream.model.felrec import ActivationBudget, FELRec
 from felrec_stream.model.losses import representation_spread
 from felrec_stream.progress import ProgressLog
 from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
@@ -160,7 +160,8 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     lr = state.schedule.start_epoch(epoch)
     started = time.perf_counter()
     loss = train_epoch(state.model, state.store, state.optimizer, train_events, cfgs.training.batch_size,
-                       cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}", ranks=ranks)
+                       cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}", ranks=ranks,
+                       max_activation_mb=cfgs.training.max_activation_mb)
     seconds = time.perf_counter() - started
     spread = float(representation_spread(state.store.users.vectors.all()))
     store_state = state.store.state_dict()  # the cache after training, before validation moves it on
@@ -237,7 +238,8 @@ def is_collapsed(spread_history: list[float], min_spread: float, patience: int) 
 
 def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer,
                 events: pa.Table, batch_size: int, cache: CacheConfig = DEFAULT_CACHE, desc: str = "epoch",
-                timer: dict[str, float] | None = None, ranks: Ranks | None = None) -> float:
+                timer: dict[str, float] | None = None, ranks: Ranks | None = None,
+                max_activation_mb: int = 0) -> float:
     """Empty the cache, replay `events` in order; returns the mean training loss per batch."""
     from tqdm import tqdm
 
@@ -247,7 +249,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     progress = ProgressLog("train_progress", total_events=len(events), epoch=desc)  # logs outside a TTY too
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for batch in iter_batches(events, batch_size):
-            loss = train_step(model, store, optimizer, batch, cache, timer, ranks)
+            loss = train_step(model, store, optimizer, batch, cache, timer, ranks, max_activation_mb)
             if loss is not None:
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -259,14 +261,15 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
 
 def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, batch: EventBatch,
                cache: CacheConfig = DEFAULT_CACHE, timer: dict[str, float] | None = None,
-               ranks: Ranks | None = None) -> float | None:
+               ranks: Ranks | None = None, max_activation_mb: int = 0) -> float | None:
     """prepare -> encode -> loss -> SGD step -> commit. A batch of one event (BatchNorm needs two)
     only updates the cache. Returns the loss, or None for such a batch.
 
     With cache_update="post_event" the loss is the paper's (histories before the event) and the
     cache receives the encodings of the histories after the batch (no gradient). With `ranks`
     this rank encodes its slice of the batch; the loss is its share of the batch mean, the
-    gradients are summed over the ranks and every rank commits the whole batch."""
+    gradients are summed over the ranks and every rank commits the whole batch. The encoder keeps
+    at most `max_activation_mb` of activations for backward (0 = no limit; `ActivationBudget`)."""
     if len(batch) < 2:
         infer_batch(model, store, batch, cache, ranks)
         return None
@@ -275,13 +278,15 @@ def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim
     t0 = time.perf_counter()
     inputs = prepare_batch(store, batch, device, cache, after=post, ranks=ranks)
     t1 = time.perf_counter()
-    u, x = encode(model, inputs)  # (B, D), (B, D); with ranks this rank's (b, D)
+    budget = ActivationBudget(max_activation_mb << 20)
+    u, x = encode(model, inputs, budget)  # (B, D), (B, D); with ranks this rank's (b, D)
     if ranks is None:
         loss = model.loss(u, x)
     else:  # this slice's share of the batch mean; the queue gets every rank's keys
         loss = model.loss(u, x, len(batch), functools.partial(ranks.gather_rows, n=len(batch)))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    budget.backward()
     if ranks is not None:
         ranks.sum_gradients(model.parameters())
     optimizer.step()

@@ -11,8 +11,11 @@ Pure modules: the cache lives outside (felrec_stream.state.store); forward() nev
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,9 +27,13 @@ USER, ITEM = 0, 1  # kind of the *encoded entity* (a user's sequence holds items
 
 
 class Block(nn.Module):
-    """One Transformer encoder block: self-attention through the fused scaled-dot-product kernel
-    (no materialised (B, H, N, N) attention on backends that fuse it) and a two-layer MLP, with
-    dropout where nn.TransformerEncoderLayer has it. Pre-norm (default) or post-norm (reference)."""
+    """One Transformer encoder block: self-attention and a two-layer MLP, with dropout where
+    nn.TransformerEncoderLayer has it. Pre-norm (default) or post-norm (reference).
+
+    Attention runs on the fused scaled-dot-product kernel (no materialised (B, H, N, N) attention
+    on backends that fuse it), except when training on the CPU with dropout: there torch's kernel
+    falls back to the unfused math path anyway and draws its masks with the slow per-element
+    Bernoulli sampler, so the block computes the same math itself with `dropout` (cheaper masks)."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -42,7 +49,8 @@ class Block(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """h: (B, N, D); attn_mask: (B, 1, 1, N) True where a key may be attended."""
+        """h: (B, N, D); attn_mask: (B, 1, 1, N) True where a key may be attended (or any boolean
+        mask broadcastable to (B, H, N, N))."""
         if self.norm_first:
             h = h + self._attend(self.norm1(h), attn_mask)
             return h + self._feed_forward(self.norm2(h))
@@ -52,13 +60,43 @@ class Block(nn.Module):
     def _attend(self, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         B, N, D = h.shape
         q, k, v = self.qkv(h).view(B, N, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
-        p = self.p if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, N, D/H)
-        return F.dropout(self.proj(a.transpose(1, 2).reshape(B, N, D)), p, self.training)  # (B, N, D)
+        if self.training and self.p > 0 and h.device.type == "cpu":
+            a = _attention(q, k, v, attn_mask, self.p)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.p if self.training else 0.0)
+        return dropout(self.proj(a.transpose(1, 2).reshape(B, N, D)), self.p, self.training)  # (B, N, D)
 
     def _feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        hidden = F.dropout(self.act(self.ff1(h)), self.p, self.training)  # (B, N, d_ff)
-        return F.dropout(self.ff2(hidden), self.p, self.training)  # (B, N, D)
+        hidden = dropout(self.act(self.ff1(h)), self.p, self.training)  # (B, N, d_ff)
+        return dropout(self.ff2(hidden), self.p, self.training)  # (B, N, D)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Softmax attention with dropout on the weights, as F.scaled_dot_product_attention's math path.
+    q, k, v: (B, H, N, d); returns (B, H, N, d)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B, H, N, N)
+    weights = scores.masked_fill_(~attn_mask, float("-inf")).softmax(dim=-1)
+    return torch.matmul(dropout(weights, p, True), v)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, with masks from `keep_mask` on the CPU (torch draws each CPU mask element with a
+    Bernoulli sampler that took ~20% of a training step)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    return x.mul(keep_mask(x.shape, p)).mul_(1.0 / (1.0 - p))
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """(shape) bool CPU mask, each element True with probability 1 - p (p quantised to 2^-32, finer
+    than torch.rand's 2^-24). Bits from numpy's PCG64, seeded from torch's default generator, so
+    torch.manual_seed (and torch.get_rng_state / set_rng_state) govern the masks as they govern
+    F.dropout's."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    bits = np.random.default_rng(seed).integers(-2**31, 2**31, math.prod(shape), dtype=np.int32)
+    return torch.from_numpy(bits).view(shape) >= round(p * 2**32) - 2**31
 
 
 class Encoder(nn.Module):
@@ -76,6 +114,11 @@ class Encoder(nn.Module):
         self.fc = nn.Linear(D, D)
         # Optional output standardisation, one BatchNorm per kind of encoded entity (USER, ITEM).
         self.output_norm = (nn.ModuleList([KindNorm(D) for _ in range(2)]) if config.output_norm == "batch" else None)
+        # Most positions a bucket may hold (rows x its length; 0 = no limit: bounds the transient
+        # (B, H, N, N) attention weights) and the cost of one more bucket in positions (a huge value
+        # gives one bucket: the padded path). Not saved: speed/memory settings, not part of the model.
+        self.bucket_tokens = BUCKET_TOKENS
+        self.bucket_overhead = BUCKET_OVERHEAD
         self._init_near_identity()
 
     def _init_near_identity(self) -> None:
@@ -92,25 +135,50 @@ class Encoder(nn.Module):
             nn.init.normal_(self.type_embedding.weight, std=0.02)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor,
-                empty: torch.Tensor | None = None) -> torch.Tensor:
+                empty: torch.Tensor | None = None, budget: ActivationBudget | None = None) -> torch.Tensor:
         """h: (B, N, D) cached vectors; mask: (B, N) True where valid; kinds: (B,) USER or ITEM of the
         encoded entity; empty: (B,) rows whose history has no element (their last position reads the
-        learned prior when there is one)."""
+        learned prior when there is one); budget: bounds the activations kept for backward.
+
+        Rows are encoded bucket by bucket (`length_buckets`), each bucket trimmed to its longest
+        history: the same vectors as one padded pass, up to float rounding, at the cost of the valid
+        positions only. The output norm still sees the whole batch."""
+        buckets = length_buckets(mask.sum(dim=1), self.bucket_tokens, self.bucket_overhead)
+        pool = self.pool if budget is None else budget.pool(self)
+        return self.head(join_buckets([pool(h, mask, kinds, empty, b) for b in buckets], buckets, h), kinds)
+
+    def activation_bytes(self, length: int) -> int:
+        """Bytes that training keeps for backward per position of a bucket of `length` (the saved
+        tensors of `Block` on the CPU path: 8 D + 2 d_ff + 2 H n floats and H n + 2 D + d_ff mask
+        bytes per layer, plus the input, final norm and pooling); an upper bound on other devices."""
+        c = self.config
+        D, F_, Hn = c.d_model, c.d_ff, c.n_heads * length
+        return c.n_layers * (4 * (8 * D + 2 * F_ + 2 * Hn) + Hn + 2 * D + F_) + 4 * 4 * D
+
+    def pool(self, h: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor, empty: torch.Tensor | None,
+             bucket: Bucket) -> torch.Tensor:
+        """(r, D) masked mean of the final block outputs of the bucket's rows (the per-row part of
+        the encoder: rows never interact before `head`)."""
+        h, mask, kinds, empty = bucket.take(h, mask, kinds, empty)  # (r, n, D), (r, n), (r,), (r,)
         if self.prior is not None and empty is not None and bool(empty.any()):
             last = torch.zeros_like(mask)
             last[:, -1] = True
-            where = (empty.unsqueeze(1) & last).unsqueeze(-1)  # (B, N, 1)
+            where = (empty.unsqueeze(1) & last).unsqueeze(-1)  # (r, n, 1)
             h = torch.where(where, self.prior[kinds].unsqueeze(1).to(h.dtype), h)
         if self.config.positions == "reversed_sinusoidal":
             h = h + reversed_positions(h.shape[1], h.shape[2], h.device, h.dtype)
         if self.type_embedding is not None:
-            h = h + self.type_embedding(kinds).unsqueeze(1)  # (B, N, D)
-        attn_mask = mask[:, None, None, :]  # (B, 1, 1, N): padding is never attended
+            h = h + self.type_embedding(kinds).unsqueeze(1)  # (r, n, D)
+        attn_mask = mask[:, None, None, :]  # (r, 1, 1, n): padding is never attended
         for block in self.blocks:
             h = block(h, attn_mask)
-        z = self.norm(h)  # (B, N, D)
-        m = mask.unsqueeze(-1).to(z.dtype)  # (B, N, 1)
-        pooled = (z * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, D) masked mean
+        z = self.norm(h)  # (r, n, D)
+        m = mask.unsqueeze(-1).to(z.dtype)  # (r, n, 1)
+        return (z * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (r, D) masked mean
+
+    def head(self, pooled: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled rows -> representations: the final linear layer and the output norm, whose
+        batch statistics couple the rows of a kind."""
         out = self.fc(pooled)  # (B, D)
         return out if self.output_norm is None else self._standardise(out, kinds)
 
@@ -142,6 +210,137 @@ class KindNorm(nn.BatchNorm1d):
             return x
         return F.batch_norm(x, self.running_mean, self.running_var, training=self.training and x.shape[0] >= 2,
                             momentum=self.momentum, eps=self.eps)
+
+
+# Encoding in length buckets: positions per bucket at most (transient memory), and the fixed cost
+# of one more bucket in positions (per-operation overhead; measured by benchmarks/bench_train_eval.py).
+BUCKET_TOKENS = 4096
+BUCKET_OVERHEAD = 1024
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Rows of a batch encoded together, each trimmed to the bucket's length (sequences are
+    right-aligned: the last `length` positions hold every valid element of these rows)."""
+
+    rows: torch.Tensor | None  # (r,) row indices, ascending; None = every row
+    length: int
+
+    def take(self, h: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor, empty: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        n = self.length
+        if self.rows is None:
+            return h[:, -n:], mask[:, -n:], kinds, empty
+        r = self.rows
+        return h[r, -n:], mask[r, -n:], kinds[r], None if empty is None else empty[r]
+
+    def rows_in(self, h: torch.Tensor) -> int:
+        return h.shape[0] if self.rows is None else len(self.rows)
+
+
+def length_buckets(lengths: torch.Tensor, max_tokens: int = 0, overhead: int = BUCKET_OVERHEAD) -> list[Bucket]:
+    """Group R rows by valid length (R,) so that encoding each group padded to its longest costs
+    least: minimises the sum over buckets of rows x length + overhead, by dynamic programming over
+    the distinct lengths. A bucket over `max_tokens` positions is split (0 = no limit). Longest
+    bucket first; rows ascending inside a bucket."""
+    n = lengths.clamp(min=1).cpu().numpy()
+    if len(n) == 0:
+        return []
+    values, counts = np.unique(n, return_counts=True)
+    values, counts = values[::-1], counts[::-1]  # longest first
+    rows_before = np.concatenate([[0], np.cumsum(counts)])
+    cost, start = np.zeros(len(values) + 1), np.zeros(len(values) + 1, dtype=np.int64)
+    for j in range(1, len(values) + 1):  # cost[j]: the j longest distinct lengths, in buckets
+        options = cost[:j] + overhead + values[:j] * (rows_before[j] - rows_before[:j])
+        start[j] = int(np.argmin(options))
+        cost[j] = options[start[j]]
+    groups, j = [], len(values)
+    while j > 0:
+        groups.append((values[start[j]], values[j - 1]))  # (longest, shortest) length of a bucket
+        j = start[j]
+    buckets = []
+    for longest, shortest in reversed(groups):
+        rows = np.flatnonzero((n <= longest) & (n >= shortest))
+        per = len(rows) if max_tokens <= 0 else max(max_tokens // int(longest), 1)
+        for first in range(0, len(rows), per):
+            part = rows[first:first + per]
+            whole = len(part) == len(n)
+            buckets.append(Bucket(None if whole else torch.from_numpy(part).to(lengths.device), int(longest)))
+    return buckets
+
+
+class ActivationBudget:
+    """Exact backward of one training step within a memory budget (bucket-level recomputation).
+
+    While the bytes the kept autograd graphs hold (`Encoder.activation_bytes`) stay within
+    `max_bytes`, buckets are encoded with their graph as usual. Every later bucket is encoded without
+    a graph, its output made a leaf, and the random-number state before it remembered; `backward()`
+    (after the loss's backward) re-encodes each such bucket from that state, so with the very same
+    dropout masks and the same outputs, and backpropagates the leaf's gradient through it. Gradients
+    and outputs are those of the plain step; the cost is one more forward of the deferred buckets.
+    The random-number stream continues afterwards as if nothing had been replayed."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes if max_bytes > 0 else math.inf
+        self._deferred: list[tuple[Callable[[], torch.Tensor], Any, torch.Tensor]] = []
+
+    def pool(self, encoder: Encoder) -> Callable[..., torch.Tensor]:
+        """`encoder.pool`, deferring the buckets beyond the budget."""
+        def pool(h: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor, empty: torch.Tensor | None,
+                 bucket: Bucket) -> torch.Tensor:
+            cost = bucket.rows_in(h) * bucket.length * encoder.activation_bytes(bucket.length)
+            run = lambda: encoder.pool(h, mask, kinds, empty, bucket)  # noqa: E731
+            if cost <= self.left or not torch.is_grad_enabled():
+                self.left -= cost
+                return run()
+            state = _rng_state(h.device)
+            with torch.no_grad():
+                leaf = run().requires_grad_()
+            self._deferred.append((run, state, leaf))
+            return leaf
+        return pool
+
+    def backward(self) -> None:
+        """Backpropagate through the deferred buckets (call after the loss's backward)."""
+        if not self._deferred:
+            return
+        device = self._deferred[0][2].device
+        end = _rng_state(device)
+        for run, state, leaf in self._deferred:
+            if leaf.grad is not None:
+                _set_rng_state(device, state)
+                run().backward(leaf.grad)
+        _set_rng_state(device, end)
+        self._deferred.clear()
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The default generators that dropout on `device` draws from (CPU always: `keep_mask`)."""
+    if device.type == "cuda":
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.get_rng_state(), torch.mps.get_rng_state()
+    return torch.get_rng_state(), None
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state[1])
+
+
+def join_buckets(parts: list[torch.Tensor], buckets: list[Bucket], like: torch.Tensor) -> torch.Tensor:
+    """(R, ...) rows in their original order from the per-bucket results (differentiable)."""
+    if not parts:
+        return like.new_zeros((0,) + like.shape[2:])
+    if len(parts) == 1 and buckets[0].rows is None:
+        return parts[0]
+    order = torch.cat([b.rows for b in buckets])  # (R,) original row of each result row
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return torch.cat(parts)[inverse]
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, norm: str) -> nn.Sequential:
@@ -178,15 +377,15 @@ class FELRec(nn.Module):
             self.register_buffer("item_queue", F.normalize(torch.randn(K, C), dim=1))  # (K, C)
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    def encode_kind(self, h: torch.Tensor, mask: torch.Tensor, kind: int,
-                    empty: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_kind(self, h: torch.Tensor, mask: torch.Tensor, kind: int, empty: torch.Tensor | None = None,
+                    budget: ActivationBudget | None = None) -> torch.Tensor:
         """(R, D) representations of R entities of one kind (USER/ITEM) from their histories h (R, N, D).
         R = 0 still runs the encoder in training: a data-parallel rank with no rows of the batch
         takes part in the other ranks' BatchNorm statistics."""
         if h.shape[0] == 0 and not self.training:
             return h.new_zeros(0, h.shape[-1])
         kinds = torch.full((h.shape[0],), kind, device=h.device)
-        return self.encoder(h, mask, kinds, empty)
+        return self.encoder(h, mask, kinds, empty, budget)
 
     def loss(self, u: torch.Tensor, x: torch.Tensor, total: int | None = None,
              gather_keys: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

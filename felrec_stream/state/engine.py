@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from felrec_stream.config import CacheConfig
-from felrec_stream.model.felrec import ITEM, USER, FELRec
+from felrec_stream.model.felrec import ITEM, USER, ActivationBudget, FELRec
 from felrec_stream.parallel import Ranks
 from felrec_stream.state.store import HistoryPlan, Kind, RepresentationStore, last_occurrence
 from felrec_stream.stream.events import EventBatch
@@ -131,9 +131,9 @@ def id_seed_vectors(ids: np.ndarray, kind: Kind, dim: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def encode_sequences(model: FELRec, seqs: Sequences) -> torch.Tensor:
+def encode_sequences(model: FELRec, seqs: Sequences, budget: ActivationBudget | None = None) -> torch.Tensor:
     """(R, D) representations of the sequences' entities."""
-    return model.encode_kind(seqs.h, seqs.mask, _MODEL_KIND[seqs.kind], seqs.empty)
+    return model.encode_kind(seqs.h, seqs.mask, _MODEL_KIND[seqs.kind], seqs.empty, budget)
 
 
 @torch.no_grad()
@@ -151,10 +151,11 @@ def cold_vectors(model: FELRec, kind: Kind, ids: list[str] | np.ndarray,
     return encode_sequences(model, Sequences(kind, h.to(device), mask.to(device), empty.to(device)))
 
 
-def encode(model: FELRec, inputs: BatchInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(model: FELRec, inputs: BatchInputs,
+           budget: ActivationBudget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Query representations u (B, D) and x (B, D) of each event's user and item, from their
-    histories before the event (the paper's positive pair)."""
-    return encode_sequences(model, inputs.users_before), encode_sequences(model, inputs.items_before)
+    histories before the event (the paper's positive pair); budget: see ActivationBudget."""
+    return encode_sequences(model, inputs.users_before, budget), encode_sequences(model, inputs.items_before, budget)
 
 
 def encode_after(model: FELRec, inputs: BatchInputs) -> tuple[torch.Tensor, torch.Tensor]:
