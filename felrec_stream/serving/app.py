@@ -337,7 +337,8 @@ def exact_top_k(vectors: torch.Tensor, query: np.ndarray, k: int,
     kth = np.partition(scores, len(scores) - k)[len(scores) - k]
     candidates = np.flatnonzero(scores >= kth)  # ties at the boundary resolve by slot below
     order = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
-    return scores[order].astype(np.float32), order.astype(np.int64)
+    # excluded rows score -inf: -1 marks them, as FAISS pads (callers treat every slot >= 0 as a candidate)
+    return scores[order].astype(np.float32), np.where(np.isfinite(scores[order]), order, -1).astype(np.int64)
 
 
 def _preview(ids: Sequence[str], limit: int = 10) -> str:

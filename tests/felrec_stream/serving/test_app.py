@@ -22,7 +22,7 @@ from felrec_stream.model.felrec import FELRec
 from felrec_stream.serving.app import (MAX_K, ColdStartEncoder, NotFound, QueryEngine, SnapshotFollower, create_app,
                                        serve_in_thread, snapshot_state)
 from felrec_stream.serving.client import FelrecClient, InvalidRequestError, NotFoundError, ServiceUnavailableError
-from felrec_stream.state.engine import cold_vectors, infer_batch
+from felrec_stream.state.engine import cold_vectors, commit_batch, infer_batch, prepare_batch
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
@@ -652,3 +652,22 @@ def test_read_replica_of_a_capped_snapshot_reads_the_spill_in_place(model, tmp_p
         assert replica.top_k_items(user, 10) == engine.top_k_items(user, 10)
     assert replica.store.users.resident == live.users.resident  # memory bounded like the worker's
     assert sorted(p.name for p in (root / "spill").iterdir()) == before  # read-only: nothing written
+
+
+@pytest.mark.parametrize("backend", ["tensor", "tensor_capped", "faiss"])
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_recent_items_stay_excluded_with_the_prior_on_every_backend(backend, weight):
+    """A catalog smaller than k: the exact scan must not hand back the excluded (recent) items,
+    which the popularity prior would then score as candidates."""
+    D = 4
+    store = {"tensor": lambda: RepresentationStore(D, 8),
+             "tensor_capped": lambda: RepresentationStore(D, 8, max_entities=20),
+             "faiss": lambda: make_store(D, CacheConfig(history_len=8))}[backend]()
+    users = np.array(["u0", "u0", "u1", "u1", "u2"], dtype=object)
+    items = np.array(["i0", "i1", "i0", "i2", "i0"], dtype=object)
+    batch = EventBatch(users, items, np.arange(5, dtype=np.int64), np.arange(5, dtype=np.int64))
+    g = torch.Generator().manual_seed(0)
+    u, x = torch.randn(5, D, generator=g), torch.randn(5, D, generator=g)
+    commit_batch(store, prepare_batch(store, batch, "cpu"), u, x)
+    engine = QueryEngine(store, scoring=ScoringConfig(popularity_weight=weight))
+    assert [r.id for r in engine.top_k_items("u0", k=10)] == ["i2"]  # u0 met i0 and i1
