@@ -125,8 +125,7 @@ from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.parallel import Ranks
 from felrec_stream.state.checkpoint import load_checkpoint
-from felrec_stream.state.engine import (commit_batch, encode, encode_after, prepare_batch, whole_after,
-                                        whole_batch)
+from felrec_stream.state.engine import commit_batch, infer_encodings
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import Snapshot, SnapshotCorrupt, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
@@ -431,8 +430,8 @@ class StreamWorker:
 
     @torch.no_grad()
     def _apply_batch(self, batch: EventBatch) -> float:
-        """prepare -> encode -> commit as `engine.infer_batch` (same calls, same order: bit-identical
-        results) with the query lock held only while the store changes; returns the seconds held.
+        """`engine.infer_batch` (its `infer_encodings`, then `commit_batch`: bit-identical results) with
+        the query lock held only while the store changes; returns the seconds held.
 
         1. register the batch's new ids (lock): the only change before the commit. Readers then see
            ids without vectors: `committed_sizes` (read under the lock) keeps them unserved;
@@ -441,19 +440,13 @@ class StreamWorker:
         3. write vectors, histories and popularity, and publish the new sizes (lock): readers see
            the whole batch or none of it.
         """
-        model, cache, store = self.bundle.model, self.bundle.cache, self.store
-        post = model.config.cache_update == "post_event"
+        store = self.store
         t0 = time.perf_counter()
         with self.lock:
             store.users.slots(batch.user, create=True)
             store.items.slots(batch.item, create=True)
         t1 = time.perf_counter()
-        inputs = prepare_batch(store, batch, next(model.parameters()).device, cache, after=post, before=not post,
-                               ranks=self.ranks)
-        if post:  # with data-parallel ranks each encodes its slice; the whole batch is gathered
-            u, x, after = None, None, whole_after(self.ranks, inputs, encode_after(model, inputs))
-        else:
-            (u, x), after = whole_batch(self.ranks, inputs, *encode(model, inputs)), None
+        inputs, u, x, after = infer_encodings(self.bundle.model, store, batch, self.bundle.cache, self.ranks)
         t2 = time.perf_counter()
         with self.lock:
             commit_batch(store, inputs, u, x, after)

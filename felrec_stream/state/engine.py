@@ -181,7 +181,7 @@ def whole_after(ranks: Ranks | None, inputs: BatchInputs,
             ranks.gather_rows(after[1], len(inputs.item_plan.unique_slots)))
 
 
-def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tensor, x: torch.Tensor,
+def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tensor | None, x: torch.Tensor | None,
                  after: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Write one vector per touched user/item (never through autograd) and append the histories.
 
@@ -201,16 +201,28 @@ def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tenso
 
 
 @torch.no_grad()
-def infer_batch(model: FELRec, store: RepresentationStore, batch: EventBatch,
-                cache: CacheConfig = DEFAULT_CACHE, ranks: Ranks | None = None) -> BatchInputs:
-    """Inference step (streaming worker): prepare, encode what the cache needs, commit."""
+def infer_encodings(model: FELRec, store: RepresentationStore, batch: EventBatch,
+                    cache: CacheConfig = DEFAULT_CACHE, ranks: Ranks | None = None
+                    ) -> tuple[BatchInputs, torch.Tensor | None, torch.Tensor | None,
+                               tuple[torch.Tensor, torch.Tensor] | None]:
+    """The reading half of `infer_batch`: prepare and encode what the cache needs, changing nothing
+    once the batch's ids are registered. Returns (inputs, u, x, after) for `commit_batch`: u, x
+    (B, D) under pre_event, after (G_u, D), (G_x, D) under post_event; with data-parallel `ranks`
+    each rank encodes its slice and the whole batch is gathered."""
     device = next(model.parameters()).device
     post = model.config.cache_update == "post_event"
     inputs = prepare_batch(store, batch, device, cache, after=post, before=not post, ranks=ranks)
     if post:
-        commit_batch(store, inputs, None, None, whole_after(ranks, inputs, encode_after(model, inputs)))
-    else:
-        commit_batch(store, inputs, *whole_batch(ranks, inputs, *encode(model, inputs)))
+        return inputs, None, None, whole_after(ranks, inputs, encode_after(model, inputs))
+    u, x = whole_batch(ranks, inputs, *encode(model, inputs))
+    return inputs, u, x, None
+
+
+def infer_batch(model: FELRec, store: RepresentationStore, batch: EventBatch,
+                cache: CacheConfig = DEFAULT_CACHE, ranks: Ranks | None = None) -> BatchInputs:
+    """Inference step (streaming worker): prepare, encode what the cache needs, commit."""
+    inputs, u, x, after = infer_encodings(model, store, batch, cache, ranks)
+    commit_batch(store, inputs, u, x, after)
     return inputs
 
 
