@@ -41,10 +41,15 @@ class EncoderConfig:
     # Not in the paper. "batch": standardise the encoder outputs with BatchNorm statistics kept per
     # kind (users, items). The cache -> encoder -> cache recursion averages vectors over and over
     # (power iteration): without it every vector drifts to one shared direction; see model/felrec.py.
-    output_norm: Literal["none", "batch"] = "none"
+    # "running": the same standardisation with running statistics in training as in serving (a
+    # time-ordered batch holds few distinct users, whose batch statistics misrepresent everyone).
+    output_norm: Literal["none", "batch", "running"] = "none"
     # Recency inside the encoder: "reversed_sinusoidal" adds sinusoidal positions counted from the
     # newest element (position 0 = the latest interaction), as the reference implementation does.
     positions: Literal["none", "reversed_sinusoidal"] = "none"
+    # Recency in the pooling: the final outputs are averaged with weights 0.5 ** (age / pool_halflife),
+    # age 0 = the newest history element; 0 = the plain mean.
+    pool_halflife: float = 0.0
     norm_first: bool = True  # pre-norm blocks (False: post-norm, as the reference)
     activation: Literal["gelu", "relu"] = "gelu"
     # Input of a history with no element (an entity's very first query encoding): "cold_start" =
@@ -52,7 +57,8 @@ class EncoderConfig:
     empty_history: Literal["cold_start", "learned"] = "cold_start"
 
     def __post_init__(self) -> None:
-        check(self.output_norm in ("none", "batch"), "encoder.output_norm must be 'none' or 'batch'")
+        check(self.output_norm in ("none", "batch", "running"), "encoder.output_norm must be none, batch or running")
+        check(self.pool_halflife >= 0, "encoder.pool_halflife must be >= 0 (0 = plain mean)")
         check(self.d_model > 0 and self.d_model % self.n_heads == 0,
               "encoder.d_model must be a positive multiple of n_heads")
         check(self.n_layers >= 1 and self.d_ff >= 1, "encoder.n_layers and d_ff must be >= 1")
@@ -75,6 +81,15 @@ class ModelConfig:
     # history *before* the event); "post_event" = the encoding from the history *including* the event
     # (what a deployed system should serve after the event).
     cache_update: Literal["pre_event", "post_event"] = "pre_event"
+    # FELRec-Q: a queued key of the event's own user or item is no negative of it (the queue
+    # remembers whose key each entry is). False: every queued key is a negative (the paper).
+    mask_own_negatives: bool = True
+    # FELRec-Q's negatives: "queue" = the keys of the latest events (the paper: popularity-weighted,
+    # so the cosine learns log p(x|u) - log p(x)); "cache" = `negatives_per_step` entities drawn
+    # uniformly from the cached vectors of every entity met so far (the cosine learns log p(x|u)
+    # over the whole catalog, which is what the normalized rank scores).
+    negatives: Literal["queue", "cache"] = "queue"
+    negatives_per_step: int = 1024
 
     def __post_init__(self) -> None:
         check(self.variant in ("q", "p"), "model.variant must be 'q' or 'p'")
@@ -95,6 +110,16 @@ class TrainingConfig:
     weight_decay: float = 0.0
     optimizer: Literal["sgd", "adam"] = "sgd"  # sgd = the paper (with momentum); adam = AdamW
     batch_size: int = 1024
+    # Events per window (0 = batch_size: consecutive batches, the paper). Every event of a window
+    # reads the cache as it was before the window (histories stay exact: earlier events of the
+    # window included), the window is split into batches of batch_size drawn at random from all of
+    # it (seeded), one optimizer step each, and the cache is written once the window is done. A
+    # time-ordered batch of 256 ML-100K events holds ~7 users; a batch drawn from 4,096 holds ~80.
+    window: int = 0
+    # After each epoch, rebuild the cache by replaying the training events with the epoch's final
+    # weights (eval mode, no gradient): every cached vector then comes from one encoder, not from
+    # the weights of its step (training/train.py refresh_cache). Costs one inference pass an epoch.
+    refresh_cache: bool = False
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
     val_fraction: float = 0.1
@@ -110,6 +135,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")
         check(self.batch_size >= 1, "training.batch_size must be >= 1")
+        check(self.window == 0 or self.window >= self.batch_size, "training.window must be 0 or >= batch_size")
         check(self.max_activation_mb >= 0, "training.max_activation_mb must be >= 0 (0 = no limit)")
         check(self.lr > 0, "training.lr must be > 0")
         check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1

@@ -23,18 +23,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from felrec_stream.config import CacheConfig, Configs, EvalConfig, ScoringConfig, replace
+from felrec_stream.config import CacheConfig, Configs, EvalConfig, ModelConfig, ScoringConfig, replace
 from felrec_stream.data.split import chronological_split
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ModelError, TrainingError
 from felrec_stream.log import get_logger
-from felrec_stream.model.felrec import ActivationBudget, FELRec
+from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives
 from felrec_stream.model.losses import representation_spread
 from felrec_stream.progress import ProgressLog
 from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
 from felrec_stream.parallel import Ranks, sync_batch_norms
-from felrec_stream.state.engine import (DEFAULT_CACHE, commit_batch, encode, encode_after, infer_batch, prepare_batch,
-                                        whole_after, whole_batch)
+from felrec_stream.state.engine import (DEFAULT_CACHE, BatchInputs, Sequences, commit_batch, encode_after,
+                                        encode_sequences, event_sequences, infer_batch, prepare_batch, whole_after,
+                                        with_after)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.evaluate import EvalResult, evaluate, evaluate_variants
@@ -159,10 +160,12 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     torch.manual_seed(seed if ranks is None else ranks.seed(seed))  # rank 0 draws what one process draws
     lr = state.schedule.start_epoch(epoch)
     started = time.perf_counter()
-    loss = train_epoch(state.model, state.store, state.optimizer, train_events, cfgs.training.batch_size,
-                       cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}", ranks=ranks,
-                       max_activation_mb=cfgs.training.max_activation_mb)
+    stats = train_epoch(state.model, state.store, state.optimizer, train_events, cfgs.training.batch_size,
+                        cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}", ranks=ranks,
+                        max_activation_mb=cfgs.training.max_activation_mb, window=cfgs.training.window, seed=seed)
     seconds = time.perf_counter() - started
+    if cfgs.training.refresh_cache:
+        refresh_cache(state.model, state.store, train_events, cfgs, ranks)
     spread = float(representation_spread(state.store.users.vectors.all()))
     store_state = state.store.state_dict()  # the cache after training, before validation moves it on
     if ranks is not None:  # cheap insurance once an epoch: the replicas must be bit-identical
@@ -171,7 +174,8 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     val_rank = val.mean_rank
     state.epoch = epoch + 1
     state.spread_history.append(spread)
-    record = {"epoch": epoch + 1, "loss": loss, "lr": lr, "val_rank": val_rank,
+    record = {"epoch": epoch + 1, "loss": stats.loss, "chance_loss": stats.chance,
+              "users_per_batch": stats.users_per_batch, "lr": lr, "val_rank": val_rank,
               "val_hit_rate": val.summary()["total"]["hit_rate"], "popularity_weight": scoring.popularity_weight,
               "spread": spread, "seconds": round(seconds, 3),
               "events_per_s": round(len(train_events) / max(seconds, 1e-9), 1)}
@@ -193,6 +197,20 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
             f"{cfgs.training.min_spread} for {cfgs.training.collapse_patience} epoch(s) "
             f"(last {spread:.2e}); every user gets the same vector. Check cache.cold_start_input "
             f"(id_seed avoids the all-zero start), lower the learning rate, or use the other variant.")
+
+
+def refresh_cache(model: FELRec, store: RepresentationStore, events: pa.Table, cfgs: Configs,
+                  ranks: Ranks | None = None) -> None:
+    """Rebuild the cache with the final weights (training.refresh_cache): empty it and replay
+    `events` in order without gradients, in eval mode, as the evaluator and the worker apply events.
+
+    During the epoch every vector was written by the weights of its time: the cache mixes the
+    output spaces of every step, and a served user vector meets item vectors written hundreds of
+    steps earlier. After the replay every vector comes from one encoder."""
+    store.reset()
+    online = FELRecOnline(model, store, cfgs.cache, ranks=ranks)
+    for batch in iter_batches(events, cfgs.eval.batch_size):
+        online.observe(batch)
 
 
 def choose_popularity_halflife(train_events: pa.Table, val_events: pa.Table, eval_cfg: EvalConfig) -> float:
@@ -236,73 +254,171 @@ def is_collapsed(spread_history: list[float], min_spread: float, patience: int) 
     return all(s < min_spread for s in spread_history[-patience:])
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step: its loss, the loss a model that cannot tell the positive from the
+    negatives would have (FELRec-Q's chance level; NaN for FELRec-P) and its distinct users."""
+
+    loss: float
+    chance: float
+    users: int
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float  # mean over the steps
+    chance: float  # mean chance level of the steps
+    users_per_batch: float  # median distinct users of a step's events
+
+
 def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer,
                 events: pa.Table, batch_size: int, cache: CacheConfig = DEFAULT_CACHE, desc: str = "epoch",
                 timer: dict[str, float] | None = None, ranks: Ranks | None = None,
-                max_activation_mb: int = 0) -> float:
-    """Empty the cache, replay `events` in order; returns the mean training loss per batch."""
+                max_activation_mb: int = 0, window: int = 0, seed: int = 0) -> EpochStats:
+    """Empty the cache, replay `events` in order, window by window (`train_window`; window 0 =
+    batch_size: consecutive batches); `seed` draws the batches of each window."""
     from tqdm import tqdm
 
     store.reset()
     model.train()
-    losses = []
+    steps: list[StepStats] = []
+    window = window or batch_size
     progress = ProgressLog("train_progress", total_events=len(events), epoch=desc)  # logs outside a TTY too
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
-        for batch in iter_batches(events, batch_size):
-            loss = train_step(model, store, optimizer, batch, cache, timer, ranks, max_activation_mb)
+        for n, events_in in enumerate(iter_batches(events, window)):
+            done = train_window(model, store, optimizer, events_in, batch_size, cache,
+                                np.random.default_rng([seed, n]), timer, ranks, max_activation_mb)
+            steps.extend(done)
+            loss = done[-1].loss if done else None
             if loss is not None:
-                losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update(len(batch))
-            progress.update(len(batch), loss)
+            bar.update(len(events_in))
+            progress.update(len(events_in), loss)
     progress.finish()
-    return float(np.mean(losses)) if losses else float("nan")
+    if not steps:
+        return EpochStats(float("nan"), float("nan"), 0.0)
+    return EpochStats(float(np.mean([s.loss for s in steps])), float(np.mean([s.chance for s in steps])),
+                      float(np.median([s.users for s in steps])))
 
 
 def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, batch: EventBatch,
                cache: CacheConfig = DEFAULT_CACHE, timer: dict[str, float] | None = None,
-               ranks: Ranks | None = None, max_activation_mb: int = 0) -> float | None:
-    """prepare -> encode -> loss -> SGD step -> commit. A batch of one event (BatchNorm needs two)
-    only updates the cache. Returns the loss, or None for such a batch.
+               ranks: Ranks | None = None, max_activation_mb: int = 0,
+               rng: np.random.Generator | None = None) -> float | None:
+    """One optimizer step on the whole batch (`train_window` with one batch); its loss, or None
+    for a batch of one event (BatchNorm needs two), which only updates the cache."""
+    steps = train_window(model, store, optimizer, batch, len(batch), cache, rng, timer, ranks, max_activation_mb)
+    return steps[0].loss if steps else None
 
-    With cache_update="post_event" the loss is the paper's (histories before the event) and the
-    cache receives the encodings of the histories after the batch (no gradient). With `ranks`
-    this rank encodes its slice of the batch; the loss is its share of the batch mean, the
-    gradients are summed over the ranks and every rank commits the whole batch. The encoder keeps
-    at most `max_activation_mb` of activations for backward (0 = no limit; `ActivationBudget`)."""
-    if len(batch) < 2:
-        infer_batch(model, store, batch, cache, ranks)
-        return None
+
+def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, window: EventBatch,
+                 batch_size: int, cache: CacheConfig = DEFAULT_CACHE, rng: np.random.Generator | None = None,
+                 timer: dict[str, float] | None = None, ranks: Ranks | None = None,
+                 max_activation_mb: int = 0) -> list[StepStats]:
+    """Train on a window of time-ordered events: prepare -> per batch (encode -> loss -> step) -> commit.
+
+    Every event of the window reads the cache as it was before the window, its histories hold
+    exactly its earlier events (those of the window included): no event sees a later event's
+    history or vector, whatever order the batches take. The batches are the window's events in
+    order (rng None) or drawn without replacement by `rng`, so each holds many distinct users; a
+    batch of one event takes no step. After the last step the cache is written once:
+    cache_update="post_event" writes the encodings of the touched entities' histories after the
+    window (no gradient), "pre_event" each entity's latest event encoding. With `ranks` this rank
+    encodes its slice of each batch; the loss is its share of the batch mean, the gradients are
+    summed over the ranks and every rank commits the whole window. The encoder keeps at most
+    `max_activation_mb` of activations for backward (0 = no limit; `ActivationBudget`)."""
+    if len(window) < 2:
+        infer_batch(model, store, window, cache, ranks)
+        return []
     device = next(model.parameters()).device
     post = model.config.cache_update == "post_event"
     t0 = time.perf_counter()
-    inputs = prepare_batch(store, batch, device, cache, after=post, ranks=ranks)
+    inputs = prepare_batch(store, window, device, cache, before=False, ranks=ranks)
+    rng = rng if rng is not None else np.random.default_rng(0)
+    order = np.arange(len(window)) if len(window) <= batch_size else rng.permutation(len(window))
+    U = X = None  # (W, D) each event's own encodings, for a pre_event commit
+    steps = []
     t1 = time.perf_counter()
+    for first in range(0, len(window), batch_size):
+        rows = np.sort(order[first:first + batch_size])  # event order inside a batch
+        users, items = event_sequences(store, inputs, rows, device, cache, ranks)
+        if len(rows) < 2:
+            with torch.no_grad():
+                u, x = encode_sequences(model, users), encode_sequences(model, items)
+        else:
+            negatives = draw_negatives(store, model.config, rng, device)
+            u, x, stats = _step(model, optimizer, inputs, rows, users, items, ranks, max_activation_mb, negatives)
+            steps.append(stats)
+        if not post:
+            u, x = _whole(ranks, u.detach(), x.detach(), len(rows))
+            U = u.new_empty((len(window), u.shape[1])) if U is None else U
+            X = x.new_empty((len(window), x.shape[1])) if X is None else X
+            U[torch.from_numpy(rows).to(device)], X[torch.from_numpy(rows).to(device)] = u, x
+    t2 = time.perf_counter()
+    if post:
+        with torch.no_grad():
+            inputs = with_after(store, inputs, device, cache, ranks)
+            after = whole_after(ranks, inputs, encode_after(model, inputs))
+        commit_batch(store, inputs, None, None, after)
+    else:
+        commit_batch(store, inputs, U, X)
+    if timer is not None:
+        t3 = time.perf_counter()
+        for key, seconds in (("prep", t1 - t0), ("fwd_bwd", t2 - t1), ("write", t3 - t2)):
+            timer[key] = timer.get(key, 0.0) + seconds
+    return steps
+
+
+def _step(model: FELRec, optimizer: torch.optim.Optimizer, inputs: BatchInputs, rows: np.ndarray,
+          users: Sequences, items: Sequences, ranks: Ranks | None, max_activation_mb: int,
+          negatives: Negatives | None = None) -> tuple[torch.Tensor, torch.Tensor, StepStats]:
+    """encode -> loss -> optimizer step on the events `rows` of a window; (u, x) of this rank's rows."""
+    device = users.h.device
     budget = ActivationBudget(max_activation_mb << 20)
-    u, x = encode(model, inputs, budget)  # (B, D), (B, D); with ranks this rank's (b, D)
+    u, x = encode_sequences(model, users, budget), encode_sequences(model, items, budget)  # (b, D) each
+    mine = rows if ranks is None else rows[ranks.span(len(rows))]
+    ids = None
+    if model.config.mask_own_negatives:
+        ids = (torch.from_numpy(inputs.user_slots[mine]).to(device), torch.from_numpy(inputs.item_slots[mine]).to(device))
     if ranks is None:
-        loss = model.loss(u, x)
+        loss = model.loss(u, x, ids=ids, negatives=negatives)
     else:  # this slice's share of the batch mean; the queue gets every rank's keys
-        loss = model.loss(u, x, len(batch), functools.partial(ranks.gather_rows, n=len(batch)))
+        loss = model.loss(u, x, len(rows), functools.partial(ranks.gather_rows, n=len(rows)), ids, negatives)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     budget.backward()
     if ranks is not None:
         ranks.sum_gradients(model.parameters())
     optimizer.step()
-    value = float(loss.detach())  # syncs the device, so the timings below are honest
+    value = float(loss.detach())  # syncs the device, so the timings are honest
+    chance = float(getattr(model, "chance", math.nan))
     if ranks is not None:
         value = ranks.sum(value)  # the shares add up to the batch mean
-    t2 = time.perf_counter()
-    u, x = whole_batch(ranks, inputs, u, x)
-    if post:
-        with torch.no_grad():
-            after = whole_after(ranks, inputs, encode_after(model, inputs))
-        commit_batch(store, inputs, u, x, after)
-    else:
-        commit_batch(store, inputs, u, x)
-    if timer is not None:
-        t3 = time.perf_counter()
-        for key, seconds in (("prep", t1 - t0), ("fwd_bwd", t2 - t1), ("write", t3 - t2)):
-            timer[key] = timer.get(key, 0.0) + seconds
-    return value
+        chance = ranks.sum(chance * len(mine)) / len(rows)
+    return u, x, StepStats(value, chance, len(np.unique(inputs.user_slots[rows])))
+
+
+def draw_negatives(store: RepresentationStore, model_cfg: ModelConfig, rng: np.random.Generator,
+                   device: torch.device) -> Negatives | None:
+    """model.negatives="cache": `negatives_per_step` users and items drawn uniformly (with
+    replacement) from the entities with a cached vector; None for the queue, or while a kind has none.
+    Every data-parallel rank draws the same (same rng state)."""
+    if model_cfg.variant != "q" or model_cfg.negatives != "cache":
+        return None
+    drawn = []
+    for table in (store.users, store.items):
+        written = np.flatnonzero(table.history.counts[: len(table)] > 0)
+        if len(written) == 0:
+            return None
+        slots = written[rng.integers(0, len(written), model_cfg.negatives_per_step)]
+        drawn += [table.vectors.get(torch.from_numpy(slots)).to(device, torch.float32),
+                  torch.from_numpy(slots).to(device)]
+    return Negatives(*drawn)
+
+
+def _whole(ranks: Ranks | None, u: torch.Tensor, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, D) each: every rank's rows of a batch of n events (as is in one process)."""
+    if ranks is None:
+        return u, x
+    both = ranks.gather_rows(torch.cat([u, x], dim=1), n)
+    return both[:, : u.shape[1]], both[:, u.shape[1]:]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from felrec_stream.config import EncoderConfig, ModelConfig
-from felrec_stream.model.losses import byol_loss, info_nce
+from felrec_stream.model.losses import byol_loss, info_nce, info_nce_chance
 
 USER, ITEM = 0, 1  # kind of the *encoded entity* (a user's sequence holds items, an item's users)
 
@@ -112,8 +112,10 @@ class Encoder(nn.Module):
         # One learned input per kind (USER, ITEM) for an empty history (config.empty_history == "learned").
         self.prior = nn.Parameter(0.02 * torch.randn(2, D)) if config.empty_history == "learned" else None
         self.fc = nn.Linear(D, D)
-        # Optional output standardisation, one BatchNorm per kind of encoded entity (USER, ITEM).
-        self.output_norm = (nn.ModuleList([KindNorm(D) for _ in range(2)]) if config.output_norm == "batch" else None)
+        # Optional output standardisation, one norm per kind of encoded entity (USER, ITEM): batch
+        # statistics in training ("batch") or the same running statistics in training and serving ("running").
+        Norm = {"batch": KindNorm, "running": RunningNorm}.get(config.output_norm)
+        self.output_norm = None if Norm is None else nn.ModuleList([Norm(D) for _ in range(2)])
         # Most positions a bucket may hold (rows x its length; 0 = no limit: bounds the transient
         # (B, H, N, N) attention weights) and the cost of one more bucket in positions (a huge value
         # gives one bucket: the padded path). Not saved: speed/memory settings, not part of the model.
@@ -174,7 +176,9 @@ class Encoder(nn.Module):
             h = block(h, attn_mask)
         z = self.norm(h)  # (r, n, D)
         m = mask.unsqueeze(-1).to(z.dtype)  # (r, n, 1)
-        return (z * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (r, D) masked mean
+        if self.config.pool_halflife > 0:  # recency: the newest element (last position) weighs 1
+            m = m * recency_weights(z.shape[1], self.config.pool_halflife, z.device, z.dtype).unsqueeze(-1)
+        return (z * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-12)  # (r, D) masked (weighted) mean
 
     def head(self, pooled: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled rows -> representations: the final linear layer and the output norm, whose
@@ -210,6 +214,36 @@ class KindNorm(nn.BatchNorm1d):
             return x
         return F.batch_norm(x, self.running_mean, self.running_var, training=self.training and x.shape[0] >= 2,
                             momentum=self.momentum, eps=self.eps)
+
+
+class RunningNorm(KindNorm):
+    """The output standardisation with running statistics in training as in serving: a row is
+    normalised with the statistics gathered *before* its batch, then the batch updates them. The
+    encoder is the same function at training and serving time (a training-cache vector equals a
+    serve-time re-encoding of its history, up to dropout), and a batch of few distinct entities
+    (time-ordered streams: a handful of users per batch) no longer rescales its own rows."""
+
+    lagged = True  # felrec_stream.parallel: normalise with the statistics before the batch
+
+    def __init__(self, D: int) -> None:
+        super().__init__(D)
+        self.momentum = 0.05
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x
+        y = F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        if self.training and x.shape[0] >= 2:
+            with torch.no_grad():  # updates the running statistics in place; the result is unused
+                F.batch_norm(x.detach(), self.running_mean, self.running_var, training=True,
+                             momentum=self.momentum, eps=self.eps)
+        return y
+
+
+def recency_weights(N: int, halflife: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(N,) pooling weights of right-aligned positions: 0.5 ** (age / halflife), age 0 = the newest."""
+    age = torch.arange(N - 1, -1, -1, device=device, dtype=torch.float32)
+    return torch.pow(0.5, age / halflife).to(dtype)
 
 
 # Encoding in length buckets: positions per bucket at most (transient memory), and the fixed cost
@@ -349,6 +383,17 @@ def mlp(d_in: int, d_hidden: int, d_out: int, norm: str) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), Norm(d_hidden), nn.ReLU(inplace=True), nn.Linear(d_hidden, d_out))
 
 
+@dataclass(frozen=True)
+class Negatives:
+    """Cached vectors drawn as FELRec-Q's negatives: users (K, D) for the items' queries, items (K, D)
+    for the users', with their ids (K,) (store slots: a row's own entity is never its negative)."""
+
+    users: torch.Tensor
+    user_ids: torch.Tensor
+    items: torch.Tensor
+    item_ids: torch.Tensor
+
+
 class FELRec(nn.Module):
     """Encoder + training heads of FELRec-Q (variant "q") or FELRec-P (variant "p")."""
 
@@ -376,6 +421,17 @@ class FELRec(nn.Module):
             self.register_buffer("user_queue", F.normalize(torch.randn(K, C), dim=1))  # (K, C)
             self.register_buffer("item_queue", F.normalize(torch.randn(K, C), dim=1))  # (K, C)
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+            # Entity (store slot) of each queued key, -1 = none: a row's own entity is no negative of it.
+            self.register_buffer("user_queue_ids", torch.full((K,), -1, dtype=torch.long))
+            self.register_buffer("item_queue_ids", torch.full((K,), -1, dtype=torch.long))
+            self.chance = torch.zeros(())  # the latest loss's chance level (uniform logits), for logs
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Checkpoints from before the queue kept ids load with unknown ids (-1)."""
+        if self.config.variant == "q":
+            for name in ("user_queue_ids", "item_queue_ids"):
+                state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), -1))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def encode_kind(self, h: torch.Tensor, mask: torch.Tensor, kind: int, empty: torch.Tensor | None = None,
                     budget: ActivationBudget | None = None) -> torch.Tensor:
@@ -388,29 +444,65 @@ class FELRec(nn.Module):
         return self.encoder(h, mask, kinds, empty, budget)
 
     def loss(self, u: torch.Tensor, x: torch.Tensor, total: int | None = None,
-             gather_keys: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+             gather_keys: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+             negatives: Negatives | None = None) -> torch.Tensor:
         """Symmetric training loss of the positive pair (u, x) of every event in the batch.
 
+        negatives: FELRec-Q's negatives drawn from the cache (model.negatives="cache"); None = the queue.
+
+        ids: (B,) user and item ids (store slots) of the rows: FELRec-Q then never uses as a negative
+        a queued key of an event that shares the row's user or item (its own earlier vectors, or the
+        items its user just chose: positives under another name), nor the row's own entity among
+        cache negatives; without ids every key counts.
         Data-parallel (felrec_stream.parallel): u, x are one rank's slice of a batch of `total`
         events; the result is the slice's share of the full-batch mean (per-event sum / total, so the
-        ranks' shares add up to it), and `gather_keys` maps the slice's (b, C) keys to the whole
+        ranks' shares add up to it), and `gather_keys` maps the slice's (b, C) rows to the whole
         batch's (total, C) in event order, so FELRec-Q's queue receives every rank's keys."""
         if self.config.variant == "q":
-            return self._loss_q(u, x, total, gather_keys)
+            return self._loss_q(u, x, total, gather_keys, ids, negatives)
         return self._loss_p(u, x, total)
 
     def _loss_q(self, u: torch.Tensor, x: torch.Tensor, total: int | None,
-                gather_keys: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-        q_u = F.normalize(self.user_projection(u) if self.config.use_mlp else u, dim=1)  # (B, C)
-        q_x = F.normalize(self.item_projection(x) if self.config.use_mlp else x, dim=1)  # (B, C)
+                gather_keys: Callable[[torch.Tensor], torch.Tensor] | None,
+                ids: tuple[torch.Tensor, torch.Tensor] | None,
+                negatives: Negatives | None = None) -> torch.Tensor:
+        q_u, q_x = self._query(u, USER), self._query(x, ITEM)  # (B, C) each
         T = self.config.temperature
-        loss = (info_nce(q_u, q_x.detach(), self.item_queue.clone(), T, total)
-                + info_nce(q_x, q_u.detach(), self.user_queue.clone(), T, total))
-        k_u, k_x = q_u.detach(), q_x.detach()
+        own_x = own_u = None  # (B, K) True where a negative is no negative of the row
+        if negatives is None:  # the queue: the keys of the latest events
+            k_x, k_u = self.item_queue, self.user_queue
+            if ids is not None:  # a queued event that shares the row's user or item: its own earlier
+                # vector, or an item its user just chose (a time-ordered batch is mostly one user's)
+                own_x = own_u = ((ids[0].unsqueeze(1) == self.user_queue_ids.unsqueeze(0))
+                                 | (ids[1].unsqueeze(1) == self.item_queue_ids.unsqueeze(0)))
+        else:  # entities drawn from the cache (no gradient), in the queries' space
+            with torch.no_grad():
+                k_x, k_u = self._query(negatives.items, ITEM), self._query(negatives.users, USER)
+            if ids is not None:
+                own_x = ids[1].unsqueeze(1) == negatives.item_ids.unsqueeze(0)
+                own_u = ids[0].unsqueeze(1) == negatives.user_ids.unsqueeze(0)
+        loss = (info_nce(q_u, q_x.detach(), k_x.clone(), T, total, own_x)
+                + info_nce(q_x, q_u.detach(), k_u.clone(), T, total, own_u))
+        self.chance = info_nce_chance(k_x.shape[0], own_x) + info_nce_chance(k_u.shape[0], own_u)
+        if negatives is None:
+            self._enqueue_all(q_u.detach(), q_x.detach(), gather_keys, ids)
+        return loss
+
+    def _query(self, v: torch.Tensor, kind: int) -> torch.Tensor:
+        """(R, C) unit vectors the loss compares: the projection head's output, or v itself."""
+        if self.config.use_mlp:
+            v = (self.user_projection if kind == USER else self.item_projection)(v)
+        return F.normalize(v, dim=1)
+
+    def _enqueue_all(self, k_u: torch.Tensor, k_x: torch.Tensor,
+                     gather_keys: Callable[[torch.Tensor], torch.Tensor] | None,
+                     ids: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         if gather_keys is not None:
             k_u, k_x = gather_keys(torch.cat([k_u, k_x], dim=1)).split(k_u.shape[1], dim=1)  # (total, C) each
-        self._enqueue(k_u, k_x)
-        return loss
+            if ids is not None:
+                ids = tuple(gather_keys(torch.stack(ids, dim=1)).unbind(dim=1))  # (total,) each
+        self._enqueue(k_u, k_x, ids)
 
     def _loss_p(self, u: torch.Tensor, x: torch.Tensor, total: int | None) -> torch.Tensor:
         if not self.config.use_mlp:
@@ -420,12 +512,14 @@ class FELRec(nn.Module):
         return byol_loss(p_u, z_x.detach(), total) + byol_loss(p_x, z_u.detach(), total)
 
     @torch.no_grad()
-    def _enqueue(self, k_u: torch.Tensor, k_x: torch.Tensor) -> None:
-        """Ring-buffer write of the newest keys (any batch size; wraps around)."""
+    def _enqueue(self, k_u: torch.Tensor, k_x: torch.Tensor, ids: tuple[torch.Tensor, ...] | None) -> None:
+        """Ring-buffer write of the newest keys and their ids (-1: unknown; any batch size; wraps around)."""
         K, B = self.user_queue.shape[0], k_u.shape[0]
         idx = (self.queue_ptr + torch.arange(min(B, K), device=k_u.device)) % K
         self.user_queue[idx] = k_u[-K:]
         self.item_queue[idx] = k_x[-K:]
+        self.user_queue_ids[idx] = -1 if ids is None else ids[0][-K:].to(self.user_queue_ids.dtype)
+        self.item_queue_ids[idx] = -1 if ids is None else ids[1][-K:].to(self.item_queue_ids.dtype)
         self.queue_ptr.copy_((self.queue_ptr + min(B, K)) % K)
 
 

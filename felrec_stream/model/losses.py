@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float,
-             total: int | None = None) -> torch.Tensor:
+             total: int | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE of MoCo: q (B, C) and its positive k (B, C) against the negatives in queue (K, C).
 
     All inputs are L2-normalised; k and queue carry no gradient (stop-gradient on the other branch).
+    exclude: (B, K) True where a queued key is no negative of the row (e.g. the row's own entity).
     Mean over the B rows; with `total`, the sum over them / total (a slice's share of a larger batch).
     """
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (B, 1)
     l_neg = torch.einsum("nc,kc->nk", q, queue)  # (B, K)
+    if exclude is not None:
+        l_neg = l_neg.masked_fill(exclude, float("-inf"))
     logits = torch.cat([l_pos, l_neg], dim=1) / T  # (B, 1 + K)
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
     if total is None:
         return F.cross_entropy(logits, labels)
     return F.cross_entropy(logits, labels, reduction="sum") / total
+
+
+def info_nce_chance(K: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """The InfoNCE of a model that cannot tell the positive from its negatives (all logits equal):
+    the mean over rows of ln(1 + negatives left), exclude (B, K) as in `info_nce`."""
+    if exclude is None:
+        return torch.tensor(math.log(1 + K))
+    return torch.log1p((K - exclude.sum(dim=1)).double()).mean().float()
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor, total: int | None = None) -> torch.Tensor:

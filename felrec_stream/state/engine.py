@@ -25,6 +25,7 @@ learned vector per kind (`encoder.empty_history = "learned"`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -96,6 +97,30 @@ def prepare_batch(store: RepresentationStore, batch: EventBatch, device: torch.d
         items_after = gather(Kind.ITEM, item_plan.new_rows, item_plan.new_lengths, item_plan.unique_slots)
     return BatchInputs(batch, user_slots, item_slots, user_plan, item_plan,
                        users_before, items_before, users_after, items_after)
+
+
+def with_after(store: RepresentationStore, inputs: BatchInputs, device: torch.device | str,
+               cache: CacheConfig = DEFAULT_CACHE, ranks: Ranks | None = None) -> BatchInputs:
+    """`inputs` with the after-batch sequences of every touched entity (what "post_event" writes)."""
+    def gather(kind: Kind, plan: HistoryPlan) -> Sequences:
+        rows = slice(None) if ranks is None else ranks.span(len(plan.unique_slots))
+        return _sequences(store, kind, plan.new_rows[rows], plan.new_lengths[rows], plan.unique_slots[rows],
+                          device, cache)
+    return dataclasses.replace(inputs, users_after=gather(Kind.USER, inputs.user_plan),
+                               items_after=gather(Kind.ITEM, inputs.item_plan))
+
+
+def event_sequences(store: RepresentationStore, inputs: BatchInputs, rows: np.ndarray, device: torch.device | str,
+                    cache: CacheConfig = DEFAULT_CACHE, ranks: Ranks | None = None) -> tuple[Sequences, Sequences]:
+    """The before-event sequences (users', items') of the batch's events `rows` (with data-parallel
+    `ranks`: this rank's `span` of them), from the cache as it was before the batch: what a
+    training step over a subset of a window's events encodes (`prepare_batch` for all rows)."""
+    rows = rows if ranks is None else rows[ranks.span(len(rows))]
+    up, ip = inputs.user_plan, inputs.item_plan
+    return (_sequences(store, Kind.USER, up.event_history[rows], up.event_length[rows], inputs.user_slots[rows],
+                       device, cache),
+            _sequences(store, Kind.ITEM, ip.event_history[rows], ip.event_length[rows], inputs.item_slots[rows],
+                       device, cache))
 
 
 def _sequences(store: RepresentationStore, kind: Kind, history: np.ndarray, length: np.ndarray,
