@@ -61,10 +61,10 @@ from felrec_stream.model.ranking import NaNScoresError
 from felrec_stream.state.checkpoint import load_checkpoint
 from training.baselines import build_baseline, fit, make_config
 from training.baselines.configs import config_to_dict
-from training.evaluate import EvalResult, evaluate, warmup_events
+from training.evaluate import DEFAULT_EXCLUDE_RECENT, EvalResult, evaluate, warmup_events
 from training.felrec_online import PopularityOnline, build_felrec
 from training.protocol import EVAL_PARTITIONS
-from training.report import DASH, PARTITION_TITLES, plot_rank_vs_prior
+from training.report import EXCLUDED_NOTE, DASH, PARTITION_TITLES, plot_rank_vs_prior, rules_title
 from training.train import choose_popularity_halflife, train
 
 log = get_logger(__name__)
@@ -198,6 +198,9 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     zero_shot_dataset: str | None = None  # label of the dataset the -zero rows were trained on
     felrec_preset: Literal["paper", "serve"] = "paper"  # FELRec rows' recipe (baselines do not depend on it)
+    # Every row is scored without the items of the user's last n interactions (the query API's
+    # default rule with the default cache.history_len), so the rows compare what would be served.
+    exclude_recent: int = DEFAULT_EXCLUDE_RECENT
 
     def __post_init__(self) -> None:
         if self.felrec_preset not in FELREC_PRESETS:
@@ -251,6 +254,10 @@ def run_experiment(events: pa.Table, cfg: ExperimentConfig, out_dir: str | Path,
 
 def _finished_row(path: Path, spec: RowSpec, cfg: ExperimentConfig) -> dict[str, Any]:
     row = json.loads(path.read_text())
+    excluded = row.get("summary", {}).get("exclude_recent", 0)  # rows written before the rule excluded nothing
+    if excluded != cfg.exclude_recent:
+        raise ConfigError(f"{path} was scored with the user's last {excluded} items excluded, not "
+                          f"{cfg.exclude_recent}; move it away or use another output folder")
     found = row.get("felrec_preset", "paper")  # rows written before presets existed are paper rows
     if spec.family == "felrec" and found != cfg.felrec_preset:
         raise ConfigError(f"{path} holds a FELRec row of preset {found!r}, not {cfg.felrec_preset!r}; "
@@ -266,9 +273,10 @@ def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Spli
     if spec.family == "popularity":
         # recent popularity counts with the half-life the serve preset's FELRec chooses on validation
         recent = spec.key == "popularity-recent"
-        halflife = choose_popularity_halflife(split.train, split.val, cfg.eval) if recent else 0.0
+        halflife = choose_popularity_halflife(split.train, split.val, cfg.eval, cfg.exclude_recent) if recent else 0.0
         popularity = PopularityOnline([split.train], halflife)
-        result = evaluate(popularity, split.test, split.train, cfg.eval, warmup=split.val)
+        result = evaluate(popularity, split.test, split.train, cfg.eval, warmup=split.val,
+                          exclude_recent=cfg.exclude_recent)
         info: dict[str, Any] = {"params": 0, "params_grow": False, "train": {}, "config": {"halflife": halflife}}
     elif spec.family == "baseline":
         result, info = _run_baseline(spec, cfg, split)
@@ -303,18 +311,19 @@ def served_events(result: EvalResult) -> pa.Table:
 def _run_baseline(spec: RowSpec, cfg: ExperimentConfig, split: Split) -> tuple[EvalResult, dict[str, Any]]:
     config = make_config(spec.key, cfg.size, seed=cfg.seed)
     adapter = build_baseline(spec.key, config, split.train)
-    fitted = fit(adapter, split.train, lambda m: _validation_rank(m, split, cfg.eval))
-    result = evaluate(fitted.model, split.test, split.train, cfg.eval, warmup=split.val)
+    fitted = fit(adapter, split.train, lambda m: _validation_rank(m, split, cfg.eval, cfg.exclude_recent))
+    result = evaluate(fitted.model, split.test, split.train, cfg.eval, warmup=split.val,
+                      exclude_recent=cfg.exclude_recent)
     train_info = {"best_epoch": fitted.best_epoch, "best_val_rank": fitted.best_val_rank, "history": fitted.history}
     return result, {"params": fitted.model.num_parameters, "params_grow": fitted.model.params_grow_with_data,
                     "train": train_info, "config": config_to_dict(config)}
 
 
-def _validation_rank(model: Any, split: Split, eval_cfg: EvalConfig) -> float:
+def _validation_rank(model: Any, split: Split, eval_cfg: EvalConfig, exclude_recent: int) -> float:
     """Mean validation rank; NaN when the model scores NaN, which `fit` takes for divergence (it
     stops and keeps the best earlier epoch) instead of failing the whole row."""
     try:
-        return evaluate(model, split.val, split.train, eval_cfg).mean_rank
+        return evaluate(model, split.val, split.train, eval_cfg, exclude_recent=exclude_recent).mean_rank
     except NaNScoresError as exc:
         log.warning("baseline_nan_scores", model=getattr(model, "name", "?"), error=str(exc))
         return math.nan
@@ -343,7 +352,7 @@ def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: S
     online = build_felrec(checkpoint, mode, resolve_device(setup.training.device),
                           nn_neighbors=cfg.eval.nn_neighbors if spec.extra == "nn" else None, protocol=protocol)
     result = evaluate(online, split.test, split.train, replace(cfg.eval, protocol=protocol),
-                      warmup=warmup_events(split, mode))
+                      warmup=warmup_events(split, mode), exclude_recent=cfg.exclude_recent)
     train_info = {"best_epoch": trained.best_epoch, "best_val_rank": trained.best_val_rank,
                   "history": trained.history, "checkpoint": str(ckpt_dir),
                   "trained_on": cfg.zero_shot_dataset if spec.extra == "zero" else cfg.dataset, "mode": mode}
@@ -394,7 +403,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str, notes: Sequence
         share = first["partitions"][name]["share"]
         header += [f"{PARTITION_TITLES[name]} ({share:.1%}) rank ↓", f"HR@{k} ↑"]
     header += ["total rank ↓", f"HR@{k} ↑"]
-    lines = [f"**{dataset}** — {first['n_events']} test events, protocol {first.get('protocol', 'serve')}", "",
+    lines = [f"**{dataset}** — {first['n_events']} test events, {rules_title(first)}", "",
              "| " + " | ".join(header) + " |", "| --- | ---: |" + " ---: |" * (len(header) - 2)]
     failures = []
     for row in rows:
@@ -405,7 +414,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str, notes: Sequence
             lines.append("| " + " | ".join(_row_cells(row)) + " |")
     lines += ["", f"Normalized rank over the items met before each event (0 best, 0.5 random); HR@{k} against "
                   f"{first['num_negatives']} sampled negatives. {DASH}: partition the model cannot serve. "
-                  f"{PROTOCOL_NOTE} "
+                  f"{PROTOCOL_NOTE}{EXCLUDED_NOTE * bool(first.get('exclude_recent'))} "
                   "Params: trainable parameters; \"+\" = grows with the number of users/items. "
                   "†: total over the served partitions only (not comparable with full totals)."]
     for note in notes:
