@@ -2,7 +2,9 @@
 test by the shared online evaluator, and laid out like Tables 1-3 plus Figure 2.
 
 Rows (keys as given to `--models`):
-- baselines: `bpr-mf`, `gru4rec`, `gru4rec-bptt`, `sasrec`, `jodie` (training.baselines), `popularity`;
+- baselines: `bpr-mf`, `gru4rec`, `gru4rec-bptt`, `sasrec`, `jodie` (training.baselines), `popularity`,
+  `popularity-recent`, `cooccurrence` (not learned: window, history, half-life and prior weight chosen
+  on the validation split from COOCCURRENCE_GRID);
 - FELRec: `felrec-q`, `felrec-p` and extra rows `felrec-{q,p}-<extra>`:
   `reset` (same weights, empty cache when the replay after training starts), `zero` (trained on
   another dataset, empty cache), `nn` (scores of the 10 nearest users), and the ablations `ln`
@@ -35,6 +37,7 @@ baseline rows, which do not depend on the preset) without mixing their FELRec ro
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -61,7 +64,9 @@ from felrec_stream.model.ranking import NaNScoresError
 from felrec_stream.state.checkpoint import load_checkpoint
 from training.baselines import build_baseline, fit, make_config
 from training.baselines.configs import config_to_dict
-from training.evaluate import DEFAULT_EXCLUDE_RECENT, EvalResult, evaluate, warmup_events
+from training.baselines.configs import CooccurrenceConfig
+from training.baselines.cooccurrence import CooccurrenceOnline
+from training.evaluate import DEFAULT_EXCLUDE_RECENT, EvalResult, evaluate, evaluate_variants, warmup_events
 from training.felrec_online import PopularityOnline, build_felrec
 from training.protocol import EVAL_PARTITIONS
 from training.report import EXCLUDED_NOTE, DASH, PARTITION_TITLES, plot_rank_vs_prior, rules_title
@@ -70,8 +75,13 @@ from training.train import choose_popularity_halflife, train
 log = get_logger(__name__)
 
 BASELINE_ROWS = {"bpr-mf": "BPR-MF", "gru4rec": "GRU4Rec", "gru4rec-bptt": "GRU4Rec-BPTT", "sasrec": "SASRec",
-                 "jodie": "JODIE*", "popularity": "Popularity", "popularity-recent": "Popularity (recent)"}
+                 "jodie": "JODIE*", "popularity": "Popularity", "popularity-recent": "Popularity (recent)",
+                 "cooccurrence": "Co-occurrence (item-kNN)"}
 POPULARITY_ROWS = ("popularity", "popularity-recent")
+# cooccurrence: every (window, history, halflife) is replayed on validation once, scoring every prior
+# weight of the grid in that replay (`evaluate_variants`); halflife 0 = no decay over the history.
+COOCCURRENCE_GRID = {"window": (1, 3, 10, 50), "history": (8, 16, 64), "halflife": (1.0, 2.0, 4.0, 8.0, 0.0)}
+COOCCURRENCE_PRIOR_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 FELREC_EXTRAS = {"reset": "-reset", "zero": "-zero", "nn": "-NN", "ln": "-LN", "nomlp": "-noMLP",
                  "sharemlp": "-shareMLP", "notype": "-noType", "paper": " (paper protocol)"}
 REUSES_BASE = ("reset", "nn", "paper")  # rows evaluated differently from the base row's checkpoint
@@ -90,7 +100,7 @@ class RowSpec:
 
     key: str  # e.g. "felrec-q-ln"
     display: str  # e.g. "FELRec-Q-LN"
-    family: Literal["felrec", "baseline", "popularity"]
+    family: Literal["felrec", "baseline", "popularity", "cooccurrence"]
     variant: str | None = None  # FELRec "q" / "p"
     extra: str | None = None  # one of FELREC_EXTRAS
 
@@ -104,6 +114,8 @@ def parse_row(key: str) -> RowSpec:
     key = key.strip().lower()
     if key in POPULARITY_ROWS:
         return RowSpec(key, BASELINE_ROWS[key], "popularity")
+    if key == "cooccurrence":
+        return RowSpec(key, BASELINE_ROWS[key], "cooccurrence")
     if key in BASELINE_ROWS:
         return RowSpec(key, BASELINE_ROWS[key], "baseline")
     parts = key.split("-")
@@ -280,6 +292,8 @@ def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Spli
         info: dict[str, Any] = {"params": 0, "params_grow": False, "train": {}, "config": {"halflife": halflife}}
     elif spec.family == "baseline":
         result, info = _run_baseline(spec, cfg, split)
+    elif spec.family == "cooccurrence":
+        result, info = _run_cooccurrence(cfg, split)
     else:
         result, info = _run_felrec(spec, cfg, events, split, out, zero_shot_events)
     result.model = spec.display
@@ -317,6 +331,34 @@ def _run_baseline(spec: RowSpec, cfg: ExperimentConfig, split: Split) -> tuple[E
     train_info = {"best_epoch": fitted.best_epoch, "best_val_rank": fitted.best_val_rank, "history": fitted.history}
     return result, {"params": fitted.model.num_parameters, "params_grow": fitted.model.params_grow_with_data,
                     "train": train_info, "config": config_to_dict(config)}
+
+
+def _run_cooccurrence(cfg: ExperimentConfig, split: Split,
+                      grid: dict[str, Sequence[float]] | None = None) -> tuple[EvalResult, dict[str, Any]]:
+    """Choose the settings on validation (COOCCURRENCE_GRID; the prior's half-life as popularity-recent
+    chooses it), then replay validation and score the test events with them."""
+    prior_halflife = choose_popularity_halflife(split.train, split.val, cfg.eval, cfg.exclude_recent)
+    best, tried = choose_cooccurrence(split, cfg, prior_halflife, grid or COOCCURRENCE_GRID)
+    model = CooccurrenceOnline(best, [split.train])
+    result = evaluate(model, split.test, split.train, cfg.eval, warmup=split.val, exclude_recent=cfg.exclude_recent)
+    chosen = min(tried, key=lambda t: t["val_rank"])
+    return result, {"params": 0, "params_grow": False, "train": {"best_val_rank": chosen["val_rank"], "grid": tried},
+                    "config": to_dict(best)}
+
+
+def choose_cooccurrence(split: Split, cfg: ExperimentConfig, prior_halflife: float,
+                        grid: dict[str, Sequence[float]]) -> tuple[CooccurrenceConfig, list[dict[str, Any]]]:
+    """The grid point (and prior weight) with the best validation rank, and every point's rank."""
+    tried: list[dict[str, Any]] = []
+    for window, history, halflife in itertools.product(grid["window"], grid["history"], grid["halflife"]):
+        point = CooccurrenceConfig(int(window), int(history), float(halflife), prior_halflife=prior_halflife)
+        results = evaluate_variants(CooccurrenceOnline(point, [split.train]), split.val, split.train, cfg.eval,
+                                    popularity_weights=COOCCURRENCE_PRIOR_WEIGHTS, exclude_recent=cfg.exclude_recent)
+        tried += [{**to_dict(replace(point, prior_weight=w)), "val_rank": r.mean_rank}
+                  for w, r in zip(COOCCURRENCE_PRIOR_WEIGHTS, results)]
+    best = min(tried, key=lambda t: t["val_rank"])
+    log.info("cooccurrence_chosen", **{k: v for k, v in best.items() if k != "max_dense_items"})
+    return CooccurrenceConfig(**{k: v for k, v in best.items() if k != "val_rank"}), tried
 
 
 def _validation_rank(model: Any, split: Split, eval_cfg: EvalConfig, exclude_recent: int) -> float:
@@ -506,7 +548,7 @@ def table_json(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> dict[st
 
 def row_order(key: str) -> tuple[int, str]:
     """Paper order: baselines (popularity first), then FELRec-Q and its extra rows, then FELRec-P."""
-    keys = ["popularity", "bpr-mf", "gru4rec", "gru4rec-bptt", "sasrec", "jodie"]
+    keys = ["popularity", "popularity-recent", "cooccurrence", "bpr-mf", "gru4rec", "gru4rec-bptt", "sasrec", "jodie"]
     keys += [f"felrec-{v}" + (f"-{e}" if e else "") for v in "qp" for e in (None, *FELREC_EXTRAS)]
     return (keys.index(key), key) if key in keys else (len(keys), key)
 

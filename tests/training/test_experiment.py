@@ -182,6 +182,26 @@ def test_table_renderer_on_fixed_inputs():
     assert format_params(999, False) == "999" and format_params(1000, True) == "1.0K+"
 
 
+def test_cooccurrence_row_chooses_its_settings_on_validation(events, tmp_path, monkeypatch):
+    from training import experiment
+
+    monkeypatch.setattr(experiment, "COOCCURRENCE_GRID", {"window": (1, 10), "history": (4,), "halflife": (2.0, 0.0)})
+    result = run_experiment(events, ExperimentConfig("synthetic", models=("cooccurrence",), size="tiny", eval=EVAL),
+                            tmp_path)
+    row = result.rows[0]
+    assert row["model"] == "Co-occurrence (item-kNN)" and row["params"] == 0
+    grid = row["train"]["grid"]
+    assert len(grid) == 4 * len(experiment.COOCCURRENCE_PRIOR_WEIGHTS)
+    best = min(grid, key=lambda g: g["val_rank"])
+    assert {k: row["config"][k] for k in ("window", "history", "halflife", "prior_weight")} == \
+        {k: best[k] for k in ("window", "history", "halflife", "prior_weight")}
+    assert row["summary"]["total"]["rank"] is not None and row["summary"]["exclude_recent"] == 64
+    assert "| Co-occurrence (item-kNN) |" in result.table_md.read_text()
+    mismatched = ExperimentConfig("synthetic", models=("cooccurrence",), size="tiny", eval=EVAL, exclude_recent=0)
+    with pytest.raises(ConfigError, match="last 64 items excluded"):  # a finished row of another rule
+        run_experiment(events, mismatched, tmp_path)
+
+
 def test_runner_is_resumable(events, tmp_path):
     cfg = ExperimentConfig("synthetic", models=("popularity", "bpr-mf", "felrec-q", "felrec-q-reset"), size="tiny",
                            eval=EVAL)
