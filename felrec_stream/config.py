@@ -176,6 +176,9 @@ class ScoringConfig:
 
     popularity_weight: float = 0.0
     calibrate_popularity: bool = False
+    # Excludes the user's last `cache.history_len` items, as the query API does (`recommend`'s
+    # default). The evaluator applies the same rule to every model, so tables measure what is served.
+    exclude_recent: bool = True
 
     def __post_init__(self) -> None:
         check(self.popularity_weight >= 0, "scoring.popularity_weight must be >= 0")
@@ -294,6 +297,12 @@ class Configs:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: to_dict(getattr(self, name)) for name in BUNDLED_SECTIONS}
+
+    @property
+    def excluded_recent(self) -> int:
+        """How many of the user's last interactions the served ranking leaves out (0 = none): the
+        evaluator's `exclude_recent` argument for this model."""
+        return self.cache.history_len if self.scoring.exclude_recent else 0
 
     @classmethod
     def from_dict(cls, sections: Mapping[str, Mapping[str, Any] | None] | None) -> "Configs":

@@ -13,6 +13,14 @@ Each event gets
   it is reported on its own row and left out of the total under "serve",
 - the number of interactions its item had before it (training + warm-up + earlier events).
 Partitions a model does not serve are reported as missing, never as numbers.
+
+Already-seen items (`exclude_recent`, the query API's rule: `ScoringConfig.exclude_recent`,
+`QueryEngine.recommend`): for event i of user u, the items among u's last `exclude_recent`
+interactions strictly before event i (training, warm-up and earlier evaluation events, earlier
+events of the same batch included) score -inf before ranking, whatever the model. If the true item
+is among them (a repeat interaction) it is excluded too: it ranks behind every other item (ties
+with the other excluded items count half) and is no HR@k hit unless its negatives are excluded
+too; HR@k negatives are drawn from the items that are not excluded. 0 turns the rule off.
 """
 
 from __future__ import annotations
@@ -30,15 +38,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from felrec_stream.config import EvalConfig
+from felrec_stream.config import Configs, EvalConfig
 from felrec_stream.data.split import Split, label_partitions
 from felrec_stream.log import get_logger
 from felrec_stream.model.ranking import hit_rate_against, normalized_rank, sample_negatives
 from felrec_stream.progress import ProgressLog
+from felrec_stream.state.store import HistoryBuffer, IdMap
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.protocol import EVAL_PARTITIONS, ItemCatalog, OnlineModel
 
 log = get_logger(__name__)
+
+# The default rule: every table leaves out what the query API leaves out by default (last 64 items).
+DEFAULT_EXCLUDE_RECENT = Configs().excluded_recent
 
 EVENT_RESULT_SCHEMA = pa.schema([
     pa.field("event_id", pa.int64()), pa.field("user", pa.string()), pa.field("item", pa.string()),
@@ -58,11 +70,12 @@ class EvalResult:
     num_negatives: int
     seconds: float = 0.0
     protocol: str = "serve"
+    exclude_recent: int = 0  # the user's last n items scored -inf (0: none)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready dict: per-partition and total count/share/rank/hit_rate, rank vs item history."""
         return summarize(self.model, self.served, self.events, self.hr_k, self.num_negatives, self.seconds,
-                         self.protocol)
+                         self.protocol, self.exclude_recent)
 
     @property
     def mean_rank(self) -> float:
@@ -80,22 +93,27 @@ class EvalResult:
 
 
 def evaluate(model: OnlineModel, events: pa.Table, train: pa.Table, eval_cfg: EvalConfig,
-             warmup: pa.Table | None = None) -> EvalResult:
-    """Replay `warmup` (unscored), then score every event of `events` in time order."""
-    return evaluate_variants(model, events, train, eval_cfg, warmup)[0]
+             warmup: pa.Table | None = None, exclude_recent: int = DEFAULT_EXCLUDE_RECENT) -> EvalResult:
+    """Replay `warmup` (unscored), then score every event of `events` in time order, leaving out
+    the items of the user's last `exclude_recent` interactions (`Configs.excluded_recent`)."""
+    return evaluate_variants(model, events, train, eval_cfg, warmup, exclude_recent=exclude_recent)[0]
 
 
 def evaluate_variants(model: OnlineModel, events: pa.Table, train: pa.Table, eval_cfg: EvalConfig,
-                      warmup: pa.Table | None = None,
-                      popularity_weights: Sequence[float] | None = None) -> list[EvalResult]:
+                      warmup: pa.Table | None = None, popularity_weights: Sequence[float] | None = None,
+                      exclude_recent: int = DEFAULT_EXCLUDE_RECENT) -> list[EvalResult]:
     """`evaluate`, or with `popularity_weights` (a model with `score_parts`, e.g. FELRecOnline) one
     result per weight of the popularity prior from a single replay (same negatives for each)."""
     started = time.perf_counter()
     catalog = ItemCatalog()
     catalog.add(np.asarray(pc.unique(train.column("item")).to_pylist(), dtype=object))
+    recent = RecentItems(exclude_recent) if exclude_recent else None
+    if recent is not None:  # (a reset/zero-shot warm-up replays train again: the last-n item sets stay the same)
+        for batch in iter_batches(train, eval_cfg.batch_size):
+            recent.before(batch, catalog)
     if warmup is not None and len(warmup):
-        _warm_up(model, warmup, catalog, eval_cfg.batch_size)
-    ranks, hits = _score_events(model, events, catalog, eval_cfg, popularity_weights)
+        _warm_up(model, warmup, catalog, eval_cfg.batch_size, recent)
+    ranks, hits = _score_events(model, events, catalog, eval_cfg, popularity_weights, recent)
     history = [train] + ([warmup] if warmup is not None else [])
     columns = {
         "event_id": events.column("event_id"), "user": events.column("user"), "item": events.column("item"),
@@ -109,7 +127,7 @@ def evaluate_variants(model: OnlineModel, events: pa.Table, train: pa.Table, eva
         table = pa.table({**columns, "rank": pa.array(rank, pa.float64()), "hit": pa.array(hit, pa.bool_())},
                          schema=EVENT_RESULT_SCHEMA)
         results.append(EvalResult(name, served, table, eval_cfg.hr_k, eval_cfg.num_negatives,
-                                  time.perf_counter() - started, eval_cfg.protocol))
+                                  time.perf_counter() - started, eval_cfg.protocol, exclude_recent))
     for result in results:
         total = result.summary()["total"]
         log.info("evaluation_done", model=result.model, protocol=eval_cfg.protocol, events=len(events),
@@ -117,11 +135,14 @@ def evaluate_variants(model: OnlineModel, events: pa.Table, train: pa.Table, eva
     return results
 
 
-def _warm_up(model: OnlineModel, warmup: pa.Table, catalog: ItemCatalog, batch_size: int) -> None:
-    """Replay events into the model's state without scoring them."""
+def _warm_up(model: OnlineModel, warmup: pa.Table, catalog: ItemCatalog, batch_size: int,
+             recent: RecentItems | None = None) -> None:
+    """Replay events into the model's state (and the users' recent items) without scoring them."""
     observe = getattr(model, "observe", None)
     for batch in iter_batches(warmup, batch_size):
         catalog.add(batch.item)
+        if recent is not None:
+            recent.before(batch, catalog)
         if observe is not None:
             observe(batch)
         else:
@@ -129,15 +150,16 @@ def _warm_up(model: OnlineModel, warmup: pa.Table, catalog: ItemCatalog, batch_s
 
 
 def evaluate_and_report(models: list[OnlineModel], split: Split, eval_cfg: EvalConfig, title: str,
-                        out_dir: str | Path | None = None, plot_title: str | None = None) -> str:
+                        out_dir: str | Path | None = None, plot_title: str | None = None,
+                        exclude_recent: int = DEFAULT_EXCLUDE_RECENT) -> str:
     """Evaluate every model on the test events (after replaying validation) and render Table 1.
 
     With `out_dir`: per-model JSON/Parquet, report.md and the rank-vs-prior plot (Figure 2).
     """
     from training.report import plot_rank_vs_prior, table1_markdown
 
-    results = [evaluate(m, split.test, split.train, eval_cfg, warmup=warmup_events(split, getattr(m, "mode", "keep")))
-               for m in models]
+    results = [evaluate(m, split.test, split.train, eval_cfg, warmup=warmup_events(split, getattr(m, "mode", "keep")),
+                        exclude_recent=exclude_recent) for m in models]
     summaries = [r.summary() for r in results]
     report = table1_markdown(summaries, title=title)
     if out_dir is not None:
@@ -156,9 +178,11 @@ def warmup_events(split: Split, mode: str = "keep") -> pa.Table:
 
 
 def _score_events(model: OnlineModel, events: pa.Table, catalog: ItemCatalog, eval_cfg: EvalConfig,
-                  popularity_weights: Sequence[float] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                  popularity_weights: Sequence[float] | None = None,
+                  recent: RecentItems | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per variant, (N,) normalized ranks and (N,) HR@k hits of the events, batch by batch. Event i
-    of a batch is ranked among the items met before it and its own (`catalog_sizes`)."""
+    of a batch is ranked among the items met before it and its own (`catalog_sizes`), the user's
+    recent items (`recent`) left out."""
     n_variants = 1 if popularity_weights is None else len(popularity_weights)
     ranks: list[list[np.ndarray]] = [[] for _ in range(n_variants)]
     hits: list[list[np.ndarray]] = [[] for _ in range(n_variants)]
@@ -167,15 +191,18 @@ def _score_events(model: OnlineModel, events: pa.Table, catalog: ItemCatalog, ev
     for batch in iter_batches(events, eval_cfg.batch_size):
         progress.update(len(batch))
         sizes = catalog_sizes(catalog, batch.item)
+        seen = None if recent is None else recent.before(batch, catalog)  # (B, n) before each event
         variants = _score_variants(model, batch, catalog, popularity_weights)
         first = next(variants)
         device = first.device
         target = torch.from_numpy(catalog.index(batch.item)).to(device)  # (B,)
         sizes_t = torch.from_numpy(sizes).to(device)
+        excluded = None if seen is None else torch.from_numpy(seen).to(device)
         if generator is None:
             generator = torch.Generator(device=device).manual_seed(eval_cfg.seed)
-        negatives = sample_negatives(target, first.shape[1], eval_cfg.num_negatives, generator, sizes_t)
+        negatives = sample_negatives(target, first.shape[1], eval_cfg.num_negatives, generator, sizes_t, excluded)
         for n, scores in enumerate(itertools.chain([first], variants)):
+            scores = scores if excluded is None else exclude_items(scores, excluded)
             ranks[n].append(normalized_rank(scores, target, sizes_t).cpu().numpy())
             hits[n].append(hit_rate_against(scores, target, negatives, eval_cfg.hr_k).cpu().numpy())
     progress.finish()
@@ -193,6 +220,32 @@ def _score_variants(model: OnlineModel, batch: EventBatch, catalog: ItemCatalog,
     similarity, prior = model.score_parts(batch, catalog)  # type: ignore[attr-defined]
     for weight in popularity_weights:
         yield similarity if weight == 0 else similarity + weight * prior
+
+
+class RecentItems:
+    """Catalog positions of each user's last `length` interactions as the evaluator replays the
+    events (the store's history rule: `HistoryBuffer.plan`), i.e. what the query API's
+    `exclude_recent` leaves out of a user's recommendations, exact per event."""
+
+    def __init__(self, length: int) -> None:
+        self._users = IdMap()
+        self._history = HistoryBuffer(length)
+
+    def before(self, batch: EventBatch, catalog: ItemCatalog) -> np.ndarray:
+        """(B, length) items of each event's user history just before the event (earlier events of
+        the batch included; -1 padding), then the batch is added. Its items must be in `catalog`."""
+        users = self._users.lookup(batch.user, create=True)
+        self._history.ensure(len(self._users))
+        plan = self._history.plan(users, catalog.index(batch.item))
+        self._history.apply(plan)
+        return plan.event_history
+
+
+def exclude_items(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """scores (B, C) with -inf at each row's `excluded` (B, L) columns (-1 = none); a new tensor
+    (the model's scores may be reused for the next popularity-weight variant)."""
+    rows, cols = torch.nonzero(excluded >= 0, as_tuple=True)
+    return scores.index_put((rows, excluded[rows, cols]), torch.tensor(float("-inf"), device=scores.device))
 
 
 def catalog_sizes(catalog: ItemCatalog, items: np.ndarray) -> np.ndarray:
@@ -236,7 +289,7 @@ def event_partitions(train: pa.Table, events: pa.Table, history: list[pa.Table])
 
 
 def summarize(model: str, served: frozenset[str], events: pa.Table, hr_k: int, num_negatives: int,
-              seconds: float = 0.0, protocol: str = "serve") -> dict[str, Any]:
+              seconds: float = 0.0, protocol: str = "serve", exclude_recent: int = 0) -> dict[str, Any]:
     """Means and shares per partition and in total (over served partitions only)."""
     partition = np.asarray(events.column("partition").to_pylist(), dtype=object)
     rank = events.column("rank").to_numpy()
@@ -251,7 +304,8 @@ def summarize(model: str, served: frozenset[str], events: pa.Table, hr_k: int, n
     served_mask = np.isin(partition, sorted(in_total))
     prior = events.column("item_prior_interactions").to_numpy()
     figure_mask = np.isin(partition, sorted(served))
-    return {"model": model, "protocol": protocol, "hr_k": hr_k, "num_negatives": num_negatives, "n_events": n,
+    return {"model": model, "protocol": protocol, "exclude_recent": exclude_recent, "hr_k": hr_k,
+            "num_negatives": num_negatives, "n_events": n,
             "served": sorted(served), "partitions": parts, "total": _cell(served_mask, rank, hit, n, True),
             "rank_by_prior": log_binned_means(prior[figure_mask], rank[figure_mask]),
             "seconds": round(seconds, 3)}

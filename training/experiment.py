@@ -2,7 +2,9 @@
 test by the shared online evaluator, and laid out like Tables 1-3 plus Figure 2.
 
 Rows (keys as given to `--models`):
-- baselines: `bpr-mf`, `gru4rec`, `gru4rec-bptt`, `sasrec`, `jodie` (training.baselines), `popularity`;
+- baselines: `bpr-mf`, `gru4rec`, `gru4rec-bptt`, `sasrec`, `jodie` (training.baselines), `popularity`,
+  `popularity-recent`, `cooccurrence` (not learned: window, history, half-life and prior weight chosen
+  on the validation split from COOCCURRENCE_GRID);
 - FELRec: `felrec-q`, `felrec-p` and extra rows `felrec-{q,p}-<extra>`:
   `reset` (same weights, empty cache when the replay after training starts), `zero` (trained on
   another dataset, empty cache), `nn` (scores of the 10 nearest users), and the ablations `ln`
@@ -35,6 +37,7 @@ baseline rows, which do not depend on the preset) without mixing their FELRec ro
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -61,17 +64,24 @@ from felrec_stream.model.ranking import NaNScoresError
 from felrec_stream.state.checkpoint import load_checkpoint
 from training.baselines import build_baseline, fit, make_config
 from training.baselines.configs import config_to_dict
-from training.evaluate import EvalResult, evaluate, warmup_events
+from training.baselines.configs import CooccurrenceConfig
+from training.baselines.cooccurrence import CooccurrenceOnline
+from training.evaluate import DEFAULT_EXCLUDE_RECENT, EvalResult, evaluate, evaluate_variants, warmup_events
 from training.felrec_online import PopularityOnline, build_felrec
 from training.protocol import EVAL_PARTITIONS
-from training.report import DASH, PARTITION_TITLES, plot_rank_vs_prior
+from training.report import EXCLUDED_NOTE, DASH, PARTITION_TITLES, plot_rank_vs_prior, rules_title
 from training.train import choose_popularity_halflife, train
 
 log = get_logger(__name__)
 
 BASELINE_ROWS = {"bpr-mf": "BPR-MF", "gru4rec": "GRU4Rec", "gru4rec-bptt": "GRU4Rec-BPTT", "sasrec": "SASRec",
-                 "jodie": "JODIE*", "popularity": "Popularity", "popularity-recent": "Popularity (recent)"}
+                 "jodie": "JODIE*", "popularity": "Popularity", "popularity-recent": "Popularity (recent)",
+                 "cooccurrence": "Co-occurrence (item-kNN)"}
 POPULARITY_ROWS = ("popularity", "popularity-recent")
+# cooccurrence: every (window, history, halflife) is replayed on validation once, scoring every prior
+# weight of the grid in that replay (`evaluate_variants`); halflife 0 = no decay over the history.
+COOCCURRENCE_GRID = {"window": (1, 3, 10, 50), "history": (8, 16, 64), "halflife": (1.0, 2.0, 4.0, 8.0, 0.0)}
+COOCCURRENCE_PRIOR_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 FELREC_EXTRAS = {"reset": "-reset", "zero": "-zero", "nn": "-NN", "ln": "-LN", "nomlp": "-noMLP",
                  "sharemlp": "-shareMLP", "notype": "-noType", "paper": " (paper protocol)"}
 REUSES_BASE = ("reset", "nn", "paper")  # rows evaluated differently from the base row's checkpoint
@@ -90,7 +100,7 @@ class RowSpec:
 
     key: str  # e.g. "felrec-q-ln"
     display: str  # e.g. "FELRec-Q-LN"
-    family: Literal["felrec", "baseline", "popularity"]
+    family: Literal["felrec", "baseline", "popularity", "cooccurrence"]
     variant: str | None = None  # FELRec "q" / "p"
     extra: str | None = None  # one of FELREC_EXTRAS
 
@@ -104,6 +114,8 @@ def parse_row(key: str) -> RowSpec:
     key = key.strip().lower()
     if key in POPULARITY_ROWS:
         return RowSpec(key, BASELINE_ROWS[key], "popularity")
+    if key == "cooccurrence":
+        return RowSpec(key, BASELINE_ROWS[key], "cooccurrence")
     if key in BASELINE_ROWS:
         return RowSpec(key, BASELINE_ROWS[key], "baseline")
     parts = key.split("-")
@@ -198,6 +210,9 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     zero_shot_dataset: str | None = None  # label of the dataset the -zero rows were trained on
     felrec_preset: Literal["paper", "serve"] = "paper"  # FELRec rows' recipe (baselines do not depend on it)
+    # Every row is scored without the items of the user's last n interactions (the query API's
+    # default rule with the default cache.history_len), so the rows compare what would be served.
+    exclude_recent: int = DEFAULT_EXCLUDE_RECENT
 
     def __post_init__(self) -> None:
         if self.felrec_preset not in FELREC_PRESETS:
@@ -251,6 +266,10 @@ def run_experiment(events: pa.Table, cfg: ExperimentConfig, out_dir: str | Path,
 
 def _finished_row(path: Path, spec: RowSpec, cfg: ExperimentConfig) -> dict[str, Any]:
     row = json.loads(path.read_text())
+    excluded = row.get("summary", {}).get("exclude_recent", 0)  # rows written before the rule excluded nothing
+    if excluded != cfg.exclude_recent:
+        raise ConfigError(f"{path} was scored with the user's last {excluded} items excluded, not "
+                          f"{cfg.exclude_recent}; move it away or use another output folder")
     found = row.get("felrec_preset", "paper")  # rows written before presets existed are paper rows
     if spec.family == "felrec" and found != cfg.felrec_preset:
         raise ConfigError(f"{path} holds a FELRec row of preset {found!r}, not {cfg.felrec_preset!r}; "
@@ -266,12 +285,15 @@ def _run_row(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: Spli
     if spec.family == "popularity":
         # recent popularity counts with the half-life the serve preset's FELRec chooses on validation
         recent = spec.key == "popularity-recent"
-        halflife = choose_popularity_halflife(split.train, split.val, cfg.eval) if recent else 0.0
+        halflife = choose_popularity_halflife(split.train, split.val, cfg.eval, cfg.exclude_recent) if recent else 0.0
         popularity = PopularityOnline([split.train], halflife)
-        result = evaluate(popularity, split.test, split.train, cfg.eval, warmup=split.val)
+        result = evaluate(popularity, split.test, split.train, cfg.eval, warmup=split.val,
+                          exclude_recent=cfg.exclude_recent)
         info: dict[str, Any] = {"params": 0, "params_grow": False, "train": {}, "config": {"halflife": halflife}}
     elif spec.family == "baseline":
         result, info = _run_baseline(spec, cfg, split)
+    elif spec.family == "cooccurrence":
+        result, info = _run_cooccurrence(cfg, split)
     else:
         result, info = _run_felrec(spec, cfg, events, split, out, zero_shot_events)
     result.model = spec.display
@@ -303,18 +325,47 @@ def served_events(result: EvalResult) -> pa.Table:
 def _run_baseline(spec: RowSpec, cfg: ExperimentConfig, split: Split) -> tuple[EvalResult, dict[str, Any]]:
     config = make_config(spec.key, cfg.size, seed=cfg.seed)
     adapter = build_baseline(spec.key, config, split.train)
-    fitted = fit(adapter, split.train, lambda m: _validation_rank(m, split, cfg.eval))
-    result = evaluate(fitted.model, split.test, split.train, cfg.eval, warmup=split.val)
+    fitted = fit(adapter, split.train, lambda m: _validation_rank(m, split, cfg.eval, cfg.exclude_recent))
+    result = evaluate(fitted.model, split.test, split.train, cfg.eval, warmup=split.val,
+                      exclude_recent=cfg.exclude_recent)
     train_info = {"best_epoch": fitted.best_epoch, "best_val_rank": fitted.best_val_rank, "history": fitted.history}
     return result, {"params": fitted.model.num_parameters, "params_grow": fitted.model.params_grow_with_data,
                     "train": train_info, "config": config_to_dict(config)}
 
 
-def _validation_rank(model: Any, split: Split, eval_cfg: EvalConfig) -> float:
+def _run_cooccurrence(cfg: ExperimentConfig, split: Split,
+                      grid: dict[str, Sequence[float]] | None = None) -> tuple[EvalResult, dict[str, Any]]:
+    """Choose the settings on validation (COOCCURRENCE_GRID; the prior's half-life as popularity-recent
+    chooses it), then replay validation and score the test events with them."""
+    prior_halflife = choose_popularity_halflife(split.train, split.val, cfg.eval, cfg.exclude_recent)
+    best, tried = choose_cooccurrence(split, cfg, prior_halflife, grid or COOCCURRENCE_GRID)
+    model = CooccurrenceOnline(best, [split.train])
+    result = evaluate(model, split.test, split.train, cfg.eval, warmup=split.val, exclude_recent=cfg.exclude_recent)
+    chosen = min(tried, key=lambda t: t["val_rank"])
+    return result, {"params": 0, "params_grow": False, "train": {"best_val_rank": chosen["val_rank"], "grid": tried},
+                    "config": to_dict(best)}
+
+
+def choose_cooccurrence(split: Split, cfg: ExperimentConfig, prior_halflife: float,
+                        grid: dict[str, Sequence[float]]) -> tuple[CooccurrenceConfig, list[dict[str, Any]]]:
+    """The grid point (and prior weight) with the best validation rank, and every point's rank."""
+    tried: list[dict[str, Any]] = []
+    for window, history, halflife in itertools.product(grid["window"], grid["history"], grid["halflife"]):
+        point = CooccurrenceConfig(int(window), int(history), float(halflife), prior_halflife=prior_halflife)
+        results = evaluate_variants(CooccurrenceOnline(point, [split.train]), split.val, split.train, cfg.eval,
+                                    popularity_weights=COOCCURRENCE_PRIOR_WEIGHTS, exclude_recent=cfg.exclude_recent)
+        tried += [{**to_dict(replace(point, prior_weight=w)), "val_rank": r.mean_rank}
+                  for w, r in zip(COOCCURRENCE_PRIOR_WEIGHTS, results)]
+    best = min(tried, key=lambda t: t["val_rank"])
+    log.info("cooccurrence_chosen", **{k: v for k, v in best.items() if k != "max_dense_items"})
+    return CooccurrenceConfig(**{k: v for k, v in best.items() if k != "val_rank"}), tried
+
+
+def _validation_rank(model: Any, split: Split, eval_cfg: EvalConfig, exclude_recent: int) -> float:
     """Mean validation rank; NaN when the model scores NaN, which `fit` takes for divergence (it
     stops and keeps the best earlier epoch) instead of failing the whole row."""
     try:
-        return evaluate(model, split.val, split.train, eval_cfg).mean_rank
+        return evaluate(model, split.val, split.train, eval_cfg, exclude_recent=exclude_recent).mean_rank
     except NaNScoresError as exc:
         log.warning("baseline_nan_scores", model=getattr(model, "name", "?"), error=str(exc))
         return math.nan
@@ -343,7 +394,7 @@ def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: S
     online = build_felrec(checkpoint, mode, resolve_device(setup.training.device),
                           nn_neighbors=cfg.eval.nn_neighbors if spec.extra == "nn" else None, protocol=protocol)
     result = evaluate(online, split.test, split.train, replace(cfg.eval, protocol=protocol),
-                      warmup=warmup_events(split, mode))
+                      warmup=warmup_events(split, mode), exclude_recent=cfg.exclude_recent)
     train_info = {"best_epoch": trained.best_epoch, "best_val_rank": trained.best_val_rank,
                   "history": trained.history, "checkpoint": str(ckpt_dir),
                   "trained_on": cfg.zero_shot_dataset if spec.extra == "zero" else cfg.dataset, "mode": mode}
@@ -394,7 +445,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str, notes: Sequence
         share = first["partitions"][name]["share"]
         header += [f"{PARTITION_TITLES[name]} ({share:.1%}) rank ↓", f"HR@{k} ↑"]
     header += ["total rank ↓", f"HR@{k} ↑"]
-    lines = [f"**{dataset}** — {first['n_events']} test events, protocol {first.get('protocol', 'serve')}", "",
+    lines = [f"**{dataset}** — {first['n_events']} test events, {rules_title(first)}", "",
              "| " + " | ".join(header) + " |", "| --- | ---: |" + " ---: |" * (len(header) - 2)]
     failures = []
     for row in rows:
@@ -405,7 +456,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], dataset: str, notes: Sequence
             lines.append("| " + " | ".join(_row_cells(row)) + " |")
     lines += ["", f"Normalized rank over the items met before each event (0 best, 0.5 random); HR@{k} against "
                   f"{first['num_negatives']} sampled negatives. {DASH}: partition the model cannot serve. "
-                  f"{PROTOCOL_NOTE} "
+                  f"{PROTOCOL_NOTE}{EXCLUDED_NOTE * bool(first.get('exclude_recent'))} "
                   "Params: trainable parameters; \"+\" = grows with the number of users/items. "
                   "†: total over the served partitions only (not comparable with full totals)."]
     for note in notes:
@@ -497,7 +548,7 @@ def table_json(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> dict[st
 
 def row_order(key: str) -> tuple[int, str]:
     """Paper order: baselines (popularity first), then FELRec-Q and its extra rows, then FELRec-P."""
-    keys = ["popularity", "bpr-mf", "gru4rec", "gru4rec-bptt", "sasrec", "jodie"]
+    keys = ["popularity", "popularity-recent", "cooccurrence", "bpr-mf", "gru4rec", "gru4rec-bptt", "sasrec", "jodie"]
     keys += [f"felrec-{v}" + (f"-{e}" if e else "") for v in "qp" for e in (None, *FELREC_EXTRAS)]
     return (keys.index(key), key) if key in keys else (len(keys), key)
 

@@ -20,6 +20,13 @@ def _fmt(value: float | None) -> str:
     return DASH if value is None else f"{value:.3f}"
 
 
+def rules_title(summary: dict[str, Any]) -> str:
+    """The evaluation rules every title states: "protocol serve, already-seen items excluded (last 64)"."""
+    n = summary.get("exclude_recent", 0)  # summaries written before the rule existed excluded nothing
+    seen = f"already-seen items excluded (last {n})" if n else "already-seen items not excluded"
+    return f"protocol {summary.get('protocol', 'serve')}, {seen}"
+
+
 def table1_markdown(summaries: Sequence[dict[str, Any]], title: str | None = None) -> str:
     """Markdown table: rows = models; columns = rank and HR@k per partition and in total."""
     if not summaries:
@@ -32,7 +39,7 @@ def table1_markdown(summaries: Sequence[dict[str, Any]], title: str | None = Non
     for _, label in groups + [("total", f"total ({first['n_events']} events)")]:
         header += [f"{label} rank ↓", f"{label} HR@{k} ↑"]
     protocol = first.get("protocol", "serve")
-    lines = [f"**{title}** (protocol {protocol})", ""] if title else [f"(protocol {protocol})", ""]
+    lines = [f"**{title}** ({rules_title(first)})", ""] if title else [f"({rules_title(first)})", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
     for summary in summaries:
         cells = [summary["model"]]
@@ -44,8 +51,14 @@ def table1_markdown(summaries: Sequence[dict[str, Any]], title: str | None = Non
     notes = [f"Normalized rank over the items met before each event (0 best, 0.5 random); HR@{k} against "
              f"{first['num_negatives']} sampled negatives. {DASH}: partition not served by the model; "
              f"total = served partitions" + (", without first interactions of items (no model can serve an item "
-                                             "before it exists)." if protocol == "serve" else ".")]
+                                             "before it exists)." if protocol == "serve" else ".") +
+             EXCLUDED_NOTE * bool(first.get("exclude_recent"))]
     return "\n".join(lines + [""] + notes) + "\n"
+
+
+EXCLUDED_NOTE = (" Already-seen items: the items of the user's last n interactions before the event score -inf "
+                  "for every model (what the query API leaves out), a repeat of one of them included; HR@k "
+                  "negatives are drawn from the other items.")
 
 
 def plot_rank_vs_prior(summaries: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:

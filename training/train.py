@@ -38,7 +38,7 @@ from felrec_stream.state.engine import (DEFAULT_CACHE, BatchInputs, Sequences, c
                                         with_after)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches
-from training.evaluate import EvalResult, evaluate, evaluate_variants
+from training.evaluate import DEFAULT_EXCLUDE_RECENT, EvalResult, evaluate, evaluate_variants
 from training.felrec_online import FELRecOnline, PopularityOnline
 
 log = get_logger(__name__)
@@ -97,7 +97,7 @@ def train(events: pa.Table, configs: Configs, out_dir: str | Path, resume: bool 
         device = ranks.place(device)
     if configs.scoring.calibrate_popularity:  # deterministic: a resumed run (and every rank) chooses the same
         configs = replace(configs, cache=replace(configs.cache, popularity_halflife=choose_popularity_halflife(
-            split.train, split.val, configs.eval)))
+            split.train, split.val, configs.eval, configs.excluded_recent)))
     state = _new_state(configs, device, ranks)
     if resume:
         _resume(state, out / LAST)
@@ -213,11 +213,12 @@ def refresh_cache(model: FELRec, store: RepresentationStore, events: pa.Table, c
         online.observe(batch)
 
 
-def choose_popularity_halflife(train_events: pa.Table, val_events: pa.Table, eval_cfg: EvalConfig) -> float:
+def choose_popularity_halflife(train_events: pa.Table, val_events: pa.Table, eval_cfg: EvalConfig,
+                               exclude_recent: int = DEFAULT_EXCLUDE_RECENT) -> float:
     """The half-life of POPULARITY_HALFLIVES whose recent popularity alone ranks the validation
     events best (a property of the stream, chosen before training: the store counts with it)."""
-    ranks = [evaluate(PopularityOnline([train_events], halflife), val_events, train_events, eval_cfg).mean_rank
-             for halflife in POPULARITY_HALFLIVES]
+    ranks = [evaluate(PopularityOnline([train_events], halflife), val_events, train_events, eval_cfg,
+                      exclude_recent=exclude_recent).mean_rank for halflife in POPULARITY_HALFLIVES]
     best = POPULARITY_HALFLIVES[int(np.argmin(ranks))]
     log.info("popularity_halflife_chosen", halflife=best,
              ranks={f"{h:g}": round(r, 4) for h, r in zip(POPULARITY_HALFLIVES, ranks)})
@@ -231,8 +232,9 @@ def validate(model: FELRec, store: RepresentationStore, cfgs: Configs, val_event
     and the best (lowest validation rank) is kept. Returns the result and the scoring used."""
     online = FELRecOnline(model, store, cfgs.cache, protocol=cfgs.eval.protocol, scoring=cfgs.scoring, ranks=ranks)
     if not cfgs.scoring.calibrate_popularity:
-        return evaluate(online, val_events, train_events, cfgs.eval), cfgs.scoring
-    results = evaluate_variants(online, val_events, train_events, cfgs.eval, popularity_weights=POPULARITY_WEIGHTS)
+        return evaluate(online, val_events, train_events, cfgs.eval, exclude_recent=cfgs.excluded_recent), cfgs.scoring
+    results = evaluate_variants(online, val_events, train_events, cfgs.eval, popularity_weights=POPULARITY_WEIGHTS,
+                                exclude_recent=cfgs.excluded_recent)
     best = int(np.argmin([r.mean_rank for r in results]))
     log.info("popularity_weight_calibrated", weight=POPULARITY_WEIGHTS[best],
              ranks={f"{w:g}": round(r.mean_rank, 4) for w, r in zip(POPULARITY_WEIGHTS, results)})

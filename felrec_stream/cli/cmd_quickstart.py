@@ -84,4 +84,4 @@ def train_and_report(events: Any, overrides: dict[str, dict[str, Any]], out: Pat
     checkpoint = load_checkpoint(result.best_checkpoint or result.last_checkpoint)
     split = chronological_split(events, cfgs.training.val_fraction, cfgs.training.test_fraction)
     models = [build_felrec(checkpoint, "keep", resolve_device(cfgs.training.device)), PopularityOnline([split.train])]
-    return evaluate_and_report(models, split, cfgs.eval, title, out)
+    return evaluate_and_report(models, split, cfgs.eval, title, out, exclude_recent=cfgs.excluded_recent)

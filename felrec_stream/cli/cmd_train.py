@@ -199,7 +199,7 @@ def evaluate_command(checkpoint_path: str, dataset: str | None, path: str | None
     leader = ranks is None or ranks.leader
     eval_cfg = replace(cfgs.eval, protocol=protocol, batch_size=eval_batch_size or cfgs.eval.batch_size)
     report = evaluate_and_report(models, split, eval_cfg, title, out_dir if leader else None,
-                                 plot_title=f"{dataset} ({mode}, {protocol})")
+                                 plot_title=f"{dataset} ({mode}, {protocol})", exclude_recent=cfgs.excluded_recent)
     if not leader:
         return  # the same report; rank 0 writes and prints it
     click.echo(report)

@@ -63,10 +63,12 @@ def _valid_columns(B: int, C: int, sizes: torch.Tensor | None, device: torch.dev
 
 
 def sample_negatives(target: torch.Tensor, n_items: int, num_negatives: int,
-                     generator: torch.Generator | None = None, sizes: torch.Tensor | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, sizes: torch.Tensor | None = None,
+                     excluded: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N) catalog indices drawn uniformly without replacement from [0, size) minus each row's
-    target (size = sizes[row], default n_items); N = min(num_negatives, n_items - 1). A row with
-    fewer candidates than N gets -1 in its surplus places."""
+    target (size = sizes[row], default n_items) and minus `excluded` (B, L) indices (-1 = none);
+    N = min(num_negatives, n_items - 1). A row with fewer candidates than N gets -1 in its surplus
+    places. The random keys do not depend on `excluded`: excluding items only drops candidates."""
     B, device = target.shape[0], target.device
     N = min(num_negatives, n_items - 1)
     if N <= 0:
@@ -80,6 +82,9 @@ def sample_negatives(target: torch.Tensor, n_items: int, num_negatives: int,
         if sizes is not None:
             keys.masked_fill_(~_valid_columns(len(rows), n_items, sizes[start:start + step], device), float("inf"))
         keys.scatter_(1, rows.view(-1, 1), float("inf"))  # the true item is never drawn
+        if excluded is not None:  # padding (-1) points at the target, which is out already
+            chunk = excluded[start:start + step].to(device)
+            keys.scatter_(1, torch.where(chunk >= 0, chunk, rows.view(-1, 1)), float("inf"))
         top = keys.topk(N, dim=1, largest=False, sorted=False)
         out[start:start + len(rows)] = top.indices.masked_fill(torch.isinf(top.values), -1)
     return out

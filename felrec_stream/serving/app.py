@@ -162,10 +162,12 @@ class QueryEngine:
 
     # -- queries --
 
-    def recommend(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> Recommendations:
-        """Items by the served score for the user's vector (optionally without the items in its
-        history); an unknown user gets its no-history encoding when a cold-start encoder is set."""
+    def recommend(self, user_id: str, k: int = 10, exclude_recent: bool | None = None) -> Recommendations:
+        """Items by the served score for the user's vector, without the items in its last-L history
+        when `exclude_recent` (None: `scoring.exclude_recent`, the rule the evaluator applied);
+        an unknown user gets its no-history encoding when a cold-start encoder is set."""
         self._check_k(k)
+        exclude_recent = self.scoring.exclude_recent if exclude_recent is None else exclude_recent
         with self.lock:
             slot = self._find(Kind.USER, user_id)
             if slot >= 0:
@@ -179,7 +181,7 @@ class QueryEngine:
             results = self._rank_items(query, k, np.zeros(0, np.int64))
         return Recommendations(results, cold_start=True, snapshot_seq=self.snapshot_seq)
 
-    def top_k_items(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> list[Scored]:
+    def top_k_items(self, user_id: str, k: int = 10, exclude_recent: bool | None = None) -> list[Scored]:
         """`recommend(...).results`."""
         return self.recommend(user_id, k, exclude_recent).results
 
@@ -217,7 +219,8 @@ class QueryEngine:
                            index_type=getattr(backend, "index_type", "exact"),
                            snapshot_seq=self.snapshot_seq, snapshot_created_at=self.snapshot_created_at,
                            popularity_weight=self.scoring.popularity_weight,
-                           popularity_halflife=self.store.items.history.halflife)
+                           popularity_halflife=self.store.items.history.halflife,
+                           exclude_recent=self.scoring.exclude_recent)
 
     # -- writer hooks --
 
@@ -555,9 +558,10 @@ def _results(engine: QueryEngine, query_id: str, kind: Kind, k: int, results: li
 def _add_query_routes(app: FastAPI, provider: EngineProvider) -> None:
     # {id:path}: ids may contain '/', sent percent-encoded by FelrecClient.
     @app.get("/v1/users/{user_id:path}/recommendations", response_model=ResultsOut, tags=["query"])
-    def recommendations(user_id: str, k: KParam = 10, exclude_recent: bool = True) -> ResultsOut:
+    def recommendations(user_id: str, k: KParam = 10, exclude_recent: bool | None = None) -> ResultsOut:
         """Top-k items for a user by the served score (cosine + popularity prior, as evaluated);
-        `exclude_recent` drops items in its last-L history. An unknown user is 404, or, where the
+        `exclude_recent` drops items in its last-L history (default: the snapshot's
+        scoring.exclude_recent, as evaluated). An unknown user is 404, or, where the
         model runs in-process (`consume --serve`), ranked from an empty history with cold_start=true."""
         engine = _engine(provider)
         answer = engine.recommend(user_id, k, exclude_recent)

@@ -48,14 +48,17 @@ class FelrecClient:
     def __init__(self, base_url: str, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
 
-    def recommendations(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> list[Scored]:
-        """Top-k items for `user_id` by the served score; `exclude_recent` leaves out items in its history."""
+    def recommendations(self, user_id: str, k: int = 10, exclude_recent: bool | None = None) -> list[Scored]:
+        """Top-k items for `user_id` by the served score; `exclude_recent` leaves out items in its
+        history (None: the server's `scoring.exclude_recent`)."""
         return self.recommend(user_id, k, exclude_recent).results
 
-    def recommend(self, user_id: str, k: int = 10, exclude_recent: bool = True) -> Recommendations:
+    def recommend(self, user_id: str, k: int = 10, exclude_recent: bool | None = None) -> Recommendations:
         """`recommendations` with the answer's flags (`cold_start`: the user was unknown to the store)."""
-        body = self._get(f"/v1/users/{_seg(user_id)}/recommendations",
-                         {"k": k, "exclude_recent": str(exclude_recent).lower()})
+        params: dict[str, Any] = {"k": k}
+        if exclude_recent is not None:
+            params["exclude_recent"] = str(exclude_recent).lower()
+        body = self._get(f"/v1/users/{_seg(user_id)}/recommendations", params)
         return Recommendations(_scored(body), bool(body.get("cold_start", False)), body.get("snapshot_seq"))
 
     def similar_items(self, item_id: str, k: int = 10) -> list[Scored]:

@@ -41,3 +41,4 @@ class CatalogInfo:
     snapshot_created_at: str | None
     popularity_weight: float = 0.0  # score = cosine + popularity_weight * log(1 + popularity)
     popularity_halflife: float = 0.0  # in events; 0 = plain interaction counts
+    exclude_recent: bool = True  # recommendations leave out the user's last-history_len items by default

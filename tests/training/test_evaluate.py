@@ -6,11 +6,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig
+from felrec_stream.config import CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, ScoringConfig
+from felrec_stream.data.synthetic import SyntheticConfig, generate
 from felrec_stream.model.felrec import FELRec
+from felrec_stream.serving.app import QueryEngine
+from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.store import RepresentationStore
-from felrec_stream.stream.events import EventBatch, make_events
-from training.evaluate import evaluate, item_prior_interactions, log_binned_means
+from felrec_stream.stream.events import EventBatch, iter_batches, make_events
+from training.evaluate import RecentItems, evaluate, item_prior_interactions, log_binned_means
 from training.felrec_online import FELRecOnline, PopularityOnline
 from training.protocol import EVAL_PARTITIONS, ItemCatalog, OnlineModel
 from training.report import table1_markdown
@@ -40,31 +43,46 @@ def _tables():
     return table.slice(0, 20), table.slice(20, 6), table.slice(26)
 
 
-def _brute_force(train, warmup, events, score):
-    """Per event (rank, hit with every other catalog item as negative, partition, prior count), one
-    event at a time: the catalog holds the items met before the event plus its own."""
+def _brute_force(train, warmup, events, score, recent: int = 0):
+    """Per event (rank, hit with every other non-excluded catalog item as negative, partition, prior
+    count), one event at a time: the catalog holds the items met before the event plus its own; the
+    items of the user's last `recent` interactions before the event score -inf."""
     train_items, train_users = set(train.column("item").to_pylist()), set(train.column("user").to_pylist())
     history = train.column("item").to_pylist() + warmup.column("item").to_pylist()
+    pairs = list(zip(train.column("user").to_pylist() + warmup.column("user").to_pylist(), history))
     users, items = events.column("user").to_pylist(), events.column("item").to_pylist()
     out = []
     for n, (u, i) in enumerate(zip(users, items)):
         catalog = set(history) | set(items[: n + 1])
-        s = score(n)
-        others = [s(u, j) for j in catalog if j != i]
-        rank = (sum(o > s(u, i) for o in others) + 0.5 * sum(o == s(u, i) for o in others)) / max(len(others), 1)
+        seen = [j for v, j in pairs + list(zip(users[:n], items[:n])) if v == u]
+        excluded = set(seen[len(seen) - recent:]) if recent else set()
+
+        def s(v, j, n=n, excluded=excluded):
+            return float("-inf") if j in excluded else score(n)(v, j)
+
+        others = [(s(u, j), j in excluded) for j in catalog if j != i]
+        true = s(u, i)
+        rank = (sum(o > true for o, _ in others) + 0.5 * sum(o == true for o, _ in others)) / max(len(others), 1)
+        negatives = [o for o, out_ in others if not out_]
+        hit = sum(o > true for o in negatives) + 0.5 * sum(o == true for o in negatives) < 3
         prior = history.count(i) + items[:n].count(i)
         part = ("first_item" if prior == 0 else "new_item" if i not in train_items else
                 "new_user" if u not in train_users else "observed")
-        out.append((rank, rank * len(others) < 3, part, prior))
+        out.append((rank, hit, part, prior))
     return out
 
 
-def test_evaluator_matches_brute_force():
+@pytest.mark.parametrize("recent", [0, 2, 64])
+def test_evaluator_matches_brute_force(recent):
+    """With and without the already-seen rule (2: only part of a user's history is excluded)."""
     train, warmup, test = _tables()
     cfg = EvalConfig(batch_size=4, num_negatives=1000, hr_k=3)
     model = HashModel()
-    result = evaluate(model, test, train, cfg, warmup=warmup)
-    expected = _brute_force(train, warmup, test, lambda n: _score)
+    result = evaluate(model, test, train, cfg, warmup=warmup, exclude_recent=recent)
+    assert result.summary()["exclude_recent"] == recent
+    expected = _brute_force(train, warmup, test, lambda n: _score, recent)
+    if recent:
+        assert expected != _brute_force(train, warmup, test, lambda n: _score), "the rule must matter on this stream"
     assert isinstance(model, OnlineModel)
     assert model.seen[:2] == [warmup.column("item").to_pylist()[:4], warmup.column("item").to_pylist()[4:]]
     t = result.events
@@ -81,10 +99,11 @@ def test_evaluator_matches_brute_force():
     assert sum(p["share"] for p in summary["partitions"].values()) == pytest.approx(1.0)
 
 
-def test_popularity_counts_every_earlier_event():
+@pytest.mark.parametrize("recent", [0, 64])
+def test_popularity_counts_every_earlier_event(recent):
     train, warmup, test = _tables()
     cfg = EvalConfig(batch_size=4, num_negatives=1000, hr_k=3)
-    result = evaluate(PopularityOnline([train]), test, train, cfg, warmup=warmup)
+    result = evaluate(PopularityOnline([train]), test, train, cfg, warmup=warmup, exclude_recent=recent)
     history = train.column("item").to_pylist() + warmup.column("item").to_pylist()
     items = test.column("item").to_pylist()
 
@@ -92,8 +111,46 @@ def test_popularity_counts_every_earlier_event():
         seen = history + items[:n]  # earlier events of the same batch count, the event itself not
         return lambda u, i: float(seen.count(i))
 
-    expected = _brute_force(train, warmup, test, scorer)
+    expected = _brute_force(train, warmup, test, scorer, recent)
     np.testing.assert_allclose(result.events.column("rank").to_numpy(), [e[0] for e in expected])
+
+
+def test_already_seen_rule_is_batch_invariant():
+    """Batch size 1 and 7 exclude the same items of each event (earlier events of the batch count)."""
+    events = generate(SyntheticConfig(n_users=15, n_items=30, n_events=400, seed=4)).events
+    train, warmup, test = events.slice(0, 250), events.slice(250, 50), events.slice(300)
+    ranks = [evaluate(PopularityOnline([train], halflife=30.0), test, train, EvalConfig(batch_size=b), warmup,
+                      exclude_recent=5).events.column("rank").to_numpy() for b in (1, 7)]
+    np.testing.assert_allclose(ranks[0], ranks[1])
+    plain = evaluate(PopularityOnline([train], halflife=30.0), test, train, EvalConfig(batch_size=7), warmup,
+                     exclude_recent=0).events.column("rank").to_numpy()
+    assert not np.allclose(plain, ranks[1])
+
+
+def test_query_api_and_evaluator_exclude_the_same_items():
+    """The items the query API leaves out of a user's recommendations by default (its store's
+    last-L history) are the ones the evaluator scores -inf for the user's next event."""
+    model, _ = _tiny_felrec()
+    model.eval()
+    cache = CacheConfig(history_len=4)
+    events = generate(SyntheticConfig(n_users=12, n_items=25, n_events=300, seed=5)).events
+    store = RepresentationStore.for_cache(16, cache)
+    catalog, recent = ItemCatalog(), RecentItems(Configs(cache=cache).excluded_recent)
+    for batch in iter_batches(events, 32):
+        infer_batch(model, store, batch, cache)
+        catalog.add(batch.item)
+        recent.before(batch, catalog)
+    engine = QueryEngine(store, scoring=ScoringConfig())
+    users = sorted(set(events.column("user").to_pylist()))
+    probe = EventBatch.from_table(make_events(users, [catalog.ids[0]] * len(users), [10**6] * len(users)))
+    excluded = recent.before(probe, catalog)  # (U, L): before each user's next event
+    n_items = len(store.items.ids)
+    for user, row in zip(users, excluded):
+        everything = {r.id for r in engine.recommend(user, k=n_items, exclude_recent=False).results}
+        served = {r.id for r in engine.recommend(user, k=n_items).results}  # the default: scoring.exclude_recent
+        assert everything - served == {catalog.ids[j] for j in row if j >= 0}, user
+    off = QueryEngine(store, scoring=ScoringConfig(exclude_recent=False))
+    assert len(off.recommend(users[0], k=n_items).results) == n_items
 
 
 def test_unserved_partitions_are_missing_and_excluded_from_total():

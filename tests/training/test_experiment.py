@@ -144,7 +144,7 @@ def test_nan_validation_scores_end_a_baseline_like_divergence(events, monkeypatc
 
     monkeypatch.setattr(adapter, "train_epoch", train_epoch)
     monkeypatch.setattr(type(adapter), "score_batch", score_batch)
-    fitted = fit(adapter, split.train, lambda m: _validation_rank(m, split, EVAL))
+    fitted = fit(adapter, split.train, lambda m: _validation_rank(m, split, EVAL, 64))
     assert fitted.best_epoch == 1 and 0 <= fitted.best_val_rank <= 1
     assert len(fitted.history) == 2 and math.isnan(fitted.history[1]["val_rank"])
 
@@ -156,7 +156,7 @@ def _summary(served, ranks, total):
         ok = name in served
         parts[name] = {"count": int(share * 100), "share": share, "served": ok,
                        "rank": ranks.get(name) if ok else None, "hit_rate": 0.5 if ok else None}
-    return {"model": "x", "protocol": "serve", "hr_k": 10, "num_negatives": 100, "n_events": 100,
+    return {"model": "x", "protocol": "serve", "exclude_recent": 64, "hr_k": 10, "num_negatives": 100, "n_events": 100,
             "served": sorted(served),
             "partitions": parts, "total": {"count": 100, "share": 1.0, "served": True, "rank": total, "hit_rate": 0.5}}
 
@@ -171,7 +171,7 @@ def test_table_renderer_on_fixed_inputs():
     ]
     md = table_markdown(rows, "toy")
     lines = md.splitlines()
-    assert lines[0] == "**toy** — 100 test events, protocol serve"
+    assert lines[0] == "**toy** — 100 test events, protocol serve, already-seen items excluded (last 64)"
     assert "observed (60.0%) rank ↓" in lines[2] and "new users (30.0%)" in lines[2] and "new items (5.0%)" in lines[2]
     assert "first interaction of an item (5.0%)" in lines[2]
     assert lines[4] == ("| FELRec-Q | 123.5K | 0.100 | 0.500 | 0.200 | 0.500 | 0.300 | 0.500 | 0.600 | 0.500 | 0.150 "
@@ -180,6 +180,26 @@ def test_table_renderer_on_fixed_inputs():
     data = table_json(rows, ExperimentConfig("toy"))
     assert data["rows"][1]["partitions"]["new_user"]["rank"] is None
     assert format_params(999, False) == "999" and format_params(1000, True) == "1.0K+"
+
+
+def test_cooccurrence_row_chooses_its_settings_on_validation(events, tmp_path, monkeypatch):
+    from training import experiment
+
+    monkeypatch.setattr(experiment, "COOCCURRENCE_GRID", {"window": (1, 10), "history": (4,), "halflife": (2.0, 0.0)})
+    result = run_experiment(events, ExperimentConfig("synthetic", models=("cooccurrence",), size="tiny", eval=EVAL),
+                            tmp_path)
+    row = result.rows[0]
+    assert row["model"] == "Co-occurrence (item-kNN)" and row["params"] == 0
+    grid = row["train"]["grid"]
+    assert len(grid) == 4 * len(experiment.COOCCURRENCE_PRIOR_WEIGHTS)
+    best = min(grid, key=lambda g: g["val_rank"])
+    assert {k: row["config"][k] for k in ("window", "history", "halflife", "prior_weight")} == \
+        {k: best[k] for k in ("window", "history", "halflife", "prior_weight")}
+    assert row["summary"]["total"]["rank"] is not None and row["summary"]["exclude_recent"] == 64
+    assert "| Co-occurrence (item-kNN) |" in result.table_md.read_text()
+    mismatched = ExperimentConfig("synthetic", models=("cooccurrence",), size="tiny", eval=EVAL, exclude_recent=0)
+    with pytest.raises(ConfigError, match="last 64 items excluded"):  # a finished row of another rule
+        run_experiment(events, mismatched, tmp_path)
 
 
 def test_runner_is_resumable(events, tmp_path):

@@ -23,6 +23,8 @@ from felrec_stream.state.engine import encode, infer_batch, prepare_batch
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.baselines import BASELINES, build_baseline, make_config
+from training.baselines.configs import CooccurrenceConfig
+from training.baselines.cooccurrence import CooccurrenceOnline
 from training.evaluate import catalog_sizes
 from training.felrec_online import FELRecOnline, PopularityOnline
 from training.protocol import ItemCatalog
@@ -37,6 +39,7 @@ FELREC_SETUPS = {
     "pre-paper": (ModelConfig(queue_size=32), {"protocol": "paper"}),
     "post-paper": (ModelConfig(queue_size=32, cache_update="post_event"), {"protocol": "paper"}),
 }
+COOCCURRENCE = CooccurrenceConfig(window=3, history=8, halflife=2.0, prior_weight=0.2, prior_halflife=40.0)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,7 @@ def _models(train):
     models["felrec-decayed-prior"] = lambda: _felrec(train, "post-serve-prior", halflife=40.0)
     models["popularity"] = lambda: PopularityOnline([train])
     models["popularity-recent"] = lambda: PopularityOnline([train], halflife=40.0)
+    models["cooccurrence"] = lambda: CooccurrenceOnline(COOCCURRENCE, [train])
     for name in BASELINES:
         models[name] = lambda name=name: _warm(build_baseline(name, make_config(name, "tiny"), train), train)
     return models
@@ -85,7 +89,7 @@ def _catalog(train, items=()) -> ItemCatalog:
 
 
 MODEL_NAMES = [f"felrec-{n}" for n in FELREC_SETUPS] + ["felrec-decayed-prior", "popularity", "popularity-recent",
-                                                         *BASELINES]
+                                                         "cooccurrence", *BASELINES]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

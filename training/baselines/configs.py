@@ -122,6 +122,26 @@ class JodieConfig(BaselineConfig):
         check(self.dim >= 1 and self.static_dim >= 1 and self.bptt_batches >= 1, "jodie dims must be >= 1")
 
 
+@dataclass(frozen=True)
+class CooccurrenceConfig:
+    """The co-occurrence (item-kNN) baseline (training/baselines/cooccurrence.py): not learned, its
+    settings are chosen on the validation split (training/experiment.py COOCCURRENCE_GRID)."""
+
+    window: int = 3  # an item co-occurs with the `window` items before it in a user's sequence
+    history: int = 16  # the user's last items that vote
+    halflife: float = 0.0  # the vote of the p-th newest item is 0.5 ** (p / halflife); 0 = all equal
+    prior_weight: float = 0.0  # + prior_weight * log(1 + recent popularity), FELRec's prior
+    prior_halflife: float = 0.0  # events, as cache.popularity_halflife (0 = plain counts)
+    # Up to this many items the counts are a dense float32 (items, items) matrix (20k: 1.6 GB);
+    # above, one dict per row.
+    max_dense_items: int = 20000
+
+    def __post_init__(self) -> None:
+        check(self.window >= 1 and self.history >= 1, "cooccurrence window and history must be >= 1")
+        check(min(self.halflife, self.prior_weight, self.prior_halflife) >= 0,
+              "cooccurrence halflife, prior_weight and prior_halflife must be >= 0")
+
+
 CONFIG_CLASSES: dict[str, type[BaselineConfig]] = {
     "bpr-mf": BPRMFConfig,
     "gru4rec": GRU4RecConfig,
