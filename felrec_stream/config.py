@@ -43,7 +43,8 @@ class EncoderConfig:
     # (power iteration): without it every vector drifts to one shared direction; see model/felrec.py.
     # "running": the same standardisation with running statistics in training as in serving (a
     # time-ordered batch holds few distinct users, whose batch statistics misrepresent everyone).
-    output_norm: Literal["none", "batch", "running"] = "none"
+    # "whiten": "running" that also decorrelates the dimensions (running covariance).
+    output_norm: Literal["none", "batch", "running", "whiten"] = "none"
     # Recency inside the encoder: "reversed_sinusoidal" adds sinusoidal positions counted from the
     # newest element (position 0 = the latest interaction), as the reference implementation does.
     positions: Literal["none", "reversed_sinusoidal"] = "none"
@@ -57,7 +58,8 @@ class EncoderConfig:
     empty_history: Literal["cold_start", "learned"] = "cold_start"
 
     def __post_init__(self) -> None:
-        check(self.output_norm in ("none", "batch", "running"), "encoder.output_norm must be none, batch or running")
+        check(self.output_norm in ("none", "batch", "running", "whiten"),
+              "encoder.output_norm must be none, batch, running or whiten")
         check(self.pool_halflife >= 0, "encoder.pool_halflife must be >= 0 (0 = plain mean)")
         check(self.d_model > 0 and self.d_model % self.n_heads == 0,
               "encoder.d_model must be a positive multiple of n_heads")
@@ -90,6 +92,11 @@ class ModelConfig:
     # over the whole catalog, which is what the normalized rank scores).
     negatives: Literal["queue", "cache"] = "queue"
     negatives_per_step: int = 1024
+    # FELRec-Q's positive keys: "fresh" = the other side's encoding in the same step (the paper);
+    # "cached" = the vector the cache serves for it just before the batch (its fresh encoding while it
+    # has none), i.e. what a query is scored against when served. The cache then acts as the slowly
+    # moving target the queries learn to match, not the encoder's own output of the same step.
+    positives: Literal["fresh", "cached"] = "fresh"
 
     def __post_init__(self) -> None:
         check(self.variant in ("q", "p"), "model.variant must be 'q' or 'p'")
@@ -120,6 +127,14 @@ class TrainingConfig:
     # weights (eval mode, no gradient): every cached vector then comes from one encoder, not from
     # the weights of its step (training/train.py refresh_cache). Costs one inference pass an epoch.
     refresh_cache: bool = False
+    # The learning control: the same replay, loss, cache rules and output statistics, but no
+    # optimizer step, so the encoder keeps its initial weights (experiment row felrec-q-init).
+    frozen: bool = False
+    # The cache writer: an exponential moving average of the trained weights with this decay per
+    # step (MoCo's key encoder). The encoder reads its own cached outputs, so the cache is its
+    # training target and its input at once: written by fast-moving weights it chases them; the
+    # average moves slowly. It is the model that validation scores and checkpoints serve. 0 = off.
+    ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
     val_fraction: float = 0.1
@@ -136,6 +151,7 @@ class TrainingConfig:
         check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")
         check(self.batch_size >= 1, "training.batch_size must be >= 1")
         check(self.window == 0 or self.window >= self.batch_size, "training.window must be 0 or >= batch_size")
+        check(0.0 <= self.ema_decay < 1.0, "training.ema_decay must be in [0, 1)")
         check(self.max_activation_mb >= 0, "training.max_activation_mb must be >= 0 (0 = no limit)")
         check(self.lr > 0, "training.lr must be > 0")
         check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1

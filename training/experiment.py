@@ -83,8 +83,9 @@ POPULARITY_ROWS = ("popularity", "popularity-recent")
 COOCCURRENCE_GRID = {"window": (1, 3, 10, 50), "history": (8, 16, 64), "halflife": (1.0, 2.0, 4.0, 8.0, 0.0)}
 COOCCURRENCE_PRIOR_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 FELREC_EXTRAS = {"reset": "-reset", "zero": "-zero", "nn": "-NN", "ln": "-LN", "nomlp": "-noMLP",
-                 "sharemlp": "-shareMLP", "notype": "-noType", "paper": " (paper protocol)"}
-REUSES_BASE = ("reset", "nn", "paper")  # rows evaluated differently from the base row's checkpoint
+                 "sharemlp": "-shareMLP", "notype": "-noType", "paper": " (paper protocol)",
+                 "init": " (initial weights)", "noprior": " (prior off)"}
+REUSES_BASE = ("reset", "nn", "paper", "noprior")  # rows evaluated differently from the base row's checkpoint
 ABLATIONS = ("ln", "nomlp", "sharemlp", "notype")
 MLP_ABLATIONS = ("ln", "sharemlp", "nomlp")  # switches of the MLP heads: no-ops when the base has none
 FELREC_PRESETS = ("paper", "serve")
@@ -160,6 +161,8 @@ def felrec_setup(size: str, variant: str, extra: str | None, seed: int, preset: 
         setup = replace(setup, model=replace(setup.model, **switches[extra]))
     if extra == "notype":
         setup = replace(setup, encoder=replace(setup.encoder, type_embedding=False))
+    if extra == "init":  # the learning control: the same replays and cache rules, no optimizer step
+        setup = replace(setup, training=replace(setup.training, frozen=True))
     return setup
 
 
@@ -391,6 +394,9 @@ def _run_felrec(spec: RowSpec, cfg: ExperimentConfig, events: pa.Table, split: S
     protocol = "paper" if spec.extra == "paper" else cfg.eval.protocol
     if protocol == "paper":  # the reference's protocol and score: no popularity prior
         checkpoint = replace(checkpoint, configs=replace(checkpoint.configs, scoring=ScoringConfig()))
+    if spec.extra == "noprior":  # the cosine alone: what the encoder carries without the popularity prior
+        scoring = replace(checkpoint.configs.scoring, popularity_weight=0.0)
+        checkpoint = replace(checkpoint, configs=replace(checkpoint.configs, scoring=scoring))
     online = build_felrec(checkpoint, mode, resolve_device(setup.training.device),
                           nn_neighbors=cfg.eval.nn_neighbors if spec.extra == "nn" else None, protocol=protocol)
     result = evaluate(online, split.test, split.train, replace(cfg.eval, protocol=protocol),

@@ -11,6 +11,7 @@ vectors all point the same way.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -28,7 +29,7 @@ from felrec_stream.data.split import chronological_split
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ModelError, TrainingError
 from felrec_stream.log import get_logger
-from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives
+from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives, adapting_norms
 from felrec_stream.model.losses import representation_spread
 from felrec_stream.progress import ProgressLog
 from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
@@ -71,6 +72,7 @@ class _State:
     schedule: CosineWarmupSchedule
     configs: Configs
     ranks: Ranks | None = None  # data-parallel job (None: one process)
+    writer: FELRec | None = None  # training.ema_decay > 0: the moving average that writes the cache
     epoch: int = 0
     best_val_rank: float = math.inf
     best_epoch: int = -1
@@ -128,7 +130,8 @@ def _new_state(configs: Configs, device: torch.device, ranks: Ranks | None = Non
                                     weight_decay=training_cfg.weight_decay)
     schedule = CosineWarmupSchedule(optimizer, training_cfg.lr, training_cfg.min_lr,
                                     training_cfg.warmup_epochs, training_cfg.epochs)
-    return _State(model, store, optimizer, schedule, configs, ranks=ranks)
+    writer = moving_average_of(model) if training_cfg.ema_decay > 0 else None
+    return _State(model, store, optimizer, schedule, configs, ranks=ranks, writer=writer)
 
 
 def _resume(state: _State, path: Path) -> None:
@@ -141,7 +144,11 @@ def _resume(state: _State, path: Path) -> None:
         if saved != requested:
             raise ModelError(f"cannot resume from {path}: its {name} config {saved} "
                              f"differs from the requested {requested}")
-    state.model.load_state_dict(checkpoint.model_state)
+    if state.writer is not None and checkpoint.online_state is not None:
+        state.model.load_state_dict(checkpoint.online_state)
+        state.writer.load_state_dict(checkpoint.model_state)
+    else:
+        state.model.load_state_dict(checkpoint.model_state)
     if checkpoint.optimizer_state is not None:
         state.optimizer.load_state_dict(checkpoint.optimizer_state)
     if checkpoint.schedule_state is not None:
@@ -162,15 +169,17 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     started = time.perf_counter()
     stats = train_epoch(state.model, state.store, state.optimizer, train_events, cfgs.training.batch_size,
                         cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}", ranks=ranks,
-                        max_activation_mb=cfgs.training.max_activation_mb, window=cfgs.training.window, seed=seed)
+                        max_activation_mb=cfgs.training.max_activation_mb, window=cfgs.training.window, seed=seed,
+                        frozen=cfgs.training.frozen, writer=state.writer, ema_decay=cfgs.training.ema_decay)
+    served = state.writer or state.model  # the weights that wrote the cache
     seconds = time.perf_counter() - started
     if cfgs.training.refresh_cache:
-        refresh_cache(state.model, state.store, train_events, cfgs, ranks)
+        refresh_cache(served, state.store, train_events, cfgs, ranks)
     spread = float(representation_spread(state.store.users.vectors.all()))
     store_state = state.store.state_dict()  # the cache after training, before validation moves it on
     if ranks is not None:  # cheap insurance once an epoch: the replicas must be bit-identical
-        ranks.agree({"model": state.model.state_dict(), "store": store_state}, "model and cache after the epoch")
-    val, scoring = validate(state.model, state.store, cfgs, val_events, train_events, ranks)
+        ranks.agree({"model": served.state_dict(), "store": store_state}, "model and cache after the epoch")
+    val, scoring = validate(served, state.store, cfgs, val_events, train_events, ranks)
     val_rank = val.mean_rank
     state.epoch = epoch + 1
     state.spread_history.append(spread)
@@ -199,6 +208,22 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
             f"(id_seed avoids the all-zero start), lower the learning rate, or use the other variant.")
 
 
+def moving_average_of(model: FELRec) -> FELRec:
+    """A frozen copy of `model` in eval mode, for `update_moving_average` (training.ema_decay)."""
+    writer = copy.deepcopy(model).eval()
+    for p in writer.parameters():
+        p.requires_grad_(False)
+    return writer
+
+
+@torch.no_grad()
+def update_moving_average(writer: FELRec, model: FELRec, decay: float) -> None:
+    """writer <- decay * writer + (1 - decay) * model, parameters only: the writer's output
+    statistics follow its own outputs (it encodes under `adapting_norms`)."""
+    for mine, theirs in zip(writer.parameters(), model.parameters()):
+        mine.lerp_(theirs, 1.0 - decay)
+
+
 def refresh_cache(model: FELRec, store: RepresentationStore, events: pa.Table, cfgs: Configs,
                   ranks: Ranks | None = None) -> None:
     """Rebuild the cache with the final weights (training.refresh_cache): empty it and replay
@@ -209,8 +234,9 @@ def refresh_cache(model: FELRec, store: RepresentationStore, events: pa.Table, c
     steps earlier. After the replay every vector comes from one encoder."""
     store.reset()
     online = FELRecOnline(model, store, cfgs.cache, ranks=ranks)
-    for batch in iter_batches(events, cfgs.eval.batch_size):
-        online.observe(batch)
+    with adapting_norms(model):  # the output statistics follow the cache being rebuilt
+        for batch in iter_batches(events, cfgs.training.batch_size):
+            online.observe(batch)
 
 
 def choose_popularity_halflife(train_events: pa.Table, val_events: pa.Table, eval_cfg: EvalConfig,
@@ -243,7 +269,8 @@ def validate(model: FELRec, store: RepresentationStore, cfgs: Configs, val_event
 
 def _checkpoint(state: _State, store_state: dict[str, Any], configs: Configs) -> Checkpoint:
     return Checkpoint(
-        model_state=state.model.state_dict(), configs=configs, epoch=state.epoch,
+        model_state=(state.writer or state.model).state_dict(), configs=configs, epoch=state.epoch,
+        online_state=None if state.writer is None else state.model.state_dict(),
         best_val_rank=state.best_val_rank, best_epoch=state.best_epoch,
         optimizer_state=state.optimizer.state_dict(), schedule_state=state.schedule.state_dict(),
         spread_history=list(state.spread_history), history=list(state.history), store_state=store_state)
@@ -276,7 +303,8 @@ class EpochStats:
 def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer,
                 events: pa.Table, batch_size: int, cache: CacheConfig = DEFAULT_CACHE, desc: str = "epoch",
                 timer: dict[str, float] | None = None, ranks: Ranks | None = None,
-                max_activation_mb: int = 0, window: int = 0, seed: int = 0) -> EpochStats:
+                max_activation_mb: int = 0, window: int = 0, seed: int = 0, frozen: bool = False,
+                writer: FELRec | None = None, ema_decay: float = 0.0) -> EpochStats:
     """Empty the cache, replay `events` in order, window by window (`train_window`; window 0 =
     batch_size: consecutive batches); `seed` draws the batches of each window."""
     from tqdm import tqdm
@@ -289,7 +317,8 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for n, events_in in enumerate(iter_batches(events, window)):
             done = train_window(model, store, optimizer, events_in, batch_size, cache,
-                                np.random.default_rng([seed, n]), timer, ranks, max_activation_mb)
+                                np.random.default_rng([seed, n]), timer, ranks, max_activation_mb, frozen,
+                                writer, ema_decay)
             steps.extend(done)
             loss = done[-1].loss if done else None
             if loss is not None:
@@ -316,7 +345,8 @@ def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim
 def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, window: EventBatch,
                  batch_size: int, cache: CacheConfig = DEFAULT_CACHE, rng: np.random.Generator | None = None,
                  timer: dict[str, float] | None = None, ranks: Ranks | None = None,
-                 max_activation_mb: int = 0) -> list[StepStats]:
+                 max_activation_mb: int = 0, frozen: bool = False, writer: FELRec | None = None,
+                 ema_decay: float = 0.0) -> list[StepStats]:
     """Train on a window of time-ordered events: prepare -> per batch (encode -> loss -> step) -> commit.
 
     Every event of the window reads the cache as it was before the window, its histories hold
@@ -328,9 +358,12 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     window (no gradient), "pre_event" each entity's latest event encoding. With `ranks` this rank
     encodes its slice of each batch; the loss is its share of the batch mean, the gradients are
     summed over the ranks and every rank commits the whole window. The encoder keeps at most
-    `max_activation_mb` of activations for backward (0 = no limit; `ActivationBudget`)."""
+    `max_activation_mb` of activations for backward (0 = no limit; `ActivationBudget`). frozen:
+    no optimizer step (the learning control: the loss is still computed and reported). writer: the
+    moving average of the weights (decay `ema_decay` per step) that writes the cache instead of them."""
     if len(window) < 2:
-        infer_batch(model, store, window, cache, ranks)
+        with adapting_norms(writer or model):
+            infer_batch(writer or model, store, window, cache, ranks)
         return []
     device = next(model.parameters()).device
     post = model.config.cache_update == "post_event"
@@ -349,8 +382,14 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
                 u, x = encode_sequences(model, users), encode_sequences(model, items)
         else:
             negatives = draw_negatives(store, model.config, rng, device)
-            u, x, stats = _step(model, optimizer, inputs, rows, users, items, ranks, max_activation_mb, negatives)
+            u, x, stats = _step(model, store, optimizer, inputs, rows, users, items, ranks, max_activation_mb,
+                                negatives, frozen)
             steps.append(stats)
+            if writer is not None:
+                update_moving_average(writer, model, ema_decay)
+                if not post:
+                    with torch.no_grad(), adapting_norms(writer):
+                        u, x = encode_sequences(writer, users), encode_sequences(writer, items)
         if not post:
             u, x = _whole(ranks, u.detach(), x.detach(), len(rows))
             U = u.new_empty((len(window), u.shape[1])) if U is None else U
@@ -358,9 +397,9 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
             U[torch.from_numpy(rows).to(device)], X[torch.from_numpy(rows).to(device)] = u, x
     t2 = time.perf_counter()
     if post:
-        with torch.no_grad():
+        with torch.no_grad(), adapting_norms(writer or model):
             inputs = with_after(store, inputs, device, cache, ranks)
-            after = whole_after(ranks, inputs, encode_after(model, inputs))
+            after = whole_after(ranks, inputs, encode_after(writer or model, inputs))
         commit_batch(store, inputs, None, None, after)
     else:
         commit_batch(store, inputs, U, X)
@@ -371,33 +410,54 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     return steps
 
 
-def _step(model: FELRec, optimizer: torch.optim.Optimizer, inputs: BatchInputs, rows: np.ndarray,
+def _step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, inputs: BatchInputs,
+          rows: np.ndarray,
           users: Sequences, items: Sequences, ranks: Ranks | None, max_activation_mb: int,
-          negatives: Negatives | None = None) -> tuple[torch.Tensor, torch.Tensor, StepStats]:
-    """encode -> loss -> optimizer step on the events `rows` of a window; (u, x) of this rank's rows."""
+          negatives: Negatives | None = None, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor, StepStats]:
+    """encode -> loss -> optimizer step on the events `rows` of a window; (u, x) of this rank's rows.
+    frozen: the loss only, no step (the learning control)."""
     device = users.h.device
     budget = ActivationBudget(max_activation_mb << 20)
-    u, x = encode_sequences(model, users, budget), encode_sequences(model, items, budget)  # (b, D) each
+    with torch.set_grad_enabled(not frozen):
+        u, x = encode_sequences(model, users, budget), encode_sequences(model, items, budget)  # (b, D) each
     mine = rows if ranks is None else rows[ranks.span(len(rows))]
     ids = None
     if model.config.mask_own_negatives:
-        ids = (torch.from_numpy(inputs.user_slots[mine]).to(device), torch.from_numpy(inputs.item_slots[mine]).to(device))
+        ids = tuple(torch.from_numpy(slots[mine]).to(device) for slots in (inputs.user_slots, inputs.item_slots))
+    targets = served_targets(model, store, inputs, mine, u, x)
     if ranks is None:
-        loss = model.loss(u, x, ids=ids, negatives=negatives)
+        loss = model.loss(u, x, ids=ids, negatives=negatives, targets=targets)
     else:  # this slice's share of the batch mean; the queue gets every rank's keys
-        loss = model.loss(u, x, len(rows), functools.partial(ranks.gather_rows, n=len(rows)), ids, negatives)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    budget.backward()
-    if ranks is not None:
-        ranks.sum_gradients(model.parameters())
-    optimizer.step()
+        loss = model.loss(u, x, len(rows), functools.partial(ranks.gather_rows, n=len(rows)), ids, negatives,
+                          targets)
+    if not frozen:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        budget.backward()
+        if ranks is not None:
+            ranks.sum_gradients(model.parameters())
+        optimizer.step()
     value = float(loss.detach())  # syncs the device, so the timings are honest
     chance = float(getattr(model, "chance", math.nan))
     if ranks is not None:
         value = ranks.sum(value)  # the shares add up to the batch mean
         chance = ranks.sum(chance * len(mine)) / len(rows)
     return u, x, StepStats(value, chance, len(np.unique(inputs.user_slots[rows])))
+
+
+def served_targets(model: FELRec, store: RepresentationStore, inputs: BatchInputs, rows: np.ndarray, u: torch.Tensor,
+                   x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """model.positives="cached": (b, D) each, the vectors the cache serves for the users and items
+    of the events `rows` just before the batch; an entity without one yet keeps its fresh encoding.
+    None for fresh positives."""
+    if model.config.positives != "cached":
+        return None
+    out = []
+    for table, slots, fresh in ((store.users, inputs.user_slots[rows], u), (store.items, inputs.item_slots[rows], x)):
+        known = torch.from_numpy(table.history.counts[slots] > 0).to(fresh.device).unsqueeze(1)
+        cached = table.vectors.get(torch.from_numpy(slots)).to(fresh.device, fresh.dtype)
+        out.append(torch.where(known, cached, fresh.detach()))
+    return out[0], out[1]
 
 
 def draw_negatives(store: RepresentationStore, model_cfg: ModelConfig, rng: np.random.Generator,

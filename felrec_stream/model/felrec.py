@@ -11,9 +11,10 @@ Pure modules: the cache lives outside (felrec_stream.state.store); forward() nev
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ class Encoder(nn.Module):
         self.fc = nn.Linear(D, D)
         # Optional output standardisation, one norm per kind of encoded entity (USER, ITEM): batch
         # statistics in training ("batch") or the same running statistics in training and serving ("running").
-        Norm = {"batch": KindNorm, "running": RunningNorm}.get(config.output_norm)
+        Norm = {"batch": KindNorm, "running": RunningNorm, "whiten": RunningWhitening}.get(config.output_norm)
         self.output_norm = None if Norm is None else nn.ModuleList([Norm(D) for _ in range(2)])
         # Most positions a bucket may hold (rows x its length; 0 = no limit: bounds the transient
         # (B, H, N, N) attention weights) and the cost of one more bucket in positions (a huge value
@@ -228,16 +229,59 @@ class RunningNorm(KindNorm):
     def __init__(self, D: int) -> None:
         super().__init__(D)
         self.momentum = 0.05
+        # Update the statistics in eval mode too: a replay that rebuilds a cache from empty must
+        # follow the vectors it writes (fixed statistics let the recursion collapse).
+        self.adapting = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
             return x
         y = F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
-        if self.training and x.shape[0] >= 2:
+        if (self.training or self.adapting) and x.shape[0] >= 2:
             with torch.no_grad():  # updates the running statistics in place; the result is unused
                 F.batch_norm(x.detach(), self.running_mean, self.running_var, training=True,
                              momentum=self.momentum, eps=self.eps)
         return y
+
+
+class RunningWhitening(RunningNorm):
+    """RunningNorm that also decorrelates the dimensions: x -> (x - mean) @ cov^(-1/2), both running
+    (lagged, as RunningNorm). The encoder reads its own outputs back from the cache, so a learned
+    linear map is applied over and over: without decorrelation its leading directions take over
+    the cache (dimensional collapse), which per-dimension scaling does not undo."""
+
+    def __init__(self, D: int) -> None:
+        super().__init__(D)
+        self.register_buffer("running_cov", torch.eye(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x
+        evals, evecs = torch.linalg.eigh(self.running_cov.double())
+        W = (evecs * evals.clamp(min=self.eps).rsqrt()) @ evecs.T  # (D, D) cov^(-1/2)
+        y = (x - self.running_mean) @ W.to(x.dtype)
+        if (self.training or self.adapting) and x.shape[0] >= 2:
+            with torch.no_grad():
+                xd = x.detach()
+                mean = xd.mean(dim=0)
+                cov = torch.cov(xd.T).reshape(self.running_cov.shape)
+                self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
+                self.running_cov.mul_(1 - self.momentum).add_(cov, alpha=self.momentum)
+                self.running_var.copy_(torch.diagonal(self.running_cov))
+        return y
+
+
+@contextlib.contextmanager
+def adapting_norms(module: nn.Module) -> Iterator[None]:
+    """Within the block every RunningNorm under `module` updates its statistics in eval mode too."""
+    norms = [m for m in module.modules() if isinstance(m, RunningNorm)]
+    for norm in norms:
+        norm.adapting = True
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.adapting = False
 
 
 def recency_weights(N: int, halflife: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -446,8 +490,12 @@ class FELRec(nn.Module):
     def loss(self, u: torch.Tensor, x: torch.Tensor, total: int | None = None,
              gather_keys: Callable[[torch.Tensor], torch.Tensor] | None = None,
              ids: tuple[torch.Tensor, torch.Tensor] | None = None,
-             negatives: Negatives | None = None) -> torch.Tensor:
+             negatives: Negatives | None = None,
+             targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Symmetric training loss of the positive pair (u, x) of every event in the batch.
+
+        targets: (B, D) each, FELRec-Q's positive keys for the rows' users and items (e.g. the
+        vectors the cache serves for them, model.positives="cached"); None = the fresh u, x.
 
         negatives: FELRec-Q's negatives drawn from the cache (model.negatives="cache"); None = the queue.
 
@@ -460,33 +508,38 @@ class FELRec(nn.Module):
         ranks' shares add up to it), and `gather_keys` maps the slice's (b, C) rows to the whole
         batch's (total, C) in event order, so FELRec-Q's queue receives every rank's keys."""
         if self.config.variant == "q":
-            return self._loss_q(u, x, total, gather_keys, ids, negatives)
+            return self._loss_q(u, x, total, gather_keys, ids, negatives, targets)
         return self._loss_p(u, x, total)
 
     def _loss_q(self, u: torch.Tensor, x: torch.Tensor, total: int | None,
                 gather_keys: Callable[[torch.Tensor], torch.Tensor] | None,
                 ids: tuple[torch.Tensor, torch.Tensor] | None,
-                negatives: Negatives | None = None) -> torch.Tensor:
+                negatives: Negatives | None = None,
+                targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q_u, q_x = self._query(u, USER), self._query(x, ITEM)  # (B, C) each
+        k_u, k_x = q_u.detach(), q_x.detach()  # the positives: the other side's fresh encodings
+        if targets is not None:  # or what the cache serves for them (no gradient)
+            with torch.no_grad():
+                k_u, k_x = self._query(targets[0], USER), self._query(targets[1], ITEM)
         T = self.config.temperature
         own_x = own_u = None  # (B, K) True where a negative is no negative of the row
         if negatives is None:  # the queue: the keys of the latest events
-            k_x, k_u = self.item_queue, self.user_queue
+            n_x, n_u = self.item_queue, self.user_queue
             if ids is not None:  # a queued event that shares the row's user or item: its own earlier
                 # vector, or an item its user just chose (a time-ordered batch is mostly one user's)
                 own_x = own_u = ((ids[0].unsqueeze(1) == self.user_queue_ids.unsqueeze(0))
                                  | (ids[1].unsqueeze(1) == self.item_queue_ids.unsqueeze(0)))
         else:  # entities drawn from the cache (no gradient), in the queries' space
             with torch.no_grad():
-                k_x, k_u = self._query(negatives.items, ITEM), self._query(negatives.users, USER)
+                n_x, n_u = self._query(negatives.items, ITEM), self._query(negatives.users, USER)
             if ids is not None:
                 own_x = ids[1].unsqueeze(1) == negatives.item_ids.unsqueeze(0)
                 own_u = ids[0].unsqueeze(1) == negatives.user_ids.unsqueeze(0)
-        loss = (info_nce(q_u, q_x.detach(), k_x.clone(), T, total, own_x)
-                + info_nce(q_x, q_u.detach(), k_u.clone(), T, total, own_u))
-        self.chance = info_nce_chance(k_x.shape[0], own_x) + info_nce_chance(k_u.shape[0], own_u)
+        loss = (info_nce(q_u, k_x, n_x.clone(), T, total, own_x)
+                + info_nce(q_x, k_u, n_u.clone(), T, total, own_u))
+        self.chance = info_nce_chance(n_x.shape[0], own_x) + info_nce_chance(n_u.shape[0], own_u)
         if negatives is None:
-            self._enqueue_all(q_u.detach(), q_x.detach(), gather_keys, ids)
+            self._enqueue_all(k_u, k_x, gather_keys, ids)
         return loss
 
     def _query(self, v: torch.Tensor, kind: int) -> torch.Tensor:

@@ -42,6 +42,9 @@ class Checkpoint:
     spread_history: list[float] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)  # one `epoch_done` record per epoch
     store_state: dict[str, Any] | None = None  # the cache after the epoch's training pass ("keep")
+    # training.ema_decay > 0: the trained (online) weights, to resume; model_state holds their moving
+    # average, which wrote the cache and is what is served.
+    online_state: dict[str, torch.Tensor] | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -62,6 +65,7 @@ class Checkpoint:
             "spread_history": [float(s) for s in self.spread_history],
             "history": list(self.history),
             "store_state": _numpy_to_torch(self.store_state),
+            "online_state": self.online_state,
         }
 
 
@@ -99,6 +103,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         optimizer_state=payload["optimizer_state"], schedule_state=payload["schedule_state"],
         spread_history=list(payload["spread_history"]), history=list(payload["history"]),
         store_state=_torch_to_numpy(payload["store_state"]),
+        online_state=payload.get("online_state"),
     )
 
 

@@ -1,0 +1,176 @@
+"""Training rules of issue 17: windows whose batches are drawn across users without leakage, the
+learning control, the moving-average cache writer, cache negatives and cached positives."""
+
+import copy
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig, replace
+from felrec_stream.data import synthetic
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.state import engine
+from felrec_stream.state.store import RepresentationStore
+from felrec_stream.stream.events import EventBatch
+from training.train import draw_negatives, served_targets, train_epoch, train_window, update_moving_average
+
+ENC = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, output_norm="running")
+CACHE = CacheConfig(history_len=8)
+
+
+def _events(n_events=600, seed=3):
+    cfg = synthetic.SyntheticConfig(n_users=30, n_items=25, n_events=n_events, n_clusters=3, seed=seed)
+    return synthetic.generate(cfg).events
+
+
+def _setup(**model):
+    torch.manual_seed(0)
+    net = FELRec(ENC, ModelConfig(use_mlp=False, temperature=0.5, queue_size=64, cache_update="post_event",
+                                  **model))
+    store = RepresentationStore.for_cache(ENC.d_model, CACHE)
+    return net, store, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_window_batches_see_only_earlier_events_and_the_cache_before_the_window(monkeypatch):
+    """Every step of a window encodes exactly what a per-event rule allows: the entity's earlier
+    events (in time order, at most L) and the vectors the cache held before the window, although
+    the steps draw their events from all of the window in random order."""
+    events = _events()
+    model, store, optimizer = _setup()
+    train_window(model, store, optimizer, EventBatch.from_table(events.slice(0, 200)), 64, CACHE,
+                 np.random.default_rng(0))  # a warm cache
+    window = EventBatch.from_table(events.slice(200, 256))
+    vectors_before = {kind: store.tables[kind].vectors.all().clone() for kind in store.tables}
+    seen_rows, real = [], engine.event_sequences
+
+    def checked(store_, inputs, rows, device, cache, ranks=None):
+        for kind in store_.tables:  # nothing written before the window ends
+            n = len(vectors_before[kind])
+            torch.testing.assert_close(store_.tables[kind].vectors.all()[:n], vectors_before[kind])
+        seen_rows.append(rows.copy())
+        return real(store_, inputs, rows, device, cache, ranks)
+
+    monkeypatch.setattr("training.train.event_sequences", checked)
+    users_before = {u: list(store.users.read(store.users.slots(np.array([u]), create=False)).rows[0])
+                    for u in set(window.user)}
+    inputs = engine.prepare_batch(store, window, "cpu", CACHE, before=False)
+    train_window(model, store, optimizer, window, 16, CACHE, np.random.default_rng(1))
+    rows = np.concatenate(seen_rows)
+    assert sorted(rows.tolist()) == list(range(len(window)))  # every event once
+    assert any((r != np.arange(r[0], r[0] + len(r))).any() for r in seen_rows)  # not consecutive runs
+    for e in range(len(window)):  # brute force: the user's history before event e
+        stored = [s for s in users_before[window.user[e]] if s >= 0]
+        earlier = [int(store.items.slots(np.array([window.item[j]]), create=False)[0])
+                   for j in range(e) if window.user[j] == window.user[e]]
+        expected = (stored + earlier)[-CACHE.history_len:]
+        got = inputs.user_plan.event_history[e]
+        assert [s for s in got if s >= 0] == expected
+
+
+def test_windowed_training_is_deterministic_and_spreads_users_over_the_batches():
+    events = _events(1200)
+
+    def run():
+        model, store, optimizer = _setup()
+        stats = train_epoch(model, store, optimizer, events, 32, CACHE, window=256, seed=5)
+        return stats, model.state_dict()
+
+    (a, state_a), (b, state_b) = run(), run()
+    assert a == b
+    for name in state_a:
+        torch.testing.assert_close(state_a[name], state_b[name], rtol=0, atol=0)
+    model, store, optimizer = _setup()
+    consecutive = train_epoch(model, store, optimizer, events, 32, CACHE, seed=5)
+    assert a.users_per_batch > consecutive.users_per_batch
+
+
+def test_the_learning_control_takes_no_step_but_reports_its_loss_against_chance():
+    events = _events()
+    model, store, optimizer = _setup()
+    start = {k: v.clone() for k, v in model.named_parameters()}
+    stats = train_epoch(model, store, optimizer, events, 64, CACHE, frozen=True)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, start[name], rtol=0, atol=0)
+    assert np.isfinite(stats.loss) and stats.chance > 0
+    assert store.items.history.counts.sum() == len(events)  # the cache loop ran
+
+
+def test_the_moving_average_writes_the_cache_and_trails_the_trained_weights():
+    events = _events()
+    model, store, optimizer = _setup()
+    writer = FELRec(ENC, model.config)
+    writer.load_state_dict(model.state_dict())
+    writer.eval()
+    train_epoch(model, store, optimizer, events.slice(0, 256), 64, CACHE, writer=writer, ema_decay=0.9)
+    assert not torch.allclose(model.encoder.fc.weight, writer.encoder.fc.weight)
+    before = RepresentationStore.for_cache(ENC.d_model, CACHE)
+    before.load_state_dict(store.state_dict())
+    last = EventBatch.from_table(events.slice(256, 64))
+    fc = writer.encoder.fc.weight.clone()
+    statistics = {name: b.clone() for name, b in writer.named_buffers()}  # the writer's, before it writes
+    train_window(model, store, optimizer, last, 64, CACHE, np.random.default_rng(0), writer=writer, ema_decay=0.75)
+    torch.testing.assert_close(writer.encoder.fc.weight, 0.75 * fc + 0.25 * model.encoder.fc.weight)
+    # what the window wrote: the (updated) writer's encodings of the touched users, not the model's
+    inputs = engine.with_after(before, engine.prepare_batch(before, last, "cpu", CACHE, before=False), "cpu", CACHE)
+    expected = copy.deepcopy(writer)
+    expected.load_state_dict({**expected.state_dict(), **statistics})
+    users, _ = engine.encode_after(expected, inputs)
+    written = store.users.vectors.get(torch.from_numpy(inputs.user_plan.unique_slots))
+    torch.testing.assert_close(written, users)
+    model.eval()
+    assert not torch.allclose(engine.encode_after(model, inputs)[0], written)
+    update_moving_average(writer, model, 0.5)
+    torch.testing.assert_close(writer.encoder.fc.weight, 0.5 * (0.75 * fc + 0.25 * model.encoder.fc.weight)
+                               + 0.5 * model.encoder.fc.weight)
+
+
+def test_cache_negatives_are_drawn_from_written_entities_only():
+    events = _events()
+    model, store, optimizer = _setup(negatives="cache", negatives_per_step=50)
+    assert draw_negatives(store, model.config, np.random.default_rng(0), torch.device("cpu")) is None  # empty cache
+    train_epoch(model, store, optimizer, events.slice(0, 300), 64, CACHE)
+    a = draw_negatives(store, model.config, np.random.default_rng(0), torch.device("cpu"))
+    b = draw_negatives(store, model.config, np.random.default_rng(0), torch.device("cpu"))
+    assert a.item_ids.shape == (50,) and torch.equal(a.item_ids, b.item_ids)
+    assert (store.items.history.counts[a.item_ids.numpy()] > 0).all()
+    torch.testing.assert_close(a.items, store.items.vectors.get(a.item_ids))
+
+
+def test_cached_positives_are_what_the_cache_serves_or_the_fresh_encoding():
+    events = _events()
+    model, store, optimizer = _setup(positives="cached")
+    train_epoch(model, store, optimizer, events.slice(0, 300), 64, CACHE)
+    table = events.slice(300, 40)
+    for name in ("user", "item"):  # a few entities the cache has never met
+        column = table.column(name).to_pylist()
+        column[::7] = [f"new-{name}-{k}" for k in range(len(column[::7]))]
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(column, pa.string()))
+    batch = EventBatch.from_table(table)
+    inputs = engine.prepare_batch(store, batch, "cpu", CACHE)
+    rows = np.arange(len(batch))
+    u, x = torch.randn(len(batch), 16), torch.randn(len(batch), 16)
+    k_u, k_x = served_targets(model, store, inputs, rows, u, x)
+    for slots, table, fresh, got in ((inputs.user_slots, store.users, u, k_u),
+                                     (inputs.item_slots, store.items, x, k_x)):
+        known = table.history.counts[slots] > 0
+        assert known.any() and (~known).any()
+        torch.testing.assert_close(got[known], table.vectors.get(torch.from_numpy(slots[known])))
+        torch.testing.assert_close(got[~known], fresh[~known])
+    fresh_rule = FELRec(ENC, replace(model.config, positives="fresh"))
+    assert served_targets(fresh_rule, store, inputs, rows, u, x) is None
+
+
+@pytest.mark.parametrize("window", [0, 128])
+def test_pre_event_cache_rule_under_windows(window):
+    """pre_event writes each entity's latest event encoding; windows keep that rule."""
+    events = _events()
+    torch.manual_seed(0)
+    model = FELRec(ENC, ModelConfig(use_mlp=False, queue_size=64))
+    store = RepresentationStore.for_cache(ENC.d_model, CACHE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    stats = train_epoch(model, store, optimizer, events, 32, CACHE, window=window)
+    assert np.isfinite(stats.loss)
+    written = store.items.history.counts[: len(store.items)] > 0
+    assert written.all() and store.items.vectors.all()[: len(store.items)].norm(dim=1).gt(0).all()
