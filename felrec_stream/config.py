@@ -83,9 +83,9 @@ class ModelConfig:
     # history *before* the event); "post_event" = the encoding from the history *including* the event
     # (what a deployed system should serve after the event).
     cache_update: Literal["pre_event", "post_event"] = "pre_event"
-    # FELRec-Q: a queued key of the event's own user or item is no negative of it (the queue
-    # remembers whose key each entry is). False: every queued key is a negative (the paper).
-    mask_own_negatives: bool = True
+    # FELRec-Q: a queued key of an event that shares the row's user or item is no negative of it
+    # (the queue remembers each key's event). False: every queued key is a negative (the paper).
+    mask_own_negatives: bool = False
     # FELRec-Q's negatives: "queue" = the keys of the latest events (the paper: popularity-weighted,
     # so the cosine learns log p(x|u) - log p(x)); "cache" = `negatives_per_step` entities drawn
     # uniformly from the cached vectors of every entity met so far (the cosine learns log p(x|u)
@@ -97,6 +97,11 @@ class ModelConfig:
     # has none), i.e. what a query is scored against when served. The cache then acts as the slowly
     # moving target the queries learn to match, not the encoder's own output of the same step.
     positives: Literal["fresh", "cached"] = "fresh"
+    # One encoder for users and items (the paper) or one per kind of encoded entity.
+    share_encoder: bool = True
+    # FELRec-Q's terms: "both" (the paper: users against items and items against users) or "user"
+    # (users against items only: what serving ranks; an unshared item encoder then keeps its init).
+    loss_terms: Literal["both", "user"] = "both"
 
     def __post_init__(self) -> None:
         check(self.variant in ("q", "p"), "model.variant must be 'q' or 'p'")
@@ -123,6 +128,9 @@ class TrainingConfig:
     # it (seeded), one optimizer step each, and the cache is written once the window is done. A
     # time-ordered batch of 256 ML-100K events holds ~7 users; a batch drawn from 4,096 holds ~80.
     window: int = 0
+    # Batches per optimizer step (their gradients summed, each loss weighted 1/accumulate): a step
+    # then sees many users while the cache is still written after every batch (no staleness).
+    accumulate: int = 1
     # After each epoch, rebuild the cache by replaying the training events with the epoch's final
     # weights (eval mode, no gradient): every cached vector then comes from one encoder, not from
     # the weights of its step (training/train.py refresh_cache). Costs one inference pass an epoch.
@@ -133,7 +141,9 @@ class TrainingConfig:
     # The cache writer: an exponential moving average of the trained weights with this decay per
     # step (MoCo's key encoder). The encoder reads its own cached outputs, so the cache is its
     # training target and its input at once: written by fast-moving weights it chases them; the
-    # average moves slowly. It is the model that validation scores and checkpoints serve. 0 = off.
+    # average moves slowly. It is the model that validation scores and checkpoints serve. 0 = off;
+    # 1 = the weights of the epoch's start write its cache, the writer takes the trained weights
+    # when the epoch ends (with refresh_cache, before the cache is rebuilt).
     ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -151,7 +161,8 @@ class TrainingConfig:
         check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")
         check(self.batch_size >= 1, "training.batch_size must be >= 1")
         check(self.window == 0 or self.window >= self.batch_size, "training.window must be 0 or >= batch_size")
-        check(0.0 <= self.ema_decay < 1.0, "training.ema_decay must be in [0, 1)")
+        check(0.0 <= self.ema_decay <= 1.0, "training.ema_decay must be in [0, 1] (1: synced once an epoch)")
+        check(self.accumulate >= 1, "training.accumulate must be >= 1")
         check(self.max_activation_mb >= 0, "training.max_activation_mb must be >= 0 (0 = no limit)")
         check(self.lr > 0, "training.lr must be > 0")
         check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
@@ -351,16 +362,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # encoder outputs, no MLP heads, T 0.5, queue 256, and a recent-popularity prior whose half-life
     # and weight are chosen on the validation split.
     "serve": {
-        "encoder": {"output_norm": "batch"},
-        "model": {"use_mlp": False, "temperature": 0.5, "queue_size": 256, "cache_update": "post_event"},
+        "encoder": {"output_norm": "running"},
+        "model": {"use_mlp": False, "temperature": 0.5, "queue_size": 256, "cache_update": "post_event",
+                  "mask_own_negatives": True},
         "training": {"warmup_epochs": 0, "batch_size": 256},
         "eval": {"batch_size": 256},
         "scoring": {"calibrate_popularity": True},
     },
     # "serve" at a size that trains in minutes on a laptop CPU (quickstart, benchmarks' small row).
     "small": {
-        "encoder": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "output_norm": "batch"},
-        "model": {"use_mlp": False, "temperature": 0.5, "queue_size": 256, "cache_update": "post_event"},
+        "encoder": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "output_norm": "running"},
+        "model": {"use_mlp": False, "temperature": 0.5, "queue_size": 256, "cache_update": "post_event",
+                  "mask_own_negatives": True},
         "training": {"epochs": 5, "warmup_epochs": 0, "batch_size": 256},
         "eval": {"batch_size": 256},
         "scoring": {"calibrate_popularity": True},

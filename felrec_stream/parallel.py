@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from felrec_stream.config import ParallelConfig
-from felrec_stream.errors import FelrecError, ParallelError
+from felrec_stream.errors import ConfigError, FelrecError, ParallelError
 from felrec_stream.log import get_logger
 
 log = get_logger(__name__)
@@ -233,14 +233,29 @@ class SyncedBatchNorm(nn.BatchNorm1d):
         self.running_mean, self.running_var = norm.running_mean, norm.running_var
         self.num_batches_tracked = norm.num_batches_tracked
         self._local_forward = type(norm).forward
+        # RunningNorm: normalise with the running statistics from before the batch, then update them
+        self._lagged = getattr(norm, "lagged", False)
+        if hasattr(norm, "running_cov"):
+            raise ConfigError("encoder.output_norm=whiten is not supported with data-parallel ranks (its "
+                              "covariance is not synchronised); use running")
+        self.adapting = False
         # KindNorm counts nothing (functional batch_norm); nn.BatchNorm1d counts batches
         self._counts_batches = type(norm).forward is nn.BatchNorm1d.forward
         self._ranks = ranks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training and not (self._lagged and self.adapting):
             return self._local_forward(self, x)
+        if self._lagged:
+            y = F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
         n, mean, var = self._ranks.moments(x)
+        if self._lagged:
+            if n >= 2:
+                with torch.no_grad():
+                    m = self.momentum
+                    self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                    self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+            return y
         if n < 2:  # KindNorm's rule for fewer than two rows in the whole batch: running statistics
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.track_running_stats:

@@ -8,7 +8,9 @@ Rows (keys as given to `--models`):
 - FELRec: `felrec-q`, `felrec-p` and extra rows `felrec-{q,p}-<extra>`:
   `reset` (same weights, empty cache when the replay after training starts), `zero` (trained on
   another dataset, empty cache), `nn` (scores of the 10 nearest users), and the ablations `ln`
-  (LayerNorm in the MLPs), `nomlp`, `sharemlp`, `notype` (ModelConfig/EncoderConfig switches).
+  (LayerNorm in the MLPs), `nomlp`, `sharemlp`, `notype` (ModelConfig/EncoderConfig switches), `init`
+  (the learning control: never trained, `training.frozen`) and `noprior` (the base checkpoint scored by
+  the cosine alone).
 
 FELRec presets (`ExperimentConfig.felrec_preset`): "paper" = the paper's setup (MLP heads, queue
 8192, T 0.07) scaled by `size`; "serve" = the recipe of `config.PRESETS` (per-kind BatchNorm of
@@ -518,6 +520,10 @@ def felrec_notes(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> list[
              f"{e.n_heads} heads, d_ff {e.d_ff}, history {c.history_len}; score = cosine + w log(1 + popularity), "
              f"{_prior_note(rows, c.popularity_halflife, sc)}. "
              "Baselines and the evaluation protocol are the same as with the paper preset."]
+    if any(r["key"].endswith("-init") for r in rows):
+        notes.append("(initial weights): the learning control — the same architecture, replays, cache rules, output "
+                     "statistics and prior calibration, but no optimizer step (training.frozen). (prior off): the "
+                     "trained model's checkpoint scored by the cosine alone (w 0).")
     noop = [r["model"] for r in rows if (spec := _felrec_spec(r["key"])) and ablation_is_noop(base, spec.extra)]
     if noop:
         notes.append(f"{', '.join(noop)}: -LN (LayerNorm in the MLP heads), -shareMLP (heads shared by users and "

@@ -27,7 +27,7 @@ import torch
 from felrec_stream.config import CacheConfig, Configs, EvalConfig, ModelConfig, ScoringConfig, replace
 from felrec_stream.data.split import chronological_split
 from felrec_stream.device import resolve_device
-from felrec_stream.errors import ModelError, TrainingError
+from felrec_stream.errors import ConfigError, ModelError, TrainingError
 from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives, adapting_norms
 from felrec_stream.model.losses import representation_spread
@@ -97,6 +97,8 @@ def train(events: pa.Table, configs: Configs, out_dir: str | Path, resume: bool 
     device = resolve_device(training_cfg.device)
     if ranks is not None:
         device = ranks.place(device)
+        if training_cfg.ema_decay > 0:
+            raise ConfigError("training.ema_decay is not supported with data-parallel ranks yet")
     if configs.scoring.calibrate_popularity:  # deterministic: a resumed run (and every rank) chooses the same
         configs = replace(configs, cache=replace(configs.cache, popularity_halflife=choose_popularity_halflife(
             split.train, split.val, configs.eval, configs.excluded_recent)))
@@ -170,7 +172,10 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     stats = train_epoch(state.model, state.store, state.optimizer, train_events, cfgs.training.batch_size,
                         cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}", ranks=ranks,
                         max_activation_mb=cfgs.training.max_activation_mb, window=cfgs.training.window, seed=seed,
-                        frozen=cfgs.training.frozen, writer=state.writer, ema_decay=cfgs.training.ema_decay)
+                        frozen=cfgs.training.frozen, writer=state.writer, ema_decay=cfgs.training.ema_decay,
+                        accumulate=cfgs.training.accumulate)
+    if state.writer is not None and cfgs.training.ema_decay == 1.0:  # synced once an epoch
+        state.writer.load_state_dict(state.model.state_dict())
     served = state.writer or state.model  # the weights that wrote the cache
     seconds = time.perf_counter() - started
     if cfgs.training.refresh_cache:
@@ -283,6 +288,35 @@ def is_collapsed(spread_history: list[float], min_spread: float, patience: int) 
     return all(s < min_spread for s in spread_history[-patience:])
 
 
+class Stepper:
+    """Backward passes and optimizer steps: one step every `every` batches (training.accumulate),
+    on the sum of their gradients, each batch's loss weighted 1/every, so a step sees the events of
+    `every` consecutive batches (many users) while the cache is still written after every batch."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: FELRec, every: int = 1,
+                 ranks: Ranks | None = None) -> None:
+        self.optimizer, self.model, self.every, self.ranks = optimizer, model, every, ranks
+        self.pending = 0  # batches whose gradients wait for the next step
+
+    def backward(self, loss: torch.Tensor, budget: ActivationBudget) -> None:
+        if self.pending == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        (loss / self.every if self.every > 1 else loss).backward()
+        budget.backward()
+        self.pending += 1
+        if self.pending == self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Step on what has accumulated (the end of an epoch steps on a partial group)."""
+        if self.pending == 0:
+            return
+        if self.ranks is not None:
+            self.ranks.sum_gradients(self.model.parameters())
+        self.optimizer.step()
+        self.pending = 0
+
+
 @dataclass(frozen=True)
 class StepStats:
     """One optimizer step: its loss, the loss a model that cannot tell the positive from the
@@ -304,19 +338,21 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
                 events: pa.Table, batch_size: int, cache: CacheConfig = DEFAULT_CACHE, desc: str = "epoch",
                 timer: dict[str, float] | None = None, ranks: Ranks | None = None,
                 max_activation_mb: int = 0, window: int = 0, seed: int = 0, frozen: bool = False,
-                writer: FELRec | None = None, ema_decay: float = 0.0) -> EpochStats:
+                writer: FELRec | None = None, ema_decay: float = 0.0, accumulate: int = 1) -> EpochStats:
     """Empty the cache, replay `events` in order, window by window (`train_window`; window 0 =
-    batch_size: consecutive batches); `seed` draws the batches of each window."""
+    batch_size: consecutive batches); `seed` draws the batches of each window; one optimizer step
+    every `accumulate` batches (`Stepper`)."""
     from tqdm import tqdm
 
     store.reset()
     model.train()
     steps: list[StepStats] = []
     window = window or batch_size
+    stepper = Stepper(optimizer, model, accumulate, ranks)
     progress = ProgressLog("train_progress", total_events=len(events), epoch=desc)  # logs outside a TTY too
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for n, events_in in enumerate(iter_batches(events, window)):
-            done = train_window(model, store, optimizer, events_in, batch_size, cache,
+            done = train_window(model, store, stepper, events_in, batch_size, cache,
                                 np.random.default_rng([seed, n]), timer, ranks, max_activation_mb, frozen,
                                 writer, ema_decay)
             steps.extend(done)
@@ -325,6 +361,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(len(events_in))
             progress.update(len(events_in), loss)
+    stepper.flush()
     progress.finish()
     if not steps:
         return EpochStats(float("nan"), float("nan"), 0.0)
@@ -342,7 +379,8 @@ def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim
     return steps[0].loss if steps else None
 
 
-def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, window: EventBatch,
+def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer | Stepper,
+                 window: EventBatch,
                  batch_size: int, cache: CacheConfig = DEFAULT_CACHE, rng: np.random.Generator | None = None,
                  timer: dict[str, float] | None = None, ranks: Ranks | None = None,
                  max_activation_mb: int = 0, frozen: bool = False, writer: FELRec | None = None,
@@ -370,6 +408,7 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     t0 = time.perf_counter()
     inputs = prepare_batch(store, window, device, cache, before=False, ranks=ranks)
     rng = rng if rng is not None else np.random.default_rng(0)
+    stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer, model, ranks=ranks)
     order = np.arange(len(window)) if len(window) <= batch_size else rng.permutation(len(window))
     U = X = None  # (W, D) each event's own encodings, for a pre_event commit
     steps = []
@@ -382,7 +421,7 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
                 u, x = encode_sequences(model, users), encode_sequences(model, items)
         else:
             negatives = draw_negatives(store, model.config, rng, device)
-            u, x, stats = _step(model, store, optimizer, inputs, rows, users, items, ranks, max_activation_mb,
+            u, x, stats = _step(model, store, stepper, inputs, rows, users, items, ranks, max_activation_mb,
                                 negatives, frozen)
             steps.append(stats)
             if writer is not None:
@@ -410,7 +449,7 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     return steps
 
 
-def _step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, inputs: BatchInputs,
+def _step(model: FELRec, store: RepresentationStore, stepper: Stepper, inputs: BatchInputs,
           rows: np.ndarray,
           users: Sequences, items: Sequences, ranks: Ranks | None, max_activation_mb: int,
           negatives: Negatives | None = None, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor, StepStats]:
@@ -431,12 +470,7 @@ def _step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Opti
         loss = model.loss(u, x, len(rows), functools.partial(ranks.gather_rows, n=len(rows)), ids, negatives,
                           targets)
     if not frozen:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        budget.backward()
-        if ranks is not None:
-            ranks.sum_gradients(model.parameters())
-        optimizer.step()
+        stepper.backward(loss, budget)
     value = float(loss.detach())  # syncs the device, so the timings are honest
     chance = float(getattr(model, "chance", math.nan))
     if ranks is not None:

@@ -34,8 +34,9 @@ def _zero_shot(value: str | None):
                    "delimiter=; for csv), size=medium for synthetic.")
 @click.option("--models", default=DEFAULT_MODELS, show_default=True,
               help="Comma-separated rows: felrec-q, felrec-p, felrec-{q,p}-{reset,zero,nn,ln,nomlp,sharemlp,notype,"
-                   "paper}, sasrec, gru4rec, gru4rec-bptt, bpr-mf, jodie, popularity, popularity-recent, cooccurrence "
-                   "(item-kNN, settings chosen on validation); or 'all'.")
+                   "paper,init,noprior} (init: the learning control, never trained; noprior: the trained model "
+                   "without the popularity prior), sasrec, gru4rec, gru4rec-bptt, bpr-mf, jodie, popularity, "
+                   "popularity-recent, cooccurrence (item-kNN, settings chosen on validation); or 'all'.")
 @click.option("--zero-shot-from", default=None, metavar="DATASET:PATH",
               help="Dataset the -zero rows are trained on (e.g. ml-1m:/data/ml-1m, or synthetic).")
 @click.option("--size", type=click.Choice(["small", "paper", "tiny"]), default="small", show_default=True,

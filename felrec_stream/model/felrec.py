@@ -273,8 +273,9 @@ class RunningWhitening(RunningNorm):
 
 @contextlib.contextmanager
 def adapting_norms(module: nn.Module) -> Iterator[None]:
-    """Within the block every RunningNorm under `module` updates its statistics in eval mode too."""
-    norms = [m for m in module.modules() if isinstance(m, RunningNorm)]
+    """Within the block every RunningNorm under `module` (or its data-parallel stand-in) updates its
+    statistics in eval mode too."""
+    norms = [m for m in module.modules() if hasattr(m, "adapting")]
     for norm in norms:
         norm.adapting = True
     try:
@@ -444,7 +445,9 @@ class FELRec(nn.Module):
     def __init__(self, encoder_config: EncoderConfig, model_config: ModelConfig) -> None:
         super().__init__()
         self.encoder_config, self.config = encoder_config, model_config
-        self.encoder = Encoder(encoder_config)
+        self.encoder = Encoder(encoder_config)  # users' (and, shared, items')
+        if not model_config.share_encoder:  # one encoder per kind of encoded entity
+            self.item_encoder = Encoder(encoder_config)
         D, cfg = encoder_config.d_model, model_config
         if cfg.variant == "q":
             make_proj = lambda: mlp(D, D, D, cfg.norm)  # noqa: E731
@@ -485,7 +488,8 @@ class FELRec(nn.Module):
         if h.shape[0] == 0 and not self.training:
             return h.new_zeros(0, h.shape[-1])
         kinds = torch.full((h.shape[0],), kind, device=h.device)
-        return self.encoder(h, mask, kinds, empty, budget)
+        encoder = self.item_encoder if kind == ITEM and not self.config.share_encoder else self.encoder
+        return encoder(h, mask, kinds, empty, budget)
 
     def loss(self, u: torch.Tensor, x: torch.Tensor, total: int | None = None,
              gather_keys: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -535,9 +539,11 @@ class FELRec(nn.Module):
             if ids is not None:
                 own_x = ids[1].unsqueeze(1) == negatives.item_ids.unsqueeze(0)
                 own_u = ids[0].unsqueeze(1) == negatives.user_ids.unsqueeze(0)
-        loss = (info_nce(q_u, k_x, n_x.clone(), T, total, own_x)
-                + info_nce(q_x, k_u, n_u.clone(), T, total, own_u))
-        self.chance = info_nce_chance(n_x.shape[0], own_x) + info_nce_chance(n_u.shape[0], own_u)
+        loss = info_nce(q_u, k_x, n_x.clone(), T, total, own_x)
+        if self.config.loss_terms == "both":
+            loss = loss + info_nce(q_x, k_u, n_u.clone(), T, total, own_u)
+        self.chance = info_nce_chance(n_x.shape[0], own_x) + (
+            info_nce_chance(n_u.shape[0], own_u) if self.config.loss_terms == "both" else 0.0)
         if negatives is None:
             self._enqueue_all(k_u, k_x, gather_keys, ids)
         return loss

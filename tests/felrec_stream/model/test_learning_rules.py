@@ -132,3 +132,26 @@ def test_recency_pooling_weighs_the_newest_elements_most():
     assert not torch.allclose(plain.encoder.pool(h, mask, kinds, None, Bucket(None, 6)), a)
     assert not torch.allclose(a, b)  # attention still reads the older elements
 
+
+
+def test_unshared_encoders_encode_each_kind_with_its_own_weights():
+    torch.manual_seed(0)
+    model = FELRec(TINY, ModelConfig(queue_size=4, use_mlp=False, share_encoder=False)).eval()
+    shared = FELRec(TINY, ModelConfig(queue_size=4, use_mlp=False)).eval()
+    assert sum(p.numel() for p in model.parameters()) == 2 * sum(p.numel() for p in shared.parameters())
+    h, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
+    users, items = model.encode_kind(h, mask, 0), model.encode_kind(h, mask, 1)
+    kinds = torch.full((3,), 1)
+    torch.testing.assert_close(items, model.item_encoder(h, mask, kinds))
+    torch.testing.assert_close(users, model.encoder(h, mask, torch.zeros(3, dtype=torch.long)))
+
+
+def test_the_user_term_alone_leaves_the_item_encoder_untrained():
+    torch.manual_seed(0)
+    model = FELRec(TINY, ModelConfig(queue_size=4, use_mlp=False, share_encoder=False, loss_terms="user")).train()
+    h, mask = torch.randn(4, 5, 16), torch.ones(4, 5, dtype=torch.bool)
+    u, x = model.encode_kind(h, mask, 0), model.encode_kind(h.flip(1), mask, 1)
+    model.loss(u, x).backward()
+    assert all(p.grad is None for p in model.item_encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert float(model.chance) == pytest.approx(math.log(5))
