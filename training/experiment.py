@@ -515,6 +515,8 @@ def felrec_notes(rows: Sequence[dict[str, Any]], cfg: ExperimentConfig) -> list[
              f"(encoder.output_norm={e.output_norm}), positions {e.positions}, "
              f"{'pre' if e.norm_first else 'post'}-norm {e.activation}, empty history input {e.empty_history}, "
              f"{'MLP heads' if m.use_mlp else 'no MLP heads (losses on the encoder outputs)'}, "
+             f"{'one shared encoder' if m.share_encoder else 'one encoder per kind (users, items)'}, "
+             f"{'queued keys of events sharing the row user or item masked, ' if m.mask_own_negatives else ''}"
              f"T {m.temperature:g}, queue {m.queue_size}, {t.optimizer} lr {t.lr:g}, warm-up {t.warmup_epochs} "
              f"epochs, batch {t.batch_size}, {t.epochs} epochs; d_model {e.d_model}, {e.n_layers} layer(s), "
              f"{e.n_heads} heads, d_ff {e.d_ff}, history {c.history_len}; score = cosine + w log(1 + popularity), "

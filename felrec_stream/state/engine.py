@@ -110,6 +110,14 @@ def with_after(store: RepresentationStore, inputs: BatchInputs, device: torch.de
                                items_after=gather(Kind.ITEM, inputs.item_plan))
 
 
+def stored_sequences(store: RepresentationStore, kind: Kind, slots: np.ndarray, device: torch.device | str,
+                     cache: CacheConfig = DEFAULT_CACHE) -> Sequences:
+    """The sequences of entities `slots` of `kind` from their stored histories (what re-encoding
+    them now would read)."""
+    data = store.tables[kind].read(slots)
+    return _sequences(store, kind, data.rows, data.lengths, slots, device, cache)
+
+
 def event_sequences(store: RepresentationStore, inputs: BatchInputs, rows: np.ndarray, device: torch.device | str,
                     cache: CacheConfig = DEFAULT_CACHE, ranks: Ranks | None = None) -> tuple[Sequences, Sequences]:
     """The before-event sequences (users', items') of the batch's events `rows` (with data-parallel
