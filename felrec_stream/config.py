@@ -385,11 +385,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # measured (README "Results"); paper size estimated as small's epoch x 6.8, the small/serve training
 # throughput ratio of benchmarks/bench_train_eval.py on ML-100K, 2 threads (896 / 132 interactions/s).
 PRESET_DESCRIPTIONS: dict[str, str] = {
-    "paper": "the paper's setup (the typed defaults), d=128, 3 layers, 100 epochs: ~9-13 min an epoch, "
-             "~15-22 h (estimated)",
+    "paper": "the paper's setup (the typed defaults), d=128, 3 layers, 100 epochs: ~6-7 min an epoch, "
+             "~10-12 h (estimated)",
     "serve": "paper size, the recipe chosen on validation for serving (post-event cache, popularity prior), "
-             "100 epochs: ~9-13 min an epoch, ~15-22 h (estimated)",
-    "small": "serve at d=32, 1 layer, 5 epochs: 1.5-2 min an epoch on ML-100K, ~8 min (measured)",
+             "100 epochs: ~6-7 min an epoch, ~10-12 h (estimated)",
+    "small": "serve at d=32, 1 layer, 5 epochs: about 1 min an epoch on ML-100K, ~5 min (measured)",
 }
 
 

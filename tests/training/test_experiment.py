@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from felrec_stream.config import PRESETS, EvalConfig
+from felrec_stream.config import PRESETS, EvalConfig, replace
 from felrec_stream.data.synthetic import SyntheticConfig, generate
 from felrec_stream.errors import ConfigError
 from training.experiment import (ExperimentConfig, ablation_is_noop, expand_models, felrec_setup, format_params,
@@ -56,7 +56,8 @@ def test_serve_preset_configs():
     """The serve recipe at every size, from config.PRESETS; ablations on top."""
     for size in ("tiny", "small", "paper"):
         s = felrec_setup(size, "q", None, 4, "serve")
-        assert s.encoder.output_norm == "batch" and s.model.use_mlp is False and s.model.variant == "q"
+        assert s.encoder.output_norm == "running" and s.model.use_mlp is False and s.model.variant == "q"
+        assert s.model.share_encoder is False and s.model.mask_own_negatives is True
         assert (s.model.temperature, s.model.queue_size) == (0.5, 256)
         assert (s.training.warmup_epochs, s.training.batch_size, s.training.seed) == (0, 256, 4)
         assert felrec_setup(size, "q", None, 4).model.use_mlp is True  # paper preset unchanged
@@ -70,7 +71,10 @@ def test_serve_preset_configs():
     assert tiny.encoder.d_model == felrec_setup("tiny", "q", None, 0).encoder.d_model == 16
 
     notype = felrec_setup("small", "q", "notype", 0, "serve")
-    assert notype.encoder.type_embedding is False and notype.encoder.output_norm == "batch"
+    assert notype.encoder.type_embedding is False and notype.encoder.output_norm == "running"
+    init = felrec_setup("small", "q", "init", 0, "serve")  # the learning control: the base recipe, no step
+    assert init.training.frozen and replace(init.training, frozen=False) == felrec_setup("small", "q", None, 0,
+                                                                                          "serve").training
     assert felrec_setup("small", "q", "ln", 0, "serve").model.norm == "layer"
     base = felrec_setup("small", "q", None, 0, "serve")
     assert all(ablation_is_noop(base, e) for e in ("ln", "sharemlp", "nomlp"))
@@ -101,7 +105,7 @@ def test_presets_are_keyed_separately_and_share_baselines(events, tmp_path):
     rows = {r["key"]: r for r in stable.rows}
     q, ln, notype = rows["felrec-q"], rows["felrec-q-ln"], rows["felrec-q-notype"]
     assert q["felrec_preset"] == "serve" and q["result_key"] == "felrec-q@serve"
-    assert q["config"]["encoder"]["output_norm"] == "batch" and q["config"]["model"]["use_mlp"] is False
+    assert q["config"]["encoder"]["output_norm"] == "running" and q["config"]["model"]["use_mlp"] is False
     assert (q["config"]["model"]["temperature"], q["config"]["model"]["queue_size"]) == (0.5, 256)
     assert q["config"]["training"]["batch_size"] == 256 and q["config"]["training"]["warmup_epochs"] == 0
     assert notype["config"]["encoder"]["type_embedding"] is False
