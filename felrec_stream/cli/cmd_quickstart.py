@@ -46,6 +46,10 @@ def quickstart(dataset: str, path: str | None, topic: str, partitions: int, epoc
         events = replay_and_read_back(table, KafkaConfig(**{**kafka.__dict__, "bootstrap_servers": servers}))
     log.info("quickstart_topic_read", events=len(events), seconds=round(time.perf_counter() - started, 1))
     overrides = preset_sections(QUICKSTART_PRESET)
+    # The synthetic stream is repeat consumption (about 65% of its events repeat an item of the user's
+    # last 64, as on Twitch): there the served ranking must keep seen items, so this run does not
+    # leave them out (scoring.exclude_recent; the README's real-data tables do).
+    overrides["scoring"] = {**overrides.get("scoring", {}), "exclude_recent": False}
     if epochs is not None:
         overrides["training"]["epochs"] = epochs
     title = f"quickstart: {dataset_label(dataset, path)} via topic {topic}"
