@@ -247,7 +247,8 @@ class SyncedBatchNorm(nn.BatchNorm1d):
         if not self.training and not (self._lagged and self.adapting):
             return self._local_forward(self, x)
         if self._lagged:
-            y = F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+            # copies: the update below must not change what backward reads
+            y = F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), None, None, False, 0.0, self.eps)
         n, mean, var = self._ranks.moments(x)
         if self._lagged:
             if n >= 2:

@@ -236,7 +236,10 @@ class RunningNorm(KindNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
             return x
-        y = F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        mean, var = self.running_mean, self.running_var
+        if (self.training or self.adapting) and x.shape[0] >= 2:  # the update must not change what backward reads
+            mean, var = mean.clone(), var.clone()
+        y = F.batch_norm(x, mean, var, training=False, eps=self.eps)
         if (self.training or self.adapting) and x.shape[0] >= 2:
             with torch.no_grad():  # updates the running statistics in place; the result is unused
                 F.batch_norm(x.detach(), self.running_mean, self.running_var, training=True,

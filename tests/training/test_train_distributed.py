@@ -40,6 +40,11 @@ SETUPS = {  # the serve recipe; the paper's Q (MLP heads with BatchNorm, learned
     "paper_q": Configs(replace(ENC, empty_history="learned"), ModelConfig(queue_size=64), TRAINING, EVAL, CACHE),
     "p": Configs(replace(ENC, output_norm="batch"), ModelConfig(variant="p", proj_hidden=32, proj_out=16),
                  TRAINING, EVAL, CACHE),
+    # the serve recipe after issue 17: running output statistics, one encoder per kind, masked queue
+    "serve_running": Configs(replace(ENC, output_norm="running"),
+                             ModelConfig(use_mlp=False, temperature=0.5, queue_size=64, cache_update="post_event",
+                                         mask_own_negatives=True, share_encoder=False),
+                             TRAINING, EVAL, CACHE, ScoringConfig(calibrate_popularity=True)),
 }
 STEPS = 4
 pytestmark = pytest.mark.slow  # ~30 s on 2 loaded cores (one spawn of 2 ranks); CI runs it
