@@ -13,11 +13,12 @@ Rows (keys as given to `--models`):
   the cosine alone).
 
 FELRec presets (`ExperimentConfig.felrec_preset`): "paper" = the paper's setup (MLP heads, queue
-8192, T 0.07) scaled by `size`; "serve" = the recipe of `config.PRESETS` (per-kind BatchNorm of
-the encoder outputs, no MLP heads, T 0.5, queue 256, no warm-up, batch 256; at size small the
-"small" preset's d_model 32 / 1 layer / 2 heads / d_ff 64 / 5 epochs). Ablation rows apply their
-switch on top; without MLP heads `ln`, `sharemlp` and `nomlp` switch nothing, so those rows reuse
-the base checkpoint and the table says so under it. The evaluation config (`eval`) is one for all
+8192, T 0.07) scaled by `size`; "serve" = the recipe of `config.PRESETS` (per-kind standardisation
+of the encoder outputs with running statistics, one encoder per kind, masked queue, no MLP heads,
+T 0.5, queue 256, no warm-up, batch 256; at size small the "small" preset's d_model 32 / 1 layer /
+2 heads / d_ff 64 / 5 epochs). Ablation rows apply their switch on top; without MLP heads `ln`,
+`sharemlp` and `nomlp` switch nothing, so those rows reuse the base checkpoint and the table says
+so under it. The evaluation config (`eval`) is one for all
 rows, whatever the preset (the presets' `eval:` sections are not used).
 
 Protocol, identical for every row: chronological 80/10/10 split; training on the first part; the

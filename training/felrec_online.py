@@ -22,6 +22,7 @@ before the test events, as the reference does.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from felrec_stream.config import EVAL_MODES, CacheConfig, ScoringConfig
 from felrec_stream.errors import ModelError
-from felrec_stream.model.felrec import FELRec
+from felrec_stream.model.felrec import FELRec, adapting_norms
 from felrec_stream.model.ranking import nearest_neighbour_queries
 from felrec_stream.state.checkpoint import Checkpoint
 from felrec_stream.parallel import Ranks
@@ -72,8 +73,9 @@ class FELRecOnline:
         """Apply a batch without scoring it (warm-up replays)."""
         was_training = self.model.training
         self.model.eval()
-        try:
-            infer_batch(self.model, self.store, batch, self.cache_cfg, self.ranks)
+        try:  # a cache rebuilt from empty (reset, zero-shot): running output statistics follow it
+            with adapting_norms(self.model) if self.mode != "keep" else contextlib.nullcontext():
+                infer_batch(self.model, self.store, batch, self.cache_cfg, self.ranks)
         finally:
             self.model.train(was_training)
 

@@ -99,6 +99,9 @@ def train(events: pa.Table, configs: Configs, out_dir: str | Path, resume: bool 
         device = ranks.place(device)
         if training_cfg.ema_decay > 0:
             raise ConfigError("training.ema_decay is not supported with data-parallel ranks yet")
+    if training_cfg.ema_decay > 0 and configs.encoder.output_norm == "batch":
+        raise ConfigError("training.ema_decay needs encoder.output_norm running, whiten or none: the moving "
+                          "average encodes in eval mode, where batch statistics would stay at their start")
     if configs.scoring.calibrate_popularity:  # deterministic: a resumed run (and every rank) chooses the same
         configs = replace(configs, cache=replace(configs.cache, popularity_halflife=choose_popularity_halflife(
             split.train, split.val, configs.eval, configs.excluded_recent)))
@@ -146,11 +149,11 @@ def _resume(state: _State, path: Path) -> None:
         if saved != requested:
             raise ModelError(f"cannot resume from {path}: its {name} config {saved} "
                              f"differs from the requested {requested}")
-    if state.writer is not None and checkpoint.online_state is not None:
-        state.model.load_state_dict(checkpoint.online_state)
+    # model_state: what wrote the cache (the moving average when there was one); online_state: the
+    # trained weights the optimizer state belongs to (absent without a moving average)
+    state.model.load_state_dict(checkpoint.online_state or checkpoint.model_state)
+    if state.writer is not None:
         state.writer.load_state_dict(checkpoint.model_state)
-    else:
-        state.model.load_state_dict(checkpoint.model_state)
     if checkpoint.optimizer_state is not None:
         state.optimizer.load_state_dict(checkpoint.optimizer_state)
     if checkpoint.schedule_state is not None:
@@ -291,11 +294,13 @@ def is_collapsed(spread_history: list[float], min_spread: float, patience: int) 
 class Stepper:
     """Backward passes and optimizer steps: one step every `every` batches (training.accumulate),
     on the sum of their gradients, each batch's loss weighted 1/every, so a step sees the events of
-    `every` consecutive batches (many users) while the cache is still written after every batch."""
+    `every` consecutive batches (many users) while the cache is still written after every batch.
+    Every step moves the `writer` (the weights' moving average, training.ema_decay) after it."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: FELRec, every: int = 1,
-                 ranks: Ranks | None = None) -> None:
+                 ranks: Ranks | None = None, writer: FELRec | None = None, decay: float = 0.0) -> None:
         self.optimizer, self.model, self.every, self.ranks = optimizer, model, every, ranks
+        self.writer, self.decay = writer, decay
         self.pending = 0  # batches whose gradients wait for the next step
 
     def backward(self, loss: torch.Tensor, budget: ActivationBudget) -> None:
@@ -315,6 +320,8 @@ class Stepper:
             self.ranks.sum_gradients(self.model.parameters())
         self.optimizer.step()
         self.pending = 0
+        if self.writer is not None:
+            update_moving_average(self.writer, self.model, self.decay)
 
 
 @dataclass(frozen=True)
@@ -348,7 +355,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     model.train()
     steps: list[StepStats] = []
     window = window or batch_size
-    stepper = Stepper(optimizer, model, accumulate, ranks)
+    stepper = Stepper(optimizer, model, accumulate, ranks, writer, ema_decay)
     progress = ProgressLog("train_progress", total_events=len(events), epoch=desc)  # logs outside a TTY too
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for n, events_in in enumerate(iter_batches(events, window)):
@@ -408,7 +415,8 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     t0 = time.perf_counter()
     inputs = prepare_batch(store, window, device, cache, before=False, ranks=ranks)
     rng = rng if rng is not None else np.random.default_rng(0)
-    stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer, model, ranks=ranks)
+    stepper = (optimizer if isinstance(optimizer, Stepper)
+               else Stepper(optimizer, model, ranks=ranks, writer=writer, decay=ema_decay))
     order = np.arange(len(window)) if len(window) <= batch_size else rng.permutation(len(window))
     U = X = None  # (W, D) each event's own encodings, for a pre_event commit
     steps = []
@@ -418,14 +426,13 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
         users, items = event_sequences(store, inputs, rows, device, cache, ranks)
         if len(rows) < 2:
             with torch.no_grad():
-                u, x = encode_sequences(model, users), encode_sequences(model, items)
+                u, x = encode_sequences(writer or model, users), encode_sequences(writer or model, items)
         else:
             negatives = draw_negatives(store, model.config, rng, device)
             u, x, stats = _step(model, store, stepper, inputs, rows, users, items, ranks, max_activation_mb,
                                 negatives, frozen)
             steps.append(stats)
             if writer is not None:
-                update_moving_average(writer, model, ema_decay)
                 if not post:
                     with torch.no_grad(), adapting_norms(writer):
                         u, x = encode_sequences(writer, users), encode_sequences(writer, items)
@@ -482,7 +489,7 @@ def _step(model: FELRec, store: RepresentationStore, stepper: Stepper, inputs: B
 def served_targets(model: FELRec, store: RepresentationStore, inputs: BatchInputs, rows: np.ndarray, u: torch.Tensor,
                    x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """model.positives="cached": (b, D) each, the vectors the cache serves for the users and items
-    of the events `rows` just before the batch; an entity without one yet keeps its fresh encoding.
+    of the events `rows` just before the window; an entity without one yet keeps its fresh encoding.
     None for fresh positives."""
     if model.config.positives != "cached":
         return None

@@ -261,7 +261,9 @@ class RunningWhitening(RunningNorm):
         if x.shape[0] == 0:
             return x
         evals, evecs = torch.linalg.eigh(self.running_cov.double())
-        W = (evecs * evals.clamp(min=self.eps).rsqrt()) @ evecs.T  # (D, D) cov^(-1/2)
+        # directions the outputs hardly use are not blown up: eigenvalues floored relative to the largest
+        floor = max(self.eps, 1e-3 * float(evals.max()))
+        W = (evecs * evals.clamp(min=floor).rsqrt()) @ evecs.T  # (D, D) cov^(-1/2)
         y = (x - self.running_mean) @ W.to(x.dtype)
         if (self.training or self.adapting) and x.shape[0] >= 2:
             with torch.no_grad():

@@ -32,6 +32,8 @@ def info_nce_chance(K: int, exclude: torch.Tensor | None = None) -> torch.Tensor
     the mean over rows of ln(1 + negatives left), exclude (B, K) as in `info_nce`."""
     if exclude is None:
         return torch.tensor(math.log(1 + K))
+    if exclude.shape[0] == 0:  # no rows (a data-parallel rank's empty slice): nothing to average
+        return torch.zeros(())
     return torch.log1p((K - exclude.sum(dim=1)).double()).mean().float()
 
 

@@ -11,11 +11,13 @@ import torch
 from felrec_stream.config import (CacheConfig, Configs, EncoderConfig, ModelConfig, merge_sections, preset_sections,
                                   replace)
 from felrec_stream.data import synthetic
+from felrec_stream.errors import ConfigError
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.state import engine
+from felrec_stream.state.checkpoint import load_checkpoint
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch
-from training.train import (draw_negatives, served_targets, train, train_epoch, train_window,
+from training.train import (Stepper, draw_negatives, served_targets, train, train_epoch, train_window,
                             update_moving_average)
 
 ENC = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, output_norm="running")
@@ -193,3 +195,46 @@ def test_on_planted_clusters_the_trained_encoder_beats_its_initial_weights(tmp_p
 
     initial, trained = best_val_rank(True), best_val_rank(False)
     assert trained < initial - 0.01, (trained, initial)
+
+
+def test_the_moving_average_moves_only_when_the_weights_step():
+    """training.accumulate: the writer follows optimizer steps, not batches."""
+    events = _events()
+    model, store, optimizer = _setup()
+    writer = FELRec(ENC, model.config)
+    writer.load_state_dict(model.state_dict())
+    stepper = Stepper(optimizer, model, every=2, writer=writer, decay=0.5)
+    start = writer.encoder.fc.weight.clone()
+    batches = [EventBatch.from_table(events.slice(64 * k, 64)) for k in range(3)]
+    train_window(model, store, stepper, batches[0], 64, CACHE)
+    torch.testing.assert_close(writer.encoder.fc.weight, start)  # gradients pending, no step yet
+    train_window(model, store, stepper, batches[1], 64, CACHE)
+    torch.testing.assert_close(writer.encoder.fc.weight, 0.5 * start + 0.5 * model.encoder.fc.weight)
+    train_window(model, store, stepper, batches[2], 64, CACHE)
+    moved = writer.encoder.fc.weight.clone()
+    stepper.flush()  # the end of an epoch steps on the partial group, and the writer follows
+    assert not torch.allclose(writer.encoder.fc.weight, moved)
+
+
+def test_a_resumed_run_with_a_moving_average_continues_exactly(tmp_path):
+    events = _events(900)
+    sections = merge_sections(preset_sections("small"), {
+        "encoder": {"d_model": 16, "d_ff": 32}, "cache": {"history_len": 8}, "eval": {"batch_size": 256},
+        "training": {"epochs": 2, "ema_decay": 0.9, "batch_size": 64}, "scoring": {"exclude_recent": False}})
+    configs = Configs.from_dict(sections)
+    whole = train(events, configs, tmp_path / "whole")
+    train(events, replace(configs, training=replace(configs.training, epochs=1)), tmp_path / "halves")
+    resumed = train(events, configs, tmp_path / "halves", resume=True)
+    a, b = (load_checkpoint(r.last_checkpoint) for r in (whole, resumed))
+    assert a.online_state is not None
+    for state_a, state_b in ((a.model_state, b.model_state), (a.online_state, b.online_state)):
+        for name in state_a:
+            torch.testing.assert_close(state_a[name], state_b[name], rtol=0, atol=0, msg=name)
+    assert [h["val_rank"] for h in whole.history] == [h["val_rank"] for h in resumed.history]
+
+
+def test_a_moving_average_with_batch_statistics_is_refused(tmp_path):
+    sections = merge_sections(preset_sections("small"), {"encoder": {"output_norm": "batch"},
+                                                          "training": {"ema_decay": 0.9}})
+    with pytest.raises(ConfigError, match="ema_decay needs encoder.output_norm"):
+        train(_events(), Configs.from_dict(sections), tmp_path)

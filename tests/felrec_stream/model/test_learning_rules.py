@@ -37,6 +37,7 @@ def test_chance_is_the_loss_of_a_model_that_cannot_tell_the_positive():
     torch.testing.assert_close(info_nce(q, q, queue, 0.5, exclude=exclude), info_nce_chance(5, exclude))
     assert float(info_nce_chance(5, exclude)) == pytest.approx((math.log(6) + math.log(4)) / 2)
     assert float(info_nce_chance(256)) == pytest.approx(math.log(257))
+    assert float(info_nce_chance(5, torch.zeros(0, 5, dtype=torch.bool))) == 0.0  # an empty slice
 
 
 def _model(**kw):
