@@ -36,8 +36,9 @@ from felrec_stream.model.felrec import FELRec, adapting_norms
 from felrec_stream.model.ranking import nearest_neighbour_queries
 from felrec_stream.state.checkpoint import Checkpoint
 from felrec_stream.parallel import Ranks
-from felrec_stream.state.engine import (BatchInputs, commit_batch, encode, encode_after, infer_batch, prepare_batch,
-                                        previous_same, visible_updates, whole_after, whole_batch, written_vectors)
+from felrec_stream.state.engine import (BatchInputs, commit_batch, encode, encode_after, encode_sequences, infer_batch,
+                                        prepare_batch, previous_same, visible_updates, whole_after, whole_batch,
+                                        written_vectors)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch
 from training.protocol import EVAL_PARTITIONS, ItemCatalog
@@ -52,8 +53,12 @@ class FELRecOnline:
 
     def __init__(self, model: FELRec, store: RepresentationStore, cache_cfg: CacheConfig,
                  nn_neighbors: int | None = None, name: str | None = None, protocol: str = "serve",
-                 scoring: ScoringConfig = DEFAULT_SCORING, ranks: Ranks | None = None) -> None:
+                 scoring: ScoringConfig = DEFAULT_SCORING, ranks: Ranks | None = None,
+                 query_model: FELRec | None = None) -> None:
         self.model, self.store, self.cache_cfg = model, store, cache_cfg
+        # Prototype (benchmarks/check_query_encoder.py): users are served by this model's encoding of
+        # their history before each event instead of their cached vector; the cache loop stays `model`'s.
+        self.query_model = query_model
         self.ranks = ranks  # data-parallel: each rank encodes its slice of a batch, scores are replicated
         self.nn_neighbors, self.protocol, self.scoring = nn_neighbors, protocol, scoring
         self.mode = "keep"  # set by build_felrec: which events the evaluator replays first
@@ -119,6 +124,8 @@ class FELRecOnline:
         encoding for a user the store has never seen."""
         if self.protocol == "paper":
             return u
+        if self.query_model is not None:  # the history before each event, earlier events of the batch included
+            return encode_sequences(self.query_model.eval(), inputs.users_before)
         prev = torch.from_numpy(previous_same(inputs.user_slots)).to(u.device)  # (B,) -1 = none
         known = torch.from_numpy(self.store.users.history.counts[inputs.user_slots] > 0).to(u.device)
         stored = self.store.users.vectors.get(torch.from_numpy(inputs.user_slots)).to(u.device)  # (B, D)

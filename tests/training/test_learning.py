@@ -238,3 +238,30 @@ def test_a_moving_average_with_batch_statistics_is_refused(tmp_path):
                                                           "training": {"ema_decay": 0.9}})
     with pytest.raises(ConfigError, match="ema_decay needs encoder.output_norm"):
         train(_events(), Configs.from_dict(sections), tmp_path)
+
+
+def test_a_query_model_serves_users_by_its_encoding_of_their_history():
+    """FELRecOnline(query_model=...): a user's scores are the query model's encoding of its history
+    before the event against the served item vectors (the prototype of benchmarks/check_query_encoder.py)."""
+    from training.felrec_online import FELRecOnline
+    from training.protocol import ItemCatalog
+
+    events = _events()
+    model, store, optimizer = _setup()
+    train_epoch(model, store, optimizer, events.slice(0, 400), 64, CACHE)
+    query = copy.deepcopy(model)
+    torch.nn.init.normal_(query.encoder.fc.weight)  # another encoder than the cache loop's
+    twin = RepresentationStore.for_cache(ENC.d_model, CACHE)
+    twin.load_state_dict(store.state_dict())
+    batch = EventBatch.from_table(events.slice(400, 32))
+    catalog = ItemCatalog()
+    catalog.add(np.asarray(events.column("item").to_pylist(), dtype=object))
+    untouched = np.flatnonzero(~np.isin(np.asarray(catalog.ids, dtype=object), batch.item))
+    untouched = untouched[store.items.ids.lookup([catalog.ids[i] for i in untouched]) >= 0]
+    scores, _ = FELRecOnline(model, store, CACHE, query_model=query).score_parts(batch, catalog, with_prior=False)
+    inputs = engine.prepare_batch(twin, batch, "cpu", CACHE)
+    with torch.no_grad():
+        q = torch.nn.functional.normalize(engine.encode_sequences(query.eval(), inputs.users_before), dim=-1)
+    slots = twin.items.ids.lookup([catalog.ids[i] for i in untouched])
+    items = torch.nn.functional.normalize(twin.items.vectors.get(torch.from_numpy(slots)), dim=-1)
+    torch.testing.assert_close(scores[:, torch.from_numpy(untouched)], q @ items.T)
