@@ -36,7 +36,7 @@ from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, loa
 from felrec_stream.parallel import Ranks, sync_batch_norms
 from felrec_stream.state.engine import (DEFAULT_CACHE, BatchInputs, Sequences, commit_batch, encode_after,
                                         encode_sequences, event_sequences, infer_batch, prepare_batch, whole_after,
-                                        with_after)
+                                        whole_rows, with_after)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.evaluate import DEFAULT_EXCLUDE_RECENT, EvalResult, evaluate, evaluate_variants
@@ -242,9 +242,9 @@ def refresh_cache(model: FELRec, store: RepresentationStore, events: pa.Table, c
     steps earlier. After the replay every vector comes from one encoder."""
     store.reset()
     online = FELRecOnline(model, store, cfgs.cache, ranks=ranks)
-    with adapting_norms(model):  # the output statistics follow the cache being rebuilt
-        for batch in iter_batches(events, cfgs.training.batch_size):
-            online.observe(batch)
+    online.mode = "reset"  # a cache rebuilt from empty: the output statistics follow it (`observe`)
+    for batch in iter_batches(events, cfgs.training.batch_size):
+        online.observe(batch)
 
 
 def choose_popularity_halflife(train_events: pa.Table, val_events: pa.Table, eval_cfg: EvalConfig,
@@ -360,8 +360,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for n, events_in in enumerate(iter_batches(events, window)):
             done = train_window(model, store, stepper, events_in, batch_size, cache,
-                                np.random.default_rng([seed, n]), timer, ranks, max_activation_mb, frozen,
-                                writer, ema_decay)
+                                np.random.default_rng([seed, n]), timer, ranks, max_activation_mb, frozen)
             steps.extend(done)
             loss = done[-1].loss if done else None
             if loss is not None:
@@ -390,8 +389,7 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
                  window: EventBatch,
                  batch_size: int, cache: CacheConfig = DEFAULT_CACHE, rng: np.random.Generator | None = None,
                  timer: dict[str, float] | None = None, ranks: Ranks | None = None,
-                 max_activation_mb: int = 0, frozen: bool = False, writer: FELRec | None = None,
-                 ema_decay: float = 0.0) -> list[StepStats]:
+                 max_activation_mb: int = 0, frozen: bool = False) -> list[StepStats]:
     """Train on a window of time-ordered events: prepare -> per batch (encode -> loss -> step) -> commit.
 
     Every event of the window reads the cache as it was before the window, its histories hold
@@ -404,8 +402,10 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     encodes its slice of each batch; the loss is its share of the batch mean, the gradients are
     summed over the ranks and every rank commits the whole window. The encoder keeps at most
     `max_activation_mb` of activations for backward (0 = no limit; `ActivationBudget`). frozen:
-    no optimizer step (the learning control: the loss is still computed and reported). writer: the
-    moving average of the weights (decay `ema_decay` per step) that writes the cache instead of them."""
+    no optimizer step (the learning control: the loss is still computed and reported). A `Stepper`
+    with a writer (the weights' moving average, training.ema_decay) writes the cache instead of them."""
+    stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer, model, ranks=ranks)
+    writer = stepper.writer
     if len(window) < 2:
         with adapting_norms(writer or model):
             infer_batch(writer or model, store, window, cache, ranks)
@@ -415,8 +415,6 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     t0 = time.perf_counter()
     inputs = prepare_batch(store, window, device, cache, before=False, ranks=ranks)
     rng = rng if rng is not None else np.random.default_rng(0)
-    stepper = (optimizer if isinstance(optimizer, Stepper)
-               else Stepper(optimizer, model, ranks=ranks, writer=writer, decay=ema_decay))
     order = np.arange(len(window)) if len(window) <= batch_size else rng.permutation(len(window))
     U = X = None  # (W, D) each event's own encodings, for a pre_event commit
     steps = []
@@ -432,12 +430,11 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
             u, x, stats = _step(model, store, stepper, inputs, rows, users, items, ranks, max_activation_mb,
                                 negatives, frozen)
             steps.append(stats)
-            if writer is not None:
-                if not post:
-                    with torch.no_grad(), adapting_norms(writer):
-                        u, x = encode_sequences(writer, users), encode_sequences(writer, items)
+            if writer is not None and not post:  # the writer's encodings are what the cache receives
+                with torch.no_grad(), adapting_norms(writer):
+                    u, x = encode_sequences(writer, users), encode_sequences(writer, items)
         if not post:
-            u, x = _whole(ranks, u.detach(), x.detach(), len(rows))
+            u, x = whole_rows(ranks, u.detach(), x.detach(), len(rows))
             U = u.new_empty((len(window), u.shape[1])) if U is None else U
             X = x.new_empty((len(window), x.shape[1])) if X is None else X
             U[torch.from_numpy(rows).to(device)], X[torch.from_numpy(rows).to(device)] = u, x
@@ -517,11 +514,3 @@ def draw_negatives(store: RepresentationStore, model_cfg: ModelConfig, rng: np.r
         drawn += [table.vectors.get(torch.from_numpy(slots)).to(device, torch.float32),
                   torch.from_numpy(slots).to(device)]
     return Negatives(*drawn)
-
-
-def _whole(ranks: Ranks | None, u: torch.Tensor, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, D) each: every rank's rows of a batch of n events (as is in one process)."""
-    if ranks is None:
-        return u, x
-    both = ranks.gather_rows(torch.cat([u, x], dim=1), n)
-    return both[:, : u.shape[1]], both[:, u.shape[1]:]

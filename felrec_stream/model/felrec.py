@@ -233,14 +233,19 @@ class RunningNorm(KindNorm):
         # follow the vectors it writes (fixed statistics let the recursion collapse).
         self.adapting = False
 
+    def updates(self, x: torch.Tensor) -> bool:
+        """Whether `x` moves the statistics: in training or adapting, from two rows on."""
+        return (self.training or self.adapting) and x.shape[0] >= 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
             return x
+        update = self.updates(x)
         mean, var = self.running_mean, self.running_var
-        if (self.training or self.adapting) and x.shape[0] >= 2:  # the update must not change what backward reads
+        if update:  # copies: the update below must not change what backward reads
             mean, var = mean.clone(), var.clone()
         y = F.batch_norm(x, mean, var, training=False, eps=self.eps)
-        if (self.training or self.adapting) and x.shape[0] >= 2:
+        if update:
             with torch.no_grad():  # updates the running statistics in place; the result is unused
                 F.batch_norm(x.detach(), self.running_mean, self.running_var, training=True,
                              momentum=self.momentum, eps=self.eps)
@@ -265,7 +270,7 @@ class RunningWhitening(RunningNorm):
         floor = max(self.eps, 1e-3 * float(evals.max()))
         W = (evecs * evals.clamp(min=floor).rsqrt()) @ evecs.T  # (D, D) cov^(-1/2)
         y = (x - self.running_mean) @ W.to(x.dtype)
-        if (self.training or self.adapting) and x.shape[0] >= 2:
+        if self.updates(x):
             with torch.no_grad():
                 xd = x.detach()
                 mean = xd.mean(dim=0)

@@ -84,19 +84,11 @@ def prepare_batch(store: RepresentationStore, batch: EventBatch, device: torch.d
     item_slots = store.items.slots(batch.item, create=True)
     user_plan = store.users.history.plan(user_slots, item_slots)
     item_plan = store.items.history.plan(item_slots, user_slots)
-    def gather(kind: Kind, hist: np.ndarray, length: np.ndarray, slots: np.ndarray) -> Sequences:
-        rows = slice(None) if ranks is None else ranks.span(len(slots))
-        return _sequences(store, kind, hist[rows], length[rows], slots[rows], device, cache)
-
-    users_before = items_before = users_after = items_after = None
+    inputs = BatchInputs(batch, user_slots, item_slots, user_plan, item_plan, None, None, None, None)
     if before:
-        users_before = gather(Kind.USER, user_plan.event_history, user_plan.event_length, user_slots)
-        items_before = gather(Kind.ITEM, item_plan.event_history, item_plan.event_length, item_slots)
-    if after:
-        users_after = gather(Kind.USER, user_plan.new_rows, user_plan.new_lengths, user_plan.unique_slots)
-        items_after = gather(Kind.ITEM, item_plan.new_rows, item_plan.new_lengths, item_plan.unique_slots)
-    return BatchInputs(batch, user_slots, item_slots, user_plan, item_plan,
-                       users_before, items_before, users_after, items_after)
+        users, items = event_sequences(store, inputs, np.arange(len(batch)), device, cache, ranks)
+        inputs = dataclasses.replace(inputs, users_before=users, items_before=items)
+    return with_after(store, inputs, device, cache, ranks) if after else inputs
 
 
 def with_after(store: RepresentationStore, inputs: BatchInputs, device: torch.device | str,
@@ -199,9 +191,15 @@ def encode_after(model: FELRec, inputs: BatchInputs) -> tuple[torch.Tensor, torc
 def whole_batch(ranks: Ranks | None, inputs: BatchInputs, u: torch.Tensor,
                 x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, D) each: the encodings of every event, from the ranks' slices (as is in one process)."""
+    return whole_rows(ranks, u, x, len(inputs.batch))
+
+
+def whole_rows(ranks: Ranks | None, u: torch.Tensor, x: torch.Tensor,
+               n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, D) each: the encodings of n rows (`ranks.span(n)` per rank) from the ranks' slices."""
     if ranks is None:
         return u, x
-    both = ranks.gather_rows(torch.cat([u, x], dim=1), len(inputs.batch))  # one collective for both
+    both = ranks.gather_rows(torch.cat([u, x], dim=1), n)  # one collective for both
     return both[:, : u.shape[1]], both[:, u.shape[1]:]
 
 

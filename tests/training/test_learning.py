@@ -114,7 +114,8 @@ def test_the_moving_average_writes_the_cache_and_trails_the_trained_weights():
     last = EventBatch.from_table(events.slice(256, 64))
     fc = writer.encoder.fc.weight.clone()
     statistics = {name: b.clone() for name, b in writer.named_buffers()}  # the writer's, before it writes
-    train_window(model, store, optimizer, last, 64, CACHE, np.random.default_rng(0), writer=writer, ema_decay=0.75)
+    stepper = Stepper(optimizer, model, writer=writer, decay=0.75)
+    train_window(model, store, stepper, last, 64, CACHE, np.random.default_rng(0))
     torch.testing.assert_close(writer.encoder.fc.weight, 0.75 * fc + 0.25 * model.encoder.fc.weight)
     # what the window wrote: the (updated) writer's encodings of the touched users, not the model's
     inputs = engine.with_after(before, engine.prepare_batch(before, last, "cpu", CACHE, before=False), "cpu", CACHE)
