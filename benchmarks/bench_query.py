@@ -48,7 +48,9 @@ from felrec_stream.state.faiss_store import make_store  # noqa: E402
 from felrec_stream.state.store import HistoryBuffer, RepresentationStore  # noqa: E402
 from felrec_stream.stream.events import EventBatch  # noqa: E402
 from felrec_stream.stream.source import InMemorySource  # noqa: E402
-from pipelines.worker import ModelBundle, StreamWorker, WorkerOptions  # noqa: E402
+from felrec_stream.config import WorkerConfig
+from pipelines.model import ModelBundle  # noqa: E402
+from pipelines.worker import StreamWorker  # noqa: E402
 
 HISTORY = 32
 
@@ -172,7 +174,7 @@ class Writer:
         cache = CacheConfig(history_len=HISTORY)
         bundle = ModelBundle(model, cache, Configs(encoder=encoder, cache=cache), "bench", "")
         empty = EventBatch(np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        self.worker = StreamWorker(bundle, engine.store, InMemorySource(empty), WorkerOptions("bench"),
+        self.worker = StreamWorker(bundle, engine.store, InMemorySource(empty), WorkerConfig("bench"),
                                    lock=engine.lock)
         self.worker.observers.append(engine)
         engine.committed_sizes = self.worker.committed_sizes

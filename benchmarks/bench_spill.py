@@ -90,7 +90,9 @@ def child(args: argparse.Namespace) -> dict:
     from felrec_stream.state.store import RepresentationStore
     from felrec_stream.stream.events import iter_batches
     from felrec_stream.stream.source import InMemorySource
-    from pipelines.worker import StreamWorker, WorkerOptions, load_model, spill_dir_for
+    from felrec_stream.config import WorkerConfig
+    from pipelines.model import load_model, spill_dir_for
+    from pipelines.worker import StreamWorker
 
     configure_logging(level="WARNING")
     torch.set_num_threads(args.threads)
@@ -115,7 +117,7 @@ def child(args: argparse.Namespace) -> dict:
     else:
         snapshots = SnapshotManager(work / "snap", keep=2)
         store = make_store(bundle.dim, bundle.cache, spill_dir=spill_dir_for(work / "snap"))
-        options = WorkerOptions("bench", batch_size=args.batch_size, until_end=True,
+        options = WorkerConfig("bench", batch_size=args.batch_size, until_end=True,
                                 snapshot_every_events=args.snapshot_every)
         StreamWorker(bundle, store, InMemorySource(events, args.batch_size), options, snapshots).run()
         spill_dir = work / "snap" / "spill"

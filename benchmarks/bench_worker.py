@@ -44,7 +44,9 @@ from felrec_stream.state.engine import commit_batch, encode, prepare_batch  # no
 from felrec_stream.state.faiss_store import make_store  # noqa: E402
 from felrec_stream.stream.events import iter_batches  # noqa: E402
 from pipelines.prometheus import WorkerMetrics  # noqa: E402
-from pipelines.worker import WorkerOptions, build_worker, load_model  # noqa: E402
+from felrec_stream.config import WorkerConfig
+from pipelines.model import load_model  # noqa: E402
+from pipelines.worker import build_worker  # noqa: E402
 
 SIZES = {
     "paper": EncoderConfig(d_model=128, n_layers=3, n_heads=4, d_ff=256),
@@ -87,7 +89,7 @@ def end_to_end(checkpoint: Path, kafka: KafkaConfig, topic: str, batch_size: int
     shared machine it compares encoder and pipeline at the same moment, unlike two separate runs.
     """
     metrics = WorkerMetrics()
-    options = WorkerOptions(topic, batch_size=batch_size, until_end=True, snapshot_every_events=snapshot_every,
+    options = WorkerConfig(topic, batch_size=batch_size, until_end=True, snapshot_every_events=snapshot_every,
                             snapshot_every_seconds=3600)
     worker = build_worker(checkpoint, kafka, options, device=device, snapshot_dir=snapshot_dir, metrics=metrics)
     model, spent = worker.bundle.model, [0.0]

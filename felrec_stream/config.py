@@ -1,7 +1,7 @@
 """Frozen, typed configs: one per subsystem, saved inside every checkpoint and snapshot.
 
 Defaults are the paper's hyper-parameters. A config file (YAML or JSON) holds one section per
-subsystem (`encoder:`, `model:`, `training:`, `eval:`, `cache:`, `kafka:`); environment variables
+subsystem (`encoder:`, `model:`, `training:`, `eval:`, `cache:`, `kafka:`, `worker:`); environment variables
 override single fields: `FELREC_<SECTION>__<FIELD>=value`, e.g. `FELREC_TRAINING__EPOCHS=5`.
 """
 
@@ -290,6 +290,37 @@ class ParallelConfig:
         check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend must be auto, gloo or nccl")
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The streaming worker (pipelines/worker.py): how it cuts batches, when it snapshots, when it
+    stops, what it restores, which model versions it adopts. A deployment setting like kafka: never
+    saved in a checkpoint; recorded in the worker's snapshots."""
+
+    topic: str = "interactions"  # the topic the worker consumes (`consume --topic`)
+    batch_size: int = 256
+    max_wait_ms: int = 50  # follow mode only: cut a short batch when its oldest event waited this long
+    until_end: bool = False  # stop at the end of the topic; batches cut by count only (deterministic)
+    max_events: int = 0  # stop at the first batch boundary at or after this many events of this run (0: never)
+    snapshot_every_events: int = 50_000
+    snapshot_every_seconds: float = 60.0
+    keep_snapshots: int = 3
+    allow_model_change: bool = False  # restore a snapshot made with another model
+    group_id: str = ""  # consumer group for monitoring commits ("": no commits)
+    reset_state: bool = False  # discard unusable snapshots instead of refusing
+    # Online learning (pipelines/versions.py): adopt the weight versions `learn` publishes here ("": never).
+    models_dir: str = ""
+    backfill: int = 0  # after each batch, re-encode the K most popular items written by older weights
+
+    def __post_init__(self) -> None:
+        problem = topic_name_problem(self.topic)
+        check(problem is None, f"worker.topic: {problem}")
+        check(self.batch_size >= 1 and self.max_wait_ms >= 0, "worker.batch_size must be >= 1 and max_wait_ms >= 0")
+        check(self.snapshot_every_events >= 1 and self.snapshot_every_seconds > 0,
+              "worker.snapshot_every_events must be >= 1 and snapshot_every_seconds > 0")
+        check(self.max_events >= 0 and self.keep_snapshots >= 1 and self.backfill >= 0,
+              "worker.max_events and backfill must be >= 0, keep_snapshots >= 1")
+
+
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_TOPIC_CHARS = 249
 
@@ -348,7 +379,8 @@ class Configs:
 
 
 # The one map from section name to config class (config files, environment, checkpoints).
-SECTIONS: dict[str, type] = {**typing.get_type_hints(Configs), "kafka": KafkaConfig, "parallel": ParallelConfig}
+SECTIONS: dict[str, type] = {**typing.get_type_hints(Configs), "kafka": KafkaConfig, "parallel": ParallelConfig,
+                             "worker": WorkerConfig}
 BUNDLED_SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Configs))
 
 

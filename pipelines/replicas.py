@@ -38,7 +38,7 @@ from felrec_stream.log import get_logger
 from felrec_stream.parallel import Ranks
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.store import RepresentationStore
-from pipelines.worker import ModelBundle, model_and_store
+from pipelines.model import ModelBundle, model_and_store
 
 log = get_logger(__name__)
 

@@ -69,21 +69,7 @@ Guarantees
    without idempotence) are both applied. Producers must be idempotent (replay's is) for
    exactly-once *input*; the worker guarantees exactly-once *processing* of what the topic holds.
 
-Restore rules (`restore`)
--------------------------
-- One writer per snapshot directory, for the worker's whole life (`SnapshotManager.acquire` in
-  `run`, which first checks that the directory is writable: a bad one fails before any event).
-- The newest snapshot that verifies (checksummed files *and* manifest) and whose state loads is
-  used; a damaged one is skipped for the previous one.
-- A snapshot holds the topic's identity (`Source.identity()`): restoring it on a topic that was
-  deleted and refilled under the same name is refused, since its offsets point into other data.
-- Snapshots were committed but none is usable: the worker starts from the beginning with an
-  error-level log line, and refuses when the topic no longer starts at offset 0 (retention deleted
-  events the lost state held).
-- `reset_state` (`--reset-state`): in the two refusals above, discard the snapshots and start from
-  the beginning (earliest available offsets) instead. A usable snapshot is always restored.
-- Every snapshot carries a `lineage` id, new whenever the worker starts without restoring one, so
-  read replicas (`serve`) notice a directory that was reset even when its seq numbers went down.
+Restore rules: pipelines/worker_state.py (`WorkerSnapshots`, which also writes the snapshots).
 
 Several ranks (`consume` under torchrun / `--nproc`): this worker is rank 0 (`ranks`): it alone
 reads the source, snapshots and commits, and sends every batch to the followers
@@ -102,13 +88,10 @@ topics the metric stays empty.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
@@ -117,117 +100,28 @@ import torch
 
 from connectors.kafka.dlq import KafkaDeadLetters
 from connectors.kafka.source import KafkaSource
-from felrec_stream.config import CacheConfig, Configs, KafkaConfig, replace, to_dict
-from felrec_stream.device import resolve_device
-from felrec_stream.errors import ConfigError, KafkaError, ModelError, StoreError
-from felrec_stream.faults import fault_point
+from felrec_stream.config import KafkaConfig, WorkerConfig
+from felrec_stream.errors import KafkaError, ModelError
 from felrec_stream.log import get_logger
-from felrec_stream.model.felrec import FELRec
 from felrec_stream.parallel import Ranks
-from felrec_stream.state.checkpoint import load_checkpoint
 from felrec_stream.state.engine import commit_batch, infer_encodings
-from felrec_stream.state.faiss_store import make_store
-from felrec_stream.state.snapshot import Snapshot, SnapshotCorrupt, SnapshotManager
-from felrec_stream.state.spill import SPILL_DIR
+from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
 from felrec_stream.stream.events import EventBatch
-from felrec_stream.stream.messages import TS_UNITS, PoisonMessage
-from felrec_stream.stream.source import DeadLetterSink, Source
+from felrec_stream.stream.messages import TS_UNITS
+from felrec_stream.stream.source import Source
+from pipelines.model import ModelBundle, model_and_store, spill_dir_for
 from pipelines.prometheus import WorkerMetrics
+from pipelines.replicas import Leader
+from pipelines.worker_state import CountingDeadLetters, Progress, WorkerSnapshots
 
 log = get_logger(__name__)
 
-SNAPSHOT_KIND = "felrec-worker"
-SNAPSHOT_FORMAT = 1
 _NO_TIME_LIMIT_S = 1e9  # until_end: batches are cut by count only
 _WALL_CLOCK_WINDOW_S = 86_400.0
 
 
-# ---- model ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelBundle:
-    """The trained encoder (eval mode) plus the configs and version the worker records in snapshots."""
-
-    model: FELRec
-    cache: CacheConfig  # as run: the checkpoint's, with the worker's shards/index_type overrides
-    configs: Configs  # as saved in the checkpoint
-    version: str
-    path: str
-
-    @property
-    def dim(self) -> int:
-        return self.model.encoder_config.d_model
-
-
-def model_version(model_state: Mapping[str, torch.Tensor], configs: Configs) -> str:
-    """sha256 over the weights and the configs that change what the encoder writes.
-
-    Why not the file hash: re-saving the same weights (another epoch counter, optimizer state)
-    must not invalidate a worker's snapshots; a changed weight or history length must.
-    """
-    sha = hashlib.sha256()
-    for name in sorted(model_state):
-        tensor = model_state[name].detach().cpu().contiguous()
-        sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    shaping = {"encoder": to_dict(configs.encoder), "model": to_dict(configs.model),
-               "history_len": configs.cache.history_len, "cold_start_input": configs.cache.cold_start_input}
-    if configs.cache.popularity_halflife:  # only when set: versions of checkpoints without it stay the same
-        shaping["popularity_halflife"] = configs.cache.popularity_halflife
-    sha.update(json.dumps(shaping, sort_keys=True).encode())
-    return sha.hexdigest()[:16]
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
-    """Load a trained FELRec checkpoint for inference (eval mode: no dropout, BatchNorm frozen)."""
-    checkpoint = load_checkpoint(path, map_location="cpu")
-    configs = checkpoint.configs
-    model = FELRec(configs.encoder, configs.model)
-    try:
-        model.load_state_dict(checkpoint.model_state)
-    except RuntimeError as exc:
-        raise ModelError(f"checkpoint {path} does not match its own configs: {exc}") from exc
-    model.eval().requires_grad_(False).to(device)
-    return ModelBundle(model, configs.cache, configs, model_version(checkpoint.model_state, configs), str(path))
-
-
-# ---- options and progress ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """How the worker cuts batches, when it snapshots and when it stops (see the module docstring)."""
-
-    topic: str
-    batch_size: int = 256
-    max_wait_ms: int = 50  # follow mode only
-    until_end: bool = False
-    max_events: int | None = None  # stop at the first batch boundary at or after this many (this run)
-    snapshot_every_events: int = 50_000
-    snapshot_every_seconds: float = 60.0
-    allow_model_change: bool = False
-    group_id: str | None = None  # consumer group for monitoring commits (None: no commits)
-    reset_state: bool = False  # discard unusable snapshots instead of refusing (see "Restore rules")
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_wait_ms < 0:
-            raise ConfigError("batch_size must be >= 1 and max_wait_ms >= 0")
-        if self.snapshot_every_events < 1 or self.snapshot_every_seconds <= 0:
-            raise ConfigError("snapshot_every_events must be >= 1 and snapshot_every_seconds > 0")
-        if self.max_events is not None and self.max_events < 1:
-            raise ConfigError("max_events must be >= 1")
-
-
-@dataclass
-class Progress:
-    """Counters that travel inside every snapshot (absolute since the topic start)."""
-
-    applied: int = 0
-    batches: int = 0
-    dead_letters: int = 0
-    late: int = 0
-    offsets: dict[int, int] = field(default_factory=dict)
-
+# ---- progress ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class WorkerResult:
@@ -248,52 +142,11 @@ class WorkerResult:
     items: int
 
 
-class CountingDeadLetters:
-    """Dead-letter sink wrapper that remembers where each poison message sat, for exact counts.
-
-    Dead letters are sent when a message is *fetched*, which can be ahead of the positions a
-    snapshot stores (events still in the merge buffer). Counting only those behind the stored
-    positions (`settle`) makes the snapshot's count exact across crashes: the ones ahead are read,
-    sent and counted again after a restart. The inner sink is created on the first poison message.
-    """
-
-    def __init__(self, make_inner: Callable[[], DeadLetterSink]) -> None:
-        self._make_inner: Callable[[], DeadLetterSink] = make_inner
-        self._inner: DeadLetterSink | None = None
-        self.sent = 0  # this run
-        self.settled = 0  # this run, behind the positions of the latest settle()
-        self._ahead: list[tuple[int, int]] = []  # (partition, offset) not yet behind a position
-
-    def send(self, poison: PoisonMessage) -> None:
-        if self._inner is None:
-            self._inner = self._make_inner()
-        self._inner.send(poison)
-        fault_point("dead_letter_sent")
-        self.sent += 1
-        self._ahead.append((-1 if poison.partition is None else poison.partition,
-                            -1 if poison.offset is None else poison.offset))
-
-    def flush(self) -> None:
-        if self._inner is not None:
-            self._inner.flush()
-
-    def close(self) -> None:
-        if self._inner is not None:
-            self._inner.close()
-
-    def settle(self, positions: Mapping[int, int]) -> int:
-        """Dead letters of this run behind `positions` (cumulative)."""
-        behind = [(p, o) for p, o in self._ahead if o < positions.get(p, -1)]
-        self._ahead = [(p, o) for p, o in self._ahead if o >= positions.get(p, -1)]
-        self.settled += len(behind)
-        return self.settled
-
-
-def make_source(kafka_config: KafkaConfig, options: WorkerOptions, **kwargs: Any) -> KafkaSource:
+def make_source(kafka_config: KafkaConfig, config: WorkerConfig, **kwargs: Any) -> KafkaSource:
     """The ordered source with the batch rules guarantee 2 needs (count-only cuts in until_end)."""
-    max_wait_s = _NO_TIME_LIMIT_S if options.until_end else options.max_wait_ms / 1000
-    return KafkaSource(kafka_config, options.topic, until_end=options.until_end, batch_size=options.batch_size,
-                       max_wait_s=max_wait_s, group_id=options.group_id, **kwargs)
+    max_wait_s = _NO_TIME_LIMIT_S if config.until_end else config.max_wait_ms / 1000
+    return KafkaSource(kafka_config, config.topic, until_end=config.until_end, batch_size=config.batch_size,
+                       max_wait_s=max_wait_s, group_id=config.group_id or None, **kwargs)
 
 
 # ---- the worker -------------------------------------------------------------------------------
@@ -314,22 +167,19 @@ class StreamWorker:
     `lock` serialises store writes against readers (the query service shares it).
     """
 
-    def __init__(self, bundle: ModelBundle, store: RepresentationStore, source: Source, options: WorkerOptions,
+    def __init__(self, bundle: ModelBundle, store: RepresentationStore, source: Source, config: WorkerConfig,
                  snapshots: SnapshotManager | None = None, metrics: WorkerMetrics | None = None,
                  lock: Any = None, timestamp_unit: str = "s", dead_letters: CountingDeadLetters | None = None,
                  clock: Callable[[], float] = time.monotonic, ranks: Ranks | None = None) -> None:
-        self.bundle, self.store, self.source, self.options = bundle, store, source, options
+        self.bundle, self.store, self.source, self.config = bundle, store, source, config
         self.ranks = ranks  # data-parallel: this is rank 0, the followers apply what it sends (pipelines/replicas.py)
-        self.replicas = None
-        if ranks is not None:
-            from pipelines.replicas import Leader  # the followers' protocol imports this module
-
-            self.replicas = Leader(ranks, self.request_stop)
-        _check_spill_dir(store, snapshots)
+        self.replicas = None if ranks is None else Leader(ranks, self.request_stop)
         self.dead_letters = dead_letters  # the sink the source sends to, for exact counts
         self.snapshots = snapshots
-        self.metrics = metrics or WorkerMetrics()
         self.lock = lock if lock is not None else threading.RLock()
+        self.state = None if snapshots is None else WorkerSnapshots(snapshots, store, source, config, self.lock,
+                                                                    dead_letters)
+        self.metrics = metrics or WorkerMetrics()
         self.ts_scale = 1.0 / TS_UNITS[timestamp_unit]
         self.clock = clock
         self.progress = Progress()
@@ -341,7 +191,6 @@ class StreamWorker:
         self._snapshots_written = 0
         self._snapshot_applied = 0
         self._snapshot_time = clock()
-        self._dlq_restored = 0
         self._seen_poison = 0
         self._seen_late = 0
         self.observers: list[WorkerObserver] = []  # read side, e.g. serving.app.QueryEngine
@@ -364,8 +213,8 @@ class StreamWorker:
             try:
                 self.source.open(positions)
                 self.ready = True
-                log.info("worker_started", topic=self.options.topic, applied=self.progress.applied,
-                         batch_size=self.options.batch_size, until_end=self.options.until_end,
+                log.info("worker_started", topic=self.config.topic, applied=self.progress.applied,
+                         batch_size=self.config.batch_size, until_end=self.config.until_end,
                          model_version=self.bundle.version, restored_seq=self.restored_seq, lineage=self.lineage)
                 self._loop()
                 self._final_snapshot()
@@ -396,7 +245,7 @@ class StreamWorker:
                 self.replicas.send("idle" if batch is None else "batch", batch)
             if batch is not None:
                 self.apply(batch)
-                if self.options.max_events is not None and self._run_applied >= self.options.max_events:
+                if self.config.max_events and self._run_applied >= self.config.max_events:
                     self._stop_reason = self._stop_reason or "max_events"
             if self._stop_reason is None and self._snapshot_due():
                 self.snapshot()
@@ -461,6 +310,9 @@ class StreamWorker:
         """Users/items whose vectors are written (QueryEngine's `committed_sizes`; read under the lock)."""
         return self._committed
 
+    def _dlq_restored(self) -> int:
+        return 0 if self.state is None else self.state.dlq_restored
+
     def _source_deltas(self) -> tuple[int, int]:
         """New dead letters and late events since the previous batch (counters are per run)."""
         stats = self.source.stats
@@ -468,7 +320,7 @@ class StreamWorker:
         poison = self.dead_letters.sent if self.dead_letters is not None else stats.poison
         dead, new_late = poison - self._seen_poison, late - self._seen_late
         self._seen_poison, self._seen_late = poison, late
-        self.progress.dead_letters = self._dlq_restored + poison  # sent so far (each once per run)
+        self.progress.dead_letters = self._dlq_restored() + poison  # sent so far (each once per run)
         self.progress.late += new_late
         return dead, new_late
 
@@ -490,163 +342,73 @@ class StreamWorker:
     # -- snapshots --
 
     def _snapshot_due(self) -> bool:
-        if self.snapshots is None:
+        if self.state is None:
             return False
         since = self.progress.applied - self._snapshot_applied
-        return since >= self.options.snapshot_every_events or \
-            (since > 0 and self.clock() - self._snapshot_time >= self.options.snapshot_every_seconds)
+        return since >= self.config.snapshot_every_events or \
+            (since > 0 and self.clock() - self._snapshot_time >= self.config.snapshot_every_seconds)
 
     def snapshot(self) -> Path | None:
-        """Durably write store + offsets + counters, then commit offsets to the group (monitoring)."""
-        if self.snapshots is None:
+        """Durably write store + offsets + counters (pipelines/worker_state.py), then commit offsets
+        to the group (monitoring)."""
+        if self.state is None:
             return None
         started = time.perf_counter()
-        offsets = dict(self.source.positions())  # flushes dead letters first
-        log.info("snapshot_writing", applied=self.progress.applied, offsets=offsets)
-        # No query lock: this thread is the store's only writer and runs between batches, so the
-        # copy cannot be torn; holding the lock would stall queries for the whole copy (~1 s at 1M).
-        state = {"store": self.store.state_dict()}
-        refs = {f"{SPILL_DIR}/{name}": info for name, info in self.store.spill_refs().items()}
-        if self.replicas is not None:
-            self.replicas.check(state["store"])  # what is written is every rank's state
-        self.progress.offsets = offsets
-        path = self.snapshots.write_state(state, self._meta(), refs=refs)
-        self._collect_spill()
+        self.progress.offsets = dict(self.source.positions())  # flushes dead letters first
+        log.info("snapshot_writing", applied=self.progress.applied, offsets=self.progress.offsets)
+        meta = self.state.meta(self.progress, self.bundle, self._seen_poison)
+        path = self.state.write(meta, None if self.replicas is None else self.replicas.check)
         seconds = time.perf_counter() - started
         self.metrics.snapshot_duration.observe(seconds)
         self._snapshots_written += 1
         self._snapshot_applied, self._snapshot_time = self.progress.applied, self.clock()
-        self._commit(offsets)
+        self._commit(self.progress.offsets)
         for observer in self.observers:
             observer.note_snapshot(int(path.name.rsplit("-", 1)[-1]), _utc_now())
         return path
 
     def _final_snapshot(self) -> None:
         """On every clean stop: snapshot when events were applied or positions moved (dead letters)."""
-        if self.snapshots is None:
+        if self.state is None:
             return
         if self.progress.applied > self._snapshot_applied or dict(self.source.positions()) != self.progress.offsets:
             self.snapshot()
 
-    def _collect_spill(self) -> None:
-        """Delete spill files that neither the live store nor a kept snapshot refers to."""
-        if self.snapshots is None or self.store.spill is None:
-            return
-        prefix = f"{SPILL_DIR}/"
-        protected = {ref[len(prefix):] for ref in self.snapshots.referenced() if ref.startswith(prefix)}
-        with self.lock:
-            self.store.collect_spill(protected)
-
     def _commit(self, offsets: dict[int, int]) -> None:
         """Group commit for lag monitoring only; a failure must not stop the worker."""
-        if self.options.group_id is None:
+        if not self.config.group_id:
             return
         try:
             self.source.commit(offsets)
         except KafkaError as exc:
             log.warning("offset_commit_failed", error=str(exc))
 
-    def _meta(self) -> dict[str, Any]:
-        p = self.progress
-        dead = self._dlq_restored + (self.dead_letters.settle(p.offsets) if self.dead_letters is not None
-                                     else self._seen_poison)
-        return {"kind": SNAPSHOT_KIND, "format": SNAPSHOT_FORMAT, "topic": self.options.topic,
-                "lineage": self.lineage, "topic_identity": self.source.identity(),
-                "offsets": {str(k): int(v) for k, v in sorted(p.offsets.items())},
-                "applied_events": p.applied, "batches": p.batches, "dead_letters": dead,
-                "late_events": p.late, "batch_size": self.options.batch_size,
-                "model_version": self.bundle.version, "checkpoint": self.bundle.path,
-                "cache": to_dict(self.bundle.cache),  # as run (shards, index); serving reads it
-                "configs": {k: to_dict(getattr(self.bundle.configs, k))
-                            for k in ("encoder", "model", "cache", "scoring")}}
-
     def restore(self) -> dict[int, int] | None:
-        """Load the newest usable snapshot into the (empty) store; returns its offsets (None: from
-        the beginning). The rules are in the module docstring ("Restore rules")."""
-        self.lineage = uuid.uuid4().hex[:16]  # a new history unless a snapshot is restored
-        if self.snapshots is None:
+        """Load the newest usable snapshot (pipelines/worker_state.py); its offsets, or None: from the beginning."""
+        if self.state is None:
             return None
-        found = self.snapshots.load_newest(self._load_snapshot)
-        if found is not None and found[1] is not None:
-            snapshot, why = found
-            self._refuse_or_reset(f"topic {self.options.topic!r} is not the topic snapshot {snapshot.path} was "
-                                  f"made from: {why}")
-            found = None
-        if found is None:
-            self._check_fresh_start()
+        restored = self.state.restore(self._accept_model)
+        self.lineage = self.state.lineage
+        with self.lock:
+            self._publish_sizes()
+        if restored is None:
             return None
-        snapshot, meta = found[0], found[0].meta
-        self.progress = Progress(int(meta["applied_events"]), int(meta["batches"]), int(meta["dead_letters"]),
-                                 int(meta["late_events"]), {int(k): int(v) for k, v in meta["offsets"].items()})
-        self.restored_seq = snapshot.seq
-        self.lineage = snapshot.lineage or self.lineage
-        self._collect_spill()  # files a crashed run wrote after this snapshot
+        self.progress, self.restored_seq = restored.progress, restored.seq
         self._snapshot_applied = self.progress.applied
-        self._dlq_restored = self.progress.dead_letters
-        log.info("worker_restored", seq=snapshot.seq, applied=self.progress.applied, offsets=self.progress.offsets,
-                 users=len(self.store.users), items=len(self.store.items), lineage=self.lineage)
         return dict(self.progress.offsets)
 
-    def _load_snapshot(self, snapshot: Snapshot) -> str | None:
-        """Check a snapshot, then load its store; returns why the topic differs (nothing loaded then).
-
-        Wrong kind/topic name/model raise (the operator must decide); a state that does not load
-        raises SnapshotCorrupt, so the previous snapshot is tried.
-        """
-        self._check_snapshot(snapshot)
-        why = self.source.verify_identity(snapshot.meta.get("topic_identity") or {})
-        if why is not None:
-            return why
-        try:
-            with self.lock:
-                self.store.load_state_dict(snapshot.state()["store"])
-                self._publish_sizes()
-        except StoreError as exc:
-            raise SnapshotCorrupt(f"its store state does not load: {exc}") from None
-        return None
-
-    def _check_fresh_start(self) -> None:
-        """No snapshot to restore. Committed ones that are all unusable mean the state is lost:
-        loud, and refused when the topic no longer starts at offset 0 (unless reset_state)."""
-        assert self.snapshots is not None
-        if not self.snapshots.has_committed():
+    def _accept_model(self, meta: Mapping[str, Any], path: Path) -> None:
+        """A snapshot's store was written by model `meta["model_version"]`: continue only with it,
+        unless `allow_model_change`."""
+        if meta["model_version"] == self.bundle.version:
             return
-        lost = {p: o for p, o in self.source.earliest_positions().items() if o > 0}
-        log.error("snapshots_unusable", root=str(self.snapshots.root), earliest_offsets=lost or None,
-                  action="discarding them" if lost and self.options.reset_state else
-                  "applying the topic again from its beginning")
-        if lost:
-            self._refuse_or_reset(f"no snapshot under {self.snapshots.root} is usable and topic "
-                                  f"{self.options.topic!r} no longer starts at offset 0 (earliest offsets {lost}): "
-                                  "the events before them are gone")
-
-    def _refuse_or_reset(self, problem: str) -> None:
-        assert self.snapshots is not None
-        if not self.options.reset_state:
-            raise StoreError(f"{problem}; to discard the snapshots and start from the earliest available offsets, "
-                             "run once with --reset-state (or use another --snapshot-dir)")
-        log.warning("worker_state_reset", problem=problem)
-        self.snapshots.discard_all()
-
-    def _check_snapshot(self, snapshot: Snapshot) -> None:
-        meta = snapshot.meta
-        if meta.get("kind") != SNAPSHOT_KIND or meta.get("format") != SNAPSHOT_FORMAT:
-            raise StoreError(f"{snapshot.path} is not a worker snapshot (kind={meta.get('kind')!r}, "
-                             f"format={meta.get('format')!r})")
-        if meta["topic"] != self.options.topic:
-            raise StoreError(f"snapshot {snapshot.path} was made from topic {meta['topic']!r}, not "
-                             f"{self.options.topic!r}: use another --snapshot-dir per topic")
-        if meta["model_version"] != self.bundle.version:
-            if not self.options.allow_model_change:
-                raise ModelError(
-                    f"snapshot {snapshot.path} was made with model version {meta['model_version']} "
-                    f"({meta.get('checkpoint')}), this checkpoint is {self.bundle.version} ({self.bundle.path}); "
-                    "use the same checkpoint, another --snapshot-dir, or --allow-model-change to keep the "
-                    "old representations and continue with the new model")
-            log.warning("snapshot_model_changed", old=meta["model_version"], new=self.bundle.version)
-        if meta["batch_size"] != self.options.batch_size:
-            log.warning("snapshot_batch_size_changed", old=meta["batch_size"], new=self.options.batch_size,
-                        hint="batch boundaries differ from the run that wrote the snapshot")
+        if not self.config.allow_model_change:
+            raise ModelError(
+                f"snapshot {path} was made with model version {meta['model_version']} "
+                f"({meta.get('checkpoint')}), this checkpoint is {self.bundle.version} ({self.bundle.path}); "
+                "use the same checkpoint, another --snapshot-dir, or --allow-model-change to keep the "
+                "old representations and continue with the new model")
+        log.warning("snapshot_model_changed", old=meta["model_version"], new=self.bundle.version)
 
     def _result(self, seconds: float) -> WorkerResult:
         p = self.progress
@@ -664,38 +426,9 @@ def _resident(table: Any) -> int:
     return getattr(table, "resident", len(table))
 
 
-def _check_spill_dir(store: RepresentationStore, snapshots: SnapshotManager | None) -> None:
-    """A capped store that is snapshotted must spill into <snapshot root>/spill (manifest refs)."""
-    if store.spill is None or snapshots is None:
-        return
-    expected = (snapshots.root / SPILL_DIR).resolve()
-    if store.spill.directory.resolve() != expected:
-        raise ConfigError(f"a store with cache.max_entities must spill into {expected} to be snapshotted "
-                          f"(make_store(..., spill_dir=...)), not {store.spill.directory}")
-
-
-def model_and_store(checkpoint: str | Path, *, shards: int | None = None, index_type: str | None = None,
-                    max_entities: int | None = None, spill_dir: Path | None = None,
-                    device: str = "auto", ranks: Ranks | None = None) -> tuple[ModelBundle, RepresentationStore]:
-    """The trained encoder (with the worker's shards/index_type/max_entities overrides) and an empty
-    FAISS store (a capped one spills into `spill_dir`; None: a temporary folder)."""
-    torch_device = resolve_device(device)
-    if ranks is not None:
-        torch_device = ranks.place(torch_device)
-    bundle = load_model(checkpoint, torch_device)
-    overrides = {k: v for k, v in (("shards", shards), ("index_type", index_type), ("max_entities", max_entities))
-                 if v is not None}
-    cache = replace(bundle.cache, **overrides)
-    if ranks is not None and cache.max_entities:
-        # Followers restore rank 0's state and apply its batches; a spill would have to be shared too.
-        raise ConfigError("cache.max_entities (a spilling store) is not supported with data-parallel ranks yet")
-    bundle = ModelBundle(bundle.model, cache, bundle.configs, bundle.version, bundle.path)
-    return bundle, make_store(bundle.dim, cache, torch_device, spill_dir=spill_dir)
-
-
-def build_worker(checkpoint: str | Path, kafka_config: KafkaConfig, options: WorkerOptions, *,
+def build_worker(checkpoint: str | Path, kafka_config: KafkaConfig, config: WorkerConfig, *,
                  shards: int | None = None, index_type: str | None = None, max_entities: int | None = None,
-                 device: str = "auto", snapshot_dir: str | Path | None = None, keep_snapshots: int = 3,
+                 device: str = "auto", snapshot_dir: str | Path | None = None,
                  metrics: WorkerMetrics | None = None, lock: Any = None,
                  source_kwargs: Mapping[str, Any] | None = None, ranks: Ranks | None = None) -> StreamWorker:
     """Wire model, FAISS store, ordered source and snapshots (kafka_config needs bootstrap servers).
@@ -703,15 +436,10 @@ def build_worker(checkpoint: str | Path, kafka_config: KafkaConfig, options: Wor
     bundle, store = model_and_store(checkpoint, shards=shards, index_type=index_type, max_entities=max_entities,
                                     spill_dir=spill_dir_for(snapshot_dir), device=device, ranks=ranks)
     dead_letters = CountingDeadLetters(lambda: KafkaDeadLetters(kafka_config))
-    source = make_source(kafka_config, options, dead_letters=dead_letters, **dict(source_kwargs or {}))
-    snapshots = SnapshotManager(snapshot_dir, keep=keep_snapshots) if snapshot_dir is not None else None
-    return StreamWorker(bundle, store, source, options, snapshots, metrics, lock, kafka_config.timestamp_unit,
+    source = make_source(kafka_config, config, dead_letters=dead_letters, **dict(source_kwargs or {}))
+    snapshots = SnapshotManager(snapshot_dir, keep=config.keep_snapshots) if snapshot_dir is not None else None
+    return StreamWorker(bundle, store, source, config, snapshots, metrics, lock, kafka_config.timestamp_unit,
                         dead_letters, ranks=ranks)
-
-
-def spill_dir_for(snapshot_dir: str | Path | None) -> Path | None:
-    """Where a capped store spills: next to the snapshots that refer to its files (None: a temp dir)."""
-    return None if snapshot_dir is None else Path(snapshot_dir) / SPILL_DIR
 
 
 def store_fingerprint(store: RepresentationStore) -> dict[str, np.ndarray | list[str]]:

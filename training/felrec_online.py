@@ -34,7 +34,7 @@ from felrec_stream.config import EVAL_MODES, CacheConfig, ScoringConfig
 from felrec_stream.errors import ModelError
 from felrec_stream.model.felrec import FELRec, adapting_norms
 from felrec_stream.model.ranking import nearest_neighbour_queries
-from felrec_stream.state.checkpoint import Checkpoint
+from felrec_stream.state.checkpoint import Checkpoint, model_from
 from felrec_stream.parallel import Ranks
 from felrec_stream.state.engine import (BatchInputs, commit_batch, encode, encode_after, encode_sequences, infer_batch,
                                         prepare_batch, previous_same, visible_updates, whole_after, whole_batch,
@@ -217,9 +217,7 @@ def build_felrec(checkpoint: Checkpoint, mode: str = "keep", device: torch.devic
     if mode not in EVAL_MODES:
         raise ModelError(f"evaluation mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
     cfg = checkpoint.configs
-    model = FELRec(cfg.encoder, cfg.model)
-    model.load_state_dict(checkpoint.model_state)
-    model.to(device).eval()
+    model = model_from(checkpoint, device)
     store = RepresentationStore.for_cache(cfg.encoder.d_model, cfg.cache, device)
     if mode == "keep":
         if checkpoint.store_state is None:

@@ -18,21 +18,27 @@ from typing import Any, Iterator
 import click
 
 from felrec_stream.cli.group import cli, start_ranks
-from felrec_stream.config import CacheConfig, literal_choices
+from felrec_stream.config import CacheConfig, WorkerConfig, literal_choices
+
+_W = WorkerConfig()  # the defaults the help texts show
+# Options that set fields of the `worker` config section (config file < FELREC_WORKER__<FIELD> < option).
+_WORKER_OPTIONS = ("topic", "batch_size", "max_wait_ms", "until_end", "max_events", "snapshot_every_events",
+                   "snapshot_every_seconds", "keep_snapshots", "allow_model_change", "reset_state", "group_id")
 
 
 @cli.command("consume")
-@click.option("--topic", default="interactions", show_default=True, help="Topic of interaction events.")
+@click.option("--topic", default=None, help=f"Topic of interaction events [default: {_W.topic}].")
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Trained FELRec checkpoint (felrec-stream train).")
 @click.option("--bootstrap-servers", default=None, envvar="FELREC_BOOTSTRAP_SERVERS",
               help="Kafka bootstrap servers; empty: reuse `broker start` or start an embedded broker.")
 @click.option("--dead-letter-topic", default=None, help="Where poison messages go [default: <topic>.dlq].")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="YAML/JSON config file (kafka and cache sections are used).")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-wait-ms", default=50, show_default=True, type=click.IntRange(min=0),
-              help="Follow mode: cut a short batch when its oldest event waited this long.")
+              help="YAML/JSON config file (kafka, cache and worker sections are used).")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help=f"[default: {_W.batch_size}]")
+@click.option("--max-wait-ms", default=None, type=click.IntRange(min=0),
+              help=f"Follow mode: cut a short batch when its oldest event waited this long "
+                   f"[default: {_W.max_wait_ms}].")
 @click.option("--shards", default=None, type=click.IntRange(min=1),
               help="FAISS shards per kind (default: cache config).")
 @click.option("--index-type", default=None, type=click.Choice(literal_choices(CacheConfig, "index_type")))
@@ -42,16 +48,19 @@ from felrec_stream.config import CacheConfig, literal_choices
                    "[default: cache config].")
 @click.option("--snapshot-dir", default=None, type=click.Path(file_okay=False),
               help="Snapshot directory [default: $FELREC_HOME/snapshots/<topic>].")
-@click.option("--snapshot-every-events", default=50_000, show_default=True, type=click.IntRange(min=1))
-@click.option("--snapshot-every-seconds", default=60.0, show_default=True, type=click.FloatRange(min=0.001))
-@click.option("--keep-snapshots", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--snapshot-every-events", default=None, type=click.IntRange(min=1),
+              help=f"[default: {_W.snapshot_every_events}]")
+@click.option("--snapshot-every-seconds", default=None, type=click.FloatRange(min=0.001),
+              help=f"[default: {_W.snapshot_every_seconds}]")
+@click.option("--keep-snapshots", default=None, type=click.IntRange(min=1), help=f"[default: {_W.keep_snapshots}]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--metrics-port", default=None, type=click.IntRange(1, 65535), help="Prometheus /metrics on 127.0.0.1.")
 @click.option("--max-events", default=None, type=click.IntRange(min=1),
               help="Stop at the first batch boundary after this many events (tests).")
-@click.option("--until-end", is_flag=True, help="Stop at the end of the topic (deterministic batches).")
-@click.option("--allow-model-change", is_flag=True, help="Restore a snapshot made with another checkpoint.")
-@click.option("--reset-state", is_flag=True,
+@click.option("--until-end", is_flag=True, default=None, help="Stop at the end of the topic (deterministic batches).")
+@click.option("--allow-model-change", is_flag=True, default=None,
+              help="Restore a snapshot made with another checkpoint.")
+@click.option("--reset-state", is_flag=True, default=None,
               help="When the snapshots cannot be used (the topic was deleted and recreated, or none is valid and "
                    "the topic no longer starts at offset 0), discard them and start from the topic's earliest "
                    "offsets instead of refusing. A usable snapshot is always restored.")
@@ -70,31 +79,27 @@ def consume(**opts: Any) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/faiss load (2-core hosts)
     from connectors.kafka.broker import ensure_broker
     from felrec_stream.config import KafkaConfig, env_overrides, load_section, read_config_file, replace
-    from pipelines.worker import WorkerOptions, build_worker
+    from pipelines.worker import build_worker
 
     sections = read_config_file(opts["config_file"])
+    config = load_section(WorkerConfig, "worker", sections, {name: opts[name] for name in _WORKER_OPTIONS})
+    if not config.group_id:
+        config = replace(config, group_id=f"felrec-consume-{config.topic}")
     kafka = load_section(KafkaConfig, "kafka", sections, {"bootstrap_servers": opts["bootstrap_servers"],
-                                                          "topic": opts["topic"],
+                                                          "topic": config.topic,
                                                           "dead_letter_topic": opts["dead_letter_topic"]})
     if not (opts["dead_letter_topic"] or "dead_letter_topic" in sections.get("kafka", {})
             or "dead_letter_topic" in env_overrides("kafka")):
-        kafka = replace(kafka, dead_letter_topic=f"{opts['topic']}.dlq")  # one dead-letter topic per topic
-    options = WorkerOptions(
-        topic=opts["topic"], batch_size=opts["batch_size"], max_wait_ms=opts["max_wait_ms"],
-        until_end=opts["until_end"], max_events=opts["max_events"],
-        snapshot_every_events=opts["snapshot_every_events"], snapshot_every_seconds=opts["snapshot_every_seconds"],
-        allow_model_change=opts["allow_model_change"], reset_state=opts["reset_state"],
-        group_id=opts["group_id"] or f"felrec-consume-{opts['topic']}")
+        kafka = replace(kafka, dead_letter_topic=f"{config.topic}.dlq")  # one dead-letter topic per topic
     ranks = start_ranks(sections)
     if ranks is not None and not ranks.leader:
         _follow(ranks, opts)  # rank > 0: no broker, no snapshots, no HTTP; applies what rank 0 sends
         return
     with ensure_broker(kafka) as servers:
-        worker = build_worker(opts["checkpoint"], replace(kafka, bootstrap_servers=servers), options,
+        worker = build_worker(opts["checkpoint"], replace(kafka, bootstrap_servers=servers), config,
                               shards=opts["shards"], index_type=opts["index_type"],
                               max_entities=opts["max_entities"], device=opts["device"],
-                              snapshot_dir=opts["snapshot_dir"] or _default_snapshot_dir(opts["topic"]),
-                              keep_snapshots=opts["keep_snapshots"], ranks=ranks)
+                              snapshot_dir=opts["snapshot_dir"] or _default_snapshot_dir(config.topic), ranks=ranks)
         if opts["metrics_port"]:
             worker.metrics.serve(opts["metrics_port"])
         with _stop_on_signals(worker), _maybe_serve(worker, opts["serve"], opts["http_host"], opts["http_port"]):

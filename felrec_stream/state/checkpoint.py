@@ -20,6 +20,7 @@ import torch
 
 from felrec_stream.config import Configs
 from felrec_stream.errors import ModelError
+from felrec_stream.model.felrec import FELRec
 
 FORMAT_VERSION = 2
 # Version 1 (nn.TransformerEncoder layers; type embedding and output norm rows keyed by the kind of
@@ -105,6 +106,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         store_state=_torch_to_numpy(payload["store_state"]),
         online_state=payload.get("online_state"),
     )
+
+
+def model_from(checkpoint: Checkpoint, device: torch.device | str = "cpu", source: str | Path = "") -> FELRec:
+    """The one way a checkpoint becomes a model: its configs build it, its weights load (a mismatch
+    is a one-line ModelError), eval mode (no dropout, BatchNorm frozen), no gradients, on `device`."""
+    model = FELRec(checkpoint.configs.encoder, checkpoint.configs.model)
+    try:
+        model.load_state_dict(checkpoint.model_state)
+    except RuntimeError as exc:
+        raise ModelError(f"checkpoint {source} does not match its own configs: {exc}") from exc
+    return model.eval().requires_grad_(False).to(device)
 
 
 def migrate_model_state(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:

@@ -29,7 +29,8 @@ from felrec_stream.faults import ENV as FAULT_ENV
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
-from pipelines.worker import WorkerOptions, build_worker, store_fingerprint
+from felrec_stream.config import WorkerConfig
+from pipelines.worker import build_worker, store_fingerprint
 from tests.pipelines import assert_histories_match_table, assert_same_store, synthetic_events
 
 pytestmark = pytest.mark.kafka
@@ -62,7 +63,7 @@ def stream(kafka: KafkaConfig):
 def reference(checkpoint, kafka, stream) -> dict[str, Any]:
     """The uninterrupted run (in-process, no snapshots)."""
     topic, table = stream
-    worker = build_worker(checkpoint, kafka, WorkerOptions(topic, batch_size=BATCH, until_end=True), device="cpu")
+    worker = build_worker(checkpoint, kafka, WorkerConfig(topic, batch_size=BATCH, until_end=True), device="cpu")
     result = worker.run()
     assert (result.applied_total, result.dead_letters) == (N_EVENTS, len(POISON))
     fingerprint = store_fingerprint(worker.store)
@@ -224,7 +225,7 @@ def test_sigkill_with_max_entities_restarts_equal_an_uninterrupted_run(checkpoin
 def test_corrupt_newest_snapshot_falls_back_to_the_previous(checkpoint, kafka, stream, reference, tmp_path):
     topic, table = stream
     snapshot_dir = tmp_path / "snap"
-    first = WorkerOptions(topic, batch_size=BATCH, until_end=True, max_events=640, snapshot_every_events=128)
+    first = WorkerConfig(topic, batch_size=BATCH, until_end=True, max_events=640, snapshot_every_events=128)
     assert build_worker(checkpoint, kafka, first, device="cpu", snapshot_dir=snapshot_dir).run().applied_total == 640
     manager = SnapshotManager(snapshot_dir)
     newest = manager.current_seq()
@@ -235,7 +236,7 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous(checkpoint, kafka, s
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
 
-    rest = WorkerOptions(topic, batch_size=BATCH, until_end=True, snapshot_every_events=10**6)
+    rest = WorkerConfig(topic, batch_size=BATCH, until_end=True, snapshot_every_events=10**6)
     worker = build_worker(checkpoint, kafka, rest, device="cpu", snapshot_dir=snapshot_dir)
     result = worker.run()
     assert worker.restored_seq is not None and worker.restored_seq < newest

@@ -24,7 +24,9 @@ from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.stream.messages import PoisonMessage
 from pipelines.prometheus import WorkerMetrics
-from pipelines.worker import CountingDeadLetters, WorkerOptions, build_worker, store_fingerprint
+from felrec_stream.config import WorkerConfig
+from pipelines.worker import build_worker, store_fingerprint
+from pipelines.worker_state import CountingDeadLetters
 from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, run_until_applied,
                              stop_with_sigterm, synthetic_events, write_tiny_checkpoint)
 
@@ -51,7 +53,7 @@ def test_worker_equals_offline_replay_and_exports_metrics(checkpoint, kafka, str
     topic, table = stream
     metrics, port = WorkerMetrics(), free_port()
     metrics.serve(port)
-    options = WorkerOptions(topic, batch_size=BATCH, until_end=True, snapshot_every_events=200)
+    options = WorkerConfig(topic, batch_size=BATCH, until_end=True, snapshot_every_events=200)
     worker = build_worker(checkpoint, kafka, options, shards=2, device="cpu", snapshot_dir=tmp_path / "snap",
                           metrics=metrics)
     result = worker.run()
@@ -89,7 +91,7 @@ def test_dead_letters_are_routed_and_worker_continues(checkpoint, kafka, tmp_pat
     producer.close()
     replay_events(table.slice(100), kafka, topic, progress=False)
 
-    options = WorkerOptions(topic, batch_size=BATCH, until_end=True)
+    options = WorkerConfig(topic, batch_size=BATCH, until_end=True)
     worker = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=tmp_path / "snap")
     result = worker.run()
     assert (result.applied_total, result.dead_letters) == (200, 3)
@@ -102,14 +104,14 @@ def test_dead_letters_are_routed_and_worker_continues(checkpoint, kafka, tmp_pat
 def test_snapshot_of_another_model_is_refused(checkpoint, kafka, stream, tmp_path):
     topic, _ = stream
     snap = tmp_path / "snap"
-    first = build_worker(checkpoint, kafka, WorkerOptions(topic, batch_size=BATCH, until_end=True, max_events=64),
+    first = build_worker(checkpoint, kafka, WorkerConfig(topic, batch_size=BATCH, until_end=True, max_events=64),
                          device="cpu", snapshot_dir=snap).run()
     assert first.applied_total == 64
     other = write_tiny_checkpoint(tmp_path / "other.pt", seed=1)
     with pytest.raises(ModelError, match="allow-model-change"):
-        build_worker(other, kafka, WorkerOptions(topic, batch_size=BATCH, until_end=True), device="cpu",
+        build_worker(other, kafka, WorkerConfig(topic, batch_size=BATCH, until_end=True), device="cpu",
                      snapshot_dir=snap).run()
-    allowed = WorkerOptions(topic, batch_size=BATCH, until_end=True, max_events=32, allow_model_change=True)
+    allowed = WorkerConfig(topic, batch_size=BATCH, until_end=True, max_events=32, allow_model_change=True)
     worker = build_worker(other, kafka, allowed, device="cpu", snapshot_dir=snap)
     result = worker.run()
     assert result.restored_seq is not None and result.applied_total == 96
@@ -117,7 +119,7 @@ def test_snapshot_of_another_model_is_refused(checkpoint, kafka, stream, tmp_pat
 
 def test_follow_mode_applies_everything_and_stops_gracefully(checkpoint, kafka, stream, tmp_path):
     topic, _ = stream
-    options = WorkerOptions(topic, batch_size=BATCH, max_wait_ms=20, snapshot_every_events=10**6)
+    options = WorkerConfig(topic, batch_size=BATCH, max_wait_ms=20, snapshot_every_events=10**6)
     worker = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=tmp_path / "snap")
     thread, results = run_until_applied(worker, N_EVENTS)
     worker.request_stop("test")
@@ -180,7 +182,7 @@ def test_a_record_over_a_megabyte_is_dead_lettered_truncated_and_the_worker_goes
     producer.close()
     replay_events(table.slice(60), kafka, topic, progress=False)
 
-    worker = build_worker(checkpoint, kafka, WorkerOptions(topic, batch_size=BATCH, until_end=True), device="cpu",
+    worker = build_worker(checkpoint, kafka, WorkerConfig(topic, batch_size=BATCH, until_end=True), device="cpu",
                           snapshot_dir=tmp_path / "snap")
     result = worker.run()
     assert (result.applied_total, result.dead_letters) == (120, 1)
@@ -220,13 +222,13 @@ def test_a_recreated_topic_is_refused_and_reset_state_starts_over(checkpoint, ka
         admin.create_topic(topic, 2)
     replay_events(old, kafka, topic, progress=False)
     snap = tmp_path / "snap"
-    build_worker(checkpoint, kafka, WorkerOptions(topic, batch_size=BATCH, until_end=True, max_events=96),
+    build_worker(checkpoint, kafka, WorkerConfig(topic, batch_size=BATCH, until_end=True, max_events=96),
                  device="cpu", snapshot_dir=snap).run()
     with TopicAdmin(kafka) as admin:  # another dataset under the same name, more events than the offsets
         admin.recreate_topic(topic, 2)
     replay_events(new, kafka, topic, progress=False)
 
-    options = WorkerOptions(topic, batch_size=BATCH, until_end=True)
+    options = WorkerConfig(topic, batch_size=BATCH, until_end=True)
     refused = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=snap)
     with pytest.raises(StoreError, match="deleted and recreated.*--reset-state"):
         refused.run()
@@ -243,7 +245,7 @@ def test_a_recreated_topic_is_refused_and_reset_state_starts_over(checkpoint, ka
 
 def test_one_worker_per_snapshot_directory_for_its_whole_life(checkpoint, kafka, stream, tmp_path):
     topic, _ = stream
-    options = WorkerOptions(topic, batch_size=BATCH, max_wait_ms=20, snapshot_every_events=10**6)
+    options = WorkerConfig(topic, batch_size=BATCH, max_wait_ms=20, snapshot_every_events=10**6)
     first = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=tmp_path / "snap")
     thread, results = run_until_applied(first, N_EVENTS)
     try:

@@ -28,7 +28,9 @@ from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.stream.source import InMemorySource
 from pipelines.replicas import Follower
-from pipelines.worker import StreamWorker, WorkerOptions, build_worker, load_model, store_fingerprint
+from felrec_stream.config import WorkerConfig
+from pipelines.model import load_model
+from pipelines.worker import StreamWorker, build_worker, store_fingerprint
 from tests.distributed import run_ranks
 from tests.pipelines import assert_histories_match_table, assert_same_store, offline_replay, synthetic_events
 
@@ -53,7 +55,7 @@ def _run(ranks: Ranks, checkpoint: Path, snapshot_dir: Path, follower: type[Foll
     if ranks.leader:
         source = InMemorySource(synthetic_events(N_EVENTS), BATCH)
         worker = StreamWorker(bundle, store, source,
-                              WorkerOptions(TOPIC, batch_size=BATCH, until_end=until_end, **options),
+                              WorkerConfig(TOPIC, batch_size=BATCH, until_end=until_end, **options),
                               SnapshotManager(snapshot_dir), ranks=ranks)
         result = worker.run()
         summary = {"applied_this_run": result.applied_this_run, "applied": result.applied_total,
@@ -169,7 +171,7 @@ def test_a_killed_rank_stops_the_job_and_a_restart_resumes_exactly_once(checkpoi
     assert 0 < durable < N_EVENTS
 
     # the restart (here one process: a snapshot of N ranks is an ordinary snapshot) resumes from it
-    options = WorkerOptions(topic, batch_size=BATCH, until_end=True)
+    options = WorkerConfig(topic, batch_size=BATCH, until_end=True)
     result = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=snapshot_dir).run()
     assert result.restored_seq is not None and result.applied_total == N_EVENTS
     assert result.applied_this_run == N_EVENTS - durable

@@ -19,7 +19,9 @@ from felrec_stream.serving.app import ColdStartEncoder, QueryEngine
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.stream.events import iter_batches
 from felrec_stream.stream.source import InMemorySource
-from pipelines.worker import StreamWorker, WorkerOptions, load_model, store_fingerprint
+from felrec_stream.config import WorkerConfig
+from pipelines.model import load_model
+from pipelines.worker import StreamWorker, store_fingerprint
 from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, synthetic_events,
                              write_tiny_checkpoint)
 
@@ -44,7 +46,7 @@ def uninterrupted(bundle, table):
 
 
 def _worker(bundle, source, snapshot_dir, **options) -> StreamWorker:
-    options = WorkerOptions(TOPIC, batch_size=BATCH, until_end=True, **options)
+    options = WorkerConfig(TOPIC, batch_size=BATCH, until_end=True, **options)
     snapshots = SnapshotManager(snapshot_dir) if snapshot_dir is not None else None
     return StreamWorker(bundle, make_store(bundle.dim, bundle.cache), source, options, snapshots)
 
@@ -289,7 +291,7 @@ def test_worker_and_cold_start_on_cuda_match_the_cpu(table, checkpoint, uninterr
     the CPU writes, within float tolerance, and serves cold-start queries from the GPU model."""
     bundle = load_model(checkpoint, "cuda")
     worker = StreamWorker(bundle, make_store(bundle.dim, bundle.cache, "cuda"), InMemorySource(table, BATCH),
-                          WorkerOptions(TOPIC, batch_size=BATCH, until_end=True))
+                          WorkerConfig(TOPIC, batch_size=BATCH, until_end=True))
     worker.run()
     got = store_fingerprint(worker.store)
     for key, want in uninterrupted.items():

@@ -15,7 +15,9 @@ from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.stream.source import InMemorySource
-from pipelines.worker import ModelBundle, StreamWorker, WorkerOptions, load_model, spill_dir_for, store_fingerprint
+from felrec_stream.config import WorkerConfig
+from pipelines.model import ModelBundle, load_model, spill_dir_for
+from pipelines.worker import StreamWorker, store_fingerprint
 from tests.pipelines import (assert_histories_match_table, assert_same_store, offline_replay, synthetic_events,
                              write_tiny_checkpoint)
 from tests.pipelines.test_worker_in_memory import CrashingSource
@@ -58,7 +60,7 @@ def post_event(tmp_path_factory, table):
 
 
 def _worker(bundle, source, snapshot_dir, **options) -> StreamWorker:
-    options = WorkerOptions(TOPIC, batch_size=BATCH, until_end=True, **options)
+    options = WorkerConfig(TOPIC, batch_size=BATCH, until_end=True, **options)
     store = make_store(bundle.dim, bundle.cache, spill_dir=spill_dir_for(snapshot_dir))
     return StreamWorker(bundle, store, source, options, SnapshotManager(snapshot_dir))
 
@@ -129,4 +131,4 @@ def test_a_snapshot_whose_spill_file_is_gone_is_skipped(bundle, table, uninterru
 def test_a_capped_store_must_spill_next_to_its_snapshots(bundle, table, tmp_path):
     store = make_store(bundle.dim, bundle.cache)  # private temporary spill directory
     with pytest.raises(ConfigError, match="must spill into"):
-        StreamWorker(bundle, store, InMemorySource(table, BATCH), WorkerOptions(TOPIC), SnapshotManager(tmp_path))
+        StreamWorker(bundle, store, InMemorySource(table, BATCH), WorkerConfig(TOPIC), SnapshotManager(tmp_path))

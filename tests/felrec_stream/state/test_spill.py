@@ -16,7 +16,8 @@ from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import flatten_state, unflatten_state
 from felrec_stream.state.spill import SpillError
 from felrec_stream.state.store import RepresentationStore
-from pipelines.worker import load_model, store_fingerprint
+from pipelines.model import load_model
+from pipelines.worker import store_fingerprint
 from tests.pipelines import assert_same_store, offline_replay, synthetic_events, write_tiny_checkpoint
 
 N_EVENTS, BATCH, CAP = 900, 32, 24

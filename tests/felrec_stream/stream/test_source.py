@@ -9,7 +9,7 @@ from felrec_stream.config import KafkaConfig
 from felrec_stream.errors import DatasetError
 from felrec_stream.stream.events import iter_batches, make_events
 from felrec_stream.stream.source import DeadLetterSink, InMemorySource, Source
-from pipelines.worker import CountingDeadLetters
+from pipelines.worker_state import CountingDeadLetters
 
 TABLE = make_events(list(range(10)), list(range(10)), list(range(10)))
 

@@ -1,0 +1,92 @@
+"""The trained encoder as the worker runs it: weights, configs, the version recorded in snapshots.
+
+One `load_model` for the worker, its followers (pipelines/replicas.py) and the online learner's
+published versions (pipelines/versions.py); the checkpoint -> model step itself is
+`felrec_stream.state.checkpoint.model_from`, shared with the evaluator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from felrec_stream.config import CacheConfig, Configs, replace, to_dict
+from felrec_stream.device import resolve_device
+from felrec_stream.errors import ConfigError
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.parallel import Ranks
+from felrec_stream.state.checkpoint import load_checkpoint, model_from
+from felrec_stream.state.faiss_store import make_store
+from felrec_stream.state.spill import SPILL_DIR
+from felrec_stream.state.store import RepresentationStore
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """The trained encoder (eval mode) plus the configs and version the worker records in snapshots."""
+
+    model: FELRec
+    cache: CacheConfig  # as run: the checkpoint's, with the worker's shards/index_type overrides
+    configs: Configs  # as saved in the checkpoint
+    version: str
+    path: str
+
+    @property
+    def dim(self) -> int:
+        return self.model.encoder_config.d_model
+
+
+def model_version(model_state: Mapping[str, torch.Tensor], configs: Configs) -> str:
+    """sha256 over the weights and the configs that change what the encoder writes.
+
+    Why not the file hash: re-saving the same weights (another epoch counter, optimizer state)
+    must not invalidate a worker's snapshots; a changed weight or history length must.
+    """
+    sha = hashlib.sha256()
+    for name in sorted(model_state):
+        tensor = model_state[name].detach().cpu().contiguous()
+        sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    shaping = {"encoder": to_dict(configs.encoder), "model": to_dict(configs.model),
+               "history_len": configs.cache.history_len, "cold_start_input": configs.cache.cold_start_input}
+    if configs.cache.popularity_halflife:  # only when set: versions of checkpoints without it stay the same
+        shaping["popularity_halflife"] = configs.cache.popularity_halflife
+    sha.update(json.dumps(shaping, sort_keys=True).encode())
+    return sha.hexdigest()[:16]
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
+    """Load a trained FELRec checkpoint for inference (eval mode: no dropout, BatchNorm frozen)."""
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    model = model_from(checkpoint, device, path)
+    configs = checkpoint.configs
+    return ModelBundle(model, configs.cache, configs, model_version(checkpoint.model_state, configs), str(path))
+
+
+def model_and_store(checkpoint: str | Path, *, shards: int | None = None, index_type: str | None = None,
+                    max_entities: int | None = None, spill_dir: Path | None = None,
+                    device: str = "auto", ranks: Ranks | None = None) -> tuple[ModelBundle, RepresentationStore]:
+    """The trained encoder (with the worker's shards/index_type/max_entities overrides) and an empty
+    FAISS store (a capped one spills into `spill_dir`; None: a temporary folder)."""
+    torch_device = resolve_device(device)
+    if ranks is not None:
+        torch_device = ranks.place(torch_device)
+    bundle = load_model(checkpoint, torch_device)
+    overrides = {k: v for k, v in (("shards", shards), ("index_type", index_type), ("max_entities", max_entities))
+                 if v is not None}
+    cache = replace(bundle.cache, **overrides)
+    if ranks is not None and cache.max_entities:
+        # Followers restore rank 0's state and apply its batches; a spill would have to be shared too.
+        raise ConfigError("cache.max_entities (a spilling store) is not supported with data-parallel ranks yet")
+    bundle = ModelBundle(bundle.model, cache, bundle.configs, bundle.version, bundle.path)
+    return bundle, make_store(bundle.dim, cache, torch_device, spill_dir=spill_dir)
+
+
+def spill_dir_for(snapshot_dir: str | Path | None) -> Path | None:
+    """Where a capped store spills: next to the snapshots that refer to its files (None: a temp dir)."""
+    return None if snapshot_dir is None else Path(snapshot_dir) / SPILL_DIR
