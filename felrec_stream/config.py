@@ -321,6 +321,38 @@ class WorkerConfig:
               "worker.max_events and backfill must be >= 0, keep_snapshots >= 1")
 
 
+@dataclass(frozen=True)
+class LearnConfig:
+    """Online learning (`felrec-stream learn`, training/learn.py): the encoder keeps training on the
+    live topic and publishes weight versions. Saved in the learner's snapshots."""
+
+    topic: str = "interactions"
+    batch_size: int = 0  # events per training step (0: the checkpoint's training.batch_size)
+    lr: float = 0.0  # constant learning rate (0: the checkpoint's training.lr)
+    publish_every: int = 10_000  # events between two published versions
+    start: Literal["checkpoint", "earliest", "latest"] = "checkpoint"  # where the first run starts (see learn.py)
+    reservoir_size: int = 10_000  # older events kept (seeded reservoir sampling) against forgetting
+    replay_ratio: float = 0.0  # reservoir events mixed into each step, per live event (0: none)
+    guard_window: int = 2_000  # the most recent events before a publish on which the guard scores
+    guard_tolerance: float = 0.02  # refuse a version whose guard rank is worse than its parent's by more
+    min_spread: float = 1e-4  # refuse a version whose user vectors collapse (all alike)
+    keep_versions: int = 10  # older versions are deleted unless a kept snapshot refers to them
+    keep_snapshots: int = 2
+    seed: int = 0
+    until_end: bool = False  # stop at the end of the topic (count-only batches: deterministic)
+
+    def __post_init__(self) -> None:
+        problem = topic_name_problem(self.topic)
+        check(problem is None, f"learn.topic: {problem}")
+        check(self.batch_size >= 0 and self.lr >= 0, "learn.batch_size and learn.lr must be >= 0 (0: the checkpoint's)")
+        check(self.publish_every >= 1 and self.keep_versions >= 1 and self.keep_snapshots >= 1,
+              "learn.publish_every, keep_versions and keep_snapshots must be >= 1")
+        check(self.reservoir_size >= 0 and self.replay_ratio >= 0, "learn.reservoir_size and replay_ratio must be >= 0")
+        check(self.guard_window >= 0 and self.guard_tolerance >= 0,
+              "learn.guard_window and guard_tolerance must be >= 0")
+        check(self.start in ("checkpoint", "earliest", "latest"), "learn.start must be checkpoint, earliest or latest")
+
+
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_TOPIC_CHARS = 249
 
@@ -380,7 +412,7 @@ class Configs:
 
 # The one map from section name to config class (config files, environment, checkpoints).
 SECTIONS: dict[str, type] = {**typing.get_type_hints(Configs), "kafka": KafkaConfig, "parallel": ParallelConfig,
-                             "worker": WorkerConfig}
+                             "worker": WorkerConfig, "learn": LearnConfig}
 BUNDLED_SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Configs))
 
 

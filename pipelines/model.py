@@ -7,15 +7,12 @@ published versions (pipelines/versions.py); the checkpoint -> model step itself 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
-from felrec_stream.config import CacheConfig, Configs, replace, to_dict
+from felrec_stream.config import CacheConfig, Configs, replace
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ConfigError
 from felrec_stream.model.felrec import FELRec
@@ -24,6 +21,7 @@ from felrec_stream.state.checkpoint import load_checkpoint, model_from
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.state.store import RepresentationStore
+from felrec_stream.state.versions import model_version
 
 
 @dataclass(frozen=True)
@@ -39,25 +37,6 @@ class ModelBundle:
     @property
     def dim(self) -> int:
         return self.model.encoder_config.d_model
-
-
-def model_version(model_state: Mapping[str, torch.Tensor], configs: Configs) -> str:
-    """sha256 over the weights and the configs that change what the encoder writes.
-
-    Why not the file hash: re-saving the same weights (another epoch counter, optimizer state)
-    must not invalidate a worker's snapshots; a changed weight or history length must.
-    """
-    sha = hashlib.sha256()
-    for name in sorted(model_state):
-        tensor = model_state[name].detach().cpu().contiguous()
-        sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    shaping = {"encoder": to_dict(configs.encoder), "model": to_dict(configs.model),
-               "history_len": configs.cache.history_len, "cold_start_input": configs.cache.cold_start_input}
-    if configs.cache.popularity_halflife:  # only when set: versions of checkpoints without it stay the same
-        shaping["popularity_halflife"] = configs.cache.popularity_halflife
-    sha.update(json.dumps(shaping, sort_keys=True).encode())
-    return sha.hexdigest()[:16]
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelBundle:

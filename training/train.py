@@ -427,7 +427,7 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
                 u, x = encode_sequences(writer or model, users), encode_sequences(writer or model, items)
         else:
             negatives = draw_negatives(store, model.config, rng, device)
-            u, x, stats = _step(model, store, stepper, inputs, rows, users, items, ranks, max_activation_mb,
+            u, x, stats = step_rows(model, store, stepper, inputs, rows, users, items, ranks, max_activation_mb,
                                 negatives, frozen)
             steps.append(stats)
             if writer is not None and not post:  # the writer's encodings are what the cache receives
@@ -453,7 +453,7 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     return steps
 
 
-def _step(model: FELRec, store: RepresentationStore, stepper: Stepper, inputs: BatchInputs,
+def step_rows(model: FELRec, store: RepresentationStore, stepper: Stepper, inputs: BatchInputs,
           rows: np.ndarray,
           users: Sequences, items: Sequences, ranks: Ranks | None, max_activation_mb: int,
           negatives: Negatives | None = None, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor, StepStats]:

@@ -102,7 +102,7 @@ def consume(**opts: Any) -> None:
                               snapshot_dir=opts["snapshot_dir"] or _default_snapshot_dir(config.topic), ranks=ranks)
         if opts["metrics_port"]:
             worker.metrics.serve(opts["metrics_port"])
-        with _stop_on_signals(worker), _maybe_serve(worker, opts["serve"], opts["http_host"], opts["http_port"]):
+        with stop_on_signals(worker), _maybe_serve(worker, opts["serve"], opts["http_host"], opts["http_port"]):
             result = worker.run()
     click.echo(json.dumps(dataclasses.asdict(result), default=str))
 
@@ -112,7 +112,7 @@ def _follow(ranks: Any, opts: dict[str, Any]) -> None:
 
     follower = build_follower(opts["checkpoint"], ranks, shards=opts["shards"], index_type=opts["index_type"],
                               device=opts["device"])
-    with _stop_on_signals(follower):  # passed on to rank 0, which stops everyone
+    with stop_on_signals(follower):  # passed on to rank 0, which stops everyone
         follower.run()
 
 
@@ -122,7 +122,7 @@ def _default_snapshot_dir(topic: str) -> Path:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(worker: Any) -> Iterator[None]:
+def stop_on_signals(worker: Any) -> Iterator[None]:
     """SIGTERM/SIGINT -> graceful stop (finish batch, final snapshot, exit 0); a second one aborts
     at once (exit 130, no final snapshot: the previous snapshot stays the restart point)."""
     def handler(signum: int, _frame: Any) -> None:

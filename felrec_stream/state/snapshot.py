@@ -192,7 +192,7 @@ def hash_file(path: Path, fsync: bool) -> dict[str, Any]:
     return {"sha256": sha.hexdigest(), "size": size}
 
 
-def _atomic_json(path: Path, value: Any) -> None:
+def atomic_json(path: Path, value: Any) -> None:
     """tmp + fsync + os.replace: readers see the old or the new content, never half of it."""
     tmp = path.with_name(path.name + ".tmp")
     text = json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
@@ -357,7 +357,7 @@ class SnapshotManager:
                 fault_point("snapshot_files_written")
                 manifest = {"format": FORMAT_VERSION, "seq": seq, "created_at": _now(), "files": files,
                             "arrays": index, "meta": meta, "state": spec, "refs": refs}
-                _atomic_json(path / MANIFEST, {**manifest, "checksum": _manifest_checksum(manifest)})
+                atomic_json(path / MANIFEST, {**manifest, "checksum": _manifest_checksum(manifest)})
                 fsync_dir(path)
                 fault_point("snapshot_manifest_written")
                 self._commit(seq, path)
@@ -429,7 +429,7 @@ class SnapshotManager:
         return sealed
 
     def _commit(self, seq: int, path: Path) -> None:
-        _atomic_json(self.root / CURRENT, {"seq": seq, "dir": path.name})
+        atomic_json(self.root / CURRENT, {"seq": seq, "dir": path.name})
         fsync_dir(self.root)
 
     def _prune(self, current: int, previous: int | None) -> None:
