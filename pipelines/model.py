@@ -21,7 +21,7 @@ from felrec_stream.state.checkpoint import load_checkpoint, model_from
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.state.store import RepresentationStore
-from felrec_stream.state.versions import model_version
+from felrec_stream.state.versions import VersionStore, model_version
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,14 @@ def model_and_store(checkpoint: str | Path, *, shards: int | None = None, index_
 def spill_dir_for(snapshot_dir: str | Path | None) -> Path | None:
     """Where a capped store spills: next to the snapshots that refer to its files (None: a temp dir)."""
     return None if snapshot_dir is None else Path(snapshot_dir) / SPILL_DIR
+
+
+def bundle_from_version(versions: VersionStore, name: str, running: ModelBundle) -> ModelBundle:
+    """A published version as the worker runs it: its weights and configs, on the running model's
+    device, with the running cache settings (shards, index, cap: the store does not change)."""
+    checkpoint = versions.checkpoint(name)
+    device = next(running.model.parameters()).device
+    model = model_from(checkpoint, device, versions.weights_path(name))
+    return ModelBundle(model, running.cache, checkpoint.configs, model_version(checkpoint.model_state,
+                                                                               checkpoint.configs),
+                       str(versions.weights_path(name)))

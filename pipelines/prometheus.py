@@ -21,6 +21,10 @@ Metric names (all prefixed `felrec_worker_`):
     event_to_update_seconds      histogram wall time from the event (or its Kafka write) to the
                                            store update; see pipelines.worker for which clock
     applied_events               gauge     events applied since the topic start (restored too)
+    model_version                gauge     seq of the published weight version in use (0: the checkpoint)
+    seconds_since_model_swap     gauge     since the last version switch (or the start)
+    stale_vectors_share{kind}    gauge     share of written vectors last written by older weights
+    model_swap_pause_seconds     histogram one version switch (load + swap + followers)
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class WorkerMetrics:
         self.event_to_update = Histogram(p + "event_to_update_seconds", "Event (or Kafka write) to store update",
                                          buckets=_E2U_BUCKETS, registry=r)
         self.applied = Gauge(p + "applied_events", "Events applied since the topic start", registry=r)
+        self.model_version = Gauge(p + "model_version", "Seq of the weight version in use (0: checkpoint)", registry=r)
+        self.since_swap = Gauge(p + "seconds_since_model_swap", "Seconds since the last version switch", registry=r)
+        self.stale = Gauge(p + "stale_vectors_share", "Vectors written by older weights", ["kind"], registry=r)
+        self.swap_pause = Histogram(p + "model_swap_pause_seconds", "One weight version switch",
+                                    buckets=_LOCK_BUCKETS, registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose /metrics on addr:port in a daemon thread (ServiceError when the port is taken)."""
@@ -83,6 +92,12 @@ class WorkerMetrics:
     def set_resident(self, users: int, items: int) -> None:
         self.resident.labels(kind="user").set(users)
         self.resident.labels(kind="item").set(items)
+
+    def set_versions(self, seq: int, since_swap_s: float, stale: Mapping[str, float]) -> None:
+        self.model_version.set(seq)
+        self.since_swap.set(since_swap_s)
+        for kind, share in stale.items():
+            self.stale.labels(kind=kind).set(share)
 
     def set_lag(self, lag: Mapping[int, int]) -> None:
         for partition, value in lag.items():

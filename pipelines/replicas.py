@@ -10,6 +10,7 @@ follower's stop request back):
     ("idle", None)                 nothing arrived within the poll timeout: a heartbeat, so a rank that
                                    died or hangs is noticed within parallel.timeout_s on an idle topic too
     ("check", None)                before each snapshot: every rank's store digest must be rank 0's
+    ("model", weights)             rank 0 switched to a published weight version: load it before the next batch
     ("stop", reason)               rank 0 stopped cleanly (end of topic, max events, a signal)
 
 Why rank 0 reads and sends rather than every rank reading the same partitions: in follow mode the
@@ -109,6 +110,9 @@ class Follower:
             self.applied += len(payload)
             self.batches += 1
             fault_point("replica_batch_applied")
+        elif kind == "model":  # rank 0 switched to a published version before this batch
+            self.bundle.model.load_state_dict(payload)
+            log.info("follower_model_swapped")
         elif kind == "check":
             self.ranks.agree(self.store.state_dict(), "stores")
 

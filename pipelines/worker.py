@@ -101,16 +101,19 @@ import torch
 from connectors.kafka.dlq import KafkaDeadLetters
 from connectors.kafka.source import KafkaSource
 from felrec_stream.config import KafkaConfig, WorkerConfig
-from felrec_stream.errors import KafkaError, ModelError
+from felrec_stream.errors import ConfigError, KafkaError, ModelError
+from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
 from felrec_stream.parallel import Ranks
-from felrec_stream.state.engine import commit_batch, infer_encodings
+from felrec_stream.state.engine import commit_batch, encode_sequences, infer_encodings, stored_sequences
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
+from felrec_stream.state.versions import VersionManifest, VersionStore, shape_digest
 from felrec_stream.stream.events import EventBatch
 from felrec_stream.stream.messages import TS_UNITS
 from felrec_stream.stream.source import Source
-from pipelines.model import ModelBundle, model_and_store, spill_dir_for
+from pipelines.adoption import VersionAdoption
+from pipelines.model import ModelBundle, bundle_from_version, model_and_store, spill_dir_for
 from pipelines.prometheus import WorkerMetrics
 from pipelines.replicas import Leader
 from pipelines.worker_state import CountingDeadLetters, Progress, WorkerSnapshots
@@ -119,6 +122,7 @@ log = get_logger(__name__)
 
 _NO_TIME_LIMIT_S = 1e9  # until_end: batches are cut by count only
 _WALL_CLOCK_WINDOW_S = 86_400.0
+_HISTORY_KEPT = 100  # model swaps a snapshot remembers
 
 
 # ---- progress ----------------------------------------------------------------------------
@@ -140,6 +144,7 @@ class WorkerResult:
     stopped_by: str
     users: int
     items: int
+    model_version: str  # the published version in use ("" = the checkpoint)
 
 
 def make_source(kafka_config: KafkaConfig, config: WorkerConfig, **kwargs: Any) -> KafkaSource:
@@ -195,6 +200,19 @@ class StreamWorker:
         self._seen_late = 0
         self.observers: list[WorkerObserver] = []  # read side, e.g. serving.app.QueryEngine
         self._committed = {Kind.USER: len(store.users), Kind.ITEM: len(store.items)}
+        # online learning (pipelines/adoption.py): the published versions and the ones applied so far
+        self.versions = VersionStore(config.models_dir) if config.models_dir else None
+        self.adoption = None if self.versions is None else VersionAdoption(
+            self.versions, shape_digest(bundle.configs), config.until_end)
+        self.model_history: list[dict[str, Any]] = []  # {version, model_version, applied_events, store_events, offsets}
+        self._swapped_at = time.time()
+        self.stale_share: dict[str, float] = {}
+        self._backfilled = np.zeros(1024, dtype=bool)  # item slots re-encoded by `--backfill` since the last swap
+        if config.backfill and (ranks is not None or store.spill is not None):
+            raise ConfigError("worker.backfill is not supported with data-parallel ranks or cache.max_entities yet")
+        if config.backfill and bundle.model.config.cache_update != "post_event":
+            raise ConfigError("worker.backfill re-encodes stored histories: it needs model.cache_update=post_event "
+                              "(preset serve)")
 
     def request_stop(self, reason: str = "signal") -> None:
         """Finish the current batch, snapshot, return from run(). Safe in a signal handler."""
@@ -216,6 +234,8 @@ class StreamWorker:
                 log.info("worker_started", topic=self.config.topic, applied=self.progress.applied,
                          batch_size=self.config.batch_size, until_end=self.config.until_end,
                          model_version=self.bundle.version, restored_seq=self.restored_seq, lineage=self.lineage)
+                if self.progress.applied:  # a stop may have skipped the check at the restored boundary
+                    self.adopt_due_version()
                 self._loop()
                 self._final_snapshot()
                 if self.replicas is not None:  # only after a clean stop: on an error the followers lose rank 0
@@ -245,6 +265,7 @@ class StreamWorker:
                 self.replicas.send("idle" if batch is None else "batch", batch)
             if batch is not None:
                 self.apply(batch)
+                self.adopt_due_version()  # before any snapshot of this boundary (exactly-once swaps)
                 if self.config.max_events and self._run_applied >= self.config.max_events:
                     self._stop_reason = self._stop_reason or "max_events"
             if self._stop_reason is None and self._snapshot_due():
@@ -341,6 +362,87 @@ class StreamWorker:
 
     # -- snapshots --
 
+    # -- model versions (online learning) --
+
+    def adopt_due_version(self) -> None:
+        """Between batches: switch to the version `VersionAdoption` says is due, if any."""
+        if self.adoption is None:
+            return
+        due = self.adoption.due(dict(self.source.positions()), self.progress.applied,
+                                lambda: self._stop_reason is not None)
+        if due is not None:
+            self._swap(due)
+        self._backfill()
+        self._observe_versions()
+
+    def _swap(self, manifest: VersionManifest) -> None:
+        assert self.versions is not None and self.adoption is not None
+        started = time.perf_counter()
+        bundle = bundle_from_version(self.versions, manifest.name, self.bundle)
+        with self.lock:  # readers never see a half-swapped model (the cold-start encoder reads self.bundle)
+            self.bundle = bundle
+        if self.replicas is not None:  # every rank switches before the same batch
+            self.replicas.send("model", {k: v.cpu() for k, v in bundle.model.state_dict().items()})
+        self.adoption.current_seq = manifest.seq
+        self._backfilled[:] = False
+        self.model_history = (self.model_history + [{
+            "version": manifest.name, "model_version": bundle.version, "applied_events": self.progress.applied,
+            "store_events": int(self.store.users.history.events),
+            "offsets": {str(k): int(v) for k, v in sorted(self.source.positions().items())}}])[-_HISTORY_KEPT:]
+        self._swapped_at = time.time()
+        self.versions.pin(str(self.snapshots.root if self.snapshots else id(self)), self._pinned_versions())
+        fault_point("model_swapped")
+        pause = time.perf_counter() - started
+        self.metrics.swap_pause.observe(pause)
+        log.info("model_swapped", version=manifest.name, model_version=bundle.version, applied=self.progress.applied,
+                 trained_through=manifest.trained_through.events, pause_ms=round(pause * 1000, 3))
+
+    @torch.no_grad()
+    def _backfill(self) -> None:
+        """`--backfill K`: re-encode the K most popular items last written by older weights (from
+        their stored histories, what the next event would read) and write them; post_event caches."""
+        if not self.config.backfill or not self.model_history:
+            return
+        items = self.store.items
+        n = len(items)
+        stale = (items.history.counts[:n] > 0) & (items.history.pop_at[:n] < self.model_history[-1]["store_events"])
+        candidates = np.flatnonzero(stale & ~self._item_backfilled(n))
+        if not len(candidates):
+            return
+        popularity = items.history.popularity(candidates)
+        chosen = candidates[np.argsort(-popularity, kind="stable")[: self.config.backfill]]
+        device = next(self.bundle.model.parameters()).device
+        x = encode_sequences(self.bundle.model, stored_sequences(self.store, Kind.ITEM, chosen, device,
+                                                                 self.bundle.cache))
+        with self.lock:
+            items.vectors.put(torch.from_numpy(chosen), x)
+        self._backfilled[chosen] = True
+
+    def _item_backfilled(self, n: int) -> np.ndarray:
+        if len(self._backfilled) < n:
+            self._backfilled = np.concatenate([self._backfilled, np.zeros(max(n, 2 * len(self._backfilled))
+                                                                          - len(self._backfilled), dtype=bool)])
+        return self._backfilled[:n]
+
+    def _pinned_versions(self) -> list[str]:
+        """The versions kept snapshots may name (their model history): `collect` keeps them."""
+        return [entry["version"] for entry in self.model_history]
+
+    def _observe_versions(self) -> None:
+        """Gauges: the version in use, seconds since the last swap, share of vectors written by older weights."""
+        since = self.model_history[-1]["store_events"] if self.model_history else 0
+        shares = {}
+        for kind, table in (("user", self.store.users), ("item", self.store.items)):
+            n = len(table)
+            written = table.history.counts[:n] > 0
+            stale = written & (table.history.pop_at[:n] < since)
+            if kind == "item":
+                stale &= ~self._item_backfilled(n)
+            shares[kind] = float(stale.sum() / max(int(written.sum()), 1))
+        seq = self.adoption.current_seq if self.adoption is not None else 0
+        self.metrics.set_versions(seq, time.time() - self._swapped_at, shares)
+        self.stale_share = shares
+
     def _snapshot_due(self) -> bool:
         if self.state is None:
             return False
@@ -356,8 +458,10 @@ class StreamWorker:
         started = time.perf_counter()
         self.progress.offsets = dict(self.source.positions())  # flushes dead letters first
         log.info("snapshot_writing", applied=self.progress.applied, offsets=self.progress.offsets)
-        meta = self.state.meta(self.progress, self.bundle, self._seen_poison)
-        path = self.state.write(meta, None if self.replicas is None else self.replicas.check)
+        meta = self.state.meta(self.progress, self.bundle, self._seen_poison, {"model_versions": self.model_history})
+        path = self.state.write(meta, None if self.replicas is None else self.replicas.check,
+                                {"backfilled_items": self._backfilled[: len(self.store.items)].copy()}
+                                if self.config.backfill else None)
         seconds = time.perf_counter() - started
         self.metrics.snapshot_duration.observe(seconds)
         self._snapshots_written += 1
@@ -394,12 +498,21 @@ class StreamWorker:
         if restored is None:
             return None
         self.progress, self.restored_seq = restored.progress, restored.seq
+        done = np.asarray(restored.extra.get("backfilled_items", np.zeros(0, dtype=bool)), dtype=bool)
+        self._backfilled = np.zeros(max(len(done), 1024), dtype=bool)
+        self._backfilled[: len(done)] = done
         self._snapshot_applied = self.progress.applied
         return dict(self.progress.offsets)
 
     def _accept_model(self, meta: Mapping[str, Any], path: Path) -> None:
-        """A snapshot's store was written by model `meta["model_version"]`: continue only with it,
-        unless `allow_model_change`."""
+        """A snapshot's store was written by model `meta["model_version"]`: continue with that model.
+        A snapshot made after a swap names its published version: it is loaded from --models-dir
+        (never silently the --checkpoint); else the checkpoint must be the snapshot's, unless
+        `allow_model_change`."""
+        history = list(meta.get("model_versions") or [])
+        if history:
+            self._restore_version(history, meta, path)
+            return
         if meta["model_version"] == self.bundle.version:
             return
         if not self.config.allow_model_change:
@@ -410,12 +523,27 @@ class StreamWorker:
                 "old representations and continue with the new model")
         log.warning("snapshot_model_changed", old=meta["model_version"], new=self.bundle.version)
 
+    def _restore_version(self, history: list[dict[str, Any]], meta: Mapping[str, Any], path: Path) -> None:
+        name = str(history[-1]["version"])
+        if self.versions is None or self.adoption is None:
+            raise ModelError(f"snapshot {path} was made with the published model version {name}: give the "
+                             "--models-dir it came from (the worker never falls back to --checkpoint silently)")
+        bundle = bundle_from_version(self.versions, name, self.bundle)
+        if bundle.version != meta["model_version"]:
+            raise ModelError(f"model version {name} in {self.versions.root} has weights {bundle.version}, but "
+                             f"snapshot {path} was made with {meta['model_version']}: another --models-dir?")
+        self.bundle, self.model_history = bundle, history
+        self.adoption.current_seq = self.versions.manifest(name).seq
+        self._swapped_at = time.time()
+        log.info("model_version_restored", version=name, model_version=bundle.version)
+
     def _result(self, seconds: float) -> WorkerResult:
         p = self.progress
         return WorkerResult(self._run_applied, p.applied, p.batches, p.dead_letters, p.late, self._snapshots_written,
                             self.restored_seq, dict(p.offsets), round(seconds, 3),
                             round(self._run_applied / seconds, 1) if seconds > 0 else 0.0,
-                            self._stop_reason or "unknown", len(self.store.users), len(self.store.items))
+                            self._stop_reason or "unknown", len(self.store.users), len(self.store.items),
+                            self.model_history[-1]["version"] if self.model_history else "")
 
 
 def _utc_now() -> str:

@@ -68,6 +68,7 @@ class Restored:
     seq: int
     lineage: str
     meta: Mapping[str, Any]
+    extra: Mapping[str, Any]  # what `write(..., extra=)` stored beside the store
 
 
 class CountingDeadLetters:
@@ -125,6 +126,7 @@ class WorkerSnapshots:
         self.lock, self.dead_letters = lock, dead_letters
         self.lineage = uuid.uuid4().hex[:16]  # a new history unless a snapshot is restored
         self.dlq_restored = 0
+        self._extra: dict[str, Any] = {}
 
     # -- writing --
 
@@ -143,12 +145,13 @@ class WorkerSnapshots:
                 "configs": {k: to_dict(getattr(bundle.configs, k)) for k in ("encoder", "model", "cache", "scoring")},
                 **dict(extra or {})}
 
-    def write(self, meta: Mapping[str, Any], check: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    def write(self, meta: Mapping[str, Any], check: Callable[[dict[str, Any]], None] | None = None,
+              extra: Mapping[str, Any] | None = None) -> Path:
         """Durably write the store with `meta`, then delete spill files nothing refers to any more.
 
         No query lock: the caller is the store's only writer and runs between batches, so the copy
         cannot be torn; holding the lock would stall queries for the whole copy (~1 s at 1M)."""
-        state = {"store": self.store.state_dict()}
+        state = {"store": self.store.state_dict(), **dict(extra or {})}
         if check is not None:
             check(state["store"])  # data-parallel: what is written is every rank's state
         refs = {f"{SPILL_DIR}/{name}": info for name, info in self.store.spill_refs().items()}
@@ -187,7 +190,7 @@ class WorkerSnapshots:
         self.collect_spill()  # files a crashed run wrote after this snapshot
         log.info("worker_restored", seq=snapshot.seq, applied=progress.applied, offsets=progress.offsets,
                  users=len(self.store.users), items=len(self.store.items), lineage=self.lineage)
-        return Restored(progress, snapshot.seq, self.lineage, meta)
+        return Restored(progress, snapshot.seq, self.lineage, meta, self._extra)
 
     def _load_snapshot(self, snapshot: Snapshot) -> str | None:
         """Check a snapshot, then load its store; returns why the topic differs (nothing loaded then).
@@ -200,8 +203,10 @@ class WorkerSnapshots:
         if why is not None:
             return why
         try:
+            state = snapshot.state()
             with self.lock:
-                self.store.load_state_dict(snapshot.state()["store"])
+                self.store.load_state_dict(state["store"])
+            self._extra = {k: v for k, v in state.items() if k != "store"}
         except StoreError as exc:
             raise SnapshotCorrupt(f"its store state does not load: {exc}") from None
         return None

@@ -23,7 +23,8 @@ from felrec_stream.config import CacheConfig, WorkerConfig, literal_choices
 _W = WorkerConfig()  # the defaults the help texts show
 # Options that set fields of the `worker` config section (config file < FELREC_WORKER__<FIELD> < option).
 _WORKER_OPTIONS = ("topic", "batch_size", "max_wait_ms", "until_end", "max_events", "snapshot_every_events",
-                   "snapshot_every_seconds", "keep_snapshots", "allow_model_change", "reset_state", "group_id")
+                   "snapshot_every_seconds", "keep_snapshots", "allow_model_change", "reset_state", "group_id",
+                   "models_dir", "backfill")
 
 
 @cli.command("consume")
@@ -66,6 +67,11 @@ _WORKER_OPTIONS = ("topic", "batch_size", "max_wait_ms", "until_end", "max_event
                    "offsets instead of refusing. A usable snapshot is always restored.")
 @click.option("--group-id", default=None,
               help="Consumer group for monitoring commits [default: felrec-consume-<topic>].")
+@click.option("--models-dir", default=None, type=click.Path(file_okay=False),
+              help="Adopt the weight versions `felrec-stream learn` publishes here (between batches, exactly once).")
+@click.option("--backfill", default=None, type=click.IntRange(min=0),
+              help="After each batch, re-encode the K most popular items written by older weights "
+                   f"[default: {_W.backfill}].")
 @click.option("--serve", is_flag=True, help="Also answer recommendation queries over HTTP from the live store.")
 @click.option("--http-host", default="127.0.0.1", show_default=True,
               help="Address of the query API (no authentication: keep it on loopback unless proxied).")
@@ -146,9 +152,11 @@ def _maybe_serve(worker: Any, serve: bool, host: str, port: int) -> Iterator[Non
         return
     from felrec_stream.serving.app import ColdStartEncoder, QueryEngine, create_app, serve_in_thread
 
-    bundle = worker.bundle  # the model is in-process: unknown users get cold-start recommendations
+    # the model is in-process: unknown users get cold-start recommendations, from the weights in use
+    # (worker.bundle is read per request: online learning swaps it)
+    bundle = worker.bundle
     engine = QueryEngine(worker.store, worker.lock, scoring=bundle.configs.scoring,
-                         cold_start=ColdStartEncoder(bundle.model, bundle.cache),
+                         cold_start=lambda user_id: ColdStartEncoder(worker.bundle.model, bundle.cache)(user_id),
                          committed_sizes=worker.committed_sizes)
     worker.observers.append(engine)  # freshness and snapshot seq on /metrics and /v1/catalog
     # not ready (503) until the snapshot is restored: an empty store would answer 404s
