@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from felrec_stream.config import CacheConfig, Configs, EncoderConfig, ModelConfig, ScoringConfig  # noqa: E402
 from felrec_stream.log import configure_logging  # noqa: E402
 from felrec_stream.model.felrec import FELRec  # noqa: E402
-from felrec_stream.serving.app import QueryEngine, create_app, serve_in_thread  # noqa: E402
+from felrec_stream.serving.app import create_app, serve_in_thread  # noqa: E402
+from felrec_stream.serving.query import QueryEngine  # noqa: E402
 from felrec_stream.serving.client import FelrecClient  # noqa: E402
 from felrec_stream.state.faiss_store import make_store  # noqa: E402
 from felrec_stream.state.store import HistoryBuffer, RepresentationStore  # noqa: E402

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from felrec_stream.config import CacheConfig, to_dict
 from felrec_stream.errors import ServiceError, StoreError
 from felrec_stream.log import get_logger
+from felrec_stream.serving.snapshots import cache_config_from_meta, load_store_from_snapshot
 from felrec_stream.state.faiss_store import ShardedFaissVectors
 from felrec_stream.state.snapshot import LOAD_ERRORS, SnapshotManager
 from felrec_stream.state.store import EntityTable, Kind, RepresentationStore
@@ -122,10 +123,8 @@ def export_store(store: RepresentationStore, out_dir: str | Path, cache: CacheCo
 def export_snapshot(snapshot_dir: str | Path, out_dir: str | Path,
                     cache_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Export the newest snapshot under `snapshot_dir` that verifies and loads (see
-    serving.load_store_from_snapshot); one that does not load is skipped for the previous one, and
+    serving.snapshots.load_store_from_snapshot); one that does not load is skipped for the previous one, and
     one the worker prunes while it is read is replaced by the newer one."""
-    from felrec_stream.serving.app import cache_config_from_meta, load_store_from_snapshot
-
     found = SnapshotManager(snapshot_dir).load_newest(lambda snap: load_store_from_snapshot(snap, cache_overrides),
                                                       skip=LOAD_ERRORS + (StoreError, ServiceError))
     if found is None:

@@ -15,7 +15,7 @@ import torch
 from felrec_stream.config import EvalConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.state.faiss_store import make_store
-from felrec_stream.serving.app import ColdStartEncoder, QueryEngine
+from felrec_stream.serving.query import ColdStartEncoder, QueryEngine
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.stream.events import iter_batches
 from felrec_stream.stream.source import InMemorySource

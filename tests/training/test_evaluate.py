@@ -9,7 +9,7 @@ import torch
 from felrec_stream.config import CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, ScoringConfig
 from felrec_stream.data.synthetic import SyntheticConfig, generate
 from felrec_stream.model.felrec import FELRec
-from felrec_stream.serving.app import QueryEngine
+from felrec_stream.serving.query import QueryEngine
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches, make_events
