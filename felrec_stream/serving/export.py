@@ -38,8 +38,9 @@ import pyarrow.parquet as pq
 from felrec_stream.config import CacheConfig, to_dict
 from felrec_stream.errors import ServiceError, StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.serving.snapshots import cache_config_from_meta, load_store_from_snapshot
+from felrec_stream.serving.snapshots import load_store_from_snapshot
 from felrec_stream.state.faiss_store import ShardedFaissVectors
+from felrec_stream.state.meta import SnapshotMeta
 from felrec_stream.state.snapshot import LOAD_ERRORS, SnapshotManager
 from felrec_stream.state.store import EntityTable, Kind, RepresentationStore
 
@@ -130,7 +131,8 @@ def export_snapshot(snapshot_dir: str | Path, out_dir: str | Path,
     if found is None:
         raise ServiceError(f"no valid snapshot under {snapshot_dir}")
     snapshot, store = found
-    cache = cache_config_from_meta(snapshot.meta, {**dict(cache_overrides or {}), "history_len": store.history_len})
+    overrides = {**dict(cache_overrides or {}), "history_len": store.history_len}
+    cache = SnapshotMeta.from_dict(snapshot.meta).cache_config(overrides)
     source = {"snapshot_dir": str(snapshot_dir), "snapshot_seq": snapshot.seq,
               "snapshot_created_at": snapshot.created_at}
     return export_store(store, out_dir, cache, source)

@@ -11,9 +11,9 @@
 
 Snapshot layout read here (the worker writes it; `snapshot_state` builds it):
 `SnapshotManager.write_state({"store": store.state_dict(), ...anything else},
-meta={"cache": to_dict(cache_config), ...})`. A state that *is* a store state_dict (keys dim,
-history_len, users, items) is accepted too, and the cache config may also sit under
-meta["config"]["cache"] / meta["configs"]["cache"]; missing -> CacheConfig() defaults.
+meta=SnapshotMeta(cache=to_dict(cache_config), ...).to_dict())`. A state that *is* a store
+state_dict (keys dim, history_len, users, items) is accepted too. Every meta is parsed through
+`state.meta.SnapshotMeta.from_dict` (where the cache config may sit in older snapshots, defaults).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from felrec_stream.config import CacheConfig, ScoringConfig, from_dict, to_dict
+from felrec_stream.config import CacheConfig, to_dict
 from felrec_stream.errors import ServiceError
 from felrec_stream.log import get_logger
 from felrec_stream.serving.query import QueryEngine
 from felrec_stream.state.faiss_store import make_store
+from felrec_stream.state.meta import SnapshotMeta
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.state.store import RepresentationStore
@@ -39,18 +40,7 @@ log = get_logger(__name__)
 
 def snapshot_state(store: RepresentationStore, cache: CacheConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) to pass to SnapshotManager.write_state; the worker adds its own keys to both."""
-    return {"store": store.state_dict()}, {"cache": to_dict(cache)}
-
-
-def cache_config_from_meta(meta: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> CacheConfig:
-    """The snapshot's cache config (see module docstring for where it may sit) plus overrides."""
-    values: dict[str, Any] = {}
-    for holder in (meta, meta.get("config") or {}, meta.get("configs") or {}):
-        if isinstance(holder, Mapping) and isinstance(holder.get("cache"), Mapping):
-            values = dict(holder["cache"])
-            break
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return from_dict(CacheConfig, values, "cache")
+    return {"store": store.state_dict()}, SnapshotMeta(cache=to_dict(cache)).to_dict()
 
 
 def load_store_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, Any] | None = None,
@@ -60,32 +50,24 @@ def load_store_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, A
     `cache_overrides` (e.g. {"index_type": "hnsw", "shards": 4}) let a read replica index the same
     vectors differently from the worker; history_len always comes from the stored state.
     """
+    meta = SnapshotMeta.from_dict(snapshot.meta)
     state = snapshot.state()
     store_state = state["store"] if "store" in state else state
     if not {"dim", "history_len", "users", "items"} <= set(store_state):
         raise ServiceError(f"snapshot {snapshot.path} holds no representation store state")
-    cache = cache_config_from_meta(snapshot.meta, {**dict(cache_overrides or {}),
-                                                  "history_len": int(store_state["history_len"])})
+    cache = meta.cache_config({**dict(cache_overrides or {}), "history_len": int(store_state["history_len"])})
     store = make_store(int(store_state["dim"]), cache, device, spill_dir=snapshot.path.parent / SPILL_DIR,
                        spill_read_only=True)
     store.load_state_dict(store_state)
     return store
 
 
-def scoring_config_from_meta(meta: Mapping[str, Any]) -> ScoringConfig:
-    """The scoring config the worker recorded (meta["configs"]["scoring"]); missing -> defaults
-    (weight 0: cosine only, as snapshots written before the popularity prior were served)."""
-    configs = meta.get("configs") or {}
-    values = configs.get("scoring") if isinstance(configs, Mapping) else None
-    return from_dict(ScoringConfig, dict(values) if isinstance(values, Mapping) else {}, "scoring")
-
-
 def engine_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, Any] | None = None) -> QueryEngine:
-    """A read replica's engine: no model, so unknown users are 404 (no cold start)."""
+    """A read replica's engine, pinned to `snapshot` (its seq, time and recorded scoring config);
+    no model, so unknown users are 404 (no cold start)."""
     store = load_store_from_snapshot(snapshot, cache_overrides)
-    return QueryEngine(store, scoring=scoring_config_from_meta(snapshot.meta), snapshot_seq=snapshot.seq,
-                       snapshot_created_at=snapshot.created_at)
-
+    return QueryEngine(store, scoring=SnapshotMeta.from_dict(snapshot.meta).scoring_config(),
+                       snapshot_seq=snapshot.seq, snapshot_created_at=snapshot.created_at)
 
 
 class SnapshotFollower:
@@ -140,7 +122,7 @@ class SnapshotFollower:
     def _is_newer(self, seq: int, meta: Mapping[str, Any]) -> bool:
         if self._engine is None:
             return True
-        return meta.get("lineage") != self._lineage or seq > (self.seq or 0)
+        return SnapshotMeta.from_dict(meta).lineage != self._lineage or seq > (self.seq or 0)
 
     def _directory_state(self) -> tuple[int | None, int | None]:
         """Cheap (no checksums): CURRENT's seq and the newest directory's seq."""
