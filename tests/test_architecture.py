@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOUNDATION_MODULES = ("config", "errors", "log", "device", "faults", "progress")
+FOUNDATION_MODULES = ("config", "errors", "log", "device", "faults", "progress", "scoring")
 FOUNDATIONS = frozenset(f"felrec_stream.{name}" for name in FOUNDATION_MODULES)
 PURE = frozenset({"torch", "numpy", "felrec_stream.config", "felrec_stream.errors", "felrec_stream.model"})
 READ_SIDE = frozenset({"felrec_stream.serving", "felrec_stream.cli"})
