@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from felrec_stream.config import EVAL_MODES, CacheConfig, ScoringConfig
 from felrec_stream.errors import ModelError
 from felrec_stream.model.felrec import FELRec, adapting_norms
-from felrec_stream.model.ranking import nearest_neighbour_queries
+from felrec_stream.model.metrics import nearest_neighbour_queries
 from felrec_stream.state.checkpoint import Checkpoint
 from felrec_stream.parallel import Ranks
 from felrec_stream.scoring import halflife_decay, in_batch_popularity, log_popularity, with_prior
