@@ -42,7 +42,9 @@ import torch  # noqa: E402
 from felrec_stream.config import CacheConfig, Configs, EncoderConfig, ModelConfig, ScoringConfig  # noqa: E402
 from felrec_stream.log import configure_logging  # noqa: E402
 from felrec_stream.model.felrec import FELRec  # noqa: E402
-from felrec_stream.serving.app import QueryEngine, create_app, serve_in_thread  # noqa: E402
+from felrec_stream.scoring import popularity_prior  # noqa: E402
+from felrec_stream.serving.app import create_app, serve_in_thread  # noqa: E402
+from felrec_stream.serving.query import QueryEngine  # noqa: E402
 from felrec_stream.serving.client import FelrecClient  # noqa: E402
 from felrec_stream.state.faiss_store import make_store  # noqa: E402
 from felrec_stream.state.store import HistoryBuffer, RepresentationStore  # noqa: E402
@@ -108,7 +110,7 @@ def count_events(history: HistoryBuffer, events: np.ndarray) -> None:
 def exact_answers(data: Data, popularity: HistoryBuffer, weight: float) -> list[np.ndarray]:
     """The exact served top 10 (slots) of every query user: every item scored in numpy."""
     unit = data.items / np.linalg.norm(data.items, axis=1, keepdims=True)
-    prior = (weight * np.log1p(popularity.popularity(np.arange(len(unit))))).astype(np.float32)
+    prior = popularity_prior(popularity.popularity(np.arange(len(unit))), weight).astype(np.float32)
     out = []
     for lo in range(0, len(data.query_users), 50):
         users = data.query_users[lo:lo + 50]

@@ -106,6 +106,7 @@ from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
 from felrec_stream.parallel import Ranks
 from felrec_stream.state.engine import commit_batch, encode_sequences, infer_encodings, stored_sequences
+from felrec_stream.state.meta import ModelSwap, SnapshotMeta
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
 from felrec_stream.state.versions import VersionManifest, VersionStore, shape_digest
@@ -198,13 +199,13 @@ class StreamWorker:
         self._snapshot_time = clock()
         self._seen_poison = 0
         self._seen_late = 0
-        self.observers: list[WorkerObserver] = []  # read side, e.g. serving.app.QueryEngine
+        self.observers: list[WorkerObserver] = []  # read side, e.g. serving.query.QueryEngine
         self._committed = {Kind.USER: len(store.users), Kind.ITEM: len(store.items)}
         # online learning (pipelines/adoption.py): the published versions and the ones applied so far
         self.versions = VersionStore(config.models_dir) if config.models_dir else None
         self.adoption = None if self.versions is None else VersionAdoption(
             self.versions, shape_digest(bundle.configs), config.until_end)
-        self.model_history: list[dict[str, Any]] = []  # {version, model_version, applied_events, store_events, offsets}
+        self.model_history: list[ModelSwap] = []  # the versions switched to, oldest first (kept in snapshots)
         self._swapped_at = time.time()
         self.stale_share: dict[str, float] = {}
         self._backfilled = np.zeros(1024, dtype=bool)  # item slots re-encoded by `--backfill` since the last swap
@@ -385,10 +386,9 @@ class StreamWorker:
             self.replicas.send("model", {k: v.cpu() for k, v in bundle.model.state_dict().items()})
         self.adoption.current_seq = manifest.seq
         self._backfilled[:] = False
-        self.model_history = (self.model_history + [{
-            "version": manifest.name, "model_version": bundle.version, "applied_events": self.progress.applied,
-            "store_events": int(self.store.users.history.events),
-            "offsets": {str(k): int(v) for k, v in sorted(self.source.positions().items())}}])[-_HISTORY_KEPT:]
+        swap = ModelSwap(manifest.name, bundle.version, self.progress.applied, int(self.store.users.history.events),
+                         dict(self.source.positions()))
+        self.model_history = (self.model_history + [swap])[-_HISTORY_KEPT:]
         self._swapped_at = time.time()
         self.versions.pin(str(self.snapshots.root if self.snapshots else id(self)), self._pinned_versions())
         fault_point("model_swapped")
@@ -405,7 +405,7 @@ class StreamWorker:
             return
         items = self.store.items
         n = len(items)
-        stale = (items.history.counts[:n] > 0) & (items.history.pop_at[:n] < self.model_history[-1]["store_events"])
+        stale = (items.history.counts[:n] > 0) & (items.history.pop_at[:n] < self.model_history[-1].store_events)
         candidates = np.flatnonzero(stale & ~self._item_backfilled(n))
         if not len(candidates):
             return
@@ -426,11 +426,11 @@ class StreamWorker:
 
     def _pinned_versions(self) -> list[str]:
         """The versions kept snapshots may name (their model history): `collect` keeps them."""
-        return [entry["version"] for entry in self.model_history]
+        return [swap.version for swap in self.model_history]
 
     def _observe_versions(self) -> None:
         """Gauges: the version in use, seconds since the last swap, share of vectors written by older weights."""
-        since = self.model_history[-1]["store_events"] if self.model_history else 0
+        since = self.model_history[-1].store_events if self.model_history else 0
         shares = {}
         for kind, table in (("user", self.store.users), ("item", self.store.items)):
             n = len(table)
@@ -458,7 +458,7 @@ class StreamWorker:
         started = time.perf_counter()
         self.progress.offsets = dict(self.source.positions())  # flushes dead letters first
         log.info("snapshot_writing", applied=self.progress.applied, offsets=self.progress.offsets)
-        meta = self.state.meta(self.progress, self.bundle, self._seen_poison, {"model_versions": self.model_history})
+        meta = self.state.meta(self.progress, self.bundle, self._seen_poison, self.model_history)
         path = self.state.write(meta, None if self.replicas is None else self.replicas.check,
                                 {"backfilled_items": self._backfilled[: len(self.store.items)].copy()}
                                 if self.config.backfill else None)
@@ -504,34 +504,33 @@ class StreamWorker:
         self._snapshot_applied = self.progress.applied
         return dict(self.progress.offsets)
 
-    def _accept_model(self, meta: Mapping[str, Any], path: Path) -> None:
-        """A snapshot's store was written by model `meta["model_version"]`: continue with that model.
+    def _accept_model(self, meta: SnapshotMeta, path: Path) -> None:
+        """A snapshot's store was written by model `meta.model_version`: continue with that model.
         A snapshot made after a swap names its published version: it is loaded from --models-dir
         (never silently the --checkpoint); else the checkpoint must be the snapshot's, unless
         `allow_model_change`."""
-        history = list(meta.get("model_versions") or [])
-        if history:
-            self._restore_version(history, meta, path)
+        if meta.model_versions:
+            self._restore_version(list(meta.model_versions), meta, path)
             return
-        if meta["model_version"] == self.bundle.version:
+        if meta.model_version == self.bundle.version:
             return
         if not self.config.allow_model_change:
             raise ModelError(
-                f"snapshot {path} was made with model version {meta['model_version']} "
-                f"({meta.get('checkpoint')}), this checkpoint is {self.bundle.version} ({self.bundle.path}); "
+                f"snapshot {path} was made with model version {meta.model_version} "
+                f"({meta.checkpoint}), this checkpoint is {self.bundle.version} ({self.bundle.path}); "
                 "use the same checkpoint, another --snapshot-dir, or --allow-model-change to keep the "
                 "old representations and continue with the new model")
-        log.warning("snapshot_model_changed", old=meta["model_version"], new=self.bundle.version)
+        log.warning("snapshot_model_changed", old=meta.model_version, new=self.bundle.version)
 
-    def _restore_version(self, history: list[dict[str, Any]], meta: Mapping[str, Any], path: Path) -> None:
-        name = str(history[-1]["version"])
+    def _restore_version(self, history: list[ModelSwap], meta: SnapshotMeta, path: Path) -> None:
+        name = history[-1].version
         if self.versions is None or self.adoption is None:
             raise ModelError(f"snapshot {path} was made with the published model version {name}: give the "
                              "--models-dir it came from (the worker never falls back to --checkpoint silently)")
         bundle = bundle_from_version(self.versions, name, self.bundle)
-        if bundle.version != meta["model_version"]:
+        if bundle.version != meta.model_version:
             raise ModelError(f"model version {name} in {self.versions.root} has weights {bundle.version}, but "
-                             f"snapshot {path} was made with {meta['model_version']}: another --models-dir?")
+                             f"snapshot {path} was made with {meta.model_version}: another --models-dir?")
         self.bundle, self.model_history = bundle, history
         self.adoption.current_seq = self.versions.manifest(name).seq
         self._swapped_at = time.time()
@@ -543,7 +542,7 @@ class StreamWorker:
                             self.restored_seq, dict(p.offsets), round(seconds, 3),
                             round(self._run_applied / seconds, 1) if seconds > 0 else 0.0,
                             self._stop_reason or "unknown", len(self.store.users), len(self.store.items),
-                            self.model_history[-1]["version"] if self.model_history else "")
+                            self.model_history[-1].version if self.model_history else "")
 
 
 def _utc_now() -> str:

@@ -30,12 +30,13 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from felrec_stream.config import WorkerConfig, to_dict
 from felrec_stream.errors import ConfigError, StoreError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
+from felrec_stream.state.meta import ModelSwap, SnapshotMeta
 from felrec_stream.state.snapshot import Snapshot, SnapshotCorrupt, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.state.store import RepresentationStore
@@ -67,7 +68,7 @@ class Restored:
     progress: Progress
     seq: int
     lineage: str
-    meta: Mapping[str, Any]
+    meta: SnapshotMeta
     extra: Mapping[str, Any]  # what `write(..., extra=)` stored beside the store
 
 
@@ -131,21 +132,20 @@ class WorkerSnapshots:
     # -- writing --
 
     def meta(self, progress: Progress, bundle: ModelBundle, dead_seen: int,
-             extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The snapshot's metadata (serving and `export` read it)."""
+             model_versions: Sequence[ModelSwap] = ()) -> SnapshotMeta:
+        """The snapshot's metadata (the worker's restore, serving and `export` parse it)."""
         dead = self.dlq_restored + (self.dead_letters.settle(progress.offsets) if self.dead_letters is not None
                                     else dead_seen)
-        return {"kind": SNAPSHOT_KIND, "format": SNAPSHOT_FORMAT, "topic": self.config.topic,
-                "lineage": self.lineage, "topic_identity": self.source.identity(),
-                "offsets": {str(k): int(v) for k, v in sorted(progress.offsets.items())},
-                "applied_events": progress.applied, "batches": progress.batches, "dead_letters": dead,
-                "late_events": progress.late, "batch_size": self.config.batch_size,
-                "model_version": bundle.version, "checkpoint": bundle.path,
-                "cache": to_dict(bundle.cache),  # as run (shards, index); serving reads it
-                "configs": {k: to_dict(getattr(bundle.configs, k)) for k in ("encoder", "model", "cache", "scoring")},
-                **dict(extra or {})}
+        return SnapshotMeta(
+            kind=SNAPSHOT_KIND, format=SNAPSHOT_FORMAT, topic=self.config.topic, lineage=self.lineage,
+            topic_identity=self.source.identity(), offsets=dict(progress.offsets), applied_events=progress.applied,
+            batches=progress.batches, dead_letters=dead, late_events=progress.late,
+            batch_size=self.config.batch_size, model_version=bundle.version, checkpoint=bundle.path,
+            cache=to_dict(bundle.cache),  # as run (shards, index); serving reads it
+            configs={k: to_dict(getattr(bundle.configs, k)) for k in ("encoder", "model", "cache", "scoring")},
+            model_versions=tuple(model_versions))
 
-    def write(self, meta: Mapping[str, Any], check: Callable[[dict[str, Any]], None] | None = None,
+    def write(self, meta: SnapshotMeta, check: Callable[[dict[str, Any]], None] | None = None,
               extra: Mapping[str, Any] | None = None) -> Path:
         """Durably write the store with `meta`, then delete spill files nothing refers to any more.
 
@@ -155,7 +155,7 @@ class WorkerSnapshots:
         if check is not None:
             check(state["store"])  # data-parallel: what is written is every rank's state
         refs = {f"{SPILL_DIR}/{name}": info for name, info in self.store.spill_refs().items()}
-        path = self.manager.write_state(state, dict(meta), refs=refs)
+        path = self.manager.write_state(state, meta.to_dict(), refs=refs)
         self.collect_spill()
         return path
 
@@ -170,7 +170,7 @@ class WorkerSnapshots:
 
     # -- restoring --
 
-    def restore(self, accept_model: Callable[[Mapping[str, Any], Path], None]) -> Restored | None:
+    def restore(self, accept_model: Callable[[SnapshotMeta, Path], None]) -> Restored | None:
         """Load the newest usable snapshot into the (empty) store; None: start from the beginning."""
         self._accept_model = accept_model
         found = self.manager.load_newest(self._load_snapshot)
@@ -182,9 +182,10 @@ class WorkerSnapshots:
         if found is None:
             self._check_fresh_start()
             return None
-        snapshot, meta = found[0], found[0].meta
-        progress = Progress(int(meta["applied_events"]), int(meta["batches"]), int(meta["dead_letters"]),
-                            int(meta["late_events"]), {int(k): int(v) for k, v in meta["offsets"].items()})
+        snapshot = found[0]
+        meta = SnapshotMeta.from_dict(snapshot.meta)
+        progress = Progress(meta.applied_events, meta.batches, meta.dead_letters, meta.late_events,
+                            dict(meta.offsets))
         self.lineage = snapshot.lineage or self.lineage
         self.dlq_restored = progress.dead_letters
         self.collect_spill()  # files a crashed run wrote after this snapshot
@@ -199,7 +200,7 @@ class WorkerSnapshots:
         raises SnapshotCorrupt, so the previous snapshot is tried.
         """
         self._check_snapshot(snapshot)
-        why = self.source.verify_identity(snapshot.meta.get("topic_identity") or {})
+        why = self.source.verify_identity(SnapshotMeta.from_dict(snapshot.meta).topic_identity)
         if why is not None:
             return why
         try:
@@ -233,16 +234,15 @@ class WorkerSnapshots:
         self.manager.discard_all()
 
     def _check_snapshot(self, snapshot: Snapshot) -> None:
-        meta = snapshot.meta
-        if meta.get("kind") != SNAPSHOT_KIND or meta.get("format") != SNAPSHOT_FORMAT:
-            raise StoreError(f"{snapshot.path} is not a worker snapshot (kind={meta.get('kind')!r}, "
-                             f"format={meta.get('format')!r})")
-        if meta["topic"] != self.config.topic:
-            raise StoreError(f"snapshot {snapshot.path} was made from topic {meta['topic']!r}, not "
+        meta = SnapshotMeta.from_dict(snapshot.meta)
+        if meta.kind != SNAPSHOT_KIND or meta.format != SNAPSHOT_FORMAT:
+            raise StoreError(f"{snapshot.path} is not a worker snapshot (kind={meta.kind!r}, format={meta.format!r})")
+        if meta.topic != self.config.topic:
+            raise StoreError(f"snapshot {snapshot.path} was made from topic {meta.topic!r}, not "
                              f"{self.config.topic!r}: use another --snapshot-dir per topic")
         self._accept_model(meta, snapshot.path)
-        if meta["batch_size"] != self.config.batch_size:
-            log.warning("snapshot_batch_size_changed", old=meta["batch_size"], new=self.config.batch_size,
+        if meta.batch_size != self.config.batch_size:
+            log.warning("snapshot_batch_size_changed", old=meta.batch_size, new=self.config.batch_size,
                         hint="batch boundaries differ from the run that wrote the snapshot")
 
 

@@ -4,7 +4,8 @@ direction"); change both together.
 Top level: pipelines -> connectors -> felrec_stream; training -> felrec_stream; only the CLI
 package (felrec_stream/cli), the composition root, may import everything. Inside felrec_stream the
 foundations import only each other, state never imports the read side, stream and data never
-import state, and model code (felrec_stream/model, the baselines' models) is pure.
+import state, model code (felrec_stream/model, the baselines' models) is pure, and only the HTTP
+layer of the read side (serving/app.py) imports FastAPI.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOUNDATION_MODULES = ("config", "errors", "log", "device", "faults", "progress")
+FOUNDATION_MODULES = ("config", "errors", "log", "device", "faults", "progress", "scoring")
 FOUNDATIONS = frozenset(f"felrec_stream.{name}" for name in FOUNDATION_MODULES)
 PURE = frozenset({"torch", "numpy", "felrec_stream.config", "felrec_stream.errors", "felrec_stream.model"})
 READ_SIDE = frozenset({"felrec_stream.serving", "felrec_stream.cli"})
+HTTP = frozenset({"fastapi", "uvicorn", "prometheus_client", "felrec_stream.serving.app"})  # the HTTP layer only
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ RULES = [
     Rule("felrec_stream/state", deny=READ_SIDE),
     Rule("felrec_stream/stream", deny=READ_SIDE | {"felrec_stream.state"}),
     Rule("felrec_stream/data", deny=READ_SIDE | {"felrec_stream.state"}),
+    *(Rule(f"felrec_stream/serving/{name}.py", deny=HTTP) for name in ("query", "ranking", "snapshots", "export")),
 ]
 PROJECT = ("felrec_stream", "connectors", "pipelines", "training")
 

@@ -41,7 +41,7 @@ import torch
 from felrec_stream.config import Configs, EvalConfig
 from felrec_stream.data.split import Split, label_partitions
 from felrec_stream.log import get_logger
-from felrec_stream.model.ranking import hit_rate_against, normalized_rank, sample_negatives
+from felrec_stream.model.metrics import hit_rate_against, normalized_rank, sample_negatives
 from felrec_stream.progress import ProgressLog
 from felrec_stream.state.store import HistoryBuffer, IdMap
 from felrec_stream.stream.events import EventBatch, iter_batches

@@ -63,7 +63,7 @@ from felrec_stream.device import resolve_device
 from felrec_stream.errors import ConfigError, FelrecError
 from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import count_parameters
-from felrec_stream.model.ranking import NaNScoresError
+from felrec_stream.model.metrics import NaNScoresError
 from felrec_stream.state.checkpoint import load_checkpoint
 from training.baselines import build_baseline, fit, make_config
 from training.baselines.configs import config_to_dict

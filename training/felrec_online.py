@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from felrec_stream.config import EVAL_MODES, CacheConfig, ScoringConfig
 from felrec_stream.errors import ModelError
 from felrec_stream.model.felrec import FELRec, adapting_norms
-from felrec_stream.model.ranking import nearest_neighbour_queries
+from felrec_stream.model.metrics import nearest_neighbour_queries
 from felrec_stream.state.checkpoint import Checkpoint, model_from
 from felrec_stream.parallel import Ranks
+from felrec_stream.scoring import halflife_decay, in_batch_popularity, log_popularity, with_prior
 from felrec_stream.state.engine import (BatchInputs, commit_batch, encode, encode_after, encode_sequences, infer_batch,
                                         prepare_batch, previous_same, visible_updates, whole_after, whole_batch,
                                         written_vectors)
@@ -71,7 +72,7 @@ class FELRecOnline:
         """(B, C) scores, then the batch is applied to the store."""
         weight = self.scoring.popularity_weight
         similarity, prior = self.score_parts(batch, catalog, with_prior=weight != 0)
-        return similarity if prior is None else similarity.add_(prior, alpha=weight)
+        return similarity if prior is None else with_prior(similarity, prior, weight)
 
     @torch.no_grad()
     def observe(self, batch: EventBatch) -> None:
@@ -142,16 +143,11 @@ class FELRecOnline:
     def _prior(self, inputs: BatchInputs, slots: np.ndarray, col: torch.Tensor) -> torch.Tensor:
         """(B, C) log(1 + popularity) of every catalog item just before each event (exact per event:
         earlier events of the batch counted, each weighted by the store's decay)."""
-        history, B = self.store.items.history, len(col)
+        history = self.store.items.history
         present = slots >= 0
         base = np.zeros(len(slots), dtype=np.float32)
         base[present] = history.popularity(slots[present])  # before the batch
-        steps = np.arange(B)
-        decay = torch.from_numpy(history.decay(steps).astype(np.float32))  # (B,)
-        counts = torch.outer(decay, torch.from_numpy(base)).to(col.device)  # (B, C)
-        earlier = np.tril(history.decay(steps[:, None] - steps[None, :]), k=-1).astype(np.float32)  # (B, B): j < i
-        counts.index_add_(1, col, torch.from_numpy(earlier).to(col.device))
-        return counts.log1p_()
+        return log_popularity(in_batch_popularity(base, col, history.halflife))
 
     def _catalog_slots(self, catalog: ItemCatalog) -> np.ndarray:
         """(C,) store slots of the catalog items, extended incrementally as the catalog grows."""
@@ -179,16 +175,12 @@ class PopularityOnline:
         self.halflife = halflife
         self.name = "Popularity" if not halflife else f"Popularity (half-life {halflife:g} events)"
         items = [item for table in history for item in table.column("item").to_pylist()]
-        weights = self._decay(np.arange(len(items), 0, -1))  # the last history event is 1 event ago
+        weights = halflife_decay(np.arange(len(items), 0, -1), halflife)  # the last history event is 1 event ago
         self._base: dict[str, float] = {}
         for item, weight in zip(items, weights):
             self._base[item] = self._base.get(item, 0.0) + float(weight)
         self._catalog: ItemCatalog | None = None
         self._counts = np.zeros(0, dtype=np.float64)  # per catalog position, just before the next event
-
-    def _decay(self, steps: np.ndarray) -> np.ndarray:
-        steps = np.asarray(steps, dtype=np.float64)
-        return 0.5 ** (steps / self.halflife) if self.halflife else np.ones_like(steps)
 
     def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         if catalog is not self._catalog:
@@ -198,13 +190,9 @@ class PopularityOnline:
             new = np.fromiter((self._base.get(i, 0.0) for i in catalog.ids[known:]), dtype=np.float64)
             self._counts = np.concatenate([self._counts, new])
         B, col = len(batch), catalog.index(batch.item)
-        steps = np.arange(B)
-        decay = torch.from_numpy(self._decay(steps).astype(np.float32))  # (B,)
-        scores = torch.outer(decay, torch.from_numpy(self._counts.astype(np.float32)))  # (B, C) older events
-        earlier = np.tril(self._decay(steps[:, None] - steps[None, :]), k=-1).astype(np.float32)  # (i, j): j < i
-        scores.index_add_(1, torch.from_numpy(col), torch.from_numpy(earlier))
-        self._counts *= self._decay(np.asarray(B))
-        np.add.at(self._counts, col, self._decay(B - steps))
+        scores = in_batch_popularity(self._counts, torch.from_numpy(col), self.halflife)  # (B, C)
+        self._counts *= halflife_decay(B, self.halflife)
+        np.add.at(self._counts, col, halflife_decay(B - np.arange(B), self.halflife))
         return scores
 
 

@@ -146,11 +146,12 @@ def stop_on_signals(worker: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _maybe_serve(worker: Any, serve: bool, host: str, port: int) -> Iterator[None]:
-    """Query service on the live store, sharing the worker's lock (felrec_stream.serving.app)."""
+    """Query service on the live store, sharing the worker's lock (felrec_stream.serving.query, .app)."""
     if not serve:
         yield
         return
-    from felrec_stream.serving.app import ColdStartEncoder, QueryEngine, create_app, serve_in_thread
+    from felrec_stream.serving.app import create_app, serve_in_thread
+    from felrec_stream.serving.query import ColdStartEncoder, QueryEngine
 
     # the model is in-process: unknown users get cold-start recommendations, from the weights in use
     # (worker.bundle is read per request: online learning swaps it)

@@ -32,7 +32,8 @@ def _overrides(index_type: str | None, shards: int | None) -> dict[str, Any]:
 def serve(snapshot_dir: Path, host: str, port: int, poll_seconds: float, index_type: str | None,
           shards: int | None) -> None:
     """Serve top-k recommendations and similarities from the newest snapshot, following new ones."""
-    from felrec_stream.serving.app import SnapshotFollower, create_app, run_server
+    from felrec_stream.serving.app import create_app, run_server
+    from felrec_stream.serving.snapshots import SnapshotFollower
 
     follower = SnapshotFollower(snapshot_dir, poll_seconds, _overrides(index_type, shards))
     follower.poll_once()  # ready at once when a snapshot exists

@@ -38,7 +38,9 @@ import pyarrow.parquet as pq
 from felrec_stream.config import CacheConfig, to_dict
 from felrec_stream.errors import ServiceError, StoreError
 from felrec_stream.log import get_logger
+from felrec_stream.serving.snapshots import load_store_from_snapshot
 from felrec_stream.state.faiss_store import ShardedFaissVectors
+from felrec_stream.state.meta import SnapshotMeta
 from felrec_stream.state.snapshot import LOAD_ERRORS, SnapshotManager
 from felrec_stream.state.store import EntityTable, Kind, RepresentationStore
 
@@ -122,16 +124,15 @@ def export_store(store: RepresentationStore, out_dir: str | Path, cache: CacheCo
 def export_snapshot(snapshot_dir: str | Path, out_dir: str | Path,
                     cache_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Export the newest snapshot under `snapshot_dir` that verifies and loads (see
-    serving.load_store_from_snapshot); one that does not load is skipped for the previous one, and
+    serving.snapshots.load_store_from_snapshot); one that does not load is skipped for the previous one, and
     one the worker prunes while it is read is replaced by the newer one."""
-    from felrec_stream.serving.app import cache_config_from_meta, load_store_from_snapshot
-
     found = SnapshotManager(snapshot_dir).load_newest(lambda snap: load_store_from_snapshot(snap, cache_overrides),
                                                       skip=LOAD_ERRORS + (StoreError, ServiceError))
     if found is None:
         raise ServiceError(f"no valid snapshot under {snapshot_dir}")
     snapshot, store = found
-    cache = cache_config_from_meta(snapshot.meta, {**dict(cache_overrides or {}), "history_len": store.history_len})
+    overrides = {**dict(cache_overrides or {}), "history_len": store.history_len}
+    cache = SnapshotMeta.from_dict(snapshot.meta).cache_config(overrides)
     source = {"snapshot_dir": str(snapshot_dir), "snapshot_seq": snapshot.seq,
               "snapshot_created_at": snapshot.created_at}
     return export_store(store, out_dir, cache, source)

@@ -1,8 +1,9 @@
 """The served score and how the query API ranks every item by it without scanning them all.
 
-score(u, x) = cos(u, x) + w * log(1 + popularity(x))  (`config.ScoringConfig`; popularity = the
-store's decayed interaction counts, `HistoryBuffer.popularity`), exactly what the evaluator scores
-with (training/felrec_online.py): what is served is what was measured.
+score(u, x) = cos(u, x) + w * log(1 + popularity(x))  (`felrec_stream.scoring.served_score`,
+`config.ScoringConfig`; popularity = the store's decayed interaction counts,
+`HistoryBuffer.popularity`), exactly what the evaluator scores with (training/felrec_online.py):
+what is served is what was measured.
 
 Why not fold the prior into the index (item vector [x/|x|, log(1 + pop)], query [u/|u|, w]): with
 a half-life every item's popularity decays at every event, and log(1 + pop) does not factor into a
@@ -31,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from felrec_stream.scoring import log_popularity, served_score
 from felrec_stream.state.store import HistoryBuffer
 
 MIN_CANDIDATES = 64  # cosine candidates at the first try (an ANN search: the costly list)
@@ -124,7 +126,7 @@ def served_top_k(query: np.ndarray, k: int, weight: float, *, exclude: np.ndarra
         if cos_complete or fetch >= n_items:
             return scores[best], candidates[best]
         prior_bound = 0.0 if pop_complete or not len(popular_slots) else \
-            float(np.log1p(history.popularity(popular_slots[-1:]))[0])
+            float(log_popularity(history.popularity(popular_slots[-1:]))[0])
         bound = float(cos_scores[fetch - 1]) + weight * prior_bound
         if len(best) == k and scores[best[-1]] > bound + BOUND_MARGIN:
             return scores[best], candidates[best]
@@ -137,4 +139,4 @@ def _scores(q: np.ndarray, slots: np.ndarray, weight: float, raw_vectors: Callab
     x = np.asarray(raw_vectors(slots), dtype=np.float64)
     norms = np.linalg.norm(x, axis=1)
     cosine = (x @ q) / np.where(norms > 0, norms, 1.0)
-    return cosine + weight * np.log1p(history.popularity(slots))
+    return served_score(cosine, history.popularity(slots), weight)

@@ -57,6 +57,7 @@ import torch
 from felrec_stream.errors import StoreError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
+from felrec_stream.state.meta import lineage_of
 
 log = get_logger(__name__)
 
@@ -224,8 +225,7 @@ class Snapshot:
     @property
     def lineage(self) -> str | None:
         """meta["lineage"]: the writer's history id (a writer that starts from scratch begins a new one)."""
-        value = self.meta.get("lineage")
-        return value if isinstance(value, str) else None
+        return lineage_of(self.meta)
 
 
 class SnapshotCorrupt(StoreError):

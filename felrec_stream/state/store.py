@@ -31,6 +31,7 @@ import torch
 
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
+from felrec_stream.scoring import halflife_decay
 
 
 class Kind(str, Enum):
@@ -206,9 +207,9 @@ class HistoryBuffer:
     """Last-L interaction histories of every slot of one kind, plus interaction counts.
 
     Popularity: `popularity(slots)` is each slot's number of interactions, each weighted by
-    0.5 ** (events since it / halflife) (halflife 0 = plain counts), counted in events applied to
-    this buffer (`events`), so it needs no clock. Kept lazily: `pop[s]` is the weighted count at
-    event index `pop_at[s]` (the last event that touched s)."""
+    0.5 ** (events since it / halflife) (halflife 0 = plain counts; `scoring.halflife_decay`),
+    counted in events applied to this buffer (`events`), so it needs no clock. Kept lazily: `pop[s]`
+    is the weighted count at event index `pop_at[s]` (the last event that touched s)."""
 
     def __init__(self, length: int, capacity: int = 1024, halflife: float = 0.0) -> None:
         self.length = length
@@ -242,16 +243,11 @@ class HistoryBuffer:
         self.pop_at[:] = 0
         self.events = 0
 
-    def decay(self, steps: np.ndarray | float) -> np.ndarray | float:
-        """Weight of an interaction `steps` events ago."""
-        steps = np.asarray(steps, dtype=np.float64)
-        return 0.5 ** (steps / self.halflife) if self.halflife else np.ones_like(steps)
-
     def popularity(self, slots: np.ndarray, at: int | None = None) -> np.ndarray:
         """(n,) float64 weighted interaction counts of `slots` just before event index `at`
         (default: now, i.e. after every applied event)."""
         at = self.events if at is None else at
-        return self.pop[slots] * self.decay(at - self.pop_at[slots])
+        return self.pop[slots] * halflife_decay(at - self.pop_at[slots], self.halflife)
 
     def plan(self, slots: np.ndarray, others: np.ndarray) -> HistoryPlan:
         """Histories for events (slots[i] interacted with others[i]), in batch order.
@@ -304,8 +300,8 @@ class HistoryBuffer:
         group = np.searchsorted(unique, slots)  # (B,) unique is sorted
         np.maximum.at(last, group, position)
         added = np.zeros(len(unique), dtype=np.float64)
-        np.add.at(added, group, self.decay(last[group] - position))
-        self.pop[unique] = self.pop[unique] * self.decay(last - self.pop_at[unique]) + added
+        np.add.at(added, group, halflife_decay(last[group] - position, self.halflife))
+        self.pop[unique] = self.pop[unique] * halflife_decay(last - self.pop_at[unique], self.halflife) + added
         self.pop_at[unique] = last
         self.events += len(slots)
 

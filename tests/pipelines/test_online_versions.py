@@ -96,12 +96,12 @@ def test_versions_are_adopted_only_after_every_event_they_were_trained_on(table,
     trained_through = {m.model_version: m.trained_through.events for m in VersionStore(models).manifests()}
     for version, applied in in_use:  # no event is encoded or scored by weights trained on it
         assert trained_through.get(version, 0) <= applied
-    assert [(h["version"], h["applied_events"]) for h in worker.model_history] == \
+    assert [(swap.version, swap.applied_events) for swap in worker.model_history] == \
         reference[1] + [("v000005", N_EVENTS)]  # the last one lands after the last batch
     assert result.model_version == "v000005"
     assert_same_store(store_fingerprint(worker.store), reference[0])
     meta = SnapshotManager(tmp_path / "snap").latest_valid().meta
-    assert [h["version"] for h in meta["model_versions"]] == [h["version"] for h in worker.model_history]
+    assert [h["version"] for h in meta["model_versions"]] == [swap.version for swap in worker.model_history]
     assert meta["model_version"] == worker.bundle.version == VersionStore(models).manifest("v000005").model_version
 
 
@@ -109,7 +109,7 @@ def test_a_restart_restores_the_version_its_snapshot_names_and_ends_like_one_run
                                                                                 tmp_path):
     first = _worker(initial, InMemorySource(table, BATCH), models, tmp_path / "snap", max_events=200)
     first.run()
-    assert first.model_history[-1]["version"] == "v000001"
+    assert first.model_history[-1].version == "v000001"
     second = _worker(initial, InMemorySource(table, BATCH), models, tmp_path / "snap")
     result = second.run()
     assert second.restored_seq is not None and result.model_version == "v000005"

@@ -15,7 +15,7 @@ import torch
 from felrec_stream.config import EvalConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.state.faiss_store import make_store
-from felrec_stream.serving.app import ColdStartEncoder, QueryEngine
+from felrec_stream.serving.query import ColdStartEncoder, QueryEngine
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.stream.events import iter_batches
 from felrec_stream.stream.source import InMemorySource
@@ -305,3 +305,21 @@ def test_worker_and_cold_start_on_cuda_match_the_cpu(table, checkpoint, uninterr
     engine = QueryEngine(worker.store, worker.lock, cold_start=ColdStartEncoder(bundle.model, bundle.cache),
                          committed_sizes=worker.committed_sizes)
     assert engine.recommend("someone-new", k=5).cold_start and len(engine.recommend("u1", k=5).results) == 5
+
+
+def test_snapshot_meta_parses_what_the_worker_writes(bundle, table, tmp_path):
+    """SnapshotMeta.from_dict reads the worker's meta without loss: to_dict gives the same dict back,
+    the offsets and counters the worker restores from, and the configs serving reads."""
+    from felrec_stream.config import to_dict
+    from felrec_stream.state.meta import SnapshotMeta
+
+    worker = _worker(bundle, InMemorySource(table, BATCH), tmp_path / "snap", max_events=64)
+    worker.run()
+    written = SnapshotManager(tmp_path / "snap").latest_valid().meta
+    meta = SnapshotMeta.from_dict(written)
+    assert meta.to_dict() == written
+    assert (meta.applied_events, meta.topic, meta.lineage, meta.model_version) == (64, TOPIC, worker.lineage,
+                                                                                     bundle.version)
+    assert meta.offsets == {int(k): v for k, v in written["offsets"].items()} and meta.model_versions == ()
+    assert meta.cache_config() == bundle.cache and meta.scoring_config() == bundle.configs.scoring
+    assert meta.configs["encoder"] == to_dict(bundle.configs.encoder)

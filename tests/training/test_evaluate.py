@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import json
 
@@ -9,7 +10,7 @@ import torch
 from felrec_stream.config import CacheConfig, Configs, EncoderConfig, EvalConfig, ModelConfig, ScoringConfig
 from felrec_stream.data.synthetic import SyntheticConfig, generate
 from felrec_stream.model.felrec import FELRec
-from felrec_stream.serving.app import QueryEngine
+from felrec_stream.serving.query import QueryEngine
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches, make_events
@@ -151,6 +152,32 @@ def test_query_api_and_evaluator_exclude_the_same_items():
         assert everything - served == {catalog.ids[j] for j in row if j >= 0}, user
     off = QueryEngine(store, scoring=ScoringConfig(exclude_recent=False))
     assert len(off.recommend(users[0], k=n_items).results) == n_items
+
+
+@pytest.mark.parametrize("halflife", [0.0, 40.0])
+def test_query_api_and_evaluator_give_the_same_scores(halflife):
+    """Over the same store state, the score the query API ranks a user's items by (cosine + w *
+    log(1 + popularity), `felrec_stream.scoring`) is the score the evaluator gives them for the
+    user's next event: same items, same numbers (float32 vs float64 apart)."""
+    model, _ = _tiny_felrec()
+    model.eval()
+    cache, scoring = CacheConfig(history_len=4, popularity_halflife=halflife), ScoringConfig(popularity_weight=0.7)
+    events = generate(SyntheticConfig(n_users=10, n_items=20, n_events=240, seed=6)).events
+    online = FELRecOnline(model, RepresentationStore.for_cache(16, cache), cache, scoring=scoring)
+    for batch in iter_batches(events, 32):
+        online.observe(batch)
+    store = online.store
+    engine = QueryEngine(store, scoring=scoring)
+    catalog = ItemCatalog()
+    catalog.add(np.asarray(store.items.ids.ids(), dtype=object))
+    assert store.items.history.pop.any() and scoring.popularity_weight
+    for user in sorted(set(events.column("user").to_pylist())):
+        served = {r.id: r.score for r in engine.recommend(user, k=len(catalog), exclude_recent=False).results}
+        probe = copy.deepcopy(online)  # scoring applies the probe event: keep the shared store as it is
+        row = probe.score_batch(EventBatch.from_table(make_events([user], [catalog.ids[0]], [10**6])), catalog)[0]
+        assert sorted(served) == sorted(catalog.ids), user
+        np.testing.assert_allclose([served[i] for i in catalog.ids], row.numpy(), rtol=1e-5, atol=1e-5,
+                                   err_msg=user)
 
 
 def test_unserved_partitions_are_missing_and_excluded_from_total():

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from felrec_stream.scoring import halflife_decay, log_popularity, with_prior
 from felrec_stream.state.store import HistoryBuffer, HistoryPlan, IdMap
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.baselines.configs import CooccurrenceConfig
@@ -106,14 +107,14 @@ class CooccurrenceOnline:
         self._counts: DenseCounts | SparseCounts = DenseCounts()
         self._popularity = PopularityOnline(history, config.prior_halflife)
         p = np.arange(config.history, dtype=np.float64)
-        self._weights = (0.5 ** (p / config.halflife) if config.halflife else np.ones_like(p)).astype(np.float32)
+        self._weights = halflife_decay(p, config.halflife).astype(np.float32)
         for table in history:
             for batch in iter_batches(table, HISTORY_BATCH):
                 self._count_batch(batch)
 
     def score_batch(self, batch: EventBatch, catalog: ItemCatalog) -> torch.Tensor:
         votes, prior = self.score_parts(batch, catalog)
-        return votes.add_(prior, alpha=self.config.prior_weight) if self.config.prior_weight else votes
+        return with_prior(votes, prior, self.config.prior_weight) if self.config.prior_weight else votes
 
     def score_parts(self, batch: EventBatch, catalog: ItemCatalog) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C) co-occurrence votes and (B, C) log(1 + recent popularity) just before each event;
@@ -129,7 +130,7 @@ class CooccurrenceOnline:
         self._recent.apply(plan)
         columns = torch.from_numpy(self._items.lookup(catalog.ids))  # (C,) every catalog item is known by now
         scores = torch.from_numpy(votes)[:, columns.clamp(min=0)].masked_fill_((columns < 0).unsqueeze(0), 0.0)
-        prior = self._popularity.score_batch(batch, catalog).log1p_()
+        prior = log_popularity(self._popularity.score_batch(batch, catalog))
         return scores, prior
 
     def _count_batch(self, batch: EventBatch) -> None:

@@ -31,10 +31,6 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor | None = N
     return (losses * m).sum() / m.sum().clamp(min=1.0)
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 class BPRMF(nn.Module):
     """Matrix factorisation x_ui = <p_u, q_i>."""
 

@@ -29,6 +29,7 @@ from torch import nn
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import TrainingError
 from felrec_stream.log import get_logger
+from felrec_stream.model.felrec import count_parameters
 from felrec_stream.state.store import HistoryBuffer, IdMap, last_occurrence
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.baselines import models as M
@@ -130,7 +131,7 @@ class BaselineOnline:
 
     @property
     def num_parameters(self) -> int:
-        return M.count_parameters(self.model)
+        return count_parameters(self.model)
 
     def negatives(self, shape: tuple[int, ...], low: int, high: int) -> torch.Tensor:
         """Uniform item indices in [low, high) of the given shape (BPR negatives)."""

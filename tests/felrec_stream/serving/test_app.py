@@ -19,8 +19,9 @@ from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig, Scorin
 from felrec_stream.data.synthetic import SyntheticConfig, generate
 from felrec_stream.errors import ServiceError
 from felrec_stream.model.felrec import FELRec
-from felrec_stream.serving.app import (MAX_K, ColdStartEncoder, NotFound, QueryEngine, SnapshotFollower, create_app,
-                                       serve_in_thread, snapshot_state)
+from felrec_stream.serving.app import create_app, serve_in_thread
+from felrec_stream.serving.query import MAX_K, ColdStartEncoder, NotFound, QueryEngine
+from felrec_stream.serving.snapshots import SnapshotFollower, snapshot_state
 from felrec_stream.serving.client import FelrecClient, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from felrec_stream.state.engine import cold_vectors, commit_batch, infer_batch, prepare_batch
 from felrec_stream.state.faiss_store import make_store

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from felrec_stream.cli import cli
 from felrec_stream.config import CacheConfig
-from felrec_stream.serving.app import snapshot_state
+from felrec_stream.serving.snapshots import snapshot_state
 from felrec_stream.serving.export import export_snapshot, export_store
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import SnapshotManager

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from felrec_stream.errors import FelrecError
-from felrec_stream.model import ranking
-from felrec_stream.model.ranking import (NaNScoresError, cosine_scores, nearest_neighbour_scores, normalized_rank,
+from felrec_stream.model import metrics
+from felrec_stream.model.metrics import (NaNScoresError, cosine_scores, nearest_neighbour_scores, normalized_rank,
                                          sample_negatives, sampled_hit_rate)
 
 
@@ -88,7 +88,7 @@ def test_sampled_hit_rate_matches_brute_force_on_its_negatives():
 
 
 def test_negatives_are_distinct_exclude_the_target_and_are_uniform(monkeypatch):
-    monkeypatch.setattr(ranking, "MAX_CHUNK_ELEMENTS", 16)  # many row chunks
+    monkeypatch.setattr(metrics, "MAX_CHUNK_ELEMENTS", 16)  # many row chunks
     target = torch.randint(0, 6, (4000,), generator=torch.Generator().manual_seed(0))
     negs = sample_negatives(target, 6, 3, torch.Generator().manual_seed(1))
     assert negs.shape == (4000, 3)
@@ -109,7 +109,7 @@ def test_sampled_hit_rate_is_memory_bounded_on_a_large_catalog(monkeypatch):
     monkeypatch.setattr(torch, "rand", spy)
     scores = torch.randn(200, 100_000)
     sampled_hit_rate(scores, torch.zeros(200, dtype=torch.long), 100, 10)
-    assert all(s[0] * s[1] <= ranking.MAX_CHUNK_ELEMENTS for s in calls) and len(calls) > 1
+    assert all(s[0] * s[1] <= metrics.MAX_CHUNK_ELEMENTS for s in calls) and len(calls) > 1
 
 
 def _brute_nn(u, all_u, items, n, self_index):
