@@ -60,10 +60,10 @@ from felrec_stream.log import get_logger
 from felrec_stream.serving.ranking import PopularItems, served_top_k
 from felrec_stream.serving.schema import CatalogInfo, Recommendations, Scored
 from felrec_stream.state.engine import cold_vectors
-from felrec_stream.state.faiss_store import ShardedFaissVectors, make_store
+from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
-from felrec_stream.state.store import Kind, RepresentationStore
+from felrec_stream.state.store import Kind, RepresentationStore, exact_top_k  # noqa: F401 (was defined here)
 
 log = get_logger(__name__)
 
@@ -216,7 +216,7 @@ class QueryEngine:
         """Sizes plus where the data came from (snapshot seq/time, or live when None)."""
         backend = self.store.items.vectors
         return CatalogInfo(**self.sizes(), dim=self.store.dim, history_len=self.store.history_len,
-                           index_type=getattr(backend, "index_type", "exact"),
+                           index_type=backend.index_type,
                            snapshot_seq=self.snapshot_seq, snapshot_created_at=self.snapshot_created_at,
                            popularity_weight=self.scoring.popularity_weight,
                            popularity_halflife=self.store.items.history.halflife,
@@ -289,12 +289,7 @@ class QueryEngine:
     def _raw(self, kind: Kind, slots: np.ndarray) -> np.ndarray:
         """(n, D) stored vectors of `slots` as numpy (the FAISS backend skips torch: query path);
         a capped table reads spilled ones from their files, without restoring them."""
-        table = self.store.tables[kind]
-        if table.capped:
-            return table.read(slots).raw()
-        if isinstance(table.vectors, ShardedFaissVectors):
-            return table.vectors.rows(slots)
-        return table.vectors.get(torch.from_numpy(slots)).cpu().numpy()
+        return self.store.tables[kind].vectors.rows(slots)
 
     def _recent(self, kind: Kind, slot: int) -> np.ndarray:
         """Slots of the other kind in the entity's last-L history (what it already interacted with)."""
@@ -304,44 +299,14 @@ class QueryEngine:
 
     def _cosine(self, kind: Kind, query: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, slots) of the k best cosines, -1 padded; from the FAISS index or an exact scan."""
-        table = self.store.tables[kind]
-        if isinstance(table.vectors, ShardedFaissVectors):
-            scores, slots = table.vectors.search(query[None, :], k, exclude=[exclude])
-            return scores[0], slots[0]
-        if table.capped:  # rank the resident entities (ascending slots keep the tie order)
-            resident = table.resident_slots()
-            resident = resident[resident < self._committed(kind)]
-            if not len(resident):
-                return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
-            positions = np.flatnonzero(np.isin(resident, exclude))
-            scores, found = exact_top_k(torch.from_numpy(table.read(resident).raw()), query, k, positions)
-            return scores, np.where(found >= 0, resident[np.maximum(found, 0)], -1)
-        return exact_top_k(table.vectors.all()[: self._committed(kind)], query, k, exclude)
+        vectors = self.store.tables[kind].vectors  # a capped table ranks its resident entities only
+        scores, slots = vectors.search(query[None, :], k, exclude=[exclude], limit=self._committed(kind))
+        return scores[0], slots[0]
 
     def _scored(self, kind: Kind, scores: np.ndarray, slots: np.ndarray) -> list[Scored]:
         keep = (slots >= 0) & np.isfinite(scores)
         names = self.store.tables[kind].ids.names(slots[keep])
         return [Scored(name, float(score)) for name, score in zip(names, scores[keep])]
-
-
-def exact_top_k(vectors: torch.Tensor, query: np.ndarray, k: int,
-                exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k by (score desc, slot asc), like ShardedFaissVectors.search; zero rows score 0."""
-    x = vectors.detach().to("cpu", torch.float32)
-    q = torch.as_tensor(np.asarray(query, dtype=np.float32))
-    q = q / q.norm() if float(q.norm()) > 0 else q
-    norms = x.norm(dim=1)
-    scores = ((x @ q) / torch.where(norms > 0, norms, torch.ones_like(norms))).numpy().copy()
-    exclude = exclude[(exclude >= 0) & (exclude < len(scores))]
-    scores[exclude] = -np.inf
-    k = min(k, len(scores))
-    if k == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-    candidates = np.flatnonzero(scores >= kth)  # ties at the boundary resolve by slot below
-    order = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
-    # excluded rows score -inf: -1 marks them, as FAISS pads (callers treat every slot >= 0 as a candidate)
-    return scores[order].astype(np.float32), np.where(np.isfinite(scores[order]), order, -1).astype(np.int64)
 
 
 def _preview(ids: Sequence[str], limit: int = 10) -> str:

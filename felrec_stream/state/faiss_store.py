@@ -43,7 +43,7 @@ import torch
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.state.store import RepresentationStore, VectorBackend, last_occurrence, raw_vectors
+from felrec_stream.state.store import RepresentationStore, VectorBackend, slot_array, last_occurrence, raw_vectors
 
 log = get_logger(__name__)
 
@@ -339,6 +339,8 @@ class ShardedFaissVectors(VectorBackend):
     so within a shard row order is slot order (used for deterministic tie-breaking).
     """
 
+    writes_index_files = True
+
     def __init__(self, dim: int, shards: int = 1, index_type: str = "flat", device: torch.device | str = "cpu", *,
                  hnsw_m: int = 32, hnsw_ef_search: int = 64, hnsw_ef_construction: int = 40,
                  hnsw_rebuild_fraction: float = 0.2, ivf_nlist: int = 1024, ivf_nprobe: int = 16,
@@ -471,6 +473,12 @@ class ShardedFaissVectors(VectorBackend):
         slots = np.asarray(slots, dtype=np.int64)
         out = np.empty((len(slots), self.dim), dtype=np.float32)
         with self._lock:
+            if self.owner is not None:  # evicted slots: straight from their spill records (not restored)
+                spilled = self._slot_row.data[slots] < 0
+                if spilled.any():
+                    out[spilled] = self.owner.read_vectors(slots[spilled])
+                    out[~spilled] = self.rows(slots[~spilled])
+                    return out
             self._check_slots(slots)
             shard_ids, rows = self._slot_shard.data[slots], self._slot_row.data[slots]
             if len(self.shards) == 1:
@@ -578,17 +586,22 @@ class ShardedFaissVectors(VectorBackend):
 
     # ---- search --------------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None,
-               normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None, *,
+               limit: int | None = None, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` slots by cosine for each query, merged across shards, ties -> smaller slot first.
 
         Returns (scores (Q, k) float32, slots (Q, k) int64); missing results are -inf / -1.
-        `exclude[q]` holds slots never returned for query q (e.g. items the user already saw).
-        With "flat" (and IVF before training) the result equals one exact index over all slots.
+        `exclude[q]` holds slots never returned for query q (e.g. items the user already saw), and
+        slots >= `limit` are never returned. With "flat" (and IVF before training) the result
+        equals one exact index over all slots.
         """
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.dim or k < 1:
             raise StoreError(f"search needs queries (Q, {self.dim}) and k >= 1, got {q.shape} and k={k}")
+        if limit is not None and limit < self.size:
+            beyond = np.arange(max(limit, 0), self.size, dtype=np.int64)
+            exclude = [beyond] * len(q) if exclude is None else [
+                np.concatenate([slot_array(slots), beyond]) for slots in exclude]
         if normalize:
             q = np.ascontiguousarray(_unit_and_norm(q)[0])
         excluded = _ExcludeSet(exclude, len(q))

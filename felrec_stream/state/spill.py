@@ -76,7 +76,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -87,8 +87,8 @@ from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
 from felrec_stream.state.snapshot import fsync_dir, hash_file
 from felrec_stream.state.store import (POPULARITY, SLOT_COLUMNS, EntityRows, EntityTable, HistoryBuffer, IdMap, Kind,
-                                       VectorBackend, check_lengths, check_shapes, raw_vectors, slot_column_parts,
-                                       vector_shapes)
+                                       VectorBackend, check_lengths, check_shapes, exact_search, raw_vectors,
+                                       slot_column_parts, vector_shapes)
 
 log = get_logger(__name__)
 
@@ -304,6 +304,15 @@ class TensorRows(VectorBackend):
 
     def reset(self) -> None:
         self._data.zero_()
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None, *,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine scan over the resident slots below `limit` (ascending slots keep the tie order)."""
+        resident = self.owner.resident_slots()
+        if limit is not None:
+            resident = resident[resident < limit]
+        rows = torch.from_numpy(self.owner.row_of[resident]).to(self.device)
+        return exact_search(self._data[rows], resident, queries, k, exclude)
 
     def all(self) -> torch.Tensor:
         """(size, D) vectors of every slot: evicted ones read as zero here (`SpillingTable.read` has them)."""

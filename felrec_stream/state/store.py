@@ -24,7 +24,7 @@ import abc
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -130,6 +130,28 @@ class VectorBackend(abc.ABC):
         """Inverse of `rows_state` (restores the rows bit for bit; not a write by the engine)."""
         self.put(torch.from_numpy(np.asarray(slots, np.int64)), torch.from_numpy(raw_vectors(state)))
 
+    # Reads for the query side: numpy rows, cosine search, and what backs the search.
+
+    index_type: str = "exact"  # "exact" (a scan), or the FAISS index kind ("flat", "hnsw", "ivf")
+    writes_index_files = False  # True when `write_index_files` writes the FAISS files of this backend
+
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        """(n, D) float32 vectors of `slots` (all >= 0) as numpy: `get` without the caller touching torch."""
+        return self.get(torch.from_numpy(np.asarray(slots, dtype=np.int64))).cpu().numpy()
+
+    @abc.abstractmethod
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None, *,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, slots) of the `k` best cosines per query (Q, D), ties -> smaller slot first.
+
+        `exclude[q]`: slots never returned for query q; slots >= `limit` are never returned either.
+        Rows are (Q, k) with -1 slots / -inf scores where fewer were found (an exact scan returns
+        min(k, candidates) columns instead). Only resident slots are ranked (capped tables)."""
+
+    def write_index_files(self, directory: str | Path, prefix: str = "") -> list[Path]:
+        """The FAISS files of this backend (`writes_index_files`); returns every path written."""
+        raise StoreError(f"{type(self).__name__} has no index files (writes_index_files is False)")
+
     # Residency, for tables with a cap (spill.SpillingTable): `register` makes slots known
     # without storage, `admit` gives them zeroed storage, `evict` frees it.
 
@@ -182,6 +204,59 @@ class TensorVectors(VectorBackend):
 
     def all(self) -> torch.Tensor:
         return self._data[: self._size]
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None, *,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine scan over slots [0, limit)."""
+        vectors = self.all()[:limit]
+        return exact_search(vectors, None, queries, k, exclude)
+
+
+def exact_top_k(vectors: torch.Tensor, query: np.ndarray, k: int,
+                exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k by (score desc, slot asc), like ShardedFaissVectors.search; zero rows score 0."""
+    x = vectors.detach().to("cpu", torch.float32)
+    q = torch.as_tensor(np.asarray(query, dtype=np.float32))
+    q = q / q.norm() if float(q.norm()) > 0 else q
+    norms = x.norm(dim=1)
+    scores = ((x @ q) / torch.where(norms > 0, norms, torch.ones_like(norms))).numpy().copy()
+    exclude = exclude[(exclude >= 0) & (exclude < len(scores))]
+    scores[exclude] = -np.inf
+    k = min(k, len(scores))
+    if k == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+    candidates = np.flatnonzero(scores >= kth)  # ties at the boundary resolve by slot below
+    order = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
+    # excluded rows score -inf: -1 marks them, as FAISS pads (callers treat every slot >= 0 as a candidate)
+    return scores[order].astype(np.float32), np.where(np.isfinite(scores[order]), order, -1).astype(np.int64)
+
+
+def exact_search(vectors: torch.Tensor, slots: np.ndarray | None, queries: np.ndarray, k: int,
+                 exclude: Sequence[Iterable[int]] | None) -> tuple[np.ndarray, np.ndarray]:
+    """`exact_top_k` per query over `vectors`, whose row i holds slot `slots[i]` (ascending; None: slot i).
+
+    Returns (Q, min(k, rows)) scores and slots."""
+    queries = np.asarray(queries, dtype=np.float32)
+    if exclude is not None and len(exclude) != len(queries):
+        raise StoreError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+    found_scores, found_slots = [], []
+    for q, query in enumerate(queries):
+        excluded = np.zeros(0, np.int64) if exclude is None else slot_array(exclude[q])
+        positions = excluded if slots is None else np.flatnonzero(np.isin(slots, excluded))
+        scores, found = exact_top_k(vectors, query, k, positions)
+        found_scores.append(scores)
+        found_slots.append(found if slots is None else np.where(found >= 0, slots[np.maximum(found, 0)], -1))
+    width = min(k, len(vectors))
+    if not found_scores:
+        return np.zeros((0, width), np.float32), np.zeros((0, width), np.int64)
+    return np.stack(found_scores), np.stack(found_slots)
+
+
+def slot_array(slots: Iterable[int]) -> np.ndarray:
+    if isinstance(slots, np.ndarray):
+        return slots.astype(np.int64, copy=False)
+    return np.fromiter((int(s) for s in slots), dtype=np.int64)
 
 
 # Per-slot columns of a HistoryBuffer, in EntityRows order: a capped table keeps them in memory for
