@@ -43,7 +43,9 @@ import torch
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.state.store import RepresentationStore, VectorBackend, slot_array, last_occurrence, raw_vectors
+from felrec_stream.state.store import RepresentationStore
+from felrec_stream.state.tables import last_occurrence
+from felrec_stream.state.vectors import VectorBackend, raw_vectors, slot_array
 
 log = get_logger(__name__)
 
@@ -365,7 +367,6 @@ class ShardedFaissVectors(VectorBackend):
         self._slot_row = _Column(np.int64, -1)
         self._lock = threading.RLock()
         self._gpu = self._init_gpu(use_gpu)
-        self.owner: Any = None  # a capped table (spill.SpillingTable): restores slots before reads/writes
 
     @classmethod
     def from_config(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu",
@@ -445,20 +446,17 @@ class ShardedFaissVectors(VectorBackend):
                 self.shards[s].release(rows[shard_ids == s])
             self._slot_row.data[slots] = -1
 
+    def resident(self, slots: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._slot_row.data[np.asarray(slots, dtype=np.int64)] >= 0
+
     def get(self, slots: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """(..., D) raw vectors (unit * norm) of `slots` (-1 -> zero) on `device` or `self.device`.
 
-        Under a cap, evicted slots are read from their spill records (`owner.read_vectors`)."""
+        Evicted slots raise (a capped table reads them from their spill records: spill.SpillingVectors)."""
         flat = np.asarray(torch.as_tensor(slots).detach().cpu().reshape(-1).numpy(), dtype=np.int64)
         out = np.zeros((len(flat), self.dim), dtype=np.float32)
         with self._lock:
-            if self.owner is not None:  # evicted slots: straight from their spill records (not restored)
-                spilled = np.flatnonzero(flat >= 0)
-                spilled = spilled[self._slot_row.data[flat[spilled]] < 0]
-                if len(spilled):
-                    out[spilled] = self.owner.read_vectors(flat[spilled])
-                    flat = flat.copy()
-                    flat[spilled] = -1
             where = np.flatnonzero(flat >= 0)
             present = self._check_slots(flat[where])
             shard_ids, rows = self._slot_shard.data[present], self._slot_row.data[present]
@@ -473,12 +471,6 @@ class ShardedFaissVectors(VectorBackend):
         slots = np.asarray(slots, dtype=np.int64)
         out = np.empty((len(slots), self.dim), dtype=np.float32)
         with self._lock:
-            if self.owner is not None:  # evicted slots: straight from their spill records (not restored)
-                spilled = self._slot_row.data[slots] < 0
-                if spilled.any():
-                    out[spilled] = self.owner.read_vectors(slots[spilled])
-                    out[~spilled] = self.rows(slots[~spilled])
-                    return out
             self._check_slots(slots)
             shard_ids, rows = self._slot_shard.data[slots], self._slot_row.data[slots]
             if len(self.shards) == 1:
@@ -499,11 +491,7 @@ class ShardedFaissVectors(VectorBackend):
         if len(np.unique(flat)) != len(flat):  # keep the latest write per slot, like the in-batch rule
             flat, last = last_occurrence(flat)
             values = values[last]
-        if self.owner is not None:
-            self.owner.need(flat)
         self._write_unit(flat, *_unit_and_norm(values))
-        if self.owner is not None:
-            self.owner.wrote(flat)
 
     def _write_unit(self, slots: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
         with self._lock:
