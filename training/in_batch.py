@@ -39,7 +39,8 @@ def visible_updates(keys: np.ndarray, inclusive: bool) -> tuple[np.ndarray, np.n
     i, j = np.arange(B)[:, None], np.arange(B)[None, :]
     nxt = next_same(keys)[None, :]
     visible = (j <= i) & (nxt > i) if inclusive else (j < i) & (nxt >= i)
-    return np.nonzero(visible)
+    rows, cols = np.nonzero(visible)
+    return rows, cols
 
 
 def written_vectors(inputs: BatchInputs, u: torch.Tensor, x: torch.Tensor,

@@ -65,8 +65,8 @@ class BatchInputs:
     item_slots: np.ndarray  # (B,)
     user_plan: HistoryPlan  # users' item histories
     item_plan: HistoryPlan  # items' user histories
-    users_before: Sequences  # (B) each event's user, history before the event
-    items_before: Sequences  # (B) each event's item, history before the event
+    users_before: Sequences | None  # (B) each event's user, history before the event (None: not prepared)
+    items_before: Sequences | None  # (B) each event's item, history before the event
     users_after: Sequences | None  # (G_u) each touched user, history after the batch (post_event)
     items_after: Sequences | None  # (G_x)
 
@@ -156,8 +156,9 @@ def id_seed_vectors(ids: np.ndarray, kind: Kind, dim: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def encode_sequences(model: FELRec, seqs: Sequences, budget: ActivationBudget | None = None) -> torch.Tensor:
-    """(R, D) representations of the sequences' entities."""
+def encode_sequences(model: FELRec, seqs: Sequences | None, budget: ActivationBudget | None = None) -> torch.Tensor:
+    """(R, D) representations of the sequences' entities (prepared: `prepare_batch(before/after=True)`)."""
+    assert seqs is not None, "these sequences were not prepared (prepare_batch before/after)"
     return model.encode_kind(seqs.h, seqs.mask, _MODEL_KIND[seqs.kind], seqs.empty, budget)
 
 
@@ -224,6 +225,7 @@ def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tenso
             store.tables[kind].vectors.put(torch.from_numpy(plan.unique_slots), after[n].detach())
         else:
             unique, last = last_occurrence(slots)
+            assert vectors is not None, "pre_event commits need the events' encodings u, x"
             store.tables[kind].vectors.put(torch.from_numpy(unique),
                                            vectors.detach()[torch.from_numpy(last).to(vectors.device)])
     ts = inputs.batch.timestamp

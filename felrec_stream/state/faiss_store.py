@@ -402,16 +402,19 @@ class ShardedFaissVectors(VectorBackend):
         """New slots [self.size, size) get their shard from their id; they read as zero until put."""
         with self._lock:
             old = self.size
-            new_ids = self.register(size, ids)
+            new_ids = self._register(size, ids)
             if new_ids:
                 self.admit(np.arange(old, size, dtype=np.int64), new_ids)
 
-    def register(self, size: int, ids: np.ndarray | Sequence[str]) -> list[str]:
+    def register(self, size: int, ids: np.ndarray | Sequence[str]) -> None:
         """Slots [self.size, size) get their shard from their id, but no row yet (see `admit`).
 
         `ids` are the new slots' ids, or every id (e.g. load_state_dict on an empty table).
-        Returns the new slots' ids.
         """
+        self._register(size, ids)
+
+    def _register(self, size: int, ids: np.ndarray | Sequence[str]) -> list[str]:
+        """`register`; returns the new slots' ids."""
         with self._lock:
             old = self.size
             if size <= old:
@@ -434,7 +437,7 @@ class ShardedFaissVectors(VectorBackend):
             shard_ids = self._slot_shard.data[slots]
             for s in np.unique(shard_ids):
                 mine = np.flatnonzero(shard_ids == s)
-                self._slot_row.data[slots[mine]] = self.shards[s].take_rows(slots[mine], [ids[i] for i in mine])
+                self._slot_row.data[slots[mine]] = self.shards[s].take_rows(slots[mine], [ids[int(i)] for i in mine])
 
     def evict(self, slots: np.ndarray) -> None:
         """Free the rows of `slots` (they read as missing until admitted again)."""
@@ -622,7 +625,7 @@ class ShardedFaissVectors(VectorBackend):
             found = np.where(found < 0, _NO_SLOT, found)  # a free row (evicted entity)
             drop = (found == _NO_SLOT) | excluded.contains(todo, found)
             d, found = np.where(drop, -np.inf, raw), np.where(drop, _NO_SLOT, found)
-            if scores is None:  # first pass: every query (the common case ends here)
+            if scores is None or slots is None:  # first pass: every query (the common case ends here)
                 scores, slots = d, found
             else:
                 scores, slots = _put_rows(scores, slots, todo, d, found)
@@ -632,11 +635,13 @@ class ShardedFaissVectors(VectorBackend):
             done = (width >= shard.size) | (np.sum(d > raw[:, -1:], axis=1) >= k)
             fetch[todo] = np.minimum(shard.size, 2 * width)
             todo = todo[~done]
+        assert scores is not None and slots is not None, "search needs at least one query"
         return scores, slots
 
     def _shard_index_search(self, shard: _Shard, q: np.ndarray, width: int,
                             exact: bool) -> tuple[np.ndarray, np.ndarray]:
         if not exact:
+            assert shard.ann is not None  # exact = no ANN index, or one not trained yet
             return shard.ann.search(q, width)
         if self._gpu is not None:
             if shard.gpu_index is None:  # stale after a write: re-clone (O(shard) copy, only when searched)

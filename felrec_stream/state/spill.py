@@ -123,7 +123,7 @@ class SpillFiles:
 
     def __init__(self, directory: str | Path | None = None, read_only: bool = False) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="felrec-spill-") if directory is None else None
-        self.directory = Path(self._tmp.name if self._tmp is not None else directory)
+        self.directory = Path(self._tmp.name) if self._tmp is not None else Path(directory or ".")
         self.private = self._tmp is not None
         self.read_only = read_only
         if not read_only:
@@ -401,6 +401,7 @@ class SpillingTable(EntityTable):
     """An `EntityTable` that keeps at most `cap` entities in memory and the rest in spill files."""
 
     capped = True
+    history: PooledHistory
 
     def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int, cap: int, spill: SpillFiles,
                  popularity_halflife: float = 0.0) -> None:
@@ -614,7 +615,8 @@ class SpillingTable(EntityTable):
         sparse = np.flatnonzero((self.live > 0) & (2 * self.live < sizes))
         if not len(sparse) or budget < 1:
             return np.zeros(0, dtype=np.int64)
-        chosen, total = [], 0
+        chosen: list[int] = []
+        total = 0
         for f in sparse[np.argsort(self.live[sparse], kind="stable")]:
             if chosen and total + self.live[f] > budget:  # the sparsest file always goes
                 break

@@ -40,7 +40,7 @@ class IdMap:
     def __contains__(self, external: str) -> bool:
         return external in self._slot
 
-    def lookup(self, ids: np.ndarray | list, create: bool = False) -> np.ndarray:
+    def lookup(self, ids: np.ndarray | list[str], create: bool = False) -> np.ndarray:
         """Slots of `ids` (int64); unknown ids get new slots when `create`, else -1."""
         get = self._slot.get
         if not create:
@@ -276,6 +276,10 @@ class EntityTable:
 
     def enforce_cap(self) -> None:
         """Nothing to evict: this table has no cap."""
+
+    def spill_names(self) -> set[str]:
+        """Spill files holding current records of this table (none: it has no cap)."""
+        return set()
 
     def state_dict(self) -> dict[str, Any]:
         return {"ids": self.ids.ids(), "vectors": self.vectors.state_dict(), "history": self.history.state_dict()}
