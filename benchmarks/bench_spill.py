@@ -146,11 +146,11 @@ def footprint(n: int, cap: int = 2_000) -> tuple[float, float]:
     def measure(max_entities: int, chunk: int) -> float:
         tracemalloc.start()
         store = make_store(128, CacheConfig(history_len=64, max_entities=max_entities))
-        before = tracemalloc.get_traced_memory()[0] + store.users.vectors.memory_bytes()
+        before = tracemalloc.get_traced_memory()[0] + store.users.vectors.inner.memory_bytes()
         for lo in range(0, n, chunk):
             store.users.slots(np.asarray([f"user-{i:08d}" for i in range(lo, min(lo + chunk, n))], dtype=object))
             store.users.enforce_cap()
-        used = tracemalloc.get_traced_memory()[0] + store.users.vectors.memory_bytes() - before
+        used = tracemalloc.get_traced_memory()[0] + store.users.vectors.inner.memory_bytes() - before
         tracemalloc.stop()
         return used / n
 

@@ -23,10 +23,10 @@ def halflife_decay(steps: Array | float, halflife: float) -> Array:
     """Weight of an interaction `steps` events ago: 0.5 ** (steps / halflife), 1 when halflife is 0
     (float64; numpy for numbers and arrays)."""
     if isinstance(steps, torch.Tensor):
-        steps = steps.to(torch.float64)
-        return 0.5 ** (steps / halflife) if halflife else torch.ones_like(steps)
-    steps = np.asarray(steps, dtype=np.float64)
-    return 0.5 ** (steps / halflife) if halflife else np.ones_like(steps)
+        t = steps.to(torch.float64)
+        return 0.5 ** (t / halflife) if halflife else torch.ones_like(t)
+    a = np.asarray(steps, dtype=np.float64)
+    return 0.5 ** (a / halflife) if halflife else np.ones_like(a)  # type: ignore[return-value]
 
 
 def log_popularity(popularity: Array) -> Array:

@@ -38,10 +38,10 @@ from felrec_stream.state.checkpoint import Checkpoint, model_from
 from felrec_stream.parallel import Ranks
 from felrec_stream.scoring import halflife_decay, in_batch_popularity, log_popularity, with_prior
 from felrec_stream.state.engine import (BatchInputs, commit_batch, encode, encode_after, encode_sequences, infer_batch,
-                                        prepare_batch, previous_same, visible_updates, whole_after, whole_batch,
-                                        written_vectors)
+                                        prepare_batch, whole_after, whole_batch)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch
+from training.in_batch import previous_same, visible_updates, written_vectors
 from training.protocol import EVAL_PARTITIONS, ItemCatalog
 
 DEFAULT_SCORING = ScoringConfig()

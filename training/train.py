@@ -32,7 +32,7 @@ from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives, adapting_norms
 from felrec_stream.model.losses import representation_spread
 from felrec_stream.progress import ProgressLog
-from felrec_stream.state.checkpoint import Checkpoint, CosineWarmupSchedule, load_checkpoint, save_checkpoint
+from felrec_stream.state.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from felrec_stream.parallel import Ranks, sync_batch_norms
 from felrec_stream.state.engine import (DEFAULT_CACHE, BatchInputs, Sequences, commit_batch, encode_after,
                                         encode_sequences, event_sequences, infer_batch, prepare_batch, whole_after,
@@ -41,6 +41,7 @@ from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.evaluate import DEFAULT_EXCLUDE_RECENT, EvalResult, evaluate, evaluate_variants
 from training.felrec_online import FELRecOnline, PopularityOnline
+from training.schedule import CosineWarmupSchedule
 
 log = get_logger(__name__)
 

@@ -42,7 +42,7 @@ from felrec_stream.serving.snapshots import load_store_from_snapshot
 from felrec_stream.state.faiss_store import ShardedFaissVectors
 from felrec_stream.state.meta import SnapshotMeta
 from felrec_stream.state.snapshot import LOAD_ERRORS, SnapshotManager
-from felrec_stream.state.store import EntityTable, Kind, RepresentationStore
+from felrec_stream.state.store import EntityTable, Kind, RepresentationStore, VectorBackend
 
 log = get_logger(__name__)
 
@@ -83,9 +83,9 @@ def _write_entities(table: EntityTable, dim: int, path: Path) -> None:
             writer.write_batch(batch)
 
 
-def _faiss_backend(table: EntityTable, dim: int, cache: CacheConfig) -> ShardedFaissVectors:
+def _faiss_backend(table: EntityTable, dim: int, cache: CacheConfig) -> VectorBackend:
     """The table's FAISS backend, or one built from its resident vectors (e.g. a TensorVectors store)."""
-    if isinstance(table.vectors, ShardedFaissVectors):
+    if table.vectors.writes_index_files:
         return table.vectors
     backend = ShardedFaissVectors.from_config(dim, cache)
     backend.register(len(table), np.asarray(table.ids.ids(), dtype=object))

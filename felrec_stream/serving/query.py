@@ -4,9 +4,9 @@
 streaming worker holds while it applies a micro-batch, so a query never sees half a batch (a
 user's vector from after the batch with item vectors from before it). Recommendations rank by the
 served score over ANN + popular candidates (`serving.ranking`), without the user's recent items
-(`scoring.exclude_recent`). FAISS-backed stores are searched through `ShardedFaissVectors.search`
-(exact or ANN, as configured); any other backend gets an exact cosine scan with the same ordering
-(score desc, slot asc), so results never depend on the backend. With a capped store
+(`scoring.exclude_recent`). Searches go through the backend's `VectorBackend.search` (FAISS: exact
+or ANN, as configured; others: an exact cosine scan with the same ordering, score desc, slot asc),
+so results never depend on the backend. With a capped store
 (cache.max_entities) searches rank the entities held in memory only (plus, with a popularity
 prior, the most popular items, read from their files when spilled), while point reads (the query
 entity's vector and history, `vectors`) come from `EntityTable.read`, which serves spilled
@@ -23,14 +23,12 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from felrec_stream.config import CacheConfig, ScoringConfig
 from felrec_stream.errors import ServiceError
 from felrec_stream.serving.ranking import PopularItems, served_top_k
 from felrec_stream.serving.schema import CatalogInfo, Recommendations, Scored
 from felrec_stream.state.engine import cold_vectors
-from felrec_stream.state.faiss_store import ShardedFaissVectors
 from felrec_stream.state.store import Kind, RepresentationStore
 
 MAX_K = 1000  # larger k is a bulk export, not a query: use `felrec-stream export`
@@ -176,7 +174,7 @@ class QueryEngine:
         """Sizes plus where the data came from (snapshot seq/time, or live when None)."""
         backend = self.store.items.vectors
         return CatalogInfo(**self.sizes(), dim=self.store.dim, history_len=self.store.history_len,
-                           index_type=getattr(backend, "index_type", "exact"),
+                           index_type=backend.index_type,
                            snapshot_seq=self.snapshot_seq, snapshot_created_at=self.snapshot_created_at,
                            popularity_weight=self.scoring.popularity_weight,
                            popularity_halflife=self.store.items.history.halflife,
@@ -249,12 +247,7 @@ class QueryEngine:
     def _raw(self, kind: Kind, slots: np.ndarray) -> np.ndarray:
         """(n, D) stored vectors of `slots` as numpy (the FAISS backend skips torch: query path);
         a capped table reads spilled ones from their files, without restoring them."""
-        table = self.store.tables[kind]
-        if table.capped:
-            return table.read(slots).raw()
-        if isinstance(table.vectors, ShardedFaissVectors):
-            return table.vectors.rows(slots)
-        return table.vectors.get(torch.from_numpy(slots)).cpu().numpy()
+        return self.store.tables[kind].vectors.rows(slots)
 
     def _recent(self, kind: Kind, slot: int) -> np.ndarray:
         """Slots of the other kind in the entity's last-L history (what it already interacted with)."""
@@ -264,44 +257,14 @@ class QueryEngine:
 
     def _cosine(self, kind: Kind, query: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, slots) of the k best cosines, -1 padded; from the FAISS index or an exact scan."""
-        table = self.store.tables[kind]
-        if isinstance(table.vectors, ShardedFaissVectors):
-            scores, slots = table.vectors.search(query[None, :], k, exclude=[exclude])
-            return scores[0], slots[0]
-        if table.capped:  # rank the resident entities (ascending slots keep the tie order)
-            resident = table.resident_slots()
-            resident = resident[resident < self._committed(kind)]
-            if not len(resident):
-                return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
-            positions = np.flatnonzero(np.isin(resident, exclude))
-            scores, found = exact_top_k(torch.from_numpy(table.read(resident).raw()), query, k, positions)
-            return scores, np.where(found >= 0, resident[np.maximum(found, 0)], -1)
-        return exact_top_k(table.vectors.all()[: self._committed(kind)], query, k, exclude)
+        vectors = self.store.tables[kind].vectors  # a capped table ranks its resident entities only
+        scores, slots = vectors.search(query[None, :], k, exclude=[exclude], limit=self._committed(kind))
+        return scores[0], slots[0]
 
     def _scored(self, kind: Kind, scores: np.ndarray, slots: np.ndarray) -> list[Scored]:
         keep = (slots >= 0) & np.isfinite(scores)
         names = self.store.tables[kind].ids.names(slots[keep])
         return [Scored(name, float(score)) for name, score in zip(names, scores[keep])]
-
-
-def exact_top_k(vectors: torch.Tensor, query: np.ndarray, k: int,
-                exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k by (score desc, slot asc), like ShardedFaissVectors.search; zero rows score 0."""
-    x = vectors.detach().to("cpu", torch.float32)
-    q = torch.as_tensor(np.asarray(query, dtype=np.float32))
-    q = q / q.norm() if float(q.norm()) > 0 else q
-    norms = x.norm(dim=1)
-    scores = ((x @ q) / torch.where(norms > 0, norms, torch.ones_like(norms))).numpy().copy()
-    exclude = exclude[(exclude >= 0) & (exclude < len(scores))]
-    scores[exclude] = -np.inf
-    k = min(k, len(scores))
-    if k == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-    candidates = np.flatnonzero(scores >= kth)  # ties at the boundary resolve by slot below
-    order = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
-    # excluded rows score -inf: -1 marks them, as FAISS pads (callers treat every slot >= 0 as a candidate)
-    return scores[order].astype(np.float32), np.where(np.isfinite(scores[order]), order, -1).astype(np.int64)
 
 
 def _preview(ids: Sequence[str], limit: int = 10) -> str:

@@ -65,8 +65,8 @@ class BatchInputs:
     item_slots: np.ndarray  # (B,)
     user_plan: HistoryPlan  # users' item histories
     item_plan: HistoryPlan  # items' user histories
-    users_before: Sequences  # (B) each event's user, history before the event
-    items_before: Sequences  # (B) each event's item, history before the event
+    users_before: Sequences | None  # (B) each event's user, history before the event (None: not prepared)
+    items_before: Sequences | None  # (B) each event's item, history before the event
     users_after: Sequences | None  # (G_u) each touched user, history after the batch (post_event)
     items_after: Sequences | None  # (G_x)
 
@@ -156,8 +156,9 @@ def id_seed_vectors(ids: np.ndarray, kind: Kind, dim: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def encode_sequences(model: FELRec, seqs: Sequences, budget: ActivationBudget | None = None) -> torch.Tensor:
-    """(R, D) representations of the sequences' entities."""
+def encode_sequences(model: FELRec, seqs: Sequences | None, budget: ActivationBudget | None = None) -> torch.Tensor:
+    """(R, D) representations of the sequences' entities (prepared: `prepare_batch(before/after=True)`)."""
+    assert seqs is not None, "these sequences were not prepared (prepare_batch before/after)"
     return model.encode_kind(seqs.h, seqs.mask, _MODEL_KIND[seqs.kind], seqs.empty, budget)
 
 
@@ -224,6 +225,7 @@ def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tenso
             store.tables[kind].vectors.put(torch.from_numpy(plan.unique_slots), after[n].detach())
         else:
             unique, last = last_occurrence(slots)
+            assert vectors is not None, "pre_event commits need the events' encodings u, x"
             store.tables[kind].vectors.put(torch.from_numpy(unique),
                                            vectors.detach()[torch.from_numpy(last).to(vectors.device)])
     ts = inputs.batch.timestamp
@@ -255,52 +257,3 @@ def infer_batch(model: FELRec, store: RepresentationStore, batch: EventBatch,
     inputs, u, x, after = infer_encodings(model, store, batch, cache, ranks)
     commit_batch(store, inputs, u, x, after)
     return inputs
-
-
-# ---- what each event of a batch sees and leaves (online evaluation, exact per event) ----------
-
-def previous_same(keys: np.ndarray) -> np.ndarray:
-    """(B,) position of the previous event with the same key in the batch, -1 for none."""
-    order = np.argsort(keys, kind="stable")
-    prev = np.full(len(keys), -1, dtype=np.int64)
-    same = keys[order][1:] == keys[order][:-1]
-    prev[order[1:][same]] = order[:-1][same]
-    return prev
-
-
-def next_same(keys: np.ndarray) -> np.ndarray:
-    """(B,) position of the next event with the same key in the batch, B for none."""
-    order = np.argsort(keys, kind="stable")
-    nxt = np.full(len(keys), len(keys), dtype=np.int64)
-    same = keys[order][1:] == keys[order][:-1]
-    nxt[order[:-1][same]] = order[1:][same]
-    return nxt
-
-
-def visible_updates(keys: np.ndarray, inclusive: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i, j) where event j is the latest event of its entity strictly before event i
-    (inclusive: at or before it). Event i must see what event j wrote, and nothing later."""
-    B = len(keys)
-    i, j = np.arange(B)[:, None], np.arange(B)[None, :]
-    nxt = next_same(keys)[None, :]
-    visible = (j <= i) & (nxt > i) if inclusive else (j < i) & (nxt >= i)
-    return np.nonzero(visible)
-
-
-def written_vectors(inputs: BatchInputs, u: torch.Tensor, x: torch.Tensor,
-                    after: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, D) each: the vector each event leaves in the store for its user and its item.
-
-    pre_event (after is None): the event's own encodings u, x. post_event: the encoding of the
-    history including the event, which is the "before" encoding of the entity's next event in the
-    batch (same elements, same pre-batch vectors) or, for its last event, the post-batch encoding."""
-    if after is None:
-        return u, x
-    out = []
-    for slots, plan, before, last_vectors in ((inputs.user_slots, inputs.user_plan, u, after[0]),
-                                              (inputs.item_slots, inputs.item_plan, x, after[1])):
-        nxt = torch.from_numpy(next_same(slots)).to(before.device)
-        group = torch.from_numpy(np.searchsorted(plan.unique_slots, slots)).to(before.device)
-        is_last = (nxt >= len(slots)).unsqueeze(1)
-        out.append(torch.where(is_last, last_vectors[group], before[nxt.clamp(max=len(slots) - 1)]))
-    return out[0], out[1]

@@ -43,7 +43,9 @@ import torch
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.state.store import RepresentationStore, VectorBackend, last_occurrence, raw_vectors
+from felrec_stream.state.store import RepresentationStore
+from felrec_stream.state.tables import last_occurrence
+from felrec_stream.state.vectors import VectorBackend, raw_vectors, slot_array
 
 log = get_logger(__name__)
 
@@ -339,6 +341,8 @@ class ShardedFaissVectors(VectorBackend):
     so within a shard row order is slot order (used for deterministic tie-breaking).
     """
 
+    writes_index_files = True
+
     def __init__(self, dim: int, shards: int = 1, index_type: str = "flat", device: torch.device | str = "cpu", *,
                  hnsw_m: int = 32, hnsw_ef_search: int = 64, hnsw_ef_construction: int = 40,
                  hnsw_rebuild_fraction: float = 0.2, ivf_nlist: int = 1024, ivf_nprobe: int = 16,
@@ -363,7 +367,6 @@ class ShardedFaissVectors(VectorBackend):
         self._slot_row = _Column(np.int64, -1)
         self._lock = threading.RLock()
         self._gpu = self._init_gpu(use_gpu)
-        self.owner: Any = None  # a capped table (spill.SpillingTable): restores slots before reads/writes
 
     @classmethod
     def from_config(cls, dim: int, cache: CacheConfig, device: torch.device | str = "cpu",
@@ -399,16 +402,19 @@ class ShardedFaissVectors(VectorBackend):
         """New slots [self.size, size) get their shard from their id; they read as zero until put."""
         with self._lock:
             old = self.size
-            new_ids = self.register(size, ids)
+            new_ids = self._register(size, ids)
             if new_ids:
                 self.admit(np.arange(old, size, dtype=np.int64), new_ids)
 
-    def register(self, size: int, ids: np.ndarray | Sequence[str]) -> list[str]:
+    def register(self, size: int, ids: np.ndarray | Sequence[str]) -> None:
         """Slots [self.size, size) get their shard from their id, but no row yet (see `admit`).
 
         `ids` are the new slots' ids, or every id (e.g. load_state_dict on an empty table).
-        Returns the new slots' ids.
         """
+        self._register(size, ids)
+
+    def _register(self, size: int, ids: np.ndarray | Sequence[str]) -> list[str]:
+        """`register`; returns the new slots' ids."""
         with self._lock:
             old = self.size
             if size <= old:
@@ -431,7 +437,7 @@ class ShardedFaissVectors(VectorBackend):
             shard_ids = self._slot_shard.data[slots]
             for s in np.unique(shard_ids):
                 mine = np.flatnonzero(shard_ids == s)
-                self._slot_row.data[slots[mine]] = self.shards[s].take_rows(slots[mine], [ids[i] for i in mine])
+                self._slot_row.data[slots[mine]] = self.shards[s].take_rows(slots[mine], [ids[int(i)] for i in mine])
 
     def evict(self, slots: np.ndarray) -> None:
         """Free the rows of `slots` (they read as missing until admitted again)."""
@@ -443,20 +449,17 @@ class ShardedFaissVectors(VectorBackend):
                 self.shards[s].release(rows[shard_ids == s])
             self._slot_row.data[slots] = -1
 
+    def resident(self, slots: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._slot_row.data[np.asarray(slots, dtype=np.int64)] >= 0
+
     def get(self, slots: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """(..., D) raw vectors (unit * norm) of `slots` (-1 -> zero) on `device` or `self.device`.
 
-        Under a cap, evicted slots are read from their spill records (`owner.read_vectors`)."""
+        Evicted slots raise (a capped table reads them from their spill records: spill.SpillingVectors)."""
         flat = np.asarray(torch.as_tensor(slots).detach().cpu().reshape(-1).numpy(), dtype=np.int64)
         out = np.zeros((len(flat), self.dim), dtype=np.float32)
         with self._lock:
-            if self.owner is not None:  # evicted slots: straight from their spill records (not restored)
-                spilled = np.flatnonzero(flat >= 0)
-                spilled = spilled[self._slot_row.data[flat[spilled]] < 0]
-                if len(spilled):
-                    out[spilled] = self.owner.read_vectors(flat[spilled])
-                    flat = flat.copy()
-                    flat[spilled] = -1
             where = np.flatnonzero(flat >= 0)
             present = self._check_slots(flat[where])
             shard_ids, rows = self._slot_shard.data[present], self._slot_row.data[present]
@@ -491,11 +494,7 @@ class ShardedFaissVectors(VectorBackend):
         if len(np.unique(flat)) != len(flat):  # keep the latest write per slot, like the in-batch rule
             flat, last = last_occurrence(flat)
             values = values[last]
-        if self.owner is not None:
-            self.owner.need(flat)
         self._write_unit(flat, *_unit_and_norm(values))
-        if self.owner is not None:
-            self.owner.wrote(flat)
 
     def _write_unit(self, slots: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
         with self._lock:
@@ -578,17 +577,22 @@ class ShardedFaissVectors(VectorBackend):
 
     # ---- search --------------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None,
-               normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None, *,
+               limit: int | None = None, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` slots by cosine for each query, merged across shards, ties -> smaller slot first.
 
         Returns (scores (Q, k) float32, slots (Q, k) int64); missing results are -inf / -1.
-        `exclude[q]` holds slots never returned for query q (e.g. items the user already saw).
-        With "flat" (and IVF before training) the result equals one exact index over all slots.
+        `exclude[q]` holds slots never returned for query q (e.g. items the user already saw), and
+        slots >= `limit` are never returned. With "flat" (and IVF before training) the result
+        equals one exact index over all slots.
         """
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.dim or k < 1:
             raise StoreError(f"search needs queries (Q, {self.dim}) and k >= 1, got {q.shape} and k={k}")
+        if limit is not None and limit < self.size:
+            beyond = np.arange(max(limit, 0), self.size, dtype=np.int64)
+            exclude = [beyond] * len(q) if exclude is None else [
+                np.concatenate([slot_array(slots), beyond]) for slots in exclude]
         if normalize:
             q = np.ascontiguousarray(_unit_and_norm(q)[0])
         excluded = _ExcludeSet(exclude, len(q))
@@ -621,7 +625,7 @@ class ShardedFaissVectors(VectorBackend):
             found = np.where(found < 0, _NO_SLOT, found)  # a free row (evicted entity)
             drop = (found == _NO_SLOT) | excluded.contains(todo, found)
             d, found = np.where(drop, -np.inf, raw), np.where(drop, _NO_SLOT, found)
-            if scores is None:  # first pass: every query (the common case ends here)
+            if scores is None or slots is None:  # first pass: every query (the common case ends here)
                 scores, slots = d, found
             else:
                 scores, slots = _put_rows(scores, slots, todo, d, found)
@@ -631,11 +635,13 @@ class ShardedFaissVectors(VectorBackend):
             done = (width >= shard.size) | (np.sum(d > raw[:, -1:], axis=1) >= k)
             fetch[todo] = np.minimum(shard.size, 2 * width)
             todo = todo[~done]
+        assert scores is not None and slots is not None, "search needs at least one query"
         return scores, slots
 
     def _shard_index_search(self, shard: _Shard, q: np.ndarray, width: int,
                             exact: bool) -> tuple[np.ndarray, np.ndarray]:
         if not exact:
+            assert shard.ann is not None  # exact = no ANN index, or one not trained yet
             return shard.ann.search(q, width)
         if self._gpu is not None:
             if shard.gpu_index is None:  # stale after a write: re-clone (O(shard) copy, only when searched)

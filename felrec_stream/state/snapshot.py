@@ -39,6 +39,7 @@ without it takes the lock for the one write.
 from __future__ import annotations
 
 import contextlib
+import functools
 import fcntl
 import hashlib
 import json
@@ -130,7 +131,7 @@ def _child(path: str, key: Any) -> str:
     return f"{path}/{key}" if path else key
 
 
-def _encode_strings(strings: list, path: str, arrays: dict[str, np.ndarray], kind: str) -> dict[str, Any]:
+def _encode_strings(strings: list[Any], path: str, arrays: dict[str, np.ndarray], kind: str) -> dict[str, Any]:
     if not all(isinstance(s, str) for s in strings):
         raise StoreError(f"object array at {path} must hold only str")
     encoded = [s.encode("utf-8") for s in strings]
@@ -169,6 +170,10 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _save_array(array: np.ndarray, f: Any) -> None:
+    np.save(f, array, allow_pickle=False)
 
 
 def _write_durable(path: Path, payload: Callable[[Any], None]) -> dict[str, Any]:
@@ -410,7 +415,7 @@ class SnapshotManager:
             if array.dtype == object:
                 raise StoreError(f"array {key!r} has dtype object: use flatten_state (no pickle)")
             name = f"array-{n:05d}.npy"
-            files[name] = _write_durable(path / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
+            files[name] = _write_durable(path / name, functools.partial(_save_array, array))
             index[key] = name
         if extra is not None:
             extra(path)

@@ -3,7 +3,10 @@
 `cache.max_entities` = N > 0 caps the entities of each kind held in memory (users and items
 separately). A `SpillingTable` replaces the `EntityTable` of each kind; the engine, the worker
 and the query service keep using the same interface (`slots`, `history.plan/apply/counts`,
-`vectors.get/put`, `ids.names`, `reset`).
+`vectors.get/put/rows/search`, `ids.names`, `reset`). The table wraps its vector backend (any
+backend with residency: `vectors.TensorRows`, `ShardedFaissVectors`) in a `SpillingVectors` and
+its histories in a `PooledHistory`; both get what they need from the table as explicit callables
+(read spilled vectors, restore, mark stale), so no backend knows about spilling.
 
 Stable slots, pooled storage
 ----------------------------
@@ -14,8 +17,8 @@ FAISS results back to ids through slots, and snapshots list ids in slot order. M
 ever seen is therefore a small floor (id map entry, the per-slot columns `SLOT_COLUMNS`: history
 length, count, last-update time, popularity and its event index; residency and spill location:
 `benchmarks/bench_spill.py` measures it) while vectors, histories and FAISS rows, the
-bulk, exist only for resident entities: the history rows and `TensorRows` vectors live in a pool
-of rows (slot -> row map, freed rows reused); `ShardedFaissVectors` frees and reuses shard rows.
+bulk, exist only for resident entities: the history rows and `TensorRows` vectors live in pools
+of rows (slot -> row maps, freed rows reused); `ShardedFaissVectors` frees and reuses shard rows.
 
 Eviction and restore
 --------------------
@@ -76,7 +79,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -86,9 +89,9 @@ import torch
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
 from felrec_stream.state.snapshot import fsync_dir, hash_file
-from felrec_stream.state.store import (POPULARITY, SLOT_COLUMNS, EntityRows, EntityTable, HistoryBuffer, IdMap, Kind,
-                                       VectorBackend, check_lengths, check_shapes, raw_vectors, slot_column_parts,
-                                       vector_shapes)
+from felrec_stream.state.tables import (POPULARITY, SLOT_COLUMNS, EntityRows, EntityTable, HistoryBuffer, HistoryPlan,
+                                        IdMap, Kind, check_lengths, check_shapes, slot_column_parts, vector_shapes)
+from felrec_stream.state.vectors import VectorBackend, grow, raw_vectors
 
 log = get_logger(__name__)
 
@@ -120,7 +123,7 @@ class SpillFiles:
 
     def __init__(self, directory: str | Path | None = None, read_only: bool = False) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="felrec-spill-") if directory is None else None
-        self.directory = Path(self._tmp.name if self._tmp is not None else directory)
+        self.directory = Path(self._tmp.name) if self._tmp is not None else Path(directory or ".")
         self.private = self._tmp is not None
         self.read_only = read_only
         if not read_only:
@@ -243,109 +246,146 @@ class SpillFiles:
 
 # ---- pooled storage -----------------------------------------------------------------------------
 
-class TensorRows(VectorBackend):
-    """`TensorVectors` for a capped table: a tensor of pool rows, addressed through the table's slot -> row map."""
+class SpillingVectors(VectorBackend):
+    """The vectors of a capped table as everyone else sees them: `inner` (any backend with residency:
+    `TensorRows`, `ShardedFaissVectors`) holds the resident slots; the evicted ones are read from their
+    spill records without restoring them (`read_spilled`), a write restores them first (`restore`) and
+    makes their records stale (`wrote`). Searches rank what `inner` holds: the resident slots."""
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu", capacity: int = 1024) -> None:
-        self.dim = dim
-        self._data = torch.zeros(max(capacity, 1), dim, device=torch.device(device))
-        self.owner: SpillingTable | None = None  # set by the table
+    def __init__(self, inner: VectorBackend, read_spilled: Callable[[np.ndarray], np.ndarray],
+                 restore: Callable[[np.ndarray], None], wrote: Callable[[np.ndarray], None]) -> None:
+        self.inner = inner
+        self.dim = inner.dim
+        self._read_spilled, self._restore, self._wrote = read_spilled, restore, wrote
 
     @property
     def device(self) -> torch.device:
-        return self._data.device
+        return self.inner.device
 
-    def ensure(self, size: int, ids: np.ndarray) -> None:
-        raise StoreError("TensorRows grows through its SpillingTable (register/admit)")
+    @property
+    def index_type(self) -> str:  # type: ignore[override]  # the inner backend's, read-only
+        return self.inner.index_type
 
-    def register(self, size: int, ids: np.ndarray) -> None:
-        """Nothing to do: the table tracks slots."""
+    @property
+    def writes_index_files(self) -> bool:  # type: ignore[override]
+        return self.inner.writes_index_files
 
-    def admit(self, slots: np.ndarray, ids: np.ndarray) -> None:
-        rows = self.owner.row_of[slots]
-        need = int(rows.max(initial=-1)) + 1
-        if need > self._data.shape[0]:
-            grown = torch.zeros(max(need, 2 * self._data.shape[0]), self.dim, device=self.device)
-            grown[: self._data.shape[0]] = self._data
-            self._data = grown
-        self._data[torch.from_numpy(rows).to(self.device)] = 0.0
-
-    def evict(self, slots: np.ndarray) -> None:
-        """Nothing to free here: the table returns the rows to its pool (zeroed when reused)."""
+    def _spilled(self, flat: np.ndarray) -> np.ndarray:
+        """Positions of `flat` naming slots without storage."""
+        named = np.flatnonzero(flat >= 0)
+        return named[~self.inner.resident(flat[named])]
 
     def get(self, slots: torch.Tensor) -> torch.Tensor:
-        """Resident rows from memory; evicted ones straight from their records (not restored)."""
+        """Resident rows from `inner`; evicted ones straight from their records (not restored)."""
+        shape = tuple(torch.as_tensor(slots).shape)
         flat = torch.as_tensor(slots).detach().cpu().reshape(-1).numpy().astype(np.int64, copy=False)
-        rows = np.where(flat >= 0, self.owner.row_of[np.maximum(flat, 0)], -1)
-        index = torch.from_numpy(rows).to(self.device)
-        out = self._data[index.clamp(min=0)] * (index >= 0).unsqueeze(-1)
-        spilled = np.flatnonzero((flat >= 0) & (rows < 0))
-        if len(spilled):
-            out[torch.from_numpy(spilled).to(self.device)] = torch.from_numpy(
-                self.owner.read_vectors(flat[spilled])).to(self.device)
-        return out.reshape(*torch.as_tensor(slots).shape, self.dim)
+        spilled = self._spilled(flat)
+        if not len(spilled):
+            return self.inner.get(slots)
+        masked = flat.copy()
+        masked[spilled] = -1
+        out = self.inner.get(torch.from_numpy(masked))
+        read = torch.from_numpy(self._read_spilled(flat[spilled]))
+        out[torch.from_numpy(spilled).to(out.device)] = read.to(out.device)
+        return out.reshape(*shape, self.dim)
+
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64)
+        spilled = self._spilled(slots)
+        if not len(spilled):
+            return self.inner.rows(slots)
+        out = np.empty((len(slots), self.dim), dtype=np.float32)
+        resident = np.ones(len(slots), dtype=bool)
+        resident[spilled] = False
+        out[resident] = self.inner.rows(slots[resident])
+        out[spilled] = self._read_spilled(slots[spilled])
+        return out
 
     def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
         flat = torch.as_tensor(slots).detach().cpu().reshape(-1).numpy().astype(np.int64, copy=False)
-        self.owner.need(flat)
-        self._write(flat, vectors)
-        self.owner.wrote(flat)
+        self._restore(flat[flat >= 0])
+        self.inner.put(slots, vectors)
+        self._wrote(flat)
 
-    def _write(self, slots: np.ndarray, vectors: torch.Tensor | np.ndarray) -> None:
-        rows = torch.from_numpy(self.owner.row_of[slots]).to(self.device)
-        self._data[rows] = torch.as_tensor(vectors).detach().to(self.device, torch.float32).reshape(len(slots), -1)
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None, *,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.search(queries, k, exclude, limit=limit)
 
-    def rows_state(self, slots: np.ndarray) -> dict[str, np.ndarray]:
-        rows = torch.from_numpy(self.owner.row_of[slots]).to(self.device)
-        return {"vectors": self._data[rows].cpu().numpy()}
+    def write_index_files(self, directory: str | Path, prefix: str = "") -> list[Path]:
+        return self.inner.write_index_files(directory, prefix)
 
-    def load_rows(self, slots: np.ndarray, state: dict[str, np.ndarray]) -> None:
-        self._write(slots, torch.from_numpy(raw_vectors(state)))
+    # the rest is the inner backend's: storage, residency, row states
+
+    def ensure(self, size: int, ids: np.ndarray) -> None:
+        self.inner.ensure(size, ids)
 
     def reset(self) -> None:
-        self._data.zero_()
+        self.inner.reset()
 
     def all(self) -> torch.Tensor:
         """(size, D) vectors of every slot: evicted ones read as zero here (`SpillingTable.read` has them)."""
-        out = torch.zeros(len(self.owner), self.dim, device=self.device)
-        resident = self.owner.resident_slots()
-        rows = torch.from_numpy(self.owner.row_of[resident]).to(self.device)
-        out[torch.from_numpy(resident).to(self.device)] = self._data[rows]
-        return out
+        return self.inner.all()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], ids: np.ndarray) -> None:
+        self.inner.load_state_dict(state, ids)
+
+    def rows_state(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        return self.inner.rows_state(slots)
+
+    def load_rows(self, slots: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        self.inner.load_rows(slots, state)
+
+    def register(self, size: int, ids: np.ndarray) -> None:
+        self.inner.register(size, ids)
+
+    def admit(self, slots: np.ndarray, ids: np.ndarray) -> None:
+        self.inner.admit(slots, ids)
+
+    def evict(self, slots: np.ndarray) -> None:
+        self.inner.evict(slots)
+
+    def resident(self, slots: np.ndarray) -> np.ndarray:
+        return self.inner.resident(slots)
 
 
 class PooledHistory(HistoryBuffer):
     """`HistoryBuffer` for a capped table: `rows` holds pool rows; the per-slot columns (lengths, counts,
-    times, popularity: `SLOT_COLUMNS`) stay in memory for every slot, evicted or not."""
+    times, popularity: `SLOT_COLUMNS`) stay in memory for every slot, evicted or not.
 
-    def __init__(self, length: int, owner: "SpillingTable", halflife: float = 0.0) -> None:
+    `pool_rows(slots)` restores evicted slots and returns their pool rows; `applied(slots)` is told
+    which slots a history update changed (their records are stale, the cap is enforced)."""
+
+    def __init__(self, length: int, pool_rows: Callable[[np.ndarray], np.ndarray],
+                 applied: Callable[[np.ndarray], None], halflife: float = 0.0) -> None:
         super().__init__(length, halflife=halflife)
-        self.owner = owner
+        self._pool_rows, self._applied = pool_rows, applied
 
     def ensure(self, size: int) -> None:
         """Per-slot columns for `size` slots (rows grow with the pool: `ensure_rows`)."""
         if size > len(self.lengths):
             cap = max(size, 2 * len(self.lengths))
             for key in SLOT_COLUMNS:
-                setattr(self, key, _grow(getattr(self, key), cap, 0))
+                setattr(self, key, grow(getattr(self, key), cap, 0))
         self.size = max(self.size, size)
 
     def ensure_rows(self, n_rows: int) -> None:
         if n_rows > len(self.rows):
-            self.rows = _grow(self.rows, max(n_rows, 2 * len(self.rows)), -1)
+            self.rows = grow(self.rows, max(n_rows, 2 * len(self.rows)), -1)
 
     def stored_rows(self, slots: np.ndarray) -> np.ndarray:
-        self.owner.need(slots)
-        return self.rows[self.owner.row_of[slots]]
+        pool = self._pool_rows(slots)  # first: a restore may grow `self.rows`
+        return self.rows[pool]
 
     def store_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
-        self.owner.need(slots)
-        self.rows[self.owner.row_of[slots]] = rows
+        pool = self._pool_rows(slots)
+        self.rows[pool] = rows
 
-    def apply(self, plan: Any, last_time: np.ndarray | None = None, slots: np.ndarray | None = None) -> None:
+    def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None, slots: np.ndarray | None = None) -> None:
         super().apply(plan, last_time, slots)
-        self.owner.wrote(plan.unique_slots)
-        self.owner.committed(plan.unique_slots)
+        self._applied(plan.unique_slots)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Per-slot columns and the event index only: the rows travel in the table's state (resident)
@@ -355,18 +395,13 @@ class PooledHistory(HistoryBuffer):
                 "events": np.asarray([self.events], dtype=np.int64)}
 
 
-def _grow(array: np.ndarray, capacity: int, fill: Any) -> np.ndarray:
-    grown = np.full((capacity,) + array.shape[1:], fill, dtype=array.dtype)
-    grown[: len(array)] = array
-    return grown
-
-
 # ---- the table ----------------------------------------------------------------------------------
 
 class SpillingTable(EntityTable):
     """An `EntityTable` that keeps at most `cap` entities in memory and the rest in spill files."""
 
     capped = True
+    history: PooledHistory
 
     def __init__(self, kind: Kind, vectors: VectorBackend, history_len: int, cap: int, spill: SpillFiles,
                  popularity_halflife: float = 0.0) -> None:
@@ -374,9 +409,8 @@ class SpillingTable(EntityTable):
             raise StoreError(f"max_entities must be >= 1, got {cap}")
         self.kind, self.cap, self.spill = kind, cap, spill
         self.ids = IdMap()
-        self.vectors = vectors
-        vectors.owner = self
-        self.history = PooledHistory(history_len, self, popularity_halflife)
+        self.vectors = SpillingVectors(vectors, self.read_vectors, self.need, self.wrote)
+        self.history = PooledHistory(history_len, self._pool_rows, self._applied, popularity_halflife)
         self.row_of = np.full(1024, -1, dtype=np.int64)  # slot -> pool row (-1: evicted or never stored)
         self.loc_file = np.full(1024, -1, dtype=np.int32)  # slot -> index in files of its current record
         self.loc_row = np.full(1024, -1, dtype=np.int64)  # slot -> row in that file
@@ -420,6 +454,15 @@ class SpillingTable(EntityTable):
             np.subtract.at(self.live, where[had], 1)
             self.loc_file[slots], self.loc_row[slots] = -1, -1
             self._drop_dead_files()
+
+    def _pool_rows(self, slots: np.ndarray) -> np.ndarray:
+        """Pool rows of `slots`, restoring the evicted ones first."""
+        self.need(slots)
+        return self.row_of[slots]
+
+    def _applied(self, slots: np.ndarray) -> None:
+        self.wrote(slots)
+        self.committed(slots)
 
     def committed(self, slots: np.ndarray) -> None:
         """A history update finished: evict over the cap, sparing the entities just updated."""
@@ -475,8 +518,8 @@ class SpillingTable(EntityTable):
         """New slots [old, size): per-slot columns, then zeroed storage (they start resident)."""
         if size > len(self.row_of):
             cap = max(size, 2 * len(self.row_of))
-            self.row_of, self.loc_row = _grow(self.row_of, cap, -1), _grow(self.loc_row, cap, -1)
-            self.loc_file = _grow(self.loc_file, cap, -1)
+            self.row_of, self.loc_row = grow(self.row_of, cap, -1), grow(self.loc_row, cap, -1)
+            self.loc_file = grow(self.loc_file, cap, -1)
         new = np.arange(old, size, dtype=np.int64)
         ids = np.asarray(self.ids.names(new), dtype=object)
         self.history.ensure(size)
@@ -494,7 +537,7 @@ class SpillingTable(EntityTable):
         rows[reused:] = np.arange(self._rows_used, self._rows_used + len(slots) - reused)
         self._rows_used += len(slots) - reused
         if self._rows_used > len(self.slot_of_row):
-            self.slot_of_row = _grow(self.slot_of_row, max(self._rows_used, 2 * len(self.slot_of_row)), -1)
+            self.slot_of_row = grow(self.slot_of_row, max(self._rows_used, 2 * len(self.slot_of_row)), -1)
         self.history.ensure_rows(self._rows_used)
         self.history.rows[rows] = -1
         self.slot_of_row[rows], self.row_of[slots] = slots, rows
@@ -572,7 +615,8 @@ class SpillingTable(EntityTable):
         sparse = np.flatnonzero((self.live > 0) & (2 * self.live < sizes))
         if not len(sparse) or budget < 1:
             return np.zeros(0, dtype=np.int64)
-        chosen, total = [], 0
+        chosen: list[int] = []
+        total = 0
         for f in sparse[np.argsort(self.live[sparse], kind="stable")]:
             if chosen and total + self.live[f] > budget:  # the sparsest file always goes
                 break

@@ -14,10 +14,10 @@ from felrec_stream.data import synthetic
 from felrec_stream.data.split import chronological_split
 from felrec_stream.errors import ModelError, TrainingError
 from felrec_stream.model import felrec
-from felrec_stream.state.checkpoint import (FORMAT_VERSION, Checkpoint, CosineWarmupSchedule, load_checkpoint,
-                                            save_checkpoint)
+from felrec_stream.state.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint, save_checkpoint
 from training.evaluate import evaluate
 from training.felrec_online import PopularityOnline, build_felrec
+from training.schedule import CosineWarmupSchedule
 from training.train import POPULARITY_HALFLIVES, POPULARITY_WEIGHTS, is_collapsed, train
 
 ENC = EncoderConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64)

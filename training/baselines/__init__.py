@@ -29,7 +29,7 @@ def build_baseline(name: str, config: BaselineConfig, train: pa.Table) -> Baseli
         raise ConfigError(f"unknown baseline {name!r}; known: {', '.join(ADAPTERS)}")
     if not isinstance(config, CONFIG_CLASSES[name]):
         raise ConfigError(f"baseline {name!r} needs a {CONFIG_CLASSES[name].__name__}, got {type(config).__name__}")
-    return ADAPTERS[name](config, train)  # type: ignore[arg-type]
+    return ADAPTERS[name](config, train)
 
 
 __all__ = ["ADAPTERS", "BASELINES", "SIZES", "BaselineConfig", "BaselineOnline", "FitResult", "build_baseline",
