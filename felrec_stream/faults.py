@@ -9,6 +9,10 @@ itself the n-th time (default: the first) it reaches `fault_point(point)`. Point
     snapshot_pruning           the first old snapshot directory is deleted, others remain
     dead_letter_sent           a poison message was handed to the dead-letter producer, not flushed
     replica_batch_applied      a follower rank of a data-parallel `consume` applied a batch (pipelines/replicas.py)
+    learner_snapshot_written   `learn` snapshotted a decision, the version is not published yet (training/learn.py)
+    version_files_written      a version's files are durable in its .tmp- folder, not renamed (state/versions.py)
+    version_visible            a version's folder is in place, LATEST does not name it yet
+    model_swapped              the worker switched to a version, no snapshot records it yet (pipelines/worker.py)
 
 Why in the product and not in the tests: a signal sent from outside after a log line lands
 "somewhere after" it, so a drill could not tell a kill during a snapshot write from one after it.

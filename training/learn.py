@@ -141,10 +141,11 @@ class LearnProgress:
 class LearnResult:
     events: int
     trained: int
-    published: list[str]
+    published: list[str]  # this run
     refused: int
     latest: str
     stopped_by: str
+    poison_skipped: int  # this run; the worker dead-letters them
 
 
 @dataclass
@@ -230,7 +231,8 @@ class Learner:
             self.source.close()
             self.snapshots.release()
         return LearnResult(self.progress.events, self.progress.trained, list(self.published_now),
-                           self.progress.refused, self.progress.published, self._stop_reason or "unknown")
+                           self.progress.refused, self.progress.published, self._stop_reason or "unknown",
+                           self.source.stats.poison)
 
     def feed(self, batch: EventBatch) -> None:
         """One micro-batch of the topic: skip / warm / train, then a decision when one is due."""

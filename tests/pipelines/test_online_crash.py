@@ -132,3 +132,35 @@ def test_a_worker_killed_between_a_swap_and_its_snapshot_ends_like_an_uninterrup
     assert [swap["applied_events"] for swap in meta["model_versions"]] == \
         [swap.applied_events for swap in uninterrupted.model_history]
     assert_same_store(fingerprint, store_fingerprint(uninterrupted.store))
+
+
+def test_poison_records_are_skipped_by_the_learner_and_dead_lettered_by_the_worker(online_checkpoint, kafka,
+                                                                                  tmp_path):
+    from connectors.kafka.admin import end_offsets, new_producer
+
+    name = f"t-online-poison-{uuid.uuid4().hex[:8]}"
+    with TopicAdmin(kafka) as admin:
+        admin.create_topic(name, 1)
+    table = synthetic_events(300, n_users=40, n_items=30, seed=6)
+    replay_events(table.slice(0, 150), kafka, name, progress=False)
+    producer = new_producer(kafka)
+    producer.send(name, key=b"u", value=b"not json").get(timeout=10)
+    producer.close()
+    replay_events(table.slice(150), kafka, name, progress=False)
+    rc, records, out = _learn(online_checkpoint, kafka, name, tmp_path / "models", _env(tmp_path))
+    assert rc == 0, records[-3:]
+    result = json.loads(out)
+    assert (result["trained"], result["poison_skipped"]) == (300, 1)
+    assert not _dlq_exists(kafka, f"{name}.dlq")  # the learner sends no dead letters: the worker does
+    rc, records, out = _consume(online_checkpoint, kafka, name, tmp_path / "models", tmp_path / "snap",
+                                _env(tmp_path))
+    assert rc == 0, records[-3:]
+    summary = json.loads(out)
+    assert (summary["applied_total"], summary["dead_letters"]) == (300, 1)
+    assert end_offsets(kafka, f"{name}.dlq", [0])[0] == 1
+    assert summary["model_version"] == "v000001"  # published at 256 events, adopted after them
+
+
+def _dlq_exists(kafka: KafkaConfig, topic: str) -> bool:
+    with TopicAdmin(kafka) as admin:
+        return admin.topic_exists(topic)
