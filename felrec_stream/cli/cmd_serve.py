@@ -29,13 +29,18 @@ def _overrides(index_type: str | None, shards: int | None) -> dict[str, Any]:
 @click.option("--index-type", type=_INDEX_TYPES, default=None,
               help="Index the served vectors differently from the worker (default: the snapshot's cache config).")
 @click.option("--shards", type=click.IntRange(min=1), default=None, help="Override the snapshot's shard count.")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Online learning's versions (consume --models-dir): the version a snapshot names encodes "
+                   "unknown users (cold start); without it they are 404.")
 def serve(snapshot_dir: Path, host: str, port: int, poll_seconds: float, index_type: str | None,
-          shards: int | None) -> None:
+          shards: int | None, models_dir: Path | None) -> None:
     """Serve top-k recommendations and similarities from the newest snapshot, following new ones."""
     from felrec_stream.serving.app import create_app, run_server
     from felrec_stream.serving.snapshots import SnapshotFollower
+    from felrec_stream.state.versions import VersionStore
 
-    follower = SnapshotFollower(snapshot_dir, poll_seconds, _overrides(index_type, shards))
+    follower = SnapshotFollower(snapshot_dir, poll_seconds, _overrides(index_type, shards),
+                                models=VersionStore(models_dir) if models_dir else None)
     follower.poll_once()  # ready at once when a snapshot exists
     follower.start()
     try:

@@ -28,12 +28,14 @@ import torch
 from felrec_stream.config import CacheConfig, to_dict
 from felrec_stream.errors import ServiceError
 from felrec_stream.log import get_logger
-from felrec_stream.serving.query import QueryEngine
+from felrec_stream.serving.query import ColdStartEncoder, QueryEngine
+from felrec_stream.state.checkpoint import model_from
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.meta import SnapshotMeta
 from felrec_stream.state.snapshot import Snapshot, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
 from felrec_stream.state.store import RepresentationStore
+from felrec_stream.state.versions import VersionStore, model_version
 
 log = get_logger(__name__)
 
@@ -62,12 +64,28 @@ def load_store_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, A
     return store
 
 
-def engine_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, Any] | None = None) -> QueryEngine:
-    """A read replica's engine, pinned to `snapshot` (its seq, time and recorded scoring config);
-    no model, so unknown users are 404 (no cold start)."""
+def engine_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, Any] | None = None,
+                         models: VersionStore | None = None) -> QueryEngine:
+    """A read replica's engine, pinned to `snapshot` (its seq, time and recorded scoring config).
+    With `models` (online learning's versions) and a snapshot written after a swap, the version the
+    snapshot names encodes unknown users (cold start, as `consume --serve`); else they are 404."""
     store = load_store_from_snapshot(snapshot, cache_overrides)
-    return QueryEngine(store, scoring=SnapshotMeta.from_dict(snapshot.meta).scoring_config(),
+    meta = SnapshotMeta.from_dict(snapshot.meta)
+    return QueryEngine(store, scoring=meta.scoring_config(), cold_start=_cold_start(meta, models, store),
                        snapshot_seq=snapshot.seq, snapshot_created_at=snapshot.created_at)
+
+
+def _cold_start(meta: SnapshotMeta, models: VersionStore | None,
+                store: RepresentationStore) -> ColdStartEncoder | None:
+    """The encoder of the version `meta` names (the weights that wrote the snapshot's vectors)."""
+    if models is None or not meta.model_versions:
+        return None
+    name = meta.model_versions[-1].version
+    checkpoint = models.checkpoint(name)
+    if model_version(checkpoint.model_state, checkpoint.configs) != meta.model_version:
+        raise ServiceError(f"model version {name} in {models.root} is not the one snapshot meta names "
+                           f"({meta.model_version}): another --models-dir?")
+    return ColdStartEncoder(model_from(checkpoint, store.device), meta.cache_config())
 
 
 class SnapshotFollower:
@@ -82,10 +100,10 @@ class SnapshotFollower:
 
     def __init__(self, root: str | Path, poll_seconds: float = 2.0,
                  cache_overrides: Mapping[str, Any] | None = None,
-                 build: Callable[[Snapshot], QueryEngine] | None = None) -> None:
+                 build: Callable[[Snapshot], QueryEngine] | None = None, models: VersionStore | None = None) -> None:
         self.manager = SnapshotManager(root)
         self.poll_seconds = poll_seconds
-        self._build = build or (lambda snap: engine_from_snapshot(snap, cache_overrides))
+        self._build = build or (lambda snap: engine_from_snapshot(snap, cache_overrides, models))
         self._engine: QueryEngine | None = None
         self._lineage: str | None = None
         self._examined: Any = object()  # the directory state last examined (never equal at first)

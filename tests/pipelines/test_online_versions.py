@@ -175,3 +175,22 @@ def test_stale_vectors_are_counted_and_backfill_re_encodes_the_most_popular_item
     filled.run()
     assert filled.stale_share["item"] < plain.stale_share["item"]
     assert checked and max(checked) == 10  # K per batch, the most popular stale ones first
+
+
+def test_a_serve_replica_encodes_unknown_users_with_the_version_its_snapshot_names(table, initial, models, tmp_path):
+    from felrec_stream.serving.query import ColdStartEncoder, NotFound
+    from felrec_stream.serving.snapshots import engine_from_snapshot
+
+    worker = _worker(initial, InMemorySource(table.slice(0, 320), BATCH), models, tmp_path / "snap")
+    worker.run()
+    snapshot = SnapshotManager(tmp_path / "snap").latest_valid()
+    engine = engine_from_snapshot(snapshot, models=VersionStore(models))
+    answer = engine.recommend("a-user-never-seen", k=5)
+    version = load_model(VersionStore(models).weights_path(worker.model_history[-1].version))
+    expected = ColdStartEncoder(version.model, version.cache)("a-user-never-seen")
+    assert answer.cold_start and answer.results
+    np.testing.assert_allclose(engine.cold_start("a-user-never-seen"), expected, rtol=1e-6)
+    initial_vector = ColdStartEncoder(load_model(initial).model, version.cache)("a-user-never-seen")
+    assert not np.allclose(expected, initial_vector)  # the version's weights, not the checkpoint's
+    with pytest.raises(NotFound):
+        engine_from_snapshot(snapshot).recommend("a-user-never-seen", k=5)  # no models: no encoder
