@@ -53,7 +53,7 @@ from felrec_stream.state.versions import Position, VersionManifest, VersionStore
     version_name
 from felrec_stream.stream.events import EventBatch
 from felrec_stream.stream.source import Source
-from training.train import Stepper, StepStats, draw_negatives, step_rows, train_window
+from training.train import Stepper, StepStats, draw_negatives, make_optimizer, step_rows, train_window
 
 log = get_logger(__name__)
 
@@ -178,7 +178,7 @@ class Learner:
         self.batch_size = config.batch_size or cfgs.training.batch_size
         self.device = torch.device(device)
         self.model = self._new_model(checkpoint.online_state or checkpoint.model_state).train()
-        self.optimizer = _optimizer(self.model, config.lr or cfgs.training.lr, cfgs)
+        self.optimizer = make_optimizer(self.model, cfgs.training, config.lr or cfgs.training.lr)
         self.stepper = Stepper(self.optimizer, self.model, 2 if config.replay_ratio > 0 else 1)
         self.store = RepresentationStore.for_cache(cfgs.encoder.d_model, cfgs.cache, self.device)
         self.reservoir = Reservoir(config.reservoir_size, config.seed)
@@ -434,10 +434,3 @@ class Learner:
         self.versions.record_progress(self._position(), done=self._stop_reason == "end_of_topic")
         log.info("learner_stopped", events=self.progress.events, trained=self.progress.trained,
                  published=self.published_now, refused=self.progress.refused, stopped_by=self._stop_reason)
-
-
-def _optimizer(model: FELRec, lr: float, cfgs: Configs) -> torch.optim.Optimizer:
-    t = cfgs.training
-    if t.optimizer == "adam":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)

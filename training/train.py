@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from felrec_stream.config import CacheConfig, Configs, EvalConfig, ModelConfig, ScoringConfig, replace
+from felrec_stream.config import CacheConfig, Configs, EvalConfig, ModelConfig, ScoringConfig, TrainingConfig, replace
 from felrec_stream.data.split import chronological_split
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ConfigError, ModelError, TrainingError
@@ -129,15 +129,20 @@ def _new_state(configs: Configs, device: torch.device, ranks: Ranks | None = Non
         ranks.replicate(model)
         sync_batch_norms(model, ranks)  # training batch statistics = the whole batch's
     store = RepresentationStore.for_cache(configs.encoder.d_model, configs.cache, device)
-    if training_cfg.optimizer == "adam":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=training_cfg.lr, weight_decay=training_cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=training_cfg.lr, momentum=training_cfg.momentum,
-                                    weight_decay=training_cfg.weight_decay)
+    optimizer = make_optimizer(model, training_cfg)
     schedule = CosineWarmupSchedule(optimizer, training_cfg.lr, training_cfg.min_lr,
                                     training_cfg.warmup_epochs, training_cfg.epochs)
     writer = moving_average_of(model) if training_cfg.ema_decay > 0 else None
     return _State(model, store, optimizer, schedule, configs, ranks=ranks, writer=writer)
+
+
+def make_optimizer(model: FELRec, training_cfg: TrainingConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer `training.optimizer` names (learning rate `lr`, default training.lr)."""
+    lr = training_cfg.lr if lr is None else lr
+    if training_cfg.optimizer == "adam":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=training_cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=training_cfg.momentum,
+                           weight_decay=training_cfg.weight_decay)
 
 
 def _resume(state: _State, path: Path) -> None:
