@@ -88,7 +88,7 @@ import torch
 
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.state.snapshot import fsync_dir, hash_file
+from felrec_stream.state.durable import fsync_dir, hash_file
 from felrec_stream.state.tables import (POPULARITY, SLOT_COLUMNS, EntityRows, EntityTable, HistoryBuffer, HistoryPlan,
                                         IdMap, Kind, check_lengths, check_shapes, slot_column_parts, vector_shapes)
 from felrec_stream.state.vectors import VectorBackend, grow, raw_vectors
