@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from felrec_stream.config import EVAL_MODES, CacheConfig, ScoringConfig
 from felrec_stream.errors import ModelError
-from felrec_stream.model.felrec import FELRec, adapting_norms
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.model.norms import adapting_norms
 from felrec_stream.model.metrics import nearest_neighbour_queries
 from felrec_stream.state.checkpoint import Checkpoint, model_from
 from felrec_stream.parallel import Ranks

@@ -43,7 +43,8 @@ from felrec_stream.config import Configs, LearnConfig, to_dict
 from felrec_stream.errors import ModelError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
-from felrec_stream.model.felrec import FELRec, adapting_norms
+from felrec_stream.model.felrec import FELRec
+from felrec_stream.model.norms import adapting_norms
 from felrec_stream.model.losses import representation_spread
 from felrec_stream.state.checkpoint import Checkpoint, model_from
 from felrec_stream.state.engine import encode_sequences, event_sequences, infer_batch, prepare_batch

@@ -29,7 +29,8 @@ from felrec_stream.data.split import chronological_split
 from felrec_stream.device import resolve_device
 from felrec_stream.errors import ConfigError, ModelError, TrainingError
 from felrec_stream.log import get_logger
-from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives, adapting_norms
+from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives
+from felrec_stream.model.norms import adapting_norms
 from felrec_stream.model.losses import representation_spread
 from felrec_stream.progress import ProgressLog
 from felrec_stream.state.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

@@ -13,12 +13,15 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import click
 
 from felrec_stream.cli.group import cli, start_ranks
 from felrec_stream.config import CacheConfig, WorkerConfig, literal_choices
+
+if TYPE_CHECKING:
+    from pipelines.worker import StreamWorker
 
 _W = WorkerConfig()  # the defaults the help texts show
 # Options that set fields of the `worker` config section (config file < FELREC_WORKER__<FIELD> < option).
@@ -127,8 +130,17 @@ def _default_snapshot_dir(topic: str) -> Path:
     return (Path(home) if home else Path.home() / ".felrec-stream") / "snapshots" / topic
 
 
+class Stoppable(Protocol):
+    """What `stop_on_signals` stops: the worker, a follower rank, the learner."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def request_stop(self, reason: str = "signal") -> None: ...
+
+
 @contextlib.contextmanager
-def stop_on_signals(worker: Any) -> Iterator[None]:
+def stop_on_signals(worker: Stoppable) -> Iterator[None]:
     """SIGTERM/SIGINT -> graceful stop (finish batch, final snapshot, exit 0); a second one aborts
     at once (exit 130, no final snapshot: the previous snapshot stays the restart point)."""
     def handler(signum: int, _frame: Any) -> None:
@@ -145,7 +157,7 @@ def stop_on_signals(worker: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _maybe_serve(worker: Any, serve: bool, host: str, port: int) -> Iterator[None]:
+def _maybe_serve(worker: StreamWorker, serve: bool, host: str, port: int) -> Iterator[None]:
     """Query service on the live store, sharing the worker's lock (felrec_stream.serving.query, .app)."""
     if not serve:
         yield

@@ -11,10 +11,9 @@ Pure modules: the cache lives outside (felrec_stream.state.store); forward() nev
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from felrec_stream.config import EncoderConfig, ModelConfig
 from felrec_stream.model.losses import byol_loss, info_nce, info_nce_chance
+from felrec_stream.model.norms import KindNorm, RunningNorm, RunningWhitening
 
 USER, ITEM = 0, 1  # kind of the *encoded entity* (a user's sequence holds items, an item's users)
 
@@ -200,99 +200,6 @@ class Encoder(nn.Module):
             rows = kinds == kind
             result[rows] = norm(out[rows])  # every kind, even without rows: a data-parallel norm syncs each
         return result
-
-
-class KindNorm(nn.BatchNorm1d):
-    """The output standardisation of one kind: no affine parameters; batch statistics in training when
-    the batch has >= 2 rows, the running ones otherwise (and in eval); no rows, nothing to do.
-    (felrec_stream.parallel swaps in a norm with the statistics of every rank's rows.)"""
-
-    def __init__(self, D: int) -> None:
-        super().__init__(D, affine=False, momentum=0.01)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 0:
-            return x
-        return F.batch_norm(x, self.running_mean, self.running_var, training=self.training and x.shape[0] >= 2,
-                            momentum=self.momentum, eps=self.eps)
-
-
-class RunningNorm(KindNorm):
-    """The output standardisation with running statistics in training as in serving: a row is
-    normalised with the statistics gathered *before* its batch, then the batch updates them. The
-    encoder is the same function at training and serving time (a training-cache vector equals a
-    serve-time re-encoding of its history, up to dropout), and a batch of few distinct entities
-    (time-ordered streams: a handful of users per batch) no longer rescales its own rows."""
-
-    lagged = True  # felrec_stream.parallel: normalise with the statistics before the batch
-
-    def __init__(self, D: int) -> None:
-        super().__init__(D)
-        self.momentum = 0.05
-        # Update the statistics in eval mode too: a replay that rebuilds a cache from empty must
-        # follow the vectors it writes (fixed statistics let the recursion collapse).
-        self.adapting = False
-
-    def updates(self, x: torch.Tensor) -> bool:
-        """Whether `x` moves the statistics: in training or adapting, from two rows on."""
-        return (self.training or self.adapting) and x.shape[0] >= 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 0:
-            return x
-        update = self.updates(x)
-        mean, var = self.running_mean, self.running_var
-        if update:  # copies: the update below must not change what backward reads
-            mean, var = mean.clone(), var.clone()
-        y = F.batch_norm(x, mean, var, training=False, eps=self.eps)
-        if update:
-            with torch.no_grad():  # updates the running statistics in place; the result is unused
-                F.batch_norm(x.detach(), self.running_mean, self.running_var, training=True,
-                             momentum=self.momentum, eps=self.eps)
-        return y
-
-
-class RunningWhitening(RunningNorm):
-    """RunningNorm that also decorrelates the dimensions: x -> (x - mean) @ cov^(-1/2), both running
-    (lagged, as RunningNorm). The encoder reads its own outputs back from the cache, so a learned
-    linear map is applied over and over: without decorrelation its leading directions take over
-    the cache (dimensional collapse), which per-dimension scaling does not undo."""
-
-    def __init__(self, D: int) -> None:
-        super().__init__(D)
-        self.register_buffer("running_cov", torch.eye(D))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 0:
-            return x
-        evals, evecs = torch.linalg.eigh(self.running_cov.double())
-        # directions the outputs hardly use are not blown up: eigenvalues floored relative to the largest
-        floor = max(self.eps, 1e-3 * float(evals.max()))
-        W = (evecs * evals.clamp(min=floor).rsqrt()) @ evecs.T  # (D, D) cov^(-1/2)
-        y = (x - self.running_mean) @ W.to(x.dtype)
-        if self.updates(x):
-            with torch.no_grad():
-                xd = x.detach()
-                mean = xd.mean(dim=0)
-                cov = torch.cov(xd.T).reshape(self.running_cov.shape)
-                self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
-                self.running_cov.mul_(1 - self.momentum).add_(cov, alpha=self.momentum)
-                self.running_var.copy_(torch.diagonal(self.running_cov))
-        return y
-
-
-@contextlib.contextmanager
-def adapting_norms(module: nn.Module) -> Iterator[None]:
-    """Within the block every RunningNorm under `module` (or its data-parallel stand-in) updates its
-    statistics in eval mode too."""
-    norms = [m for m in module.modules() if hasattr(m, "adapting")]
-    for norm in norms:
-        norm.adapting = True
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.adapting = False
 
 
 def recency_weights(N: int, halflife: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

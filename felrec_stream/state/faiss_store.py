@@ -26,6 +26,8 @@ Under a cap (`cache.max_entities`, felrec_stream/state/spill.py) slots can be re
 storage and evicted: an evicted slot's shard row is zeroed (ANN indexes drop it), marked free
 (row -> slot -1, never returned by a search) and reused by the next slot admitted to that shard,
 so each shard holds at most the resident entities plus the rows freed since the last admissions.
+
+One shard's storage and its ANN side indexes live in felrec_stream/state/faiss_shard.py.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
+from felrec_stream.state.faiss_shard import Column, HnswAnn, IvfAnn, Shard, unit_and_norm, write_shard
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.state.tables import last_occurrence
 from felrec_stream.state.vectors import VectorBackend, raw_vectors, slot_array
@@ -60,278 +63,6 @@ def shard_of(ids: Iterable[Any], shards: int) -> np.ndarray:
 def faiss_gpu_available() -> bool:
     """True when this faiss build has GPU support and sees at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
-
-
-class _Column:
-    """Growing numpy array with capacity doubling: amortised O(1) appends, O(1) views."""
-
-    def __init__(self, dtype: Any, fill: Any, capacity: int = 64) -> None:
-        self.fill = fill
-        self._data = np.full(capacity, fill, dtype=dtype)
-        self.size = 0
-
-    def extend(self, values: np.ndarray) -> None:
-        need = self.size + len(values)
-        if need > len(self._data):
-            grown = np.full(max(need, 2 * len(self._data)), self.fill, dtype=self._data.dtype)
-            grown[: self.size] = self._data[: self.size]
-            self._data = grown
-        self._data[self.size:need] = values
-        self.size = need
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._data[: self.size]
-
-    @property
-    def nbytes(self) -> int:
-        return self._data.nbytes
-
-
-def _unit_and_norm(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unit vectors, norms); zero rows stay zero with norm 0."""
-    norms = np.linalg.norm(vectors, axis=1).astype(np.float32)
-    safe = np.where(norms > 0, norms, 1.0).astype(np.float32)
-    return vectors / safe[:, None], norms
-
-
-class _HnswAnn:
-    """HNSW side index of one shard: re-add on update, tombstones, periodic rebuild.
-
-    Node ids are faiss' sequential ids; `node_row` maps them to shard rows (-1 = tombstone) and
-    `row_node` maps each row to its live node (-1 = not indexed, e.g. a zero vector).
-    """
-
-    kind = "hnsw"
-
-    def __init__(self, dim: int, m: int, ef_search: int, ef_construction: int, rebuild_fraction: float) -> None:
-        self.dim, self.m, self.ef_search = dim, m, ef_search
-        self.ef_construction, self.rebuild_fraction = ef_construction, rebuild_fraction
-        self.row_node = _Column(np.int64, -1)
-        self._new_index()
-
-    def _new_index(self) -> None:
-        self.index = faiss.IndexHNSWFlat(self.dim, self.m, faiss.METRIC_INNER_PRODUCT)
-        self.index.hnsw.efConstruction = self.ef_construction
-        self.node_row = _Column(np.int64, -1)
-        self.dead = 0
-
-    def grow(self, n: int) -> None:
-        self.row_node.extend(np.full(n, -1, dtype=np.int64))
-
-    def ready(self) -> bool:
-        return True
-
-    def update(self, rows: np.ndarray, unit: np.ndarray, norms: np.ndarray, truth: "_Shard") -> None:
-        old = self.row_node.data[rows]
-        had = old >= 0
-        self.node_row.data[old[had]] = -1
-        self.dead += int(had.sum())
-        self.row_node.data[rows] = -1
-        live = norms > 0
-        self._add(rows[live], unit[live])
-        if self.dead > max(64, self.rebuild_fraction * (self.index.ntotal - self.dead)):
-            self.rebuild(truth)
-
-    def _add(self, rows: np.ndarray, unit: np.ndarray) -> None:
-        if len(rows):
-            first = self.index.ntotal
-            self.index.add(np.ascontiguousarray(unit, dtype=np.float32))
-            self.node_row.extend(rows)
-            self.row_node.data[rows] = np.arange(first, first + len(rows))
-
-    def rebuild(self, truth: "_Shard") -> None:
-        """Fresh graph over the live (non-zero) rows of the flat truth; drops every tombstone."""
-        dead = self.dead
-        self._new_index()
-        self.row_node.data[:] = -1
-        rows = np.flatnonzero(truth.norms.data > 0)
-        self._add(rows, truth.unit_view()[rows])
-        log.info("hnsw_rebuilt", rows=len(rows), tombstones_dropped=dead)
-
-    def reset(self) -> None:
-        self._new_index()
-        self.row_node.data[:] = -1
-
-    def search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows) of the `fetch` best live nodes (rows -1 where fewer were found)."""
-        params = faiss.SearchParametersHNSW()
-        params.efSearch = max(self.ef_search, fetch)
-        bitmap = None
-        if self.dead:
-            bitmap = np.packbits(self.node_row.data >= 0, bitorder="little")
-            params.sel = faiss.IDSelectorBitmap(self.index.ntotal, faiss.swig_ptr(bitmap))
-        scores, nodes = self.index.search(queries, fetch, params=params)
-        del bitmap  # the selector only borrowed it for the search
-        rows = np.where(nodes >= 0, self.node_row.data[np.maximum(nodes, 0)], -1)
-        return scores, rows
-
-    def memory_bytes(self) -> int:
-        hnsw = self.index.hnsw
-        graph = 4 * hnsw.neighbors.size() + 8 * hnsw.offsets.size() + 4 * hnsw.levels.size()
-        return 4 * self.dim * self.index.ntotal + graph + self.node_row.nbytes + self.row_node.nbytes
-
-    def write(self, prefix: Path) -> list[Path]:
-        index_path, nodes_path = Path(f"{prefix}.hnsw.faiss"), Path(f"{prefix}.hnsw_node_row.npy")
-        faiss.write_index(self.index, str(index_path))
-        np.save(nodes_path, self.node_row.data, allow_pickle=False)
-        return [index_path, nodes_path]
-
-
-class _IvfAnn:
-    """IVF-Flat side index of one shard; labels are shard rows; exact search until trained."""
-
-    kind = "ivf"
-
-    def __init__(self, dim: int, nlist: int, nprobe: int, train_size: int) -> None:
-        self.dim, self.nlist, self.nprobe, self.train_size = dim, nlist, nprobe, train_size
-        self.index: Any = None
-        self.present = _Column(bool, False)
-
-    def grow(self, n: int) -> None:
-        self.present.extend(np.zeros(n, dtype=bool))
-
-    def ready(self) -> bool:
-        return self.index is not None
-
-    def update(self, rows: np.ndarray, unit: np.ndarray, norms: np.ndarray, truth: "_Shard") -> None:
-        if self.index is None:
-            if truth.nonzero >= self.train_size:
-                self._train(truth)
-            return
-        present, live = self.present.data[rows], norms > 0
-        gone = rows[present & ~live]
-        if len(gone):
-            self.index.remove_ids(gone)  # hashtable direct map: O(len(gone)) via IDSelectorArray
-        moved = present & live
-        if moved.any():
-            self.index.update_vectors(np.ascontiguousarray(rows[moved]), np.ascontiguousarray(unit[moved]))
-        fresh = ~present & live
-        if fresh.any():
-            self.index.add_with_ids(np.ascontiguousarray(unit[fresh]), np.ascontiguousarray(rows[fresh]))
-        self.present.data[rows] = live
-
-    def _train(self, truth: "_Shard") -> None:
-        """Spherical k-means on the first `train_size` non-zero rows, then index every non-zero row."""
-        rows = np.flatnonzero(truth.norms.data > 0)
-        unit = truth.unit_view()
-        quantizer = faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.spherical = True
-        index.train(np.ascontiguousarray(unit[rows[: self.train_size]]))
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        index.add_with_ids(np.ascontiguousarray(unit[rows]), rows.astype(np.int64))
-        index.nprobe = self.nprobe
-        self._quantizer, self.index = quantizer, index  # the IVF index borrows the quantizer
-        self.present.data[:] = False
-        self.present.data[rows] = True
-        log.info("ivf_trained", nlist=self.nlist, train=min(len(rows), self.train_size), rows=len(rows))
-
-    def reset(self) -> None:
-        if self.index is not None:
-            self.index.reset()  # keeps the trained centroids, clears lists and direct map
-        self.present.data[:] = False
-
-    def search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(queries, fetch)
-
-    def memory_bytes(self) -> int:
-        if self.index is None:
-            return self.present.nbytes
-        n = self.index.ntotal
-        # codes + ids in the lists, ~32 B per hashtable entry, centroids.
-        return n * (4 * self.dim + 8 + 32) + 4 * self.dim * self.nlist + self.present.nbytes
-
-    def write(self, prefix: Path) -> list[Path]:
-        if self.index is None:
-            return []
-        path = Path(f"{prefix}.ivf.faiss")
-        faiss.write_index(self.index, str(path))
-        return [path]
-
-
-class _Shard:
-    """One shard: flat IP index over unit vectors (the truth), norms, row -> slot, optional ANN."""
-
-    def __init__(self, dim: int, ann: _HnswAnn | _IvfAnn | None) -> None:
-        self.dim = dim
-        self.flat = faiss.IndexFlatIP(dim)
-        self.norms = _Column(np.float32, 0.0)
-        self.row_slot = _Column(np.int64, -1)
-        self.ids: list[str] = []
-        self.ann = ann
-        self.nonzero = 0
-        self.gpu_index: Any = None  # clone of `flat` on the GPU, None when stale or unused
-        self.free: list[int] = []  # rows released by evictions (zero vectors, row_slot -1)
-
-    @property
-    def size(self) -> int:
-        return self.row_slot.size
-
-    def unit_view(self) -> np.ndarray:
-        """(rows, D) numpy view of the flat index storage; valid until the next `add_rows`."""
-        n = self.flat.ntotal
-        if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return faiss.rev_swig_ptr(self.flat.get_xb(), n * self.dim).reshape(n, self.dim)
-
-    def add_rows(self, slots: np.ndarray, ids: list[str]) -> np.ndarray:
-        """Append zero rows for new `slots`; returns their rows."""
-        first = self.size
-        self.flat.add(np.zeros((len(slots), self.dim), dtype=np.float32))
-        self.norms.extend(np.zeros(len(slots), dtype=np.float32))
-        self.row_slot.extend(slots)
-        self.ids.extend(ids)
-        if self.ann is not None:
-            self.ann.grow(len(slots))
-        self.gpu_index = None
-        return np.arange(first, first + len(slots), dtype=np.int64)
-
-    def take_rows(self, slots: np.ndarray, ids: list[str]) -> np.ndarray:
-        """Rows for `slots`: freed rows first (they hold zero vectors), then new ones."""
-        reused = min(len(self.free), len(slots))
-        rows = np.empty(len(slots), dtype=np.int64)
-        if reused:
-            rows[:reused] = self.free[-reused:][::-1]
-            del self.free[-reused:]
-            self.row_slot.data[rows[:reused]] = slots[:reused]
-            for row, external in zip(rows[:reused].tolist(), ids[:reused]):
-                self.ids[row] = external
-        if reused < len(slots):
-            rows[reused:] = self.add_rows(slots[reused:], ids[reused:])
-        return rows
-
-    def release(self, rows: np.ndarray) -> None:
-        """Zero `rows` (ANN indexes drop them) and mark them free for `take_rows`."""
-        self.write(rows, np.zeros((len(rows), self.dim), dtype=np.float32), np.zeros(len(rows), dtype=np.float32))
-        self.row_slot.data[rows] = -1
-        for row in rows.tolist():
-            self.ids[row] = ""
-        self.free.extend(rows.tolist())
-
-    def write(self, rows: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
-        """Overwrite `rows` in place: O(len(rows)), the index keeps its size."""
-        self.nonzero += int((norms > 0).sum()) - int((self.norms.data[rows] > 0).sum())
-        self.unit_view()[rows] = unit
-        self.norms.data[rows] = norms
-        self.gpu_index = None
-        if self.ann is not None:
-            self.ann.update(rows, unit, norms, self)
-
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        return self.unit_view()[rows] * self.norms.data[rows, None]
-
-    def reset(self) -> None:
-        self.unit_view()[:] = 0.0
-        self.norms.data[:] = 0.0
-        self.nonzero = 0
-        self.gpu_index = None
-        if self.ann is not None:
-            self.ann.reset()
-
-    def memory_bytes(self) -> int:
-        ann = self.ann.memory_bytes() if self.ann is not None else 0
-        return 4 * self.dim * self.flat.ntotal + self.norms.nbytes + self.row_slot.nbytes + 8 * len(self.ids) + ann
 
 
 class ShardedFaissVectors(VectorBackend):
@@ -355,16 +86,16 @@ class ShardedFaissVectors(VectorBackend):
         self._device = torch.device(device)
         nlist = max(1, ivf_nlist // shards)  # ivf_nlist is the total over all shards
 
-        def ann() -> _HnswAnn | _IvfAnn | None:
+        def ann() -> HnswAnn | IvfAnn | None:
             if index_type == "hnsw":
-                return _HnswAnn(dim, hnsw_m, hnsw_ef_search, hnsw_ef_construction, hnsw_rebuild_fraction)
+                return HnswAnn(dim, hnsw_m, hnsw_ef_search, hnsw_ef_construction, hnsw_rebuild_fraction)
             if index_type == "ivf":
-                return _IvfAnn(dim, nlist, ivf_nprobe, ivf_train_size or 39 * nlist)
+                return IvfAnn(dim, nlist, ivf_nprobe, ivf_train_size or 39 * nlist)
             return None
 
-        self.shards = [_Shard(dim, ann()) for _ in range(shards)]
-        self._slot_shard = _Column(np.int32, -1)
-        self._slot_row = _Column(np.int64, -1)
+        self.shards = [Shard(dim, ann()) for _ in range(shards)]
+        self._slot_shard = Column(np.int32, -1)
+        self._slot_row = Column(np.int64, -1)
         self._lock = threading.RLock()
         self._gpu = self._init_gpu(use_gpu)
 
@@ -494,7 +225,7 @@ class ShardedFaissVectors(VectorBackend):
         if len(np.unique(flat)) != len(flat):  # keep the latest write per slot, like the in-batch rule
             flat, last = last_occurrence(flat)
             values = values[last]
-        self._write_unit(flat, *_unit_and_norm(values))
+        self._write_unit(flat, *unit_and_norm(values))
 
     def _write_unit(self, slots: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
         with self._lock:
@@ -547,7 +278,7 @@ class ShardedFaissVectors(VectorBackend):
             self._write_unit(slots, np.asarray(state["unit"], np.float32).reshape(-1, self.dim),
                              np.asarray(state["norms"], np.float32))
         else:
-            self._write_unit(slots, *_unit_and_norm(raw_vectors(state)))
+            self._write_unit(slots, *unit_and_norm(raw_vectors(state)))
 
     def state_dict(self) -> dict[str, Any]:
         """{"unit": (size, D), "norms": (size,)} in slot order: restores bit-exactly (no re-normalising).
@@ -594,7 +325,7 @@ class ShardedFaissVectors(VectorBackend):
             exclude = [beyond] * len(q) if exclude is None else [
                 np.concatenate([slot_array(slots), beyond]) for slots in exclude]
         if normalize:
-            q = np.ascontiguousarray(_unit_and_norm(q)[0])
+            q = np.ascontiguousarray(unit_and_norm(q)[0])
         excluded = _ExcludeSet(exclude, len(q))
         parts_scores, parts_slots = [], []
         with self._lock:
@@ -607,7 +338,7 @@ class ShardedFaissVectors(VectorBackend):
                 parts_slots.append(slots)
         return _merge(parts_scores, parts_slots, len(q), k)
 
-    def _search_shard(self, shard: _Shard, q: np.ndarray, k: int, n_excluded: np.ndarray,
+    def _search_shard(self, shard: Shard, q: np.ndarray, k: int, n_excluded: np.ndarray,
                       excluded: "_ExcludeSet") -> tuple[np.ndarray, np.ndarray]:
         """Candidates (scores, slots) of one shard, excluded ones already masked out.
 
@@ -638,7 +369,7 @@ class ShardedFaissVectors(VectorBackend):
         assert scores is not None and slots is not None, "search needs at least one query"
         return scores, slots
 
-    def _shard_index_search(self, shard: _Shard, q: np.ndarray, width: int,
+    def _shard_index_search(self, shard: Shard, q: np.ndarray, width: int,
                             exact: bool) -> tuple[np.ndarray, np.ndarray]:
         if not exact:
             assert shard.ann is not None  # exact = no ANN index, or one not trained yet
@@ -672,24 +403,13 @@ class ShardedFaissVectors(VectorBackend):
         with self._lock:
             for s, shard in enumerate(self.shards):
                 base = directory / f"{prefix}shard-{s:04d}"
-                written += _write_shard(shard, base)
+                written += write_shard(shard, base)
             layout = {"dim": self.dim, "shards": len(self.shards), "index_type": self.index_type,
                       "metric": "inner_product", "vectors": "unit", "size": self.size,
                       "shard_of": "crc32(utf8(id)) % shards", "shard_sizes": [sh.size for sh in self.shards]}
             meta_path = directory / f"{prefix}index.json"
             meta_path.write_text(json.dumps(layout, indent=1))
         return written + [meta_path]
-
-
-def _write_shard(shard: _Shard, base: Path) -> list[Path]:
-    paths = [Path(f"{base}.faiss"), Path(f"{base}.row_slot.npy"), Path(f"{base}.norms.npy"), Path(f"{base}.ids.json")]
-    faiss.write_index(shard.flat, str(paths[0]))
-    np.save(paths[1], shard.row_slot.data, allow_pickle=False)
-    np.save(paths[2], shard.norms.data, allow_pickle=False)
-    paths[3].write_text(json.dumps(shard.ids))
-    if shard.ann is not None:
-        paths += shard.ann.write(base)
-    return paths
 
 
 class _ExcludeSet:

@@ -53,11 +53,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
-import torch
 
 from felrec_stream.errors import StoreError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
+from felrec_stream.state.codec import flatten_state, unflatten_state
+from felrec_stream.state.durable import atomic_json, fsync_dir, hash_file, write_durable
 from felrec_stream.state.meta import lineage_of
 
 log = get_logger(__name__)
@@ -67,143 +68,12 @@ MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 LOCK = ".lock"
 _SNAP_RE = re.compile(r"^snap-(\d{12})$")
-_CHUNK = 1 << 20
 _RESCANS = 20  # starts-over after a snapshot vanished mid-read, before giving up
 _PROBE_BYTES = 1 << 16
 
 
-# ---- nested state <-> flat arrays + JSON spec ---------------------------------------------------
-
-def flatten_state(state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Split a nested state (dicts, numpy arrays, tensors, str lists, JSON scalars) into
-    (arrays keyed by path, JSON-able spec) so `unflatten_state` rebuilds it exactly.
-
-    Why not pickle: snapshots outlive code versions and are read after crashes; .npy + JSON are
-    inspectable and cannot execute code. String lists (entity ids) become UTF-8 bytes + offsets
-    arrays (compact, no per-id JSON overhead). Tuples come back as lists.
-    """
-    arrays: dict[str, np.ndarray] = {}
-    spec = _flatten(state, "", arrays)
-    return arrays, spec
-
-
-def unflatten_state(arrays: Mapping[str, np.ndarray], spec: Any) -> Any:
-    """Inverse of `flatten_state`."""
-    if isinstance(spec, list):
-        return [unflatten_state(arrays, item) for item in spec]
-    if not isinstance(spec, dict):
-        return spec
-    if "__array__" in spec:
-        return arrays[spec["__array__"]]
-    if "__tensor__" in spec:
-        return torch.from_numpy(np.array(arrays[spec["__tensor__"]]))
-    if "__strings__" in spec:
-        strings = _decode_strings(arrays, spec["__strings__"])
-        return np.asarray(strings, dtype=object) if spec.get("as") == "ndarray" else strings
-    return {key: unflatten_state(arrays, value) for key, value in spec.items()}
-
-
-def _flatten(value: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
-    if isinstance(value, Mapping):
-        return {key: _flatten(item, _child(path, key), arrays) for key, item in value.items()}
-    if isinstance(value, torch.Tensor):
-        arrays[path] = value.detach().cpu().numpy()
-        return {"__tensor__": path}
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            return _encode_strings(value.tolist(), path, arrays, "ndarray")
-        arrays[path] = value
-        return {"__array__": path}
-    if isinstance(value, (list, tuple)):
-        if value and all(isinstance(item, str) for item in value):
-            return _encode_strings(list(value), path, arrays, "list")
-        return [_flatten(item, f"{path}/{n}", arrays) for n, item in enumerate(value)]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise StoreError(f"cannot snapshot {type(value).__name__} at {path or '<root>'}")
-
-
-def _child(path: str, key: Any) -> str:
-    if not isinstance(key, str) or "/" in key or key.startswith("__"):
-        raise StoreError(f"state keys must be str without '/' or leading '__', got {key!r} under {path or '<root>'}")
-    return f"{path}/{key}" if path else key
-
-
-def _encode_strings(strings: list[Any], path: str, arrays: dict[str, np.ndarray], kind: str) -> dict[str, Any]:
-    if not all(isinstance(s, str) for s in strings):
-        raise StoreError(f"object array at {path} must hold only str")
-    encoded = [s.encode("utf-8") for s in strings]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-    arrays[f"{path}#utf8"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    arrays[f"{path}#offsets"] = offsets
-    return {"__strings__": path, "as": kind}
-
-
-def _decode_strings(arrays: Mapping[str, np.ndarray], path: str) -> list[str]:
-    data = arrays[f"{path}#utf8"].tobytes()
-    offsets = arrays[f"{path}#offsets"].tolist()
-    return [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
-
-
-# ---- durable file helpers -----------------------------------------------------------------------
-
-class _HashingFile:
-    """File-like sink that hashes what it writes, so each file is read/written once."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle, self.sha, self.size = handle, hashlib.sha256(), 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.sha.update(view)
-        self.size += len(view)
-        return self.handle.write(view)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new, renamed, deleted files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_array(array: np.ndarray, f: Any) -> None:
     np.save(f, array, allow_pickle=False)
-
-
-def _write_durable(path: Path, payload: Callable[[Any], None]) -> dict[str, Any]:
-    """Write through `payload(file)`, flush + fsync; returns {"sha256", "size"}."""
-    with open(path, "wb") as handle:
-        sink = _HashingFile(handle)
-        payload(sink)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return {"sha256": sink.sha.hexdigest(), "size": sink.size}
-
-
-def hash_file(path: Path, fsync: bool) -> dict[str, Any]:
-    """{"sha256", "size"} of an existing file, read once in chunks (fsynced first when asked)."""
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-        if fsync:
-            os.fsync(handle.fileno())
-    return {"sha256": sha.hexdigest(), "size": size}
-
-
-def atomic_json(path: Path, value: Any) -> None:
-    """tmp + fsync + os.replace: readers see the old or the new content, never half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
-    _write_durable(tmp, lambda f: f.write(text))
-    os.replace(tmp, path)
 
 
 # ---- snapshots ----------------------------------------------------------------------------------
@@ -283,7 +153,7 @@ class SnapshotManager:
         probe = self.root / f".probe-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            _write_durable(probe, lambda f: f.write(bytes(_PROBE_BYTES)))
+            write_durable(probe, lambda f: f.write(bytes(_PROBE_BYTES)))
         except OSError as exc:
             raise StoreError(f"snapshot directory {self.root} is not writable: {exc.strerror or exc}") from None
         finally:
@@ -415,7 +285,7 @@ class SnapshotManager:
             if array.dtype == object:
                 raise StoreError(f"array {key!r} has dtype object: use flatten_state (no pickle)")
             name = f"array-{n:05d}.npy"
-            files[name] = _write_durable(path / name, functools.partial(_save_array, array))
+            files[name] = write_durable(path / name, functools.partial(_save_array, array))
             index[key] = name
         if extra is not None:
             extra(path)

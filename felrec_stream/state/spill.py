@@ -68,331 +68,34 @@ file is an orphan and is collected later; nothing is lost or applied twice, beca
 location map is the only truth about where each entity lives. A store with a private temporary
 spill directory (no snapshots) deletes dead files at once. A file's sha256 is checked on its first
 read in a process; a mismatch raises `SpillError` (the data cannot be trusted: restore a snapshot).
+
+The files themselves: felrec_stream/state/spill_files.py; the pooled storage (`SpillingVectors`,
+`PooledHistory`): felrec_stream/state/spill_pool.py.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
-import threading
-import uuid
-from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.state.snapshot import fsync_dir, hash_file
-from felrec_stream.state.tables import (POPULARITY, SLOT_COLUMNS, EntityRows, EntityTable, HistoryBuffer, HistoryPlan,
-                                        IdMap, Kind, check_lengths, check_shapes, slot_column_parts, vector_shapes)
+from felrec_stream.state.spill_files import SpillError, SpillFiles
+from felrec_stream.state.spill_pool import PooledHistory, SpillingVectors
+from felrec_stream.state.tables import (POPULARITY, SLOT_COLUMNS, EntityRows, EntityTable, IdMap, Kind, check_lengths,
+                                        check_shapes, slot_column_parts, vector_shapes)
 from felrec_stream.state.vectors import VectorBackend, grow, raw_vectors
 
 log = get_logger(__name__)
 
 SPILL_DIR = "spill"  # spill files of a worker live in <snapshot root>/spill/
-ROW_GROUP = 128  # records per Parquet row group: a restore reads only the groups it needs
-OPEN_FILES = 128  # spill files kept open (footer parsed once), least recently used closed first
-GROUP_CACHE_BYTES = 64 << 20  # decoded row groups kept (files never change), least recently used dropped
 EVICT_TO = 0.95  # an eviction round frees down to this fraction of the cap
 # Record column of each per-slot column (copies: the per-slot columns stay in memory). `popularity`
 # is the decayed count as of event index `popularity_at` (HistoryBuffer.popularity).
 RECORD_COLUMNS = {"lengths": "history_length", "counts": "interaction_count", "last_time": "last_update_time",
                   "pop": "popularity", "pop_at": "popularity_at"}
-_NAME_RE = re.compile(r"^(user|item)-([0-9a-f]{64})\.parquet$")
-
-
-class SpillError(StoreError):
-    """A spill file is missing or does not match its content address."""
-
-
-# ---- files --------------------------------------------------------------------------------------
-
-class SpillFiles:
-    """Immutable, content-addressed Parquet files in one directory (shared by both kinds).
-
-    `directory=None` makes a private temporary directory, removed with this object; dead files are
-    then deleted at once. In a given directory (the worker's `<snapshot root>/spill`) files are
-    deleted only by `delete_except`, which the owner calls with what its snapshots still need.
-    """
-
-    def __init__(self, directory: str | Path | None = None, read_only: bool = False) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="felrec-spill-") if directory is None else None
-        self.directory = Path(self._tmp.name) if self._tmp is not None else Path(directory or ".")
-        self.private = self._tmp is not None
-        self.read_only = read_only
-        if not read_only:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        self._verified: set[str] = set()
-        self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()  # least recently used first
-        self._groups: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()  # same order
-        self._group_bytes = 0
-        # The worker encodes without the query lock while query threads read spilled rows too:
-        # the LRU caches above are shared, so reads take this lock.
-        self._read_lock = threading.Lock()
-
-    def write(self, kind: str, table: pa.Table) -> str:
-        """Durably write `table`; returns its name `<kind>-<sha256>.parquet`."""
-        if self.read_only:
-            raise SpillError(f"spill directory {self.directory} is read-only here")
-        tmp = self.directory / f".{kind}-{uuid.uuid4().hex}.parquet.tmp"
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="snappy", use_dictionary=False,
-                       write_statistics=False)
-        digest = hash_file(tmp, fsync=True)["sha256"]
-        name = f"{kind}-{digest}.parquet"
-        os.replace(tmp, self.directory / name)  # same name = same bytes: replacing an orphan is harmless
-        fsync_dir(self.directory)
-        self._verified.add(name)
-        return name
-
-    def read(self, name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Columns (but the id) of records `rows` of file `name` as numpy arrays, in the order given.
-
-        Reads only the row groups holding them, through a cache of decoded row groups: histories
-        keep naming the same spilled entities batch after batch, and the files never change.
-        """
-        groups, where = np.unique(rows // ROW_GROUP, return_inverse=True)
-        with self._read_lock:
-            self._verify(name)
-            parts = self._row_groups(name, [int(g) for g in groups])
-        sizes = np.asarray([len(part["slot"]) for part in parts], dtype=np.int64)
-        take = np.concatenate([[0], np.cumsum(sizes)[:-1]])[where] + rows % ROW_GROUP
-        if len(parts) == 1:
-            return {key: value[take] for key, value in parts[0].items()}
-        return {key: np.concatenate([part[key] for part in parts])[take] for key in parts[0]}
-
-    def _row_groups(self, name: str, groups: list[int]) -> list[dict[str, np.ndarray]]:
-        """Decoded row groups of one file, from the cache or read in one call."""
-        found = {g: self._groups[(name, g)] for g in groups if (name, g) in self._groups}
-        for g in found:
-            self._groups.move_to_end((name, g))
-        missing = [g for g in groups if g not in found]
-        if missing:
-            parquet = self._parquet(name)
-            columns = [c for c in parquet.schema_arrow.names if c != "id"]
-            table = parquet.read_row_groups(missing, columns=columns)
-            start = 0
-            for g in missing:
-                size = parquet.metadata.row_group(g).num_rows
-                part = table.slice(start, size)
-                start += size
-                found[g] = {c: _column_numpy(part.column(c)) for c in columns}
-                self._cache_group((name, g), found[g])
-        return [found[g] for g in groups]
-
-    def _cache_group(self, key: tuple[str, int], columns: dict[str, np.ndarray]) -> None:
-        self._groups[key] = columns
-        self._group_bytes += sum(value.nbytes for value in columns.values())
-        while self._group_bytes > GROUP_CACHE_BYTES and len(self._groups) > 1:
-            _, dropped = self._groups.popitem(last=False)
-            self._group_bytes -= sum(value.nbytes for value in dropped.values())
-
-    def _verify(self, name: str) -> None:
-        """Check a file against its content address once per process (SpillError if it fails)."""
-        path = self.directory / name
-        if name not in self._verified:
-            match = _NAME_RE.match(name)
-            if not path.is_file():
-                raise SpillError(f"spill file {path} is missing")
-            if match is None or hash_file(path, fsync=False)["sha256"] != match.group(2):
-                raise SpillError(f"spill file {path} does not match its sha256 name (corrupt)")
-            self._verified.add(name)
-
-    def _parquet(self, name: str) -> pq.ParquetFile:
-        if name in self._open:
-            self._open.move_to_end(name)
-        else:
-            self._open[name] = pq.ParquetFile(self.directory / name)
-            if len(self._open) > OPEN_FILES:
-                self._open.popitem(last=False)[1].close()
-        return self._open[name]
-
-    def refs(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """{name: {"sha256", "size"}} for a snapshot manifest (the hash is the name: no re-read)."""
-        out = {}
-        for name in sorted(names):
-            match = _NAME_RE.match(name)
-            if match is None:
-                raise SpillError(f"not a spill file name: {name!r}")
-            out[name] = {"sha256": match.group(2), "size": (self.directory / name).stat().st_size}
-        return out
-
-    def delete_except(self, keep: set[str]) -> list[str]:
-        """Delete every spill file (and leftover temporary file) not in `keep`; returns the names."""
-        if self.read_only or not self.directory.is_dir():
-            return []
-        doomed = sorted(p.name for p in self.directory.iterdir()
-                        if (_NAME_RE.match(p.name) and p.name not in keep) or p.name.endswith(".parquet.tmp"))
-        self.delete(doomed)
-        return doomed
-
-    def delete(self, names: Iterable[str]) -> None:
-        names = list(names)
-        for name in names:
-            (self.directory / name).unlink(missing_ok=True)
-            self._verified.discard(name)
-            if name in self._open:
-                self._open.pop(name).close()
-            for key in [key for key in self._groups if key[0] == name]:
-                self._group_bytes -= sum(value.nbytes for value in self._groups.pop(key).values())
-        if names:
-            log.debug("spill_files_deleted", directory=str(self.directory), files=len(names))
-
-
-# ---- pooled storage -----------------------------------------------------------------------------
-
-class SpillingVectors(VectorBackend):
-    """The vectors of a capped table as everyone else sees them: `inner` (any backend with residency:
-    `TensorRows`, `ShardedFaissVectors`) holds the resident slots; the evicted ones are read from their
-    spill records without restoring them (`read_spilled`), a write restores them first (`restore`) and
-    makes their records stale (`wrote`). Searches rank what `inner` holds: the resident slots."""
-
-    def __init__(self, inner: VectorBackend, read_spilled: Callable[[np.ndarray], np.ndarray],
-                 restore: Callable[[np.ndarray], None], wrote: Callable[[np.ndarray], None]) -> None:
-        self.inner = inner
-        self.dim = inner.dim
-        self._read_spilled, self._restore, self._wrote = read_spilled, restore, wrote
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    @property
-    def index_type(self) -> str:  # type: ignore[override]  # the inner backend's, read-only
-        return self.inner.index_type
-
-    @property
-    def writes_index_files(self) -> bool:  # type: ignore[override]
-        return self.inner.writes_index_files
-
-    def _spilled(self, flat: np.ndarray) -> np.ndarray:
-        """Positions of `flat` naming slots without storage."""
-        named = np.flatnonzero(flat >= 0)
-        return named[~self.inner.resident(flat[named])]
-
-    def get(self, slots: torch.Tensor) -> torch.Tensor:
-        """Resident rows from `inner`; evicted ones straight from their records (not restored)."""
-        shape = tuple(torch.as_tensor(slots).shape)
-        flat = torch.as_tensor(slots).detach().cpu().reshape(-1).numpy().astype(np.int64, copy=False)
-        spilled = self._spilled(flat)
-        if not len(spilled):
-            return self.inner.get(slots)
-        masked = flat.copy()
-        masked[spilled] = -1
-        out = self.inner.get(torch.from_numpy(masked))
-        read = torch.from_numpy(self._read_spilled(flat[spilled]))
-        out[torch.from_numpy(spilled).to(out.device)] = read.to(out.device)
-        return out.reshape(*shape, self.dim)
-
-    def rows(self, slots: np.ndarray) -> np.ndarray:
-        slots = np.asarray(slots, dtype=np.int64)
-        spilled = self._spilled(slots)
-        if not len(spilled):
-            return self.inner.rows(slots)
-        out = np.empty((len(slots), self.dim), dtype=np.float32)
-        resident = np.ones(len(slots), dtype=bool)
-        resident[spilled] = False
-        out[resident] = self.inner.rows(slots[resident])
-        out[spilled] = self._read_spilled(slots[spilled])
-        return out
-
-    def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
-        flat = torch.as_tensor(slots).detach().cpu().reshape(-1).numpy().astype(np.int64, copy=False)
-        self._restore(flat[flat >= 0])
-        self.inner.put(slots, vectors)
-        self._wrote(flat)
-
-    def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None, *,
-               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.inner.search(queries, k, exclude, limit=limit)
-
-    def write_index_files(self, directory: str | Path, prefix: str = "") -> list[Path]:
-        return self.inner.write_index_files(directory, prefix)
-
-    # the rest is the inner backend's: storage, residency, row states
-
-    def ensure(self, size: int, ids: np.ndarray) -> None:
-        self.inner.ensure(size, ids)
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def all(self) -> torch.Tensor:
-        """(size, D) vectors of every slot: evicted ones read as zero here (`SpillingTable.read` has them)."""
-        return self.inner.all()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any], ids: np.ndarray) -> None:
-        self.inner.load_state_dict(state, ids)
-
-    def rows_state(self, slots: np.ndarray) -> dict[str, np.ndarray]:
-        return self.inner.rows_state(slots)
-
-    def load_rows(self, slots: np.ndarray, state: dict[str, np.ndarray]) -> None:
-        self.inner.load_rows(slots, state)
-
-    def register(self, size: int, ids: np.ndarray) -> None:
-        self.inner.register(size, ids)
-
-    def admit(self, slots: np.ndarray, ids: np.ndarray) -> None:
-        self.inner.admit(slots, ids)
-
-    def evict(self, slots: np.ndarray) -> None:
-        self.inner.evict(slots)
-
-    def resident(self, slots: np.ndarray) -> np.ndarray:
-        return self.inner.resident(slots)
-
-
-class PooledHistory(HistoryBuffer):
-    """`HistoryBuffer` for a capped table: `rows` holds pool rows; the per-slot columns (lengths, counts,
-    times, popularity: `SLOT_COLUMNS`) stay in memory for every slot, evicted or not.
-
-    `pool_rows(slots)` restores evicted slots and returns their pool rows; `applied(slots)` is told
-    which slots a history update changed (their records are stale, the cap is enforced)."""
-
-    def __init__(self, length: int, pool_rows: Callable[[np.ndarray], np.ndarray],
-                 applied: Callable[[np.ndarray], None], halflife: float = 0.0) -> None:
-        super().__init__(length, halflife=halflife)
-        self._pool_rows, self._applied = pool_rows, applied
-
-    def ensure(self, size: int) -> None:
-        """Per-slot columns for `size` slots (rows grow with the pool: `ensure_rows`)."""
-        if size > len(self.lengths):
-            cap = max(size, 2 * len(self.lengths))
-            for key in SLOT_COLUMNS:
-                setattr(self, key, grow(getattr(self, key), cap, 0))
-        self.size = max(self.size, size)
-
-    def ensure_rows(self, n_rows: int) -> None:
-        if n_rows > len(self.rows):
-            self.rows = grow(self.rows, max(n_rows, 2 * len(self.rows)), -1)
-
-    def stored_rows(self, slots: np.ndarray) -> np.ndarray:
-        pool = self._pool_rows(slots)  # first: a restore may grow `self.rows`
-        return self.rows[pool]
-
-    def store_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
-        pool = self._pool_rows(slots)
-        self.rows[pool] = rows
-
-    def apply(self, plan: HistoryPlan, last_time: np.ndarray | None = None, slots: np.ndarray | None = None) -> None:
-        super().apply(plan, last_time, slots)
-        self._applied(plan.unique_slots)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Per-slot columns and the event index only: the rows travel in the table's state (resident)
-        and spill files."""
-        n = self.size
-        return {**{key: getattr(self, key)[:n].copy() for key in SLOT_COLUMNS},
-                "events": np.asarray([self.events], dtype=np.int64)}
 
 
 # ---- the table ----------------------------------------------------------------------------------
@@ -758,11 +461,3 @@ class SpillingTable(EntityTable):
 def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
     values = np.ascontiguousarray(values)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-
-
-def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """A column as numpy; fixed-size lists become 2-D (rows, list size)."""
-    array = column.combine_chunks()
-    if isinstance(array, pa.FixedSizeListArray):
-        return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
-    return array.to_numpy(zero_copy_only=False)

@@ -27,7 +27,8 @@ import torch
 
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
-from felrec_stream.state.spill import SpillFiles, SpillingTable
+from felrec_stream.state.spill import SpillingTable
+from felrec_stream.state.spill_files import SpillFiles
 from felrec_stream.state.tables import (EntityRows, EntityTable, HistoryBuffer, HistoryPlan, IdMap, Kind,
                                         last_occurrence)
 from felrec_stream.state.vectors import TensorRows, TensorVectors, VectorBackend, exact_top_k, raw_vectors

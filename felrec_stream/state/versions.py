@@ -43,7 +43,7 @@ from felrec_stream.config import Configs, to_dict
 from felrec_stream.errors import ModelError
 from felrec_stream.faults import fault_point
 from felrec_stream.state.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from felrec_stream.state.snapshot import atomic_json, fsync_dir
+from felrec_stream.state.durable import atomic_json, fsync_dir
 
 VERSIONS, LATEST, PROGRESS, PINS = "versions", "LATEST", "PROGRESS", "pins"
 WEIGHTS, MANIFEST = "weights.pt", "manifest.json"

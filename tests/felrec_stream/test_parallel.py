@@ -14,7 +14,7 @@ from torch import nn
 
 from felrec_stream import parallel
 from felrec_stream.errors import DatasetError, ParallelError
-from felrec_stream.model.felrec import KindNorm
+from felrec_stream.model.norms import KindNorm
 from felrec_stream.parallel import Ranks, SyncedBatchNorm, sync_batch_norms
 from tests.distributed import run_ranks
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from felrec_stream.config import EncoderConfig, ModelConfig, replace
-from felrec_stream.model.felrec import (Bucket, FELRec, Negatives, RunningNorm, RunningWhitening, adapting_norms,
-                                        recency_weights)
+from felrec_stream.model.felrec import Bucket, FELRec, Negatives, recency_weights
 from felrec_stream.model.losses import info_nce, info_nce_chance
+from felrec_stream.model.norms import RunningNorm, RunningWhitening, adapting_norms
 
 TINY = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
 

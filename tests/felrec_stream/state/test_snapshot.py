@@ -14,9 +14,11 @@ import torch
 
 from felrec_stream.config import CacheConfig
 from felrec_stream.errors import StoreError
+from felrec_stream.state import durable as durable_module
 from felrec_stream.state import snapshot as snapshot_module
+from felrec_stream.state.codec import flatten_state, unflatten_state
 from felrec_stream.state.faiss_store import make_store
-from felrec_stream.state.snapshot import SnapshotManager, flatten_state, unflatten_state
+from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import RepresentationStore
 from tests.waiting import wait_for
 
@@ -349,7 +351,7 @@ def test_a_bad_directory_fails_at_acquire_in_one_line(tmp_path, monkeypatch):
     def disk_full(path, payload):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(snapshot_module, "_write_durable", disk_full)
+    monkeypatch.setattr(snapshot_module, "write_durable", disk_full)
     with pytest.raises(StoreError, match="not writable: No space left on device"):
         SnapshotManager(tmp_path / "full").acquire()
 
@@ -357,14 +359,14 @@ def test_a_bad_directory_fails_at_acquire_in_one_line(tmp_path, monkeypatch):
 def test_a_failed_write_leaves_the_previous_snapshot_current(tmp_path, monkeypatch):
     manager = SnapshotManager(tmp_path)
     _write(manager, 1)
-    real = snapshot_module._write_durable
+    real = durable_module.write_durable
 
     def full_at_the_manifest(path, payload):
         if path.name.startswith("manifest"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, payload)
 
-    monkeypatch.setattr(snapshot_module, "_write_durable", full_at_the_manifest)
+    monkeypatch.setattr(durable_module, "write_durable", full_at_the_manifest)  # atomic_json writes the manifest
     with pytest.raises(StoreError, match="cannot write snapshot .*No space left on device.*previous snapshot stays"):
         _write(manager, 2)
     assert manager.snapshots() == [1] and manager.latest_valid().meta["value"] == 1

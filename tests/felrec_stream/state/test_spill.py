@@ -13,8 +13,8 @@ from felrec_stream.config import CacheConfig, replace
 from felrec_stream.errors import ConfigError, StoreError
 from felrec_stream.state.store import exact_top_k
 from felrec_stream.state.faiss_store import make_store
-from felrec_stream.state.snapshot import flatten_state, unflatten_state
-from felrec_stream.state.spill import SpillError
+from felrec_stream.state.codec import flatten_state, unflatten_state
+from felrec_stream.state.spill_files import SpillError
 from felrec_stream.state.store import RepresentationStore
 from pipelines.model import load_model
 from pipelines.worker import store_fingerprint
