@@ -12,7 +12,14 @@ earliest ML-100K events) or of the synthetic generator. Prints one line per figu
   events filled the cache (so the timed batches see real history lengths), and the process's peak
   RSS; the padding the encoder computes on, with and without length buckets;
 - online evaluation interactions/s (serve protocol, full-catalog rank + HR@10) on the validation
-  split after replaying the training split; with `--catalog N`, 1,000 events against N items.
+  split after replaying the training split; with `--catalog N`, 1,000 events against N items;
+- for the timed training steps and the evaluation: the encoder's FLOPs actually computed (every
+  length bucket recorded, forward + backward in training: `felrec_stream/model/flops.py`), the
+  share of encoded positions that are padding, and the achieved GFLOP/s per CPU-second and per
+  wall-second next to the peak of this machine measured in the same run with the same threads
+  (`flop_rate.py`: fp32 matmul, measured before and after, the higher kept; bf16 where the CPU has
+  AVX512-BF16 or AMX). The last line: `share of measured fp32 peak: train <p>%, eval <q>%` per
+  CPU-second (per wall-second on CUDA, where the GPU's time is not CPU time).
 
 Levers (each run in its own process: peak RSS is per process): `--no-buckets` (one padded pass per
 kind and batch), `--max-activation-mb N` (0 = keep every activation), `--torch-dropout` (torch's
@@ -36,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from connectors.datasets import load_dataset  # noqa: E402
+from flop_rate import EncoderFlops, Peak, best, fp32, measure_peak, rate_line  # noqa: E402
 from felrec_stream.config import PRESETS, Configs, preset_sections  # noqa: E402
 from felrec_stream.data import synthetic  # noqa: E402
 from felrec_stream.data.split import chronological_split  # noqa: E402
@@ -100,7 +108,15 @@ def _copy(store: RepresentationStore) -> RepresentationStore:
     return copy
 
 
-def bench_training(configs: Configs, train_events, args: argparse.Namespace, device: torch.device) -> felrec.FELRec:
+def cpu_share(flops: EncoderFlops, cpu_s: float, wall_s: float, peak: Peak) -> float:
+    """Achieved share of the fp32 peak: per CPU-second (per wall-second where the peak has no CPU rate)."""
+    if peak.per_cpu is None:
+        return flops.flops / wall_s / 1e9 / peak.per_wall
+    return flops.flops / cpu_s / 1e9 / peak.per_cpu
+
+
+def bench_training(configs: Configs, train_events, args: argparse.Namespace, device: torch.device
+                   ) -> tuple[felrec.FELRec, tuple[EncoderFlops, float, float] | None]:
     torch.manual_seed(0)
     model = felrec.FELRec(configs.encoder, configs.model).to(device)
     if args.no_buckets:
@@ -120,11 +136,12 @@ def bench_training(configs: Configs, train_events, args: argparse.Namespace, dev
           f"length buckets {shares[1]:.0%}")
     timer: dict[str, float] = {}
     if not timed:
-        return model
+        return model, None
     model.train()
     started, cpu = time.perf_counter(), time.process_time()
-    for batch in timed:
-        train_step(model, store, optimizer, batch, configs.cache, timer, max_activation_mb=args.max_activation_mb)
+    with EncoderFlops(configs.encoder) as flops:
+        for batch in timed:
+            train_step(model, store, optimizer, batch, configs.cache, timer, max_activation_mb=args.max_activation_mb)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     n = sum(len(b) for b in timed)
     split = " ".join(f"{k}={1e3 * v / len(timed):.0f}ms" for k, v in timer.items())
@@ -132,10 +149,13 @@ def bench_training(configs: Configs, train_events, args: argparse.Namespace, dev
           f"{configs.training.batch_size} after {len(warm) * configs.training.batch_size} events; "
           f"{cpu / len(timed):.1f} CPU-s per step; per step: {split})")
     print(f"train: peak RSS {peak_rss_mb():,.0f} MB (target <= {RSS_TARGET_MB:.0f}; now {rss_mb():,.0f} MB)")
-    return model
+    print(f"train: encoded {flops.computed:,} positions in {len(flops.buckets)} buckets, padding "
+          f"{flops.padding:.1%} of them (the timed steps, as computed)")
+    return model, (flops, seconds, cpu)
 
 
-def bench_eval(configs: Configs, model: felrec.FELRec, split, args: argparse.Namespace, device: torch.device) -> None:
+def bench_eval(configs: Configs, model: felrec.FELRec, split, args: argparse.Namespace, device: torch.device
+               ) -> tuple[EncoderFlops, float, float]:
     store = RepresentationStore.for_cache(configs.encoder.d_model, configs.cache, device)
     online = FELRecOnline(model.eval(), store, configs.cache, protocol="serve", scoring=configs.scoring)
     for batch in iter_batches(split.train, configs.eval.batch_size):
@@ -143,13 +163,15 @@ def bench_eval(configs: Configs, model: felrec.FELRec, split, args: argparse.Nam
     print(f"eval: RSS after replaying the training split {rss_mb():,.0f} MB (peak {peak_rss_mb():,.0f} MB)")
     mode = torch.no_grad() if args.eval_no_grad else torch.inference_mode()
     cpu = time.process_time()
-    with mode:
+    with mode, EncoderFlops(configs.encoder) as flops:
         result = evaluate(online, split.val, split.train, configs.eval)
     cpu = time.process_time() - cpu
     total = result.summary()["total"]
     print(f"eval: {len(split.val) / result.seconds:,.1f} interactions/s (target >= {EVAL_TARGET:,.0f}; serve "
           f"protocol, full-catalog rank {total['rank']:.4f}, HR@10 {total['hit_rate']:.4f}, {len(split.val)} events, "
           f"{'no_grad' if args.eval_no_grad else 'inference_mode'}; {len(split.val) / cpu:,.1f} per CPU-s)")
+    print(f"eval: encoded {flops.computed:,} positions in {len(flops.buckets)} buckets, padding {flops.padding:.1%}")
+    return flops, result.seconds, cpu
 
 
 def bench_large_catalog(configs: Configs, model: felrec.FELRec, n_items: int, device: torch.device) -> None:
@@ -213,12 +235,22 @@ def main() -> None:
           f"buckets={not args.no_buckets} bucket_tokens={args.bucket_tokens or felrec.BUCKET_TOKENS} "
           f"max_activation_mb={args.max_activation_mb} "
           f"dropout={'torch' if args.torch_dropout else 'pcg64'} allocator={'tuned' if args.allocator else 'default'}")
-    model = bench_training(configs, split.train, args, device)
-    if not args.skip_eval:
-        bench_eval(configs, model, split, args, device)
+    before = measure_peak(torch.get_num_threads(), device)
+    model, trained = bench_training(configs, split.train, args, device)
+    evaluated = None if args.skip_eval else bench_eval(configs, model, split, args, device)
     if args.catalog:
         bench_large_catalog(configs, model, args.catalog, device)
     print(f"peak RSS {peak_rss_mb():,.0f} MB")
+    peaks = best(before, measure_peak(torch.get_num_threads(), device))  # before and after: the higher
+    for peak in peaks:
+        print(peak.describe())
+    shares = {}
+    for name, measured in (("train", trained), ("eval", evaluated)):
+        if measured is not None:
+            flops, seconds, cpu = measured
+            print(rate_line(f"{name} rate", flops.flops, seconds, cpu if device.type == "cpu" else None, fp32(peaks)))
+            shares[name] = f"{100 * cpu_share(flops, cpu, seconds, fp32(peaks)):.1f}%"
+    print(f"share of measured fp32 peak: train {shares.get('train', 'n/a')}, eval {shares.get('eval', 'n/a')}")
 
 
 if __name__ == "__main__":
