@@ -12,7 +12,12 @@ replays the same synthetic stream into a 2-partition topic on an embedded broker
 - the bare encoder: `model.encode_kind` alone on the very same batches (inputs gathered beforehand by an
   offline pass with identical batch boundaries), i.e. the ceiling the worker can approach;
 - the ratio (target >= 80 % at the paper size), and per batch the time of the in-place store
-  update (`commit_batch`: FAISS rows + histories) and of the read side (`prepare_batch`).
+  update (`commit_batch`: FAISS rows + histories) and of the read side (`prepare_batch`);
+- the encoder's FLOPs actually computed (every length bucket recorded: `flop_rate.EncoderFlops`)
+  in the bare encoder and in the end-to-end run, their padding share, and the achieved GFLOP/s per
+  CPU-second (of this process: the broker's CPU is not in it) and per wall-second next to the fp32
+  matmul peak measured in the same run with the same threads (`flop_rate.py`; bf16 too where the
+  CPU has AVX512-BF16 or AMX; on CUDA per wall-second only).
 Random weights: throughput does not depend on training.
 """
 
@@ -35,6 +40,9 @@ import torch  # noqa: E402
 from connectors.kafka.admin import TopicAdmin  # noqa: E402
 from connectors.kafka.broker import EmbeddedBroker  # noqa: E402
 from connectors.kafka.replay import replay_events  # noqa: E402
+from flop_rate import EncoderFlops, fp32, measure_peak, rate_line  # noqa: E402
+from flop_rate import best as best_peaks  # noqa: E402
+
 from felrec_stream.config import CacheConfig, Configs, EncoderConfig, KafkaConfig, ModelConfig  # noqa: E402
 from felrec_stream.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from felrec_stream.log import configure_logging  # noqa: E402
@@ -62,28 +70,34 @@ def write_checkpoint(path: Path, encoder: EncoderConfig, history_len: int) -> Pa
 
 
 def offline_stages(checkpoint: Path, table, batch_size: int, device: str) -> dict[str, np.ndarray]:
-    """Per-batch seconds of prepare / encode / commit on the worker's batches (same boundaries)."""
+    """Per-batch seconds of prepare / encode / commit on the worker's batches (same boundaries), the
+    encoder's CPU-seconds per batch ("encode_cpu") and its FLOPs and padding over them ("flops",
+    "padding": one value each)."""
     bundle = load_model(checkpoint, device)
     store = make_store(bundle.dim, bundle.cache, device)
-    times: dict[str, list[float]] = {"prepare": [], "encode": [], "commit": []}
-    with torch.no_grad():
+    times: dict[str, list[float]] = {"prepare": [], "encode": [], "commit": [], "encode_cpu": []}
+    with torch.no_grad(), EncoderFlops(bundle.model.encoder_config) as flops:
         for batch in iter_batches(table, batch_size):
             t0 = time.perf_counter()
             inputs = prepare_batch(store, batch, device, bundle.cache)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             u, x = encode(bundle.model, inputs)
             _sync(device)
             t2 = time.perf_counter()
+            times["encode_cpu"].append(time.process_time() - c1)
             commit_batch(store, inputs, u, x)
             t3 = time.perf_counter()
             for name, seconds in (("prepare", t1 - t0), ("encode", t2 - t1), ("commit", t3 - t2)):
                 times[name].append(seconds)
-    return {name: np.asarray(values) for name, values in times.items()}
+    out = {name: np.asarray(values) for name, values in times.items()}
+    out["flops"], out["padding"] = np.asarray([flops.flops], dtype=float), np.asarray([flops.padding])
+    return out
 
 
 def end_to_end(checkpoint: Path, kafka: KafkaConfig, topic: str, batch_size: int, snapshot_every: int,
-               snapshot_dir: Path, device: str) -> tuple[float, int, float, int, float]:
-    """(events/s, events, snapshot seconds, snapshots, encoder share of the wall time) of one run.
+               snapshot_dir: Path, device: str) -> tuple[float, int, float, int, float, float, float, float]:
+    """(events/s, events, snapshot seconds, snapshots, encoder share of the wall time, encoder FLOPs,
+    wall seconds, CPU-seconds of this process) of one run.
 
     The encoder share times `model.encode_kind` inside the very run (a wrapper on the instance): on a
     shared machine it compares encoder and pipeline at the same moment, unlike two separate runs.
@@ -103,11 +117,13 @@ def end_to_end(checkpoint: Path, kafka: KafkaConfig, topic: str, batch_size: int
         return out
 
     model.encode_kind = timed_encode  # type: ignore[method-assign]
-    start = time.perf_counter()
-    result = worker.run()
-    seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    with EncoderFlops(model.encoder_config) as flops:
+        result = worker.run()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     snap_s = metrics.registry.get_sample_value("felrec_worker_snapshot_duration_seconds_sum") or 0.0
-    return result.applied_total / seconds, result.applied_total, snap_s, result.snapshots, spent[0] / seconds
+    return (result.applied_total / seconds, result.applied_total, snap_s, result.snapshots, spent[0] / seconds,
+            float(flops.flops), seconds, cpu)
 
 
 def _sync(device: str) -> None:
@@ -131,7 +147,7 @@ def bench_size(name: str, encoder: EncoderConfig, args: argparse.Namespace, kafk
         run = end_to_end(checkpoint, kafka, topic, args.batch_size, args.snapshot_every,
                          workdir / f"snap-{name}-{repeat}", args.device)
         best["run"] = max(best.get("run", run), run)
-    stages, (e2e, n, snap_s, snaps, share) = best["stages"], best["run"]
+    stages, (e2e, n, snap_s, snaps, share, run_flops, run_s, run_cpu) = best["stages"], best["run"]
     encoder_eps = n / stages["encode"].sum()
     commit_ms, prepare_ms = 1e3 * stages["commit"], 1e3 * stages["prepare"]
     print(f"[{name}] d={encoder.d_model} layers={encoder.n_layers} L={args.history_len} batch={args.batch_size} "
@@ -144,6 +160,14 @@ def bench_size(name: str, encoder: EncoderConfig, args: argparse.Namespace, kafk
     print(f"  in-place update/batch     {commit_ms.mean():10.2f} ms mean, p50 {np.median(commit_ms):.2f}, "
           f"p99 {np.percentile(commit_ms, 99):.2f}")
     print(f"  read side (prepare)/batch {prepare_ms.mean():10.2f} ms mean")
+    peaks = best_peaks(args.peaks, measure_peak(torch.get_num_threads(), args.device))  # before and after: the higher
+    on_cpu = args.device == "cpu"
+    print(f"  encoder padding           {100 * stages['padding'][0]:10.1f} %      of the positions it encoded")
+    print("  " + rate_line("bare encoder", stages["flops"][0], stages["encode"].sum(),
+                           stages["encode_cpu"].sum() if on_cpu else None, fp32(peaks)))
+    print("  " + rate_line("end-to-end (whole run)", run_flops, run_s, run_cpu if on_cpu else None, fp32(peaks)))
+    for peak in peaks:
+        print(f"  {peak.describe()}")
 
 
 def main() -> None:
@@ -158,6 +182,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.peaks = measure_peak(args.threads, args.device)
     configure_logging(level="WARNING")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # slow-poll warnings under load are noise here
     table = generate(SyntheticConfig(n_users=max(300, args.events // 10), n_items=max(200, args.events // 15),
