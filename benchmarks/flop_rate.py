@@ -182,9 +182,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-if __name__ == "__main__":  # the peak alone: python benchmarks/flop_rate.py [threads]
+if __name__ == "__main__":  # the peak alone: python benchmarks/flop_rate.py [threads [device]]
     import sys
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    for p in measure_peak(int(sys.argv[1]) if len(sys.argv) > 1 else None):
-        print(p.describe())
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 and int(sys.argv[1]) > 0 else None
+    for p in measure_peak(threads, sys.argv[2] if len(sys.argv) > 2 else "cpu"):
+        print(f"{sys.argv[2] if len(sys.argv) > 2 else 'cpu'}: {p.describe()}")
