@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -106,16 +106,13 @@ def measure_peak(threads: int | None = None, device: torch.device | str = "cpu",
 
 
 def best(*runs: list[Peak]) -> list[Peak]:
-    """Per dtype, the higher of several measurements (the machine's load moves during a run)."""
+    """Per dtype, the higher of several measurements, per wall-second and per CPU-second each (the
+    machine's load moves during a run)."""
     out: dict[str, Peak] = {}
     for peak in (p for run in runs for p in run):
-        old = out.get(peak.dtype)
-        if old is None or peak.per_wall > old.per_wall:
-            out[peak.dtype] = Peak(peak.dtype, peak.threads, peak.per_wall,
-                                   peak.per_cpu if old is None or old.per_cpu is None or peak.per_cpu is None
-                                   else max(peak.per_cpu, old.per_cpu), peak.note)
-        elif old.per_cpu is not None and peak.per_cpu is not None and peak.per_cpu > old.per_cpu:
-            out[peak.dtype] = Peak(old.dtype, old.threads, old.per_wall, peak.per_cpu, old.note)
+        old = out.setdefault(peak.dtype, peak)
+        cpus = [c for c in (old.per_cpu, peak.per_cpu) if c is not None]
+        out[peak.dtype] = replace(old, per_wall=max(old.per_wall, peak.per_wall), per_cpu=max(cpus) if cpus else None)
     return list(out.values())
 
 
