@@ -145,11 +145,11 @@ class EncoderFlops:
             self.valid += int(lengths.sum())
             return out
 
-        felrec.length_buckets = recording  # type: ignore[assignment]
+        felrec.length_buckets = recording
         return self
 
     def __exit__(self, *exc: object) -> None:
-        felrec.length_buckets = self._inner  # type: ignore[assignment]
+        felrec.length_buckets = self._inner
 
     @property
     def padding(self) -> float:
