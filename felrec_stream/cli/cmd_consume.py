@@ -21,6 +21,7 @@ from felrec_stream.cli.group import cli, start_ranks
 from felrec_stream.config import CacheConfig, WorkerConfig, literal_choices
 
 if TYPE_CHECKING:
+    from felrec_stream.parallel import Ranks
     from pipelines.worker import StreamWorker
 
 _W = WorkerConfig()  # the defaults the help texts show
@@ -116,7 +117,7 @@ def consume(**opts: Any) -> None:
     click.echo(json.dumps(dataclasses.asdict(result), default=str))
 
 
-def _follow(ranks: Any, opts: dict[str, Any]) -> None:
+def _follow(ranks: Ranks, opts: dict[str, Any]) -> None:
     from pipelines.replicas import build_follower
 
     follower = build_follower(opts["checkpoint"], ranks, shards=opts["shards"], index_type=opts["index_type"],
