@@ -92,7 +92,8 @@ class Stream:
 def load_stream(args: argparse.Namespace) -> Stream:
     if args.data.startswith("synthetic"):
         kind = args.data.split("-", 1)[1] if "-" in args.data else "abrupt"
-        cfg = synthetic.config_from_options(args.size, drift=kind, drift_at=0.5, seed=args.seed)
+        overrides = {"n_events": args.synthetic_events} if args.synthetic_events else {}
+        cfg = synthetic.config_from_options(args.size, drift=kind, drift_at=args.drift_at, seed=args.seed, **overrides)
         data = synthetic.generate(cfg)
         events = data.events
         switch = int(data.user_switch.min())
@@ -100,7 +101,8 @@ def load_stream(args: argparse.Namespace) -> Stream:
         n = len(events)
         # offline on the first 60% of the pre-drift events, validation on the rest before the drift:
         # the settings never see the drift; the test windows start with it
-        return Stream(f"synthetic {args.size}, drift {kind} at 0.5 of the timeline (event {drift})", events,
+        return Stream(f"synthetic {args.size} ({cfg.n_users} users, {cfg.n_items} items), drift {kind} at "
+                      f"{args.drift_at:g} of the timeline (event {drift})", events,
                       int(0.6 * drift), drift, drift, n / REFERENCE_EVENTS)
     from connectors.datasets import load_dataset
 
@@ -406,6 +408,8 @@ def main() -> None:
                         help="synthetic-abrupt, synthetic-gradual, ml-100k or amazon-magazine")
     parser.add_argument("--path", default="", help="dataset file or folder (defaults under ../shared/data)")
     parser.add_argument("--size", default="small", help="synthetic size (small, medium, large)")
+    parser.add_argument("--synthetic-events", type=int, default=0, help="synthetic: events (0: the size's)")
+    parser.add_argument("--drift-at", type=float, default=0.5, help="synthetic: where the drift starts")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--epochs", type=int, default=0, help="offline epochs (0: the preset's)")
     parser.add_argument("--retrain-every", type=int, default=-1,
@@ -418,7 +422,8 @@ def main() -> None:
     parser.add_argument("--out", default="", help="folder for the PNG and the per-window JSON")
     args = parser.parse_args()
     if args.quick:
-        args.data, args.size, args.preset = "synthetic-abrupt", "small", "small"
+        args.data, args.size, args.preset, args.synthetic_events, args.drift_at = \
+            "synthetic-abrupt", "small", "small", 0, 0.5
     configure_logging("WARNING")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
