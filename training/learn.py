@@ -231,7 +231,7 @@ class Learner:
             positions = self._restore_or_start()
             self.source.open(positions)
         except BaseException:
-            self.snapshots.release()
+            self.close()  # as run() always did: the source closed, the lock released
             raise
         if self._warm and positions is None:
             # start=latest: what the topic holds now is replayed without gradients (records, so a
