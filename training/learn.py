@@ -209,17 +209,8 @@ class Learner:
     # -- run --
 
     def run(self) -> LearnResult:
-        self.snapshots.acquire()
+        self.begin()
         try:
-            self.versions.clean_partial()
-            positions = self._restore_or_start()
-            self.source.open(positions)
-            if self._warm and positions is None:
-                # start=latest: what the topic holds now is replayed without gradients (records, so a
-                # poison record among them moves the boundary by one event)
-                self._skip = sum(self.source.lag().values())
-            log.info("learner_started", events=self.progress.events, trained=self.progress.trained,
-                     published=self.progress.published or "checkpoint", batch_size=self.batch_size)
             while self._stop_reason is None:
                 if self.source.exhausted:
                     self._stop_reason = "end_of_topic"
@@ -229,8 +220,33 @@ class Learner:
                     self.feed(batch)
             self._final()
         finally:
-            self.source.close()
-            self.snapshots.release()
+            self.close()
+        return self.result()
+
+    def begin(self) -> None:
+        """Lock the state directory, restore or start, open the source. `run` calls it; an
+        in-process driver (benchmarks/bench_online.py) calls it, then polls the source and `feed`s
+        batches itself, then `close`s."""
+        self.snapshots.acquire()
+        try:
+            self.versions.clean_partial()
+            positions = self._restore_or_start()
+            self.source.open(positions)
+        except BaseException:
+            self.close()  # as run() always did: the source closed, the lock released
+            raise
+        if self._warm and positions is None:
+            # start=latest: what the topic holds now is replayed without gradients (records, so a
+            # poison record among them moves the boundary by one event)
+            self._skip = sum(self.source.lag().values())
+        log.info("learner_started", events=self.progress.events, trained=self.progress.trained,
+                 published=self.progress.published or "checkpoint", batch_size=self.batch_size)
+
+    def close(self) -> None:
+        self.source.close()
+        self.snapshots.release()
+
+    def result(self) -> LearnResult:
         return LearnResult(self.progress.events, self.progress.trained, list(self.published_now),
                            self.progress.refused, self.progress.published, self._stop_reason or "unknown",
                            self.source.stats.poison)

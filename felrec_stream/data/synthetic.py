@@ -13,12 +13,21 @@ users join late and some items are released late (their arrival times are spread
 5%..95% of the timeline), so a chronological 80/10/10 split has
 new users and new items in validation and test. A user's events are spread uniformly between its
 arrival and the end of the timeline, so late users are dense: cold start is a real share of test.
+
+Drift (`drift`, for online-learning benchmarks): "none" (default) is the world above, bit for bit
+(no extra random draws). "abrupt": at `drift_at` (a fraction of the timeline) every user's taste
+cluster is reassigned (seeded, always to another cluster); "gradual": users switch one by one, their
+switch times spread evenly (in a seeded order) over [drift_at, drift_at + drift_span]. An event at
+or after its user's switch time draws its own-cluster item from the new cluster. The draws of the
+drift come from a generator of their own, so everything else (users, times, global choices) is the
+same as without drift. Late items keep being released until 95% of the timeline, so items released
+after the drift exist.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +58,9 @@ class SyntheticConfig:
     start_timestamp: int = 1_600_000_000  # unix seconds of the first event
     seconds_per_event: int = 60  # the timeline spans n_events * seconds_per_event seconds
     seed: int = 0
+    drift: Literal["none", "abrupt", "gradual"] = "none"  # users' taste clusters change (module docstring)
+    drift_at: float = 0.5  # fraction of the timeline where the drift starts
+    drift_span: float = 0.2  # "gradual": fraction of the timeline over which users switch one by one
 
     def __post_init__(self) -> None:
         check(1 <= self.n_clusters <= min(self.n_users, self.n_items),
@@ -61,6 +73,10 @@ class SyntheticConfig:
         check(self.novelty_boost >= 0 and self.novelty_decay > 0, "synthetic.novelty_boost >= 0 and novelty_decay > 0")
         check(self.activity_sigma >= 0 and self.seconds_per_event >= 1,
               "synthetic.activity_sigma >= 0, seconds_per_event >= 1")
+        check(self.drift in ("none", "abrupt", "gradual"), "synthetic.drift must be none, abrupt or gradual")
+        check(0.0 <= self.drift_at <= 1.0 and 0.0 <= self.drift_span and self.drift_at + self.drift_span <= 1.0,
+              "synthetic.drift_at and drift_span must be >= 0 with drift_at + drift_span <= 1")
+        check(self.drift == "none" or self.n_clusters >= 2, "synthetic.drift needs n_clusters >= 2")
 
 
 PRESETS: dict[str, SyntheticConfig] = {
@@ -89,6 +105,18 @@ class SyntheticData:
     item_ids: np.ndarray  # (I,) object[str]
     item_cluster: np.ndarray  # (I,) int64
     item_release: np.ndarray  # (I,) int64 timestamp from which the item may be chosen
+    # drift: the cluster each user switches to and the timestamp from which it holds (no drift: the
+    # same cluster, and a switch time after every event)
+    user_cluster_after: np.ndarray | None = None  # (U,) int64
+    user_switch: np.ndarray | None = None  # (U,) int64 timestamp
+
+    def cluster_of_users_at(self, ids: Any, timestamps: Any) -> np.ndarray:
+        """Taste cluster of each user at the matching timestamp (drift included; exact to the second)."""
+        index = _indices(ids)
+        if self.user_cluster_after is None or self.user_switch is None:
+            return self.user_cluster[index]
+        switched = np.asarray(timestamps, dtype=np.int64) >= self.user_switch[index]
+        return np.where(switched, self.user_cluster_after[index], self.user_cluster[index])
 
     def user_clusters(self) -> dict[str, int]:
         return dict(zip(self.user_ids.tolist(), self.user_cluster.tolist()))
@@ -120,7 +148,9 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> SyntheticData:
     item_release = np.ceil(_arrivals(config.n_items, config.late_item_fraction, rng) * N_BINS) / N_BINS
     popularity = _zipf_popularity(config.n_items, config.popularity_exponent, rng)
     users, times = _user_events(config, user_join, rng)
-    items = _choose_items(config, user_cluster[users], times, item_cluster, item_release, popularity, rng)
+    cluster_after, switch = _drift(config, user_cluster)
+    taste = np.where(times >= switch[users], cluster_after[users], user_cluster[users])
+    items = _choose_items(config, taste, times, item_cluster, item_release, popularity, rng)
     span = config.n_events * config.seconds_per_event
 
     def stamp(t: np.ndarray) -> np.ndarray:
@@ -131,8 +161,27 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> SyntheticData:
     events = make_events(pa.array(user_ids, pa.string()).take(pa.array(users)),
                          pa.array(item_ids, pa.string()).take(pa.array(items)),
                          stamp(times), np.arange(config.n_events, dtype=np.int64))
+    drifted = config.drift != "none"
     return SyntheticData(config, events, user_ids, user_cluster, stamp(user_join),
-                         item_ids, item_cluster, stamp(item_release))
+                         item_ids, item_cluster, stamp(item_release),
+                         cluster_after if drifted else None,
+                         stamp(switch) if drifted else None)
+
+
+def _drift(config: SyntheticConfig, cluster: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U,) cluster after the switch and (U,) switch time in [0, 1] (inf: never). Its own generator:
+    the world's other draws do not depend on the drift."""
+    n = len(cluster)
+    if config.drift == "none":
+        return cluster.copy(), np.full(n, np.inf)
+    rng = np.random.default_rng([config.seed, 0xD1F7])
+    after = (cluster + rng.integers(1, config.n_clusters, size=n)) % config.n_clusters  # always another
+    if config.drift == "abrupt":
+        return after, np.full(n, config.drift_at)
+    order = rng.permutation(n)
+    switch = np.empty(n)
+    switch[order] = config.drift_at + config.drift_span * (np.arange(n) + 0.5) / n
+    return after, switch
 
 
 def _balanced_clusters(n: int, n_clusters: int, rng: np.random.Generator) -> np.ndarray:

@@ -134,3 +134,93 @@ def test_config_from_options_coerces_and_validates():
         config_from_options(size="huge")
     with pytest.raises(ConfigError, match="unknown"):
         config_from_options(n_user=3)
+
+
+# ---- drift ----------------------------------------------------------------------------------------
+
+# sha256 of the events, clusters, releases and joins of `generate` before the drift option existed
+GOLDEN = {"small": "adabce0dc926361405eae8c70ac255f16480a9a1466b4b96908f74b62bd5db93",
+          "seed3": "049318c2ccf2c9162995b9d7597194dec4d32a1e69a4e86b4293a41366e077a2"}
+
+
+def _digest(data) -> str:
+    import hashlib
+
+    sha = hashlib.sha256()
+    for name in data.events.column_names:
+        sha.update(str(data.events.column(name).to_pylist()).encode())
+    for array in (data.user_cluster, data.item_cluster, data.item_release, data.user_join):
+        sha.update(array.tobytes())
+    return sha.hexdigest()
+
+
+def test_no_drift_is_the_world_before_the_option_bit_for_bit(data):
+    assert SyntheticConfig().drift == "none"
+    assert _digest(data) == GOLDEN["small"]
+    big = generate(SyntheticConfig(n_users=2000, n_items=1500, n_events=60_000, n_clusters=40, seed=3, drift="none"))
+    assert _digest(big) == GOLDEN["seed3"]
+    assert data.user_cluster_after is None and data.user_switch is None
+
+
+def _own_cluster_share(data, since, until):
+    users = data.events.column("user").to_pylist()
+    items = data.events.column("item").to_pylist()
+    ts = data.events.column("timestamp").to_numpy()
+    mask = (ts >= since) & (ts < until)
+    old = data.cluster_of_users(users) == data.cluster_of_items(items)
+    new = data.cluster_of_users_at(users, ts) == data.cluster_of_items(items)
+    return old[mask].mean(), new[mask].mean()
+
+
+def test_abrupt_drift_moves_every_user_to_a_new_cluster():
+    data = generate(SyntheticConfig(drift="abrupt", drift_at=0.5))
+    span = data.config.n_events * data.config.seconds_per_event
+    middle = data.config.start_timestamp + span // 2
+    assert np.all(data.user_cluster_after != data.user_cluster)  # reassigned, always to another cluster
+    assert np.all(data.user_switch == middle)
+    old_before, new_before = _own_cluster_share(data, 0, middle)
+    old_after, new_after = _own_cluster_share(data, middle, np.iinfo(np.int64).max)
+    assert old_before == new_before and old_before > 0.8  # before: the planted clusters
+    assert new_after > 0.8 and old_after < 0.1  # after: the new cluster, the old one at chance level
+    # the events before the drift are the same draws as without drift (own generator for the drift)
+    plain = generate(SyntheticConfig())
+    before = int(np.searchsorted(data.events.column("timestamp").to_numpy(), middle))
+    assert data.events.slice(0, before).equals(plain.events.slice(0, before))
+    assert np.array_equal(data.events.column("user").to_numpy(zero_copy_only=False),
+                          plain.events.column("user").to_numpy(zero_copy_only=False))
+    # items keep arriving after the drift, and they are chosen
+    late = np.flatnonzero(data.item_release > middle)
+    assert len(late) >= 5
+    chosen = set(data.events.column("item").to_pylist())
+    assert sum(f"i{k}" in chosen for k in late) >= 5
+
+
+def test_gradual_drift_switches_users_one_by_one_over_the_span():
+    data = generate(SyntheticConfig(drift="gradual", drift_at=0.4, drift_span=0.4))
+    cfg = data.config
+    span = cfg.n_events * cfg.seconds_per_event
+    lo, hi = cfg.start_timestamp + int(0.4 * span), cfg.start_timestamp + int(0.8 * span)
+    assert data.user_switch.min() >= lo and data.user_switch.max() <= hi
+    assert len(np.unique(data.user_switch)) == cfg.n_users  # one by one
+    assert _own_cluster_share(data, hi, np.iinfo(np.int64).max)[1] > 0.8
+    old_during, new_during = _own_cluster_share(data, lo, hi)
+    assert 0.2 < old_during < 0.7 and new_during > 0.8  # a mix of old and new tastes while it drifts
+
+
+@pytest.mark.parametrize("drift", ["abrupt", "gradual"])
+def test_drift_is_seeded(drift):
+    a, b = generate(SyntheticConfig(drift=drift)), generate(SyntheticConfig(drift=drift))
+    assert a.events.equals(b.events) and np.array_equal(a.user_cluster_after, b.user_cluster_after)
+    assert np.array_equal(a.user_switch, b.user_switch)
+    other = generate(SyntheticConfig(drift=drift, seed=1))
+    assert not np.array_equal(other.user_cluster_after, a.user_cluster_after)
+
+
+def test_drift_options_are_checked():
+    with pytest.raises(ConfigError):
+        SyntheticConfig(drift="sideways")
+    with pytest.raises(ConfigError):
+        SyntheticConfig(drift="gradual", drift_at=0.9, drift_span=0.2)
+    with pytest.raises(ConfigError):
+        SyntheticConfig(n_clusters=1, drift="abrupt")
+    assert config_from_options("small", drift="abrupt", drift_at="0.3").drift_at == 0.3
