@@ -194,3 +194,19 @@ def test_a_serve_replica_encodes_unknown_users_with_the_version_its_snapshot_nam
     assert not np.allclose(expected, initial_vector)  # the version's weights, not the checkpoint's
     with pytest.raises(NotFound):
         engine_from_snapshot(snapshot).recommend("a-user-never-seen", k=5)  # no models: no encoder
+
+
+def test_garbage_collection_keeps_every_version_a_worker_snapshot_names(table, initial, models, tmp_path):
+    import shutil
+
+    own = tmp_path / "models"
+    shutil.copytree(models, own)
+    worker = _worker(initial, InMemorySource(table.slice(0, 400), BATCH), own, tmp_path / "snap")
+    worker.run()
+    named = [swap.version for swap in worker.model_history]
+    assert named == ["v000001", "v000002", "v000003"]
+    deleted = VersionStore(own).collect(keep=1)  # what the learner does after each publish
+    assert deleted == ["v000004"]  # neither pinned by the snapshots nor LATEST (v000005)
+    assert set(named) <= set(VersionStore(own).names())
+    restarted = _worker(initial, InMemorySource(table, BATCH), own, tmp_path / "snap")
+    assert restarted.run().model_version == "v000005"  # the snapshot's version still loads
