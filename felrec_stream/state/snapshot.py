@@ -300,13 +300,13 @@ class SnapshotManager:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "?"
+            holder, _, ancestry = handle.read().strip().partition("\n")
             handle.close()
-            raise StoreError(f"snapshot directory {self.root} is in use by another writer (pid {holder}): "
-                             "one worker per snapshot directory") from None
-        with contextlib.suppress(OSError):  # the pid is informative only
+            raise StoreError(f"snapshot directory {self.root} is in use by another writer (pid {holder or '?'}): "
+                             f"one worker per snapshot directory{_orphan_note(holder, ancestry)}") from None
+        with contextlib.suppress(OSError):  # informative only: the pid, and its ancestors for `_orphan_note`
             handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
+            handle.write(f"{os.getpid()}\nancestors {' '.join(map(str, _ancestors(os.getpid())))}\n")
             handle.flush()
         return handle
 
@@ -639,3 +639,34 @@ def _json_checked(value: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def _ancestors(pid: int) -> list[int]:
+    """The parent, grandparent, ... of `pid` (Linux /proc; [] elsewhere or once unreadable)."""
+    chain: list[int] = []
+    while len(chain) < 64:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])  # after the (comm) field: state, ppid
+        except (OSError, ValueError, IndexError):
+            break
+        if pid <= 0:
+            break
+        chain.append(pid)
+    return chain
+
+
+def _orphan_note(holder: str, ancestry: str) -> str:
+    """A clause for the lock message when the holder lost an ancestor it had when it locked: a rank of
+    a `--nproc` run whose launcher or torchrun was killed, left consuming on its own."""
+    recorded = ancestry.removeprefix("ancestors").split()
+    if not holder.isdigit() or not recorded:
+        return ""
+    now = set(map(str, _ancestors(int(holder))))
+    if not now:
+        return ""  # gone meanwhile, or not readable here
+    lost = [pid for pid in recorded if pid not in now and pid != "1"]
+    if not lost:
+        return ""
+    return (f"; pid {holder} is an orphan (its ancestor pid {lost[0]} that started it has exited: a rank of a "
+            f"killed --nproc run?): stop it with `kill {holder}` if it is not meant to run")

@@ -6,7 +6,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,6 +340,31 @@ def test_acquire_holds_the_directory_for_the_writers_whole_life(tmp_path):
     second.acquire()
     _write(second, 2)
     second.release()
+
+
+_ORPHAN = '''
+import os, sys, time
+from felrec_stream.state.snapshot import SnapshotManager
+if os.fork() == 0:
+    writer = SnapshotManager(sys.argv[1])
+    writer.acquire()
+    print(os.getpid(), flush=True)
+    time.sleep(600)
+'''
+
+
+def test_a_lock_held_by_an_orphan_says_so(tmp_path):
+    """A writer whose parent died (a rank of a killed `--nproc` run) is named an orphan, with how to stop it."""
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    orphan = int(proc.stdout.readline())  # the forked child holds the lock; its parent exits
+    try:
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(StoreError, match=f"in use by another writer \\(pid {orphan}\\).*orphan.*kill {orphan}"):
+            SnapshotManager(tmp_path).acquire()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
 
 
 def test_a_bad_directory_fails_at_acquire_in_one_line(tmp_path, monkeypatch):
