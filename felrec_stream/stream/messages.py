@@ -226,6 +226,15 @@ def _fields(body: Mapping[str, Any], ts_unit: str) -> tuple[str, str, int, int |
     return user, item, ts, event_id
 
 
+def id_problem(value: Any) -> str | None:
+    """Why `value` cannot be a user or item id of a topic (a short reason that never quotes it), or None."""
+    try:
+        _check_id("id", value)
+    except _Invalid as exc:
+        return exc.reason
+    return None
+
+
 def _check_id(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _Invalid("wrong_type", name, f"field {name!r} must be a string, got {_json_type(value)}")

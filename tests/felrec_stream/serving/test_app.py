@@ -550,14 +550,64 @@ def test_large_bodies_are_413_before_parsing_and_errors_never_echo_input(served)
     response = http.post("/v1/vectors", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and len(response.content) < 200
 
-    long_id = "z" * 200_000  # fits the body limit; unknown -> 404 that quotes only a prefix
+    long_id = "z" * 200_000  # fits the body limit; longer than any id of the topic -> 422 that quotes nothing
     response = http.post("/v1/vectors", json={"kind": "user", "ids": [long_id]})
-    assert response.status_code == 404 and len(response.content) < 300 and "200000 characters" in response.text
+    assert response.status_code == 422 and len(response.content) < 300 and "200000 characters" in response.text
     response = http.post("/v1/vectors", json={"kind": "user", "ids": "w" * 500_000})  # not a list: 422
     assert response.status_code == 422 and len(response.content) < 1000 and "www" not in response.text
     response = http.get(f"/v1/users/{'q' * 6000}/recommendations")
-    assert response.status_code == 404 and len(response.content) < 300
+    assert response.status_code == 422 and len(response.content) < 300
     assert client.healthz()
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a\x00b", "tab\there", "x" * 257, "y" * 30_000])
+def test_ids_the_topic_would_reject_are_422_in_a_short_message(model, scored_store, bad):
+    """Empty, control characters, more than 256 characters: never a (cold-start) answer that echoes the id."""
+    from urllib.parse import quote
+
+    engine = QueryEngine(scored_store, cold_start=ColdStartEncoder(model, SCORED_CACHE))
+    handle = serve_in_thread(create_app(lambda: engine), "127.0.0.1", 0)
+    try:
+        with FelrecClient(handle.url) as client:
+            http = client._http
+            for path in (f"/v1/users/{quote(bad, safe='')}/recommendations", f"/v1/users/{quote(bad, safe='')}/similar",
+                         f"/v1/items/{quote(bad, safe='')}/similar"):
+                response = http.get(path)
+                assert response.status_code == 422 and len(response.content) < 300, (path[:40], response.text[:300])
+                assert "id" in response.json()["detail"]
+            response = http.post("/v1/vectors", json={"kind": "item", "ids": ["i1", bad]})
+            assert response.status_code == 422 and len(response.content) < 300
+    finally:
+        handle.stop()
+
+
+def test_head_is_answered_on_every_get_route(served):
+    _, client = served
+    http = client._http
+    for path in ("/healthz", "/readyz", "/v1/catalog", "/v1/users/u1/recommendations", "/v1/items/i1/similar",
+                 "/metrics"):
+        get, head = http.get(path), http.head(path)
+        assert (head.status_code, head.content) == (get.status_code, b""), path
+        assert get.status_code == 200, path
+    assert http.head("/v1/users/nobody/recommendations").status_code == 404
+
+
+def test_a_connection_that_never_finishes_its_request_head_is_closed(monkeypatch):
+    from felrec_stream.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "HEADER_TIMEOUT_S", 0.5, raising=False)
+    handle = serve_in_thread(create_app(lambda: None), "127.0.0.1", 0)
+    try:
+        with socket.create_connection((handle.host, handle.port), timeout=20) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # half a request head, then nothing
+            assert sock.recv(1024) == b""  # closed by the server (socket timeout: a failure, not a hang)
+        with socket.create_connection((handle.host, handle.port), timeout=20) as sock:  # an idle one too
+            assert sock.recv(1024) == b""
+        with socket.create_connection((handle.host, handle.port), timeout=20) as sock:  # a whole request is answered
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+    finally:
+        handle.stop()
 
 
 # ---- the standalone command ------------------------------------------------------------------
