@@ -33,7 +33,7 @@ from felrec_stream.data.split import split_sizes
 from felrec_stream.errors import ConfigError, DatasetError, ReplayError
 from felrec_stream.log import get_logger
 from felrec_stream.stream.events import is_time_ordered, sort_events, validate_events
-from felrec_stream.stream.messages import TS_UNITS, encode_event, invalid_events
+from felrec_stream.stream.messages import TS_UNITS, encode_event, invalid_events, latest_timestamp
 
 log = get_logger(__name__)
 
@@ -159,7 +159,8 @@ def prepare_events(table: pa.Table, kafka_config: KafkaConfig) -> pa.Table:
     validate_events(table)
     if not is_time_ordered(table):
         table = sort_events(table)
-    problems = invalid_events(table, kafka_config.timestamp_unit)
+    problems = invalid_events(table, kafka_config.timestamp_unit,
+                              not_after=latest_timestamp(kafka_config.timestamp_unit, kafka_config.future_skew_s))
     if problems:
         ids = table.column("event_id")
         details = "; ".join(f"event_id {ids[row].as_py()}: {why}" for row, why in problems)

@@ -63,7 +63,8 @@ from felrec_stream.errors import DatasetError, KafkaError
 from felrec_stream.log import get_logger
 from felrec_stream.stream.batcher import MicroBatcher
 from felrec_stream.stream.events import EVENT_SCHEMA, EventBatch, sort_events
-from felrec_stream.stream.messages import TS_UNITS, Event, PoisonMessage, decode_event, events_to_batch
+from felrec_stream.stream.messages import (Event, PoisonMessage, decode_event, events_to_batch,
+                                           latest_timestamp)
 from felrec_stream.stream.source import DeadLetterSink, SourceStats
 
 log = get_logger(__name__)
@@ -339,8 +340,7 @@ class KafkaSource:
 
     def _not_after(self) -> int | None:
         """Latest accepted event time (topic unit): wall clock + future_skew_s; None = no limit."""
-        skew = self.kafka_config.future_skew_s
-        return None if not skew else int((time.time() + skew) * TS_UNITS[self.kafka_config.timestamp_unit])
+        return latest_timestamp(self.kafka_config.timestamp_unit, self.kafka_config.future_skew_s)
 
     def _dead_letter(self, poison: PoisonMessage) -> None:
         if self._dlq is None:
