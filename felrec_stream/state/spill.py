@@ -72,6 +72,7 @@ read in a process; a mismatch raises `SpillError` (the data cannot be trusted: r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -111,6 +112,13 @@ class SpillError(StoreError):
     """A spill file is missing or does not match its content address."""
 
 
+def _missing(path: Path) -> SpillError:
+    """A file this process verified is gone: deleted under a running worker (restart it: it restores
+    the newest snapshot whose spill files are all there)."""
+    return SpillError(f"spill file {path} is missing (deleted while in use?); restart: the newest snapshot "
+                      "whose spill files are all there is restored")
+
+
 # ---- files --------------------------------------------------------------------------------------
 
 class SpillFiles:
@@ -127,7 +135,11 @@ class SpillFiles:
         self.private = self._tmp is not None
         self.read_only = read_only
         if not read_only:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                what = "is not a directory" if self.directory.exists() else f"cannot be created: {exc.strerror or exc}"
+                raise SpillError(f"spill directory {self.directory} {what}") from None
         self._verified: set[str] = set()
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()  # least recently used first
         self._groups: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()  # same order
@@ -141,12 +153,17 @@ class SpillFiles:
         if self.read_only:
             raise SpillError(f"spill directory {self.directory} is read-only here")
         tmp = self.directory / f".{kind}-{uuid.uuid4().hex}.parquet.tmp"
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="snappy", use_dictionary=False,
-                       write_statistics=False)
-        digest = hash_file(tmp, fsync=True)["sha256"]
-        name = f"{kind}-{digest}.parquet"
-        os.replace(tmp, self.directory / name)  # same name = same bytes: replacing an orphan is harmless
-        fsync_dir(self.directory)
+        try:
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="snappy", use_dictionary=False,
+                           write_statistics=False)
+            digest = hash_file(tmp, fsync=True)["sha256"]
+            name = f"{kind}-{digest}.parquet"
+            os.replace(tmp, self.directory / name)  # same name = same bytes: replacing an orphan is harmless
+            fsync_dir(self.directory)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SpillError(f"cannot write a spill file into {self.directory}: {exc.strerror or exc}") from None
         self._verified.add(name)
         return name
 
@@ -207,7 +224,10 @@ class SpillFiles:
         if name in self._open:
             self._open.move_to_end(name)
         else:
-            self._open[name] = pq.ParquetFile(self.directory / name)
+            try:
+                self._open[name] = pq.ParquetFile(self.directory / name)
+            except FileNotFoundError:
+                raise _missing(self.directory / name) from None
             if len(self._open) > OPEN_FILES:
                 self._open.popitem(last=False)[1].close()
         return self._open[name]
@@ -219,7 +239,11 @@ class SpillFiles:
             match = _NAME_RE.match(name)
             if match is None:
                 raise SpillError(f"not a spill file name: {name!r}")
-            out[name] = {"sha256": match.group(2), "size": (self.directory / name).stat().st_size}
+            try:
+                size = (self.directory / name).stat().st_size
+            except FileNotFoundError:
+                raise _missing(self.directory / name) from None
+            out[name] = {"sha256": match.group(2), "size": size}
         return out
 
     def delete_except(self, keep: set[str]) -> list[str]:

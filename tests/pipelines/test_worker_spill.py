@@ -10,7 +10,7 @@ import json
 import pytest
 
 from felrec_stream.config import replace
-from felrec_stream.errors import ConfigError
+from felrec_stream.errors import ConfigError, StoreError
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
@@ -132,3 +132,36 @@ def test_a_capped_store_must_spill_next_to_its_snapshots(bundle, table, tmp_path
     store = make_store(bundle.dim, bundle.cache)  # private temporary spill directory
     with pytest.raises(ConfigError, match="must spill into"):
         StreamWorker(bundle, store, InMemorySource(table, BATCH), WorkerConfig(TOPIC), SnapshotManager(tmp_path))
+
+
+def test_a_spill_path_that_is_a_file_is_a_one_line_error(bundle, tmp_path):
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / SPILL_DIR).write_text("not a folder")
+    with pytest.raises(StoreError, match=f"spill directory {snap / SPILL_DIR} .*not a directory"):
+        make_store(bundle.dim, bundle.cache, spill_dir=spill_dir_for(snap))
+
+
+class _SpillDeletingSource(InMemorySource):
+    """Deletes every spill file at one batch, as an operator's `rm` while the worker runs would."""
+
+    def __init__(self, table, batch_size: int, spill_dir, at_batch: int) -> None:
+        super().__init__(table, batch_size)
+        self.spill_dir, self.at_batch = spill_dir, at_batch
+
+    def poll_batch(self, timeout_s: float = 0.1):
+        if self.stats.batches == self.at_batch:
+            for path in self.spill_dir.iterdir():
+                path.unlink()
+        return super().poll_batch(timeout_s)
+
+
+def test_spill_files_deleted_under_a_running_worker_stop_it_with_a_one_line_error(bundle, table, uninterrupted,
+                                                                                   tmp_path):
+    snap = tmp_path / "snap"
+    source = _SpillDeletingSource(table, BATCH, snap / SPILL_DIR, at_batch=12)
+    with pytest.raises(StoreError, match="spill file .* is missing"):
+        _worker(bundle, source, snap, snapshot_every_events=96).run()
+    second = _worker(bundle, InMemorySource(table, BATCH), snap)  # the restart recovers exactly once
+    assert second.run().applied_total == N_EVENTS
+    assert_same_store(store_fingerprint(second.store), uninterrupted)
