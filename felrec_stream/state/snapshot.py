@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -220,6 +220,9 @@ class Snapshot:
     files: list[str] = field(default_factory=list)
     state_spec: Any = None
     refs: dict[str, Any] = field(default_factory=dict)  # root-relative path -> {"sha256", "size"}
+    # root-relative path -> an open binary handle (SnapshotManager(pin_refs=True)): the file stays
+    # readable through it after the writer prunes it (a reader pins what it reads)
+    pinned: dict[str, BinaryIO] = field(default_factory=dict)
 
     def state(self) -> Any:
         """The nested state written by `SnapshotManager.write_state`."""
@@ -253,10 +256,11 @@ Accept = Callable[[int, Mapping[str, Any]], bool]
 class SnapshotManager:
     """Writes and finds snapshots under `root`, keeping the newest `keep` complete ones."""
 
-    def __init__(self, root: str | Path, keep: int = 3) -> None:
+    def __init__(self, root: str | Path, keep: int = 3, pin_refs: bool = False) -> None:
         if keep < 1:
             raise StoreError(f"keep must be >= 1, got {keep}")
         self.root, self.keep = Path(root), keep
+        self.pin_refs = pin_refs  # readers: open every referenced file while verifying (Snapshot.pinned)
         self._lock_handle: Any = None
 
     # -- the writer's lock --
@@ -565,7 +569,7 @@ class SnapshotManager:
             manifest = self._manifest(path, seq)
             if accept is not None and not accept(seq, manifest["meta"]):
                 return None
-            arrays = self._verified_arrays(path, manifest)
+            arrays, pinned = self._verified_arrays(path, manifest)
         except (FileNotFoundError, _Missing) as exc:
             # Pruning removes the files (the manifest among them, in any order), then the directory,
             # then the spill files only it referred to; all after CURRENT moved on.
@@ -577,7 +581,7 @@ class SnapshotManager:
         except (KeyError, TypeError, AttributeError) as exc:
             raise SnapshotCorrupt(f"malformed manifest: {type(exc).__name__}: {exc}") from None
         return Snapshot(path, seq, arrays, manifest["meta"], manifest["created_at"], sorted(manifest["files"]),
-                        manifest.get("state"), manifest.get("refs", {}))
+                        manifest.get("state"), manifest.get("refs", {}), pinned)
 
     def _manifest(self, path: Path, seq: int) -> dict[str, Any]:
         """The manifest after checking its own checksum and seq (FileNotFoundError passes through)."""
@@ -599,8 +603,10 @@ class SnapshotManager:
             raise SnapshotCorrupt(f"manifest seq {manifest.get('seq')} != directory seq {seq}")
         return manifest
 
-    def _verified_arrays(self, path: Path, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Check every file's size and sha256, then load the arrays (files never change once written)."""
+    def _verified_arrays(self, path: Path,
+                         manifest: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, BinaryIO]]:
+        """Check every file's size and sha256, then load the arrays (files never change once written);
+        with `pin_refs`, also an open handle on every referenced file."""
         files = manifest["files"]
         for name, expected in files.items():
             file = path / name
@@ -612,16 +618,31 @@ class SnapshotManager:
         missing = set(manifest["arrays"].values()) - set(files)
         if missing:
             raise SnapshotCorrupt(f"arrays without checksums: {sorted(missing)}")
-        for name, expected in manifest.get("refs", {}).items():
-            file = path.parent / name  # refs are relative to the root
-            if not file.is_file():
-                raise _Missing(f"missing referenced file {name}")
-            if file.stat().st_size != expected["size"]:
-                raise SnapshotCorrupt(f"size mismatch in referenced file {name}")
+        pinned: dict[str, BinaryIO] = {}
         try:
-            return {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
-        except ValueError as exc:
-            raise SnapshotCorrupt(f"unreadable array file: {exc}") from None
+            for name, expected in manifest.get("refs", {}).items():
+                file = path.parent / name  # refs are relative to the root
+                if not file.is_file():
+                    raise _Missing(f"missing referenced file {name}")
+                if self.pin_refs:
+                    try:
+                        pinned[name] = open(file, "rb")
+                    except FileNotFoundError:
+                        raise _Missing(f"missing referenced file {name}") from None
+                    size = os.fstat(pinned[name].fileno()).st_size
+                else:
+                    size = file.stat().st_size
+                if size != expected["size"]:
+                    raise SnapshotCorrupt(f"size mismatch in referenced file {name}")
+            try:
+                arrays = {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
+            except ValueError as exc:
+                raise SnapshotCorrupt(f"unreadable array file: {exc}") from None
+        except BaseException:
+            for handle in pinned.values():
+                handle.close()
+            raise
+        return arrays, pinned
 
 
 def _manifest_checksum(manifest: Mapping[str, Any]) -> str:

@@ -73,6 +73,7 @@ read in a process; a mismatch raises `SpillError` (the data cannot be trusted: r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
@@ -80,7 +81,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -112,6 +113,14 @@ class SpillError(StoreError):
     """A spill file is missing or does not match its content address."""
 
 
+def _hash_handle(handle: BinaryIO) -> str:
+    sha = hashlib.sha256()
+    handle.seek(0)
+    while chunk := handle.read(1 << 20):
+        sha.update(chunk)
+    return sha.hexdigest()
+
+
 def _missing(path: Path) -> SpillError:
     """A file this process verified is gone: deleted under a running worker (restart it: it restores
     the newest snapshot whose spill files are all there)."""
@@ -141,6 +150,7 @@ class SpillFiles:
                 what = "is not a directory" if self.directory.exists() else f"cannot be created: {exc.strerror or exc}"
                 raise SpillError(f"spill directory {self.directory} {what}") from None
         self._verified: set[str] = set()
+        self._pinned: dict[str, BinaryIO] = {}  # name -> open handle (`pin`): readable after a prune
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()  # least recently used first
         self._groups: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()  # same order
         self._group_bytes = 0
@@ -209,14 +219,31 @@ class SpillFiles:
             _, dropped = self._groups.popitem(last=False)
             self._group_bytes -= sum(value.nbytes for value in dropped.values())
 
+    def pin(self, handles: Mapping[str, BinaryIO]) -> None:
+        """Read these files (name -> open binary handle) through their handles from now on: a reader of a
+        snapshot keeps reading the files it verified after the writer deleted them (pruning), as a
+        reader of a plain snapshot holds its arrays. The handles are closed with this object."""
+        self._pinned.update(handles)
+
+    def close(self) -> None:
+        for handle in self._pinned.values():
+            handle.close()
+        self._pinned.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
     def _verify(self, name: str) -> None:
         """Check a file against its content address once per process (SpillError if it fails)."""
         path = self.directory / name
         if name not in self._verified:
             match = _NAME_RE.match(name)
-            if not path.is_file():
+            pinned = self._pinned.get(name)
+            if pinned is None and not path.is_file():
                 raise SpillError(f"spill file {path} is missing")
-            if match is None or hash_file(path, fsync=False)["sha256"] != match.group(2):
+            digest = _hash_handle(pinned) if pinned is not None else hash_file(path, fsync=False)["sha256"]
+            if match is None or digest != match.group(2):
                 raise SpillError(f"spill file {path} does not match its sha256 name (corrupt)")
             self._verified.add(name)
 
@@ -225,7 +252,8 @@ class SpillFiles:
             self._open.move_to_end(name)
         else:
             try:
-                self._open[name] = pq.ParquetFile(self.directory / name)
+                pinned = self._pinned.get(name)
+                self._open[name] = pq.ParquetFile(pinned if pinned is not None else self.directory / name)
             except FileNotFoundError:
                 raise _missing(self.directory / name) from None
             if len(self._open) > OPEN_FILES:

@@ -722,3 +722,19 @@ def test_recent_items_stay_excluded_with_the_prior_on_every_backend(backend, wei
     commit_batch(store, prepare_batch(store, batch, "cpu"), u, x)
     engine = QueryEngine(store, scoring=ScoringConfig(popularity_weight=weight))
     assert [r.id for r in engine.top_k_items("u0", k=10)] == ["i2"]  # u0 met i0 and i1
+
+
+def test_a_replica_keeps_serving_the_spill_files_of_its_snapshot_after_the_writer_pruned_them(model, tmp_path):
+    """With --keep-snapshots 1 the worker deletes the spill files only the previous snapshot used as
+    soon as it commits the next one: a replica still serving the previous one must not fail (500)."""
+    root = tmp_path / "snap"
+    live = _capped_store(model, spill_dir=root / "spill")
+    state, meta = snapshot_state(live, CAPPED)
+    SnapshotManager(root).write_state(state, meta, refs={f"spill/{n}": i for n, i in live.spill_refs().items()})
+    follower = SnapshotFollower(root)
+    assert follower.poll_once()
+    users = _evicted_users(live)
+    expected = QueryEngine(live).vectors("user", users)
+    for path in (root / "spill").iterdir():  # pruned by the writer after a newer commit
+        path.unlink()
+    assert follower.current().vectors("user", users) == expected  # read through the pinned files
