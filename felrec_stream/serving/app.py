@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from felrec_stream import __version__
-from felrec_stream.errors import ServiceError
+from felrec_stream.errors import ServiceError, StoreError
 from felrec_stream.log import get_logger
 from felrec_stream.serving.query import (MAX_IDS, MAX_K, FreshnessTracker, InvalidRequest, NotFound, QueryEngine,
                                          TooLarge)
@@ -173,7 +173,10 @@ def _add_ops_routes(app: FastAPI, provider: EngineProvider, registry: CollectorR
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    for error, status in ((NotFound, 404), (InvalidRequest, 422), (NotReady, 503), (TooLarge, 413)):
+    # StoreError: the store cannot answer (e.g. a spill file damaged after its snapshot was verified):
+    # 503 with the reason, never a 500
+    for error, status in ((NotFound, 404), (InvalidRequest, 422), (NotReady, 503), (TooLarge, 413),
+                          (StoreError, 503)):
         def handler(request: Request, exc: Exception, status: int = status) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=status)
         app.add_exception_handler(error, handler)

@@ -186,6 +186,15 @@ def _write_durable(path: Path, payload: Callable[[Any], None]) -> dict[str, Any]
     return {"sha256": sink.sha.hexdigest(), "size": sink.size}
 
 
+def hash_handle(handle: BinaryIO) -> str:
+    """sha256 of an open binary file's whole content (read from its start)."""
+    sha = hashlib.sha256()
+    handle.seek(0)
+    while chunk := handle.read(_CHUNK):
+        sha.update(chunk)
+    return sha.hexdigest()
+
+
 def hash_file(path: Path, fsync: bool) -> dict[str, Any]:
     """{"sha256", "size"} of an existing file, read once in chunks (fsynced first when asked)."""
     sha, size = hashlib.sha256(), 0
@@ -634,6 +643,11 @@ class SnapshotManager:
                     size = file.stat().st_size
                 if size != expected["size"]:
                     raise SnapshotCorrupt(f"size mismatch in referenced file {name}")
+                # content too: a damaged spill file of the same size must make this snapshot unusable
+                # here (the previous one is then used), not fail every later read of it
+                digest = hash_handle(pinned[name]) if name in pinned else hash_file(file, fsync=False)["sha256"]
+                if digest != expected["sha256"]:
+                    raise SnapshotCorrupt(f"checksum mismatch in referenced file {name}")
             try:
                 arrays = {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
             except ValueError as exc:

@@ -73,7 +73,6 @@ read in a process; a mismatch raises `SpillError` (the data cannot be trusted: r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import tempfile
@@ -90,7 +89,7 @@ import torch
 
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.state.snapshot import fsync_dir, hash_file
+from felrec_stream.state.snapshot import fsync_dir, hash_file, hash_handle
 from felrec_stream.state.tables import (POPULARITY, SLOT_COLUMNS, EntityRows, EntityTable, HistoryBuffer, HistoryPlan,
                                         IdMap, Kind, check_lengths, check_shapes, slot_column_parts, vector_shapes)
 from felrec_stream.state.vectors import VectorBackend, grow, raw_vectors
@@ -111,14 +110,6 @@ _NAME_RE = re.compile(r"^(user|item)-([0-9a-f]{64})\.parquet$")
 
 class SpillError(StoreError):
     """A spill file is missing or does not match its content address."""
-
-
-def _hash_handle(handle: BinaryIO) -> str:
-    sha = hashlib.sha256()
-    handle.seek(0)
-    while chunk := handle.read(1 << 20):
-        sha.update(chunk)
-    return sha.hexdigest()
 
 
 def _missing(path: Path) -> SpillError:
@@ -222,8 +213,10 @@ class SpillFiles:
     def pin(self, handles: Mapping[str, BinaryIO]) -> None:
         """Read these files (name -> open binary handle) through their handles from now on: a reader of a
         snapshot keeps reading the files it verified after the writer deleted them (pruning), as a
-        reader of a plain snapshot holds its arrays. The handles are closed with this object."""
+        reader of a plain snapshot holds its arrays. The handles are closed with this object; their
+        content was verified when the snapshot was (SnapshotManager checks every referenced file)."""
         self._pinned.update(handles)
+        self._verified.update(handles)
 
     def close(self) -> None:
         for handle in self._pinned.values():
@@ -242,7 +235,7 @@ class SpillFiles:
             pinned = self._pinned.get(name)
             if pinned is None and not path.is_file():
                 raise SpillError(f"spill file {path} is missing")
-            digest = _hash_handle(pinned) if pinned is not None else hash_file(path, fsync=False)["sha256"]
+            digest = hash_handle(pinned) if pinned is not None else hash_file(path, fsync=False)["sha256"]
             if match is None or digest != match.group(2):
                 raise SpillError(f"spill file {path} does not match its sha256 name (corrupt)")
             self._verified.add(name)

@@ -165,3 +165,29 @@ def test_spill_files_deleted_under_a_running_worker_stop_it_with_a_one_line_erro
     second = _worker(bundle, InMemorySource(table, BATCH), snap)  # the restart recovers exactly once
     assert second.run().applied_total == N_EVENTS
     assert_same_store(store_fingerprint(second.store), uninterrupted)
+
+
+def _flip_bytes(path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_spill_file_makes_its_snapshot_unusable_and_an_older_one_is_restored(bundle, table, uninterrupted,
+                                                                                        tmp_path):
+    """4 flipped bytes in a spill file only the newest snapshot needs (same size): the content is
+    verified, that snapshot skipped, the previous one restored, and the run ends like the uninterrupted one."""
+    snap = tmp_path / "snap"
+    _worker(bundle, InMemorySource(table, BATCH), snap, max_events=640, snapshot_every_events=256).run()
+    manager = SnapshotManager(snap)
+    newest = manager.current_seq()
+    refs = json.loads((snap / f"snap-{newest:012d}" / MANIFEST).read_text())["refs"]
+    older = set().union(*(json.loads((snap / f"snap-{s:012d}" / MANIFEST).read_text())["refs"]
+                          for s in manager.snapshots() if s < newest))
+    _flip_bytes(snap / sorted(set(refs) - older)[0])
+    second = _worker(bundle, InMemorySource(table, BATCH), snap)
+    result = second.run()
+    assert second.restored_seq is not None and second.restored_seq < newest
+    assert result.applied_total == N_EVENTS
+    assert_same_store(store_fingerprint(second.store), uninterrupted)

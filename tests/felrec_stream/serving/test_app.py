@@ -21,7 +21,7 @@ from felrec_stream.errors import ServiceError
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.serving.app import create_app, serve_in_thread
 from felrec_stream.serving.query import MAX_K, ColdStartEncoder, NotFound, QueryEngine
-from felrec_stream.serving.snapshots import SnapshotFollower, snapshot_state
+from felrec_stream.serving.snapshots import SnapshotFollower, load_store_from_snapshot, snapshot_state
 from felrec_stream.serving.client import FelrecClient, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from felrec_stream.state.engine import cold_vectors, commit_batch, infer_batch, prepare_batch
 from felrec_stream.state.faiss_store import make_store
@@ -738,3 +738,46 @@ def test_a_replica_keeps_serving_the_spill_files_of_its_snapshot_after_the_write
     for path in (root / "spill").iterdir():  # pruned by the writer after a newer commit
         path.unlink()
     assert follower.current().vectors("user", users) == expected  # read through the pinned files
+
+
+def _flip_bytes(path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_spill_file_is_verified_at_load_and_the_previous_snapshot_served(model, tmp_path):
+    root = tmp_path / "snap"
+    live = _capped_store(model, spill_dir=root / "spill")
+    state, meta = snapshot_state(live, CAPPED)
+    refs = {f"spill/{n}": i for n, i in live.spill_refs().items()}
+    manager = SnapshotManager(root)
+    manager.write_state(state, meta, refs=refs)
+    first = set(refs)
+    filled_store(model, synthetic_batches(n_events=300, seed=1), live)  # more events: more spill files
+    state, meta = snapshot_state(live, CAPPED)
+    refs = {f"spill/{n}": i for n, i in live.spill_refs().items()}
+    manager.write_state(state, meta, refs=refs)
+    _flip_bytes(root / sorted(set(refs) - first)[0])  # a file only the newest snapshot needs
+    follower = SnapshotFollower(root)
+    assert follower.poll_once() and follower.seq == 1
+
+
+def test_a_spill_file_that_breaks_while_served_is_503_with_a_reason(model, tmp_path):
+    """Damage after the snapshot was verified: an answer that needs the file is 503, never 500."""
+    root = tmp_path / "snap"
+    live = _capped_store(model, spill_dir=root / "spill")
+    state, meta = snapshot_state(live, CAPPED)
+    SnapshotManager(root).write_state(state, meta, refs={f"spill/{n}": i for n, i in live.spill_refs().items()})
+    store = load_store_from_snapshot(SnapshotManager(root).latest_valid())
+    store.spill._verified.clear()  # as if verified by another process: the next read checks again
+    for path in (root / "spill").iterdir():
+        _flip_bytes(path)
+    handle = serve_in_thread(create_app(lambda: QueryEngine(store)), "127.0.0.1", 0)
+    try:
+        with FelrecClient(handle.url) as client:
+            response = client._http.get(f"/v1/users/{_evicted_users(live)[0]}/recommendations")
+            assert response.status_code == 503 and "spill file" in response.json()["detail"]
+    finally:
+        handle.stop()

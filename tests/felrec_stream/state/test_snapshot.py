@@ -4,6 +4,7 @@ retention, crash before commit, readers racing the writer's pruning, the writer'
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -403,10 +404,10 @@ def _shared_file(root, name, data: bytes) -> dict:
     path = root / "spill" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return {f"spill/{name}": {"sha256": "0" * 64, "size": len(data)}}
+    return {f"spill/{name}": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
 def test_a_snapshot_whose_referenced_file_is_damaged_is_skipped(tmp_path, damage):
     manager = SnapshotManager(tmp_path)
     manager.write({"v": np.zeros(3)}, {"value": 1}, refs=_shared_file(tmp_path, "a", b"abc"))
@@ -414,10 +415,12 @@ def test_a_snapshot_whose_referenced_file_is_damaged_is_skipped(tmp_path, damage
                                                          **_shared_file(tmp_path, "b", b"defg")})
     if damage == "missing":
         (tmp_path / "spill" / "b").unlink()
-    else:
+    elif damage == "truncated":
         (tmp_path / "spill" / "b").write_bytes(b"de")
+    else:  # same size, other content
+        (tmp_path / "spill" / "b").write_bytes(b"dexg")
     snap = manager.latest_valid()
-    assert snap.meta["value"] == 1 and snap.refs == {"spill/a": {"sha256": "0" * 64, "size": 3}}
+    assert snap.meta["value"] == 1 and snap.refs == _shared_file(tmp_path, "a", b"abc")
 
 
 def test_pruning_keeps_referenced_files_and_reports_what_kept_snapshots_need(tmp_path):
