@@ -191,3 +191,15 @@ def test_a_damaged_spill_file_makes_its_snapshot_unusable_and_an_older_one_is_re
     assert second.restored_seq is not None and second.restored_seq < newest
     assert result.applied_total == N_EVENTS
     assert_same_store(store_fingerprint(second.store), uninterrupted)
+
+
+def test_a_capped_snapshot_dir_restarted_without_the_cap_is_refused_and_kept(bundle, table, tmp_path):
+    """Not "every snapshot corrupt, start from 0, prune them": a one-line error, and nothing deleted."""
+    snap = tmp_path / "snap"
+    _worker(bundle, InMemorySource(table, BATCH), snap, max_events=640, snapshot_every_events=256).run()
+    before = (SnapshotManager(snap).snapshots(), _spill_files(snap))
+    plain = ModelBundle(bundle.model, replace(bundle.cache, max_entities=0), bundle.configs, bundle.version,
+                        bundle.path)
+    with pytest.raises(ConfigError, match=f"cache.max_entities={CAP}.*--max-entities {CAP}"):
+        _worker(plain, InMemorySource(table, BATCH), snap).run()
+    assert (SnapshotManager(snap).snapshots(), _spill_files(snap)) == before
