@@ -23,6 +23,7 @@ import json
 import os
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -33,14 +34,17 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from felrec_stream.config import KafkaConfig
 from felrec_stream.data import synthetic
 from felrec_stream.errors import DatasetError
 from felrec_stream.log import get_logger
 from felrec_stream.stream.events import EVENT_SCHEMA, is_time_ordered, make_events, sort_events, validate_events
-from felrec_stream.stream.messages import invalid_events
+from felrec_stream.stream.messages import TS_UNITS, invalid_events, latest_timestamp
 
 log = get_logger(__name__)
 
+# the timestamp rule of the file being loaded: (unit, latest accepted ts or None), set by load_dataset
+_TS_RULE: ContextVar[tuple[str, int | None] | None] = ContextVar("felrec_ts_rule", default=None)
 MAX_REPORTED = 5  # malformed rows quoted in one error message
 CACHE_VERSION = 1  # bump when the canonical table of some format changes
 _INT = pa.int64()
@@ -91,23 +95,38 @@ def dataset_label(name: str, path: str | Path | None) -> str:
 
 
 def load_dataset(name: str, path: str | Path | None = None, cache_dir: str | Path | None = None,
+                 timestamp_unit: str = "s", future_skew_s: float = KafkaConfig.future_skew_s,
                  **options: Any) -> pa.Table:
     """Load dataset `name` from `path` (folder or file) as a canonical, time-ordered event table.
 
+    Every row is held to the topic's rules (`_events_from`), timestamps included: in
+    `timestamp_unit` (a topic's `kafka.timestamp_unit`, "s" by default; dataset option
+    `timestamp_unit=ms` for a file of milliseconds), before the year 2200 and at most
+    `future_skew_s` ahead of the clock (0: no limit), so what trains also replays and is consumed.
     With `cache_dir`, the table is cached as Parquet and reused while the source file (size,
     mtime), its absolute path and the options are unchanged; an unreadable cache file is rebuilt.
     """
     fmt = _registry().get(name)
     if fmt is None:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    if timestamp_unit not in TS_UNITS:
+        raise DatasetError(f"timestamp_unit must be one of {', '.join(TS_UNITS)}, got {timestamp_unit!r}")
     source = _source_file(name, fmt, path)
     _check_options(name, fmt.loader, options)
     started = time.perf_counter()
-    cache_file = None if cache_dir is None else _cache_file(Path(cache_dir), name, source, options)
+    rule = (timestamp_unit, latest_timestamp(timestamp_unit, float(future_skew_s)))
+    cache_file = None if cache_dir is None else _cache_file(Path(cache_dir), name, source,
+                                                           {**options, "timestamp_unit": timestamp_unit})
     table = _read_cache(cache_file)
+    if table is not None and rule[1] is not None and len(table) and pc.max(table.column("timestamp")).as_py() > rule[1]:
+        table = None  # cached under a later clock: the source file's check names the line
     cached = table is not None
     if table is None:
-        table = fmt.loader(source, **options) if fmt.takes_path else fmt.loader(**options)
+        token = _TS_RULE.set(rule)
+        try:
+            table = fmt.loader(source, **options) if fmt.takes_path else fmt.loader(**options)
+        finally:
+            _TS_RULE.reset(token)
         if cache_file is not None:
             write_events_file(table, cache_file)
     log.info("dataset_loaded", dataset=name, path=str(source) if source else None, rows=len(table),
@@ -298,7 +317,8 @@ def _events_from(table: pa.Table, user: str, item: str, timestamp: str, event_id
         raise DatasetError(f"{source} has no data rows")
     ids = None if event_id is None else table.column(event_id)
     events = make_events(table.column(user), table.column(item), table.column(timestamp), ids, sort=False)
-    problems = invalid_events(events, ts_unit=None, limit=MAX_REPORTED)
+    unit, not_after = _TS_RULE.get(None) or ("s", latest_timestamp("s"))
+    problems = invalid_events(events, ts_unit=unit, limit=MAX_REPORTED, not_after=not_after)
     if problems:
         labels = dict(where(sorted({row for row, _ in problems})))
         raise DatasetError(f"{source}: invalid event(s): "

@@ -22,9 +22,9 @@ Exactly once: only rank 0 writes snapshots and commits offsets, and its store is
 stops with an error and no final snapshot, torchrun stops the rest. A restart restores rank 0's
 newest snapshot and sends it to the followers: the job resumes exactly where that snapshot is.
 
-Signals: torchrun passes SIGTERM/SIGINT to every rank. A follower never stops on its own (rank 0
-would wait for it): it passes the request on with its next reply, and rank 0 stops gracefully
-(batch finished, final snapshot) and tells everyone.
+Signals: `--nproc`'s launcher (or a torchrun run by hand) passes SIGTERM/SIGINT to every rank. A
+follower never stops on its own (rank 0 would wait for it): it passes the request on with its next
+reply, and rank 0 stops gracefully (batch finished, final snapshot) and tells everyone.
 """
 
 from __future__ import annotations

@@ -335,11 +335,14 @@ class StreamWorker:
     def _dlq_restored(self) -> int:
         return 0 if self.state is None else self.state.dlq_restored
 
+    def _poison_sent(self) -> int:
+        return self.dead_letters.sent if self.dead_letters is not None else self.source.stats.poison
+
     def _source_deltas(self) -> tuple[int, int]:
         """New dead letters and late events since the previous batch (counters are per run)."""
         stats = self.source.stats
         late = stats.late
-        poison = self.dead_letters.sent if self.dead_letters is not None else stats.poison
+        poison = self._poison_sent()
         dead, new_late = poison - self._seen_poison, late - self._seen_late
         self._seen_poison, self._seen_late = poison, late
         self.progress.dead_letters = self._dlq_restored() + poison  # sent so far (each once per run)
@@ -538,6 +541,7 @@ class StreamWorker:
 
     def _result(self, seconds: float) -> WorkerResult:
         p = self.progress
+        p.dead_letters = self._dlq_restored() + self._poison_sent()  # also those after the last batch, or without one
         return WorkerResult(self._run_applied, p.applied, p.batches, p.dead_letters, p.late, self._snapshots_written,
                             self.restored_seq, dict(p.offsets), round(seconds, 3),
                             round(self._run_applied / seconds, 1) if seconds > 0 else 0.0,

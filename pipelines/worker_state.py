@@ -16,6 +16,8 @@ Restore rules (`WorkerSnapshots.restore`)
 - Snapshots were committed but none is usable: the worker starts from the beginning with an
   error-level log line, and refuses when the topic no longer starts at offset 0 (retention deleted
   events the lost state held).
+- A snapshot of a capped store (`cache.max_entities`) is refused by a worker without a cap (its
+  spilled entities exist only in its spill files): an error, nothing discarded or pruned.
 - `reset_state` (`--reset-state`): in the two refusals above, discard the snapshots and start from
   the beginning (earliest available offsets) instead. A usable snapshot is always restored.
 - Every snapshot carries a `lineage` id, new whenever the worker starts without restoring one, so
@@ -240,6 +242,11 @@ class WorkerSnapshots:
         if meta.topic != self.config.topic:
             raise StoreError(f"snapshot {snapshot.path} was made from topic {meta.topic!r}, not "
                              f"{self.config.topic!r}: use another --snapshot-dir per topic")
+        capped = int((meta.cache or {}).get("max_entities") or 0)
+        if capped and self.store.spill is None:  # its spilled entities live only in its spill files
+            raise ConfigError(f"snapshot {snapshot.path} was written with cache.max_entities={capped}: restart "
+                              f"with --max-entities {capped} (spilled entities are read back from "
+                              f"{self.manager.root / SPILL_DIR}), or use another --snapshot-dir")
         self._accept_model(meta, snapshot.path)
         if meta.batch_size != self.config.batch_size:
             log.warning("snapshot_batch_size_changed", old=meta.batch_size, new=self.config.batch_size,

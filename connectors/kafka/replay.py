@@ -27,13 +27,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pyarrow as pa
 
-from connectors.kafka.admin import TopicAdmin, close_producer, end_offsets, new_consumer, new_producer
+from connectors.kafka.admin import (TopicAdmin, close_producer, end_offsets, kafka_errors, new_consumer,
+                                   new_producer)
 from felrec_stream.config import KafkaConfig
 from felrec_stream.data.split import split_sizes
-from felrec_stream.errors import ConfigError, DatasetError, ReplayError
+from felrec_stream.errors import ConfigError, DatasetError, KafkaError, ReplayError
 from felrec_stream.log import get_logger
 from felrec_stream.stream.events import is_time_ordered, sort_events, validate_events
-from felrec_stream.stream.messages import TS_UNITS, encode_event, invalid_events
+from felrec_stream.stream.messages import (TS_UNITS, PoisonMessage, decode_event, encode_event, invalid_events,
+                                           latest_timestamp)
 
 log = get_logger(__name__)
 
@@ -56,6 +58,7 @@ class ReplayResult:
     events_per_s: float
     partitions: int
     meta: Mapping[str, Any] | None = None
+    already_there: int = 0  # rows from start_from on that an interrupted run had written: not sent again
 
     @property
     def next_index(self) -> int:
@@ -124,13 +127,17 @@ def replay_events(table: pa.Table, kafka_config: KafkaConfig, topic: str | None 
         partitions = len(admin.partitions(topic))  # never let the producer auto-create it
     boundaries = {name: int(row) - start_from for name, row in (splits or {}).items()}
     acks = _Acks(len(table) - start_from, boundaries)
+    there = _already_there(kafka_config, topic, table, start_from)
+    for rel in np.flatnonzero(there):
+        acks.acked[rel] = True
+        acks.count += 1
     producer = new_producer(kafka_config, enable_idempotence=True, acks="all", linger_ms=10,
                             batch_size=256 * 1024, max_block_ms=kafka_config.request_timeout_ms,
                             delivery_timeout_ms=2 * kafka_config.request_timeout_ms + 10)
     started = time.perf_counter()
     try:
         produced = _send_all(producer, table, topic, kafka_config, acks, start_from,
-                             _pacer(table, start_from, rate, speedup, kafka_config.timestamp_unit), progress)
+                             _pacer(table, start_from, rate, speedup, kafka_config.timestamp_unit), progress, there)
         _await_acks(producer, acks, kafka_config)
     except KeyboardInterrupt:
         close_producer(producer, 0)
@@ -140,14 +147,15 @@ def replay_events(table: pa.Table, kafka_config: KafkaConfig, topic: str | None 
     except Exception as exc:
         close_producer(producer, 0)
         raise _replay_error(topic, kafka_config, acks, start_from, len(table), f"{type(exc).__name__}: {exc}") from exc
-    if acks.errors or acks.count != produced:
+    if acks.errors or acks.count != produced + int(there.sum()):
         close_producer(producer, 0)
         raise _replay_error(topic, kafka_config, acks, start_from, len(table), "; ".join(acks.errors[:2]))
     seconds = time.perf_counter() - started
     close_producer(producer)
     written = _write_meta(kafka_config, topic, table, splits, acks, start_from, partitions, meta)
     result = ReplayResult(topic, len(table), start_from, produced, acks.count, seconds,
-                          produced / seconds if seconds > 0 else float("inf"), partitions, written)
+                          produced / seconds if seconds > 0 else float("inf"), partitions, written,
+                          int(there.sum()))
     log.info("replay_done", topic=topic, produced=produced, acknowledged=acks.count, start_from=start_from,
              seconds=round(seconds, 3), events_per_s=round(result.events_per_s))
     return result
@@ -159,7 +167,8 @@ def prepare_events(table: pa.Table, kafka_config: KafkaConfig) -> pa.Table:
     validate_events(table)
     if not is_time_ordered(table):
         table = sort_events(table)
-    problems = invalid_events(table, kafka_config.timestamp_unit)
+    problems = invalid_events(table, kafka_config.timestamp_unit,
+                              not_after=latest_timestamp(kafka_config.timestamp_unit, kafka_config.future_skew_s))
     if problems:
         ids = table.column("event_id")
         details = "; ".join(f"event_id {ids[row].as_py()}: {why}" for row, why in problems)
@@ -195,8 +204,10 @@ def _pacer(table: pa.Table, start_from: int, rate: float | None, speedup: float 
 
 
 def _send_all(producer: Any, table: pa.Table, topic: str, kafka_config: KafkaConfig, acks: _Acks,
-              start_from: int, pacer: Callable[[int], float] | None, progress: bool) -> int:
-    """Send rows start_from.. in order; stops early at the first delivery error. Returns #sent."""
+              start_from: int, pacer: Callable[[int], float] | None, progress: bool,
+              skip: np.ndarray | None = None) -> int:
+    """Send rows start_from.. in order, but those `skip` marks (indexed from start_from); stops early
+    at the first delivery error. Returns #sent."""
     from tqdm import tqdm
 
     sent = 0
@@ -209,6 +220,8 @@ def _send_all(producer: Any, table: pa.Table, topic: str, kafka_config: KafkaCon
                        chunk.column("timestamp").to_pylist(), chunk.column("event_id").to_pylist())
             for offset_in_chunk, (user, item, ts, event_id) in enumerate(rows):
                 index = chunk_start + offset_in_chunk
+                if skip is not None and skip[index - start_from]:
+                    continue
                 if sent % _CHECK_EVERY == 0:
                     if acks.errors:
                         return sent
@@ -261,6 +274,48 @@ def _await_acks(producer: Any, acks: _Acks, kafka_config: KafkaConfig) -> None:
             return
 
 
+def _already_there(kafka_config: KafkaConfig, topic: str, table: pa.Table, start_from: int) -> np.ndarray:
+    """Which rows from `start_from` on the topic already holds (by event_id), as a mask from start_from.
+
+    A run that stopped on a stalled or lost broker knows what was acknowledged, not what landed: sends
+    it gave up on may still have been written, and a new producer's idempotence does not cover an old
+    one's. Those rows can only be among the last `len(table) - start_from` records of each partition,
+    so that many are read back and rows found there are not sent again.
+    """
+    n = len(table) - start_from
+    if start_from == 0 or n == 0:
+        return np.zeros(n, dtype=bool)
+    from kafka import TopicPartition
+
+    ids: set[int] = set()
+    consumer = new_consumer(kafka_config, max_partition_fetch_bytes=1 << 20)
+    try:
+        with kafka_errors(f"reading the end of {topic!r} before resuming", kafka_config.bootstrap_servers):
+            with TopicAdmin(kafka_config) as admin:
+                tps = [TopicPartition(topic, p) for p in admin.partitions(topic)]
+            ends = end_offsets(kafka_config, topic, [tp.partition for tp in tps])
+            begins = {tp.partition: int(o) for tp, o in consumer.beginning_offsets(tps).items()}
+            consumer.assign(tps)
+            for tp in tps:
+                consumer.seek(tp, max(begins[tp.partition], ends[tp.partition] - n))
+            deadline = time.monotonic() + 10 * kafka_config.request_timeout_ms / 1000
+            while any(consumer.position(tp) < ends[tp.partition] for tp in tps):
+                if time.monotonic() > deadline:
+                    raise KafkaError(f"timed out reading the end of {topic!r} before resuming")
+                for records in consumer.poll(timeout_ms=200).values():
+                    for record in records:
+                        event = decode_event(record.value, max_bytes=1 << 62)
+                        if not isinstance(event, PoisonMessage) and event.event_id is not None:
+                            ids.add(int(event.event_id))
+    finally:
+        consumer.close(autocommit=False)
+    there = np.isin(table.column("event_id").to_numpy()[start_from:], np.fromiter(ids, np.int64, len(ids)))
+    if there.any():
+        log.warning("replay_rows_already_in_topic", topic=topic, rows=int(there.sum()), start_from=start_from,
+                    reason="written by the interrupted run without an acknowledgement; not sent again")
+    return there
+
+
 def _replay_error(topic: str, kafka_config: KafkaConfig, acks: _Acks, start_from: int, total: int,
                   cause: str) -> ReplayError:
     contiguous = start_from + acks.contiguous()
@@ -269,9 +324,9 @@ def _replay_error(topic: str, kafka_config: KafkaConfig, acks: _Acks, start_from
         f"replay to topic {topic!r} on {kafka_config.bootstrap_servers} stopped: {acks.count} of "
         f"{total - start_from} events acknowledged (rows {start_from}..{total - 1}); every row before "
         f"{contiguous} is acknowledged. Cause: {cause or 'unknown'}. Re-running is safe: recreate the "
-        f"topic and replay again (--recreate), or resume with --start-from {contiguous}"
-        + (f" ({beyond} later event(s) were also acknowledged and would appear twice, same event_id)"
-           if beyond else "") + ".")
+        f"topic and replay again (--recreate), or resume with --start-from {contiguous}: rows after it "
+        f"that are already in the topic ({beyond} acknowledged, and any written without an "
+        "acknowledgement) are found there by event_id and not sent again.")
     error.acknowledged = acks.count  # type: ignore[attr-defined]
     error.next_index = contiguous  # type: ignore[attr-defined]
     log.error("replay_failed", topic=topic, acknowledged=acks.count, next_index=contiguous, cause=cause[:300])

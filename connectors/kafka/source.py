@@ -39,7 +39,9 @@ Identity (`identity()`, `verify_identity()`): the topic id and the first record 
 Broker outages: kafka-python reconnects by itself; when no records came for
 `request_timeout_ms`, the source checks that the broker is reachable. An unreachable broker is
 waited for, with growing intervals and everything in memory kept, for `KafkaConfig.outage_timeout_s`
-before the source fails.
+before the source fails. The first records after such a check (stall or outage) are decoded only
+once the topic's identity is verified again: a broker that restarted without its data may hold a
+recreated topic of the same name, and the source then fails instead of reading it at old offsets.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ from felrec_stream.log import get_logger
 from felrec_stream.stream.batcher import MicroBatcher
 from felrec_stream.stream.events import EVENT_SCHEMA, EventBatch, sort_events
 from felrec_stream.stream.merger import PartitionMerger
-from felrec_stream.stream.messages import TS_UNITS, Event, PoisonMessage, decode_event, events_to_batch
+from felrec_stream.stream.messages import (Event, PoisonMessage, decode_event, events_to_batch,
+                                           latest_timestamp)
 from felrec_stream.stream.source import DeadLetterSink, SourceStats
 
 log = get_logger(__name__)
@@ -108,6 +111,7 @@ class KafkaSource:
         self._stopped = False
         self._topic_id: str | None = None
         self._anchors: dict[int, Anchor] = {}  # first record read per partition (identity)
+        self._recheck_identity = False  # verify the identity before decoding more records (after a stall)
 
     # ----------------------------------------------------------------- lifecycle
     def open(self, positions: Mapping[int, int] | None = None) -> "KafkaSource":
@@ -223,6 +227,8 @@ class KafkaSource:
         with self._errors("polling"):
             records = self._consumer.poll(timeout_ms=max(1, int(wait_s * 1000)))
         now = self._clock()
+        if records and self._recheck_identity:  # before a record of a possibly other topic is decoded
+            self._verify_unchanged()
         for tp, batch in records.items():
             self._merger.push(tp.partition, self._decode(tp, batch), now)
         self._update_finished()  # also without records: positions can pass control records
@@ -254,8 +260,7 @@ class KafkaSource:
 
     def _not_after(self) -> int | None:
         """Latest accepted event time (topic unit): wall clock + future_skew_s; None = no limit."""
-        skew = self.kafka_config.future_skew_s
-        return None if not skew else int((time.time() + skew) * TS_UNITS[self.kafka_config.timestamp_unit])
+        return latest_timestamp(self.kafka_config.timestamp_unit, self.kafka_config.future_skew_s)
 
     def _dead_letter(self, poison: PoisonMessage) -> None:
         if self._dlq is None:
@@ -328,6 +333,7 @@ class KafkaSource:
         if now - self._last_progress < self._check_after_s:
             return
         self._last_progress = now
+        self._recheck_identity = True  # the broker may have restarted meanwhile, the topic been recreated
         if not tcp_reachable(self.kafka_config.bootstrap_servers, 1.0):
             self._note_outage(now)
             return
@@ -337,6 +343,20 @@ class KafkaSource:
             if highwater is not None and self._consumer.position(tp) > highwater:
                 raise KafkaError(f"position {self._consumer.position(tp)} of {self.topic}[{p}] is beyond the end "
                                  f"({highwater}): the topic was recreated or the broker restarted")
+
+    def _verify_unchanged(self) -> None:
+        """The topic is still the one read so far (its id, the first record read per partition), checked
+        as a restart checks a snapshot's: after a stall or an outage, a broker restarted without its data
+        may hold a recreated topic of the same name, whose records at our old offsets are other events
+        (kafka-python would even reset a position beyond its end to the beginning)."""
+        with TopicAdmin(self.kafka_config) as admin:
+            partitions, topic_id = admin.describe(self.topic)
+        reason, _ = check_identity(self.kafka_config, self.topic, partitions, topic_id, self.identity())
+        if reason is not None:
+            raise KafkaError(f"topic {self.topic!r} changed while it was read ({reason}); nothing read from it "
+                             "since was applied. A restart refuses the snapshots of the old topic too: "
+                             "restart with --reset-state to start over on the new one")
+        self._recheck_identity = False
 
     def _outage_over(self, now: float) -> None:
         if self._outage_since is not None:

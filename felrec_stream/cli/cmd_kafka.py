@@ -102,7 +102,12 @@ def replay(**opts: Any) -> None:
                          {"bootstrap_servers": opts["bootstrap_servers"], "topic": opts["topic"],
                           "partitions": opts["partitions"]})
     # every event is checked (file and line) before a broker or topic is touched
-    table = prepare_events(load_dataset(opts["dataset"], opts["path"], **parse_key_values(opts["options"])), kafka)
+    options: dict[str, Any] = {**parse_key_values(opts["options"])}
+    if options.setdefault("timestamp_unit", kafka.timestamp_unit) != kafka.timestamp_unit:
+        raise click.UsageError(f"the file's timestamp_unit {options['timestamp_unit']!r} differs from the topic's "
+                               f"kafka.timestamp_unit {kafka.timestamp_unit!r}")
+    table = prepare_events(load_dataset(opts["dataset"], opts["path"], future_skew_s=kafka.future_skew_s, **options),
+                           kafka)
     with ensure_broker(kafka, keep=True) as servers:
         kafka = replace(kafka, bootstrap_servers=servers)
         created = _prepare_topic(kafka, opts["recreate"], opts["start_from"])

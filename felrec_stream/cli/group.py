@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 # faiss and torch each load an OpenMP runtime; with the default spin-waiting their threads starve
@@ -43,6 +46,8 @@ def cli(ctx: click.Context, log_level: str, log_json: bool | None, nproc: int) -
     if (under_launcher or nproc > 1) and ctx.invoked_subcommand not in PARALLEL_COMMANDS:
         raise click.UsageError(f"`felrec-stream {ctx.invoked_subcommand}` runs as one process; only "
                                f"{', '.join(PARALLEL_COMMANDS)} run as several ranks (--nproc, torchrun)")
+    if under_launcher:
+        die_with_parent()  # a rank never outlives torchrun (which never outlives `--nproc`'s launcher)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # under torchrun (the ranks themselves) nothing to launch
         ctx.exit(launch(nproc, ctx.invoked_subcommand))
 
@@ -52,16 +57,25 @@ LAUNCH_ARGV = "FELREC_LAUNCH_ARGV"  # the command line of `python -m felrec_stre
 
 
 def launch(nproc: int, command: str) -> int:
-    """This same command line as `nproc` ranks under torchrun (a session of its own: a signal sent
-    here reaches every rank once, through torchrun); returns torchrun's exit code."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    """This same command line as `nproc` ranks under torchrun (`cli/torchrun.py`, in a session of its
+    own: SIGTERM/SIGINT sent here reach every rank once, directly, so a graceful stop exits 0; this
+    process's death kills torchrun and the ranks, `die_with_parent`); returns torchrun's exit code."""
+    argv = [sys.executable, "-m", "felrec_stream.cli.torchrun", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "felrec_stream.cli"]
     # The command line travels in the environment: torchrun's argparse would read options of ours
     # that abbreviate its own (--nproc, -h). The ranks see WORLD_SIZE and launch nothing.
     env = {**os.environ, LAUNCH_ARGV: json.dumps(sys.argv[1:])}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # torchrun would say 1
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
-    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=die_with_parent)
+
+    def forward(signum: int, _frame: Any) -> None:
+        # to the ranks themselves: they stop gracefully and exit 0, and so does torchrun (a signal
+        # to torchrun would make it kill them and fail with a traceback)
+        ranks = _children(proc.pid)
+        for pid in ranks or [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = proc.wait()
@@ -70,8 +84,38 @@ def launch(nproc: int, command: str) -> int:
             signal.signal(s, handler)
     if code:
         click.echo(f"error: the {nproc} ranks of `felrec-stream {command}` stopped with exit code {code} "
-                   "(torchrun's summary and each rank's log lines, field dist_rank, above)", err=True)
+                   "(each failed rank's line and the ranks' log lines, field dist_rank, above)", err=True)
     return code
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc; [] elsewhere or when unreadable)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux `prctl(PR_SET_PDEATHSIG)`; elsewhere nothing).
+
+    torchrun and its ranks run in a session of their own, so a `kill -9` of the `--nproc` launcher
+    reached none of them: they went on consuming and held the writer lock. With this in torchrun
+    (set between fork and exec: it survives exec) and in every rank, the launcher's death takes the
+    whole tree with it, each killed as a crash drill kills (the restart restores the last snapshot).
+    A parent that died before the call is caught by its pid having changed."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # best effort: the lock message still names an orphaned holder
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def start_ranks(config_sections: dict[str, Any] | None = None) -> Any:

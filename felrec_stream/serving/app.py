@@ -8,11 +8,15 @@
   `run_server` runs it in the main thread (the `serve` command, so SIGTERM stops it cleanly).
 
 Limits (untrusted clients): request bodies above `MAX_BODY_BYTES` and more than `MAX_IDS` ids get
-413; error messages quote at most `MAX_ECHO_CHARS` characters of any id and never echo a body.
+413; ids the topic would reject (empty, control characters, over 256 characters) get 422; error
+messages quote at most `MAX_ECHO_CHARS` characters of any id and never echo a body; a connection
+that does not send a whole request head within `HEADER_TIMEOUT_S` is closed. HEAD is answered on
+every GET route.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import threading
@@ -28,9 +32,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from pydantic import BaseModel, Field
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from felrec_stream import __version__
-from felrec_stream.errors import ServiceError
+from felrec_stream.errors import ServiceError, StoreError
 from felrec_stream.log import get_logger
 from felrec_stream.serving.query import (MAX_IDS, MAX_K, FreshnessTracker, InvalidRequest, NotFound, QueryEngine,
                                          TooLarge)
@@ -40,6 +45,8 @@ from felrec_stream.state.store import Kind
 log = get_logger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # 1000 ids of 256 characters fit several times over
+HEADER_TIMEOUT_S = 5.0  # a connection must send a whole request head within this (idle or slow clients)
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -90,6 +97,7 @@ def create_app(engine_provider: EngineProvider, title: str = "felrec-stream quer
                   description="Top-k recommendations and similarities from FELRec representations.")
     app.add_middleware(_LatencyMiddleware, histogram=latency)
     app.add_middleware(_BodyLimitMiddleware, limit=MAX_BODY_BYTES)
+    app.add_middleware(_HeadAsGetMiddleware)
     _add_error_handlers(app)
     _add_query_routes(app, engine_provider)
     _add_ops_routes(app, engine_provider, registry)
@@ -165,7 +173,10 @@ def _add_ops_routes(app: FastAPI, provider: EngineProvider, registry: CollectorR
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    for error, status in ((NotFound, 404), (InvalidRequest, 422), (NotReady, 503), (TooLarge, 413)):
+    # StoreError: the store cannot answer (e.g. a spill file damaged after its snapshot was verified):
+    # 503 with the reason, never a 500
+    for error, status in ((NotFound, 404), (InvalidRequest, 422), (NotReady, 503), (TooLarge, 413),
+                          (StoreError, 503)):
         def handler(request: Request, exc: Exception, status: int = status) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=status)
         app.add_exception_handler(error, handler)
@@ -224,6 +235,28 @@ def _replay(messages: list[dict], receive: Any) -> Any:
 
 async def _never() -> dict:
     return {"type": "http.disconnect"}
+
+
+class _HeadAsGetMiddleware:
+    """Pure ASGI: HEAD runs as GET (HTTP requires HEAD wherever GET is served; FastAPI routes only
+    what they declare), the same status and headers, no body."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class _LatencyMiddleware:
@@ -340,8 +373,52 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _HeaderTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol plus a request-head timeout: a connection that has not sent a whole
+    request head `HEADER_TIMEOUT_S` after connecting (or after its previous response) is closed.
+    uvicorn alone keeps a connection that sends nothing, or half a head, open for ever (its
+    keep-alive timeout starts only after a first response), so idle or slow clients pile up."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _seen_cycle: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and self.cycle is not self._seen_cycle:  # a whole request head arrived
+            self._seen_cycle = self.cycle
+            self._cancel_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 def _server(app: FastAPI, log_level: str) -> uvicorn.Server:
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, log_config=None, lifespan="off")
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, log_config=None, lifespan="off",
+                            http=_HeaderTimeoutH11, timeout_keep_alive=KEEP_ALIVE_S)
     return uvicorn.Server(config)
 
 

@@ -126,8 +126,9 @@ def export_snapshot(snapshot_dir: str | Path, out_dir: str | Path,
     """Export the newest snapshot under `snapshot_dir` that verifies and loads (see
     serving.snapshots.load_store_from_snapshot); one that does not load is skipped for the previous one, and
     one the worker prunes while it is read is replaced by the newer one."""
-    found = SnapshotManager(snapshot_dir).load_newest(lambda snap: load_store_from_snapshot(snap, cache_overrides),
-                                                      skip=LOAD_ERRORS + (StoreError, ServiceError))
+    manager = SnapshotManager(snapshot_dir, pin_refs=True)  # reads the spill files it verified, even once pruned
+    found = manager.load_newest(lambda snap: load_store_from_snapshot(snap, cache_overrides),
+                                skip=LOAD_ERRORS + (StoreError, ServiceError))
     if found is None:
         raise ServiceError(f"no valid snapshot under {snapshot_dir}")
     snapshot, store = found

@@ -30,6 +30,7 @@ from felrec_stream.serving.ranking import PopularItems, served_top_k
 from felrec_stream.serving.schema import CatalogInfo, Recommendations, Scored
 from felrec_stream.state.engine import cold_vectors
 from felrec_stream.state.store import Kind, RepresentationStore
+from felrec_stream.stream.messages import id_problem
 
 MAX_K = 1000  # larger k is a bulk export, not a query: use `felrec-stream export`
 MAX_IDS = 1000  # ids per vectors request
@@ -125,6 +126,7 @@ class QueryEngine:
         when `exclude_recent` (None: `scoring.exclude_recent`, the rule the evaluator applied);
         an unknown user gets its no-history encoding when a cold-start encoder is set."""
         self._check_k(k)
+        _check_id(user_id)
         exclude_recent = self.scoring.exclude_recent if exclude_recent is None else exclude_recent
         with self.lock:
             slot = self._find(Kind.USER, user_id)
@@ -156,6 +158,8 @@ class QueryEngine:
         kind = Kind(kind)
         if len(ids) > MAX_IDS:
             raise TooLarge(f"at most {MAX_IDS} ids per request, got {len(ids)}")
+        for external in ids:
+            _check_id(external)
         with self.lock:
             table = self.store.tables[kind]
             slots = table.ids.lookup(list(ids))
@@ -213,6 +217,7 @@ class QueryEngine:
 
     def _similar(self, kind: Kind, external: str, k: int) -> list[Scored]:
         self._check_k(k)
+        _check_id(external)
         with self.lock:
             slot = self._slot(kind, external)
             exclude = np.concatenate([np.asarray([slot], dtype=np.int64), self._pending(kind)])
@@ -265,6 +270,14 @@ class QueryEngine:
         keep = (slots >= 0) & np.isfinite(scores)
         names = self.store.tables[kind].ids.names(slots[keep])
         return [Scored(name, float(score)) for name, score in zip(names, scores[keep])]
+
+
+def _check_id(external: str) -> None:
+    """Ids the topic would reject (empty, control characters, over 256 characters) can name nothing:
+    422 with the reason, never a (cold-start) answer that echoes them."""
+    problem = id_problem(external)
+    if problem is not None:
+        raise InvalidRequest(f"invalid id: {problem.removeprefix('field ').removeprefix(repr('id') + ' ')}")
 
 
 def _preview(ids: Sequence[str], limit: int = 10) -> str:

@@ -61,6 +61,10 @@ def load_store_from_snapshot(snapshot: Snapshot, cache_overrides: Mapping[str, A
     store = make_store(int(store_state["dim"]), cache, device, spill_dir=snapshot.path.parent / SPILL_DIR,
                        spill_read_only=True)
     store.load_state_dict(store_state)
+    if store.spill is not None:  # read the spill files this snapshot verified, even once pruned
+        prefix = f"{SPILL_DIR}/"
+        store.spill.pin({name[len(prefix):]: handle for name, handle in snapshot.pinned.items()
+                         if name.startswith(prefix)})
     return store
 
 
@@ -101,7 +105,7 @@ class SnapshotFollower:
     def __init__(self, root: str | Path, poll_seconds: float = 2.0,
                  cache_overrides: Mapping[str, Any] | None = None,
                  build: Callable[[Snapshot], QueryEngine] | None = None, models: VersionStore | None = None) -> None:
-        self.manager = SnapshotManager(root)
+        self.manager = SnapshotManager(root, pin_refs=True)
         self.poll_seconds = poll_seconds
         self._build = build or (lambda snap: engine_from_snapshot(snap, cache_overrides, models))
         self._engine: QueryEngine | None = None

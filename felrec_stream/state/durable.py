@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 _CHUNK = 1 << 20
 
@@ -46,6 +46,15 @@ def write_durable(path: Path, payload: Callable[[Any], None]) -> dict[str, Any]:
         handle.flush()
         os.fsync(handle.fileno())
     return {"sha256": sink.sha.hexdigest(), "size": sink.size}
+
+
+def hash_handle(handle: BinaryIO) -> str:
+    """sha256 of an open binary file's whole content (read from its start)."""
+    sha = hashlib.sha256()
+    handle.seek(0)
+    while chunk := handle.read(_CHUNK):
+        sha.update(chunk)
+    return sha.hexdigest()
 
 
 def hash_file(path: Path, fsync: bool) -> dict[str, Any]:

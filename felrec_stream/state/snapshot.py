@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -58,7 +58,7 @@ from felrec_stream.errors import StoreError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
 from felrec_stream.state.codec import flatten_state, unflatten_state
-from felrec_stream.state.durable import atomic_json, fsync_dir, hash_file, write_durable
+from felrec_stream.state.durable import atomic_json, fsync_dir, hash_file, hash_handle, write_durable
 from felrec_stream.state.meta import lineage_of
 
 log = get_logger(__name__)
@@ -90,6 +90,9 @@ class Snapshot:
     files: list[str] = field(default_factory=list)
     state_spec: Any = None
     refs: dict[str, Any] = field(default_factory=dict)  # root-relative path -> {"sha256", "size"}
+    # root-relative path -> an open binary handle (SnapshotManager(pin_refs=True)): the file stays
+    # readable through it after the writer prunes it (a reader pins what it reads)
+    pinned: dict[str, BinaryIO] = field(default_factory=dict)
 
     def state(self) -> Any:
         """The nested state written by `SnapshotManager.write_state`."""
@@ -123,10 +126,11 @@ Accept = Callable[[int, Mapping[str, Any]], bool]
 class SnapshotManager:
     """Writes and finds snapshots under `root`, keeping the newest `keep` complete ones."""
 
-    def __init__(self, root: str | Path, keep: int = 3) -> None:
+    def __init__(self, root: str | Path, keep: int = 3, pin_refs: bool = False) -> None:
         if keep < 1:
             raise StoreError(f"keep must be >= 1, got {keep}")
         self.root, self.keep = Path(root), keep
+        self.pin_refs = pin_refs  # readers: open every referenced file while verifying (Snapshot.pinned)
         self._lock_handle: Any = None
 
     # -- the writer's lock --
@@ -170,13 +174,13 @@ class SnapshotManager:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "?"
+            holder, _, ancestry = handle.read().strip().partition("\n")
             handle.close()
-            raise StoreError(f"snapshot directory {self.root} is in use by another writer (pid {holder}): "
-                             "one worker per snapshot directory") from None
-        with contextlib.suppress(OSError):  # the pid is informative only
+            raise StoreError(f"snapshot directory {self.root} is in use by another writer (pid {holder or '?'}): "
+                             f"one worker per snapshot directory{_orphan_note(holder, ancestry)}") from None
+        with contextlib.suppress(OSError):  # informative only: the pid, and its ancestors for `_orphan_note`
             handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
+            handle.write(f"{os.getpid()}\nancestors {' '.join(map(str, _ancestors(os.getpid())))}\n")
             handle.flush()
         return handle
 
@@ -435,7 +439,7 @@ class SnapshotManager:
             manifest = self._manifest(path, seq)
             if accept is not None and not accept(seq, manifest["meta"]):
                 return None
-            arrays = self._verified_arrays(path, manifest)
+            arrays, pinned = self._verified_arrays(path, manifest)
         except (FileNotFoundError, _Missing) as exc:
             # Pruning removes the files (the manifest among them, in any order), then the directory,
             # then the spill files only it referred to; all after CURRENT moved on.
@@ -447,7 +451,7 @@ class SnapshotManager:
         except (KeyError, TypeError, AttributeError) as exc:
             raise SnapshotCorrupt(f"malformed manifest: {type(exc).__name__}: {exc}") from None
         return Snapshot(path, seq, arrays, manifest["meta"], manifest["created_at"], sorted(manifest["files"]),
-                        manifest.get("state"), manifest.get("refs", {}))
+                        manifest.get("state"), manifest.get("refs", {}), pinned)
 
     def _manifest(self, path: Path, seq: int) -> dict[str, Any]:
         """The manifest after checking its own checksum and seq (FileNotFoundError passes through)."""
@@ -469,8 +473,10 @@ class SnapshotManager:
             raise SnapshotCorrupt(f"manifest seq {manifest.get('seq')} != directory seq {seq}")
         return manifest
 
-    def _verified_arrays(self, path: Path, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Check every file's size and sha256, then load the arrays (files never change once written)."""
+    def _verified_arrays(self, path: Path,
+                         manifest: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, BinaryIO]]:
+        """Check every file's size and sha256, then load the arrays (files never change once written);
+        with `pin_refs`, also an open handle on every referenced file."""
         files = manifest["files"]
         for name, expected in files.items():
             file = path / name
@@ -482,16 +488,36 @@ class SnapshotManager:
         missing = set(manifest["arrays"].values()) - set(files)
         if missing:
             raise SnapshotCorrupt(f"arrays without checksums: {sorted(missing)}")
-        for name, expected in manifest.get("refs", {}).items():
-            file = path.parent / name  # refs are relative to the root
-            if not file.is_file():
-                raise _Missing(f"missing referenced file {name}")
-            if file.stat().st_size != expected["size"]:
-                raise SnapshotCorrupt(f"size mismatch in referenced file {name}")
+        pinned: dict[str, BinaryIO] = {}
         try:
-            return {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
-        except ValueError as exc:
-            raise SnapshotCorrupt(f"unreadable array file: {exc}") from None
+            for name, expected in manifest.get("refs", {}).items():
+                file = path.parent / name  # refs are relative to the root
+                if not file.is_file():
+                    raise _Missing(f"missing referenced file {name}")
+                if self.pin_refs:
+                    try:
+                        pinned[name] = open(file, "rb")
+                    except FileNotFoundError:
+                        raise _Missing(f"missing referenced file {name}") from None
+                    size = os.fstat(pinned[name].fileno()).st_size
+                else:
+                    size = file.stat().st_size
+                if size != expected["size"]:
+                    raise SnapshotCorrupt(f"size mismatch in referenced file {name}")
+                # content too: a damaged spill file of the same size must make this snapshot unusable
+                # here (the previous one is then used), not fail every later read of it
+                digest = hash_handle(pinned[name]) if name in pinned else hash_file(file, fsync=False)["sha256"]
+                if digest != expected["sha256"]:
+                    raise SnapshotCorrupt(f"checksum mismatch in referenced file {name}")
+            try:
+                arrays = {key: np.load(path / name, allow_pickle=False) for key, name in manifest["arrays"].items()}
+            except ValueError as exc:
+                raise SnapshotCorrupt(f"unreadable array file: {exc}") from None
+        except BaseException:
+            for handle in pinned.values():
+                handle.close()
+            raise
+        return arrays, pinned
 
 
 def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
@@ -509,3 +535,34 @@ def _json_checked(value: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def _ancestors(pid: int) -> list[int]:
+    """The parent, grandparent, ... of `pid` (Linux /proc; [] elsewhere or once unreadable)."""
+    chain: list[int] = []
+    while len(chain) < 64:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])  # after the (comm) field: state, ppid
+        except (OSError, ValueError, IndexError):
+            break
+        if pid <= 0:
+            break
+        chain.append(pid)
+    return chain
+
+
+def _orphan_note(holder: str, ancestry: str) -> str:
+    """A clause for the lock message when the holder lost an ancestor it had when it locked: a rank of
+    a `--nproc` run whose launcher or torchrun was killed, left consuming on its own."""
+    recorded = ancestry.removeprefix("ancestors").split()
+    if not holder.isdigit() or not recorded:
+        return ""
+    now = set(map(str, _ancestors(int(holder))))
+    if not now:
+        return ""  # gone meanwhile, or not readable here
+    lost = [pid for pid in recorded if pid not in now and pid != "1"]
+    if not lost:
+        return ""
+    return (f"; pid {holder} is an orphan (its ancestor pid {lost[0]} that started it has exited: a rank of a "
+            f"killed --nproc run?): stop it with `kill {holder}` if it is not meant to run")

@@ -9,6 +9,7 @@ they are written: felrec_stream/state/spill.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -16,7 +17,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from felrec_stream.errors import StoreError
 from felrec_stream.log import get_logger
-from felrec_stream.state.durable import fsync_dir, hash_file
+from felrec_stream.state.durable import fsync_dir, hash_file, hash_handle
 
 log = get_logger(__name__)
 
@@ -36,6 +37,13 @@ _NAME_RE = re.compile(r"^(user|item)-([0-9a-f]{64})\.parquet$")
 
 class SpillError(StoreError):
     """A spill file is missing or does not match its content address."""
+
+
+def _missing(path: Path) -> SpillError:
+    """A file this process verified is gone: deleted under a running worker (restart it: it restores
+    the newest snapshot whose spill files are all there)."""
+    return SpillError(f"spill file {path} is missing (deleted while in use?); restart: the newest snapshot "
+                      "whose spill files are all there is restored")
 
 
 class SpillFiles:
@@ -52,8 +60,13 @@ class SpillFiles:
         self.private = self._tmp is not None
         self.read_only = read_only
         if not read_only:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                what = "is not a directory" if self.directory.exists() else f"cannot be created: {exc.strerror or exc}"
+                raise SpillError(f"spill directory {self.directory} {what}") from None
         self._verified: set[str] = set()
+        self._pinned: dict[str, BinaryIO] = {}  # name -> open handle (`pin`): readable after a prune
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()  # least recently used first
         self._groups: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()  # same order
         self._group_bytes = 0
@@ -66,12 +79,17 @@ class SpillFiles:
         if self.read_only:
             raise SpillError(f"spill directory {self.directory} is read-only here")
         tmp = self.directory / f".{kind}-{uuid.uuid4().hex}.parquet.tmp"
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="snappy", use_dictionary=False,
-                       write_statistics=False)
-        digest = hash_file(tmp, fsync=True)["sha256"]
-        name = f"{kind}-{digest}.parquet"
-        os.replace(tmp, self.directory / name)  # same name = same bytes: replacing an orphan is harmless
-        fsync_dir(self.directory)
+        try:
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="snappy", use_dictionary=False,
+                           write_statistics=False)
+            digest = hash_file(tmp, fsync=True)["sha256"]
+            name = f"{kind}-{digest}.parquet"
+            os.replace(tmp, self.directory / name)  # same name = same bytes: replacing an orphan is harmless
+            fsync_dir(self.directory)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SpillError(f"cannot write a spill file into {self.directory}: {exc.strerror or exc}") from None
         self._verified.add(name)
         return name
 
@@ -117,14 +135,33 @@ class SpillFiles:
             _, dropped = self._groups.popitem(last=False)
             self._group_bytes -= sum(value.nbytes for value in dropped.values())
 
+    def pin(self, handles: Mapping[str, BinaryIO]) -> None:
+        """Read these files (name -> open binary handle) through their handles from now on: a reader of a
+        snapshot keeps reading the files it verified after the writer deleted them (pruning), as a
+        reader of a plain snapshot holds its arrays. The handles are closed with this object; their
+        content was verified when the snapshot was (SnapshotManager checks every referenced file)."""
+        self._pinned.update(handles)
+        self._verified.update(handles)
+
+    def close(self) -> None:
+        for handle in self._pinned.values():
+            handle.close()
+        self._pinned.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
     def _verify(self, name: str) -> None:
         """Check a file against its content address once per process (SpillError if it fails)."""
         path = self.directory / name
         if name not in self._verified:
             match = _NAME_RE.match(name)
-            if not path.is_file():
+            pinned = self._pinned.get(name)
+            if pinned is None and not path.is_file():
                 raise SpillError(f"spill file {path} is missing")
-            if match is None or hash_file(path, fsync=False)["sha256"] != match.group(2):
+            digest = hash_handle(pinned) if pinned is not None else hash_file(path, fsync=False)["sha256"]
+            if match is None or digest != match.group(2):
                 raise SpillError(f"spill file {path} does not match its sha256 name (corrupt)")
             self._verified.add(name)
 
@@ -132,7 +169,11 @@ class SpillFiles:
         if name in self._open:
             self._open.move_to_end(name)
         else:
-            self._open[name] = pq.ParquetFile(self.directory / name)
+            try:
+                pinned = self._pinned.get(name)
+                self._open[name] = pq.ParquetFile(pinned if pinned is not None else self.directory / name)
+            except FileNotFoundError:
+                raise _missing(self.directory / name) from None
             if len(self._open) > OPEN_FILES:
                 self._open.popitem(last=False)[1].close()
         return self._open[name]
@@ -144,7 +185,11 @@ class SpillFiles:
             match = _NAME_RE.match(name)
             if match is None:
                 raise SpillError(f"not a spill file name: {name!r}")
-            out[name] = {"sha256": match.group(2), "size": (self.directory / name).stat().st_size}
+            try:
+                size = (self.directory / name).stat().st_size
+            except FileNotFoundError:
+                raise _missing(self.directory / name) from None
+            out[name] = {"sha256": match.group(2), "size": size}
         return out
 
     def delete_except(self, keep: set[str]) -> list[str]:

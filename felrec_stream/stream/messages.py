@@ -27,8 +27,8 @@ one user land in one partition and stay in order::
 
 Files are held to the same rules before they reach a topic or a model: `invalid_events` applies
 `decode_event`'s id and integer checks to a whole event table (connectors/datasets.py runs it on
-every file it loads, replay runs it with the topic's timestamp unit), so `train` and `replay`
-accept and reject the same files.
+every file it loads, replay runs it with the topic's timestamp unit; both with the consumer's
+clock limit, `latest_timestamp`), so `train`, `replay` and `consume` accept and reject the same events.
 
 Bad messages are data, not exceptions: `decode_event` returns a `PoisonMessage` that says which
 field is wrong and how, carries the raw bytes and the source position, and goes to the
@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -147,9 +148,7 @@ def decode_event(raw: bytes | None, max_bytes: int = 65536, *, key: bytes | None
     try:
         body = _parse(raw, max_bytes)
         user, item, ts, event_id = _fields(body, ts_unit)
-        if not_after is not None and ts > not_after:
-            raise _Invalid("future_timestamp", "ts", f"field 'ts' = {ts} is ahead of the consumer's clock by more "
-                           f"than kafka.future_skew_s (latest accepted: {not_after})")
+        _check_not_after(ts, not_after)
         if key is not None and key != user.encode("utf-8"):
             raise _Invalid("key_mismatch", "key",
                            f"message 'key' {key[:64]!r} differs from field 'user' {user[:64]!r}: "
@@ -226,6 +225,29 @@ def _fields(body: Mapping[str, Any], ts_unit: str) -> tuple[str, str, int, int |
     return user, item, ts, event_id
 
 
+def _check_not_after(ts: int, not_after: int | None) -> None:
+    if not_after is not None and ts > not_after:
+        raise _Invalid("future_timestamp", "ts", f"field 'ts' = {ts} is ahead of the consumer's clock by more "
+                       f"than kafka.future_skew_s (latest accepted: {not_after})")
+
+
+def latest_timestamp(ts_unit: str = "s", future_skew_s: float = 86400.0, now: float | None = None) -> int | None:
+    """The latest `ts` a consumer accepts now (`not_after`): its wall clock plus `future_skew_s`, in
+    `ts_unit`; None when the skew is 0 (no limit). The consumer, `replay` and every file loader use it."""
+    if not future_skew_s:
+        return None
+    return int(((time.time() if now is None else now) + future_skew_s) * TS_UNITS[ts_unit])
+
+
+def id_problem(value: Any) -> str | None:
+    """Why `value` cannot be a user or item id of a topic (a short reason that never quotes it), or None."""
+    try:
+        _check_id("id", value)
+    except _Invalid as exc:
+        return exc.reason
+    return None
+
+
 def _check_id(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _Invalid("wrong_type", name, f"field {name!r} must be a string, got {_json_type(value)}")
@@ -273,13 +295,14 @@ def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", int: "integer"}.get(type(value), type(value).__name__)
 
 
-def invalid_events(table: pa.Table, ts_unit: str | None = "s", limit: int = 5) -> list[tuple[int, str]]:
+def invalid_events(table: pa.Table, ts_unit: str | None = "s", limit: int = 5,
+                   not_after: int | None = None) -> list[tuple[int, str]]:
     """(row, reason) of the first `limit` rows of an event table that a consumer would dead-letter.
 
     The rules of `decode_event` (`_check_id` for user/item, `_check_int` for timestamp and
-    event_id), so a file is valid for training and for a topic alike. `ts_unit` bounds timestamps
-    by the year 2200 in that unit; None (a file has no unit, a topic has) uses the widest, "ns".
-    Ids are checked once per distinct value; numbers are checked vectorised.
+    event_id, `not_after` as the consumer's clock limit: `latest_timestamp`), so a file is valid
+    for training and for a topic alike. `ts_unit` bounds timestamps by the year 2200 in that unit;
+    None uses the widest, "ns". Ids are checked once per distinct value; numbers are checked vectorised.
     """
     problems: list[tuple[int, str]] = []
     for name in ("user", "item"):
@@ -299,6 +322,13 @@ def invalid_events(table: pa.Table, ts_unit: str | None = "s", limit: int = 5) -
         for row in np.flatnonzero((values < 0) | (values > top))[:limit]:
             try:
                 _check_int(name, int(values[row]), top, unit=unit)
+            except _Invalid as exc:
+                problems.append((int(row), exc.reason))
+    if not_after is not None:
+        ts = table.column("timestamp").to_numpy()
+        for row in np.flatnonzero((ts > not_after) & (ts <= max_timestamp(ts_unit or "ns")))[:limit]:
+            try:
+                _check_not_after(int(ts[row]), not_after)
             except _Invalid as exc:
                 problems.append((int(row), exc.reason))
     return sorted(problems)[:limit]

@@ -135,6 +135,18 @@ def test_start_from_resumes_without_gaps_or_repeats(kafka_config, topic_name):
     assert read_topic_table(kafka_config, topic_name).equals(table)
 
 
+def test_a_resume_from_before_what_already_landed_sends_those_rows_once(kafka_config, topic_name):
+    """A run on a stalled broker saw 400 rows acknowledged but 430 landed: `--start-from 400`, as its
+    error advises, must not write rows 400..429 a second time (consume would apply both)."""
+    table = random_events(1000, seed=5)
+    _topic(kafka_config, topic_name)
+    replay_events(table.slice(0, 430), kafka_config, topic_name, progress=False)
+    result = replay_events(table, kafka_config, topic_name, start_from=400, progress=False)
+    assert sum(end_offsets(kafka_config, topic_name).values()) == 1000  # each row once
+    assert (result.produced, result.already_there, result.next_index) == (570, 30, 1000)
+    assert read_topic_table(kafka_config, topic_name).equals(table)
+
+
 def test_unsorted_table_is_replayed_in_time_order(kafka_config, topic_name):
     table = random_events(200, seed=3)
     _topic(kafka_config, topic_name, 1)

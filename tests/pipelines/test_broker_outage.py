@@ -27,7 +27,9 @@ from connectors.kafka.admin import TopicAdmin
 from connectors.kafka.broker import EmbeddedBroker, free_port
 from connectors.kafka.replay import replay_events
 from felrec_stream.config import KafkaConfig
+from felrec_stream.state.snapshot import SnapshotManager
 from tests.pipelines import stop_with_sigterm, synthetic_events
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,9 +67,13 @@ class Proxy:
         while True:
             try:
                 client, _ = server.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target))
             except OSError:
                 return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the broker is not listening (yet): refuse this client, keep the proxy
+                client.close()
+                continue
             with self._lock:
                 self._sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -137,6 +143,10 @@ def _applied(n: int) -> Callable[[list[dict]], bool]:
     return lambda records: any(r.get("event") == "batch_applied" and r["applied"] == n for r in records)
 
 
+def _applied_max(records: list[dict]) -> int:
+    return max((r["applied"] for r in records if r.get("event") == "batch_applied"), default=0)
+
+
 def _outage_noticed(times: int) -> Callable[[list[dict]], bool]:
     return lambda records: sum(r.get("event") == "broker_unreachable" for r in records) >= times
 
@@ -175,3 +185,59 @@ def test_a_broker_outage_is_waited_out_with_structured_logs(checkpoint, proxied_
     library = [r for r in lines.records() if r.get("event") == "library_log"]
     assert len(library) <= 25, [r["message"][:80] for r in library]  # repeats are dropped and counted
     assert any(r.get("event") == "broker_reachable_again" for r in lines.records())
+
+
+def test_a_topic_recreated_during_an_outage_stops_the_worker_with_nothing_applied_from_it(checkpoint, tmp_path):
+    """The broker restarts empty (memory storage) behind the proxy and the topic is recreated and refilled
+    under the same name while the worker waits out the outage: on reconnecting the worker checks the
+    topic's identity, as a restart does, and stops with an error instead of reading the new topic
+    from its old offsets; its last snapshot holds only the old topic's events."""
+    port = free_port()
+    proxy = Proxy(port)
+    brokers = [EmbeddedBroker(port=port, advertised_port=proxy.port, data_dir=tempfile.mkdtemp(prefix="felrec-rt-"))]
+    brokers[0].start()
+    servers = f"127.0.0.1:{proxy.port}"
+    kafka = KafkaConfig(bootstrap_servers=servers, request_timeout_ms=2000, connect_retries=3)
+    topic = f"t-recreated-{uuid.uuid4().hex[:8]}"
+    proc = None
+    try:
+        with TopicAdmin(kafka) as admin:
+            admin.create_topic(topic, 1)
+        replay_events(synthetic_events(200, seed=7), kafka, topic, progress=False)
+        config = tmp_path / "kafka.yaml"
+        config.write_text("kafka:\n  request_timeout_ms: 2000\n")
+        command = [sys.executable, "-c", "from felrec_stream.cli import main; main()", "--log-json", "consume",
+                   "--topic", topic, "--checkpoint", str(checkpoint), "--bootstrap-servers", servers, "--config",
+                   str(config), "--batch-size", "32", "--max-wait-ms", "20", "--snapshot-dir",
+                   str(tmp_path / "snap"), "--snapshot-every-events", "32", "--device", "cpu"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FELREC_HOME": str(tmp_path / "home")}
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=ROOT)
+        lines = Lines(proc)
+        lines.wait_for(_applied(200), "the old topic's 200 events applied")
+        proxy.cut()
+        lines.wait_for(_outage_noticed(1), "the outage noticed")
+        brokers[0].stop()  # its data is gone: a broker restarted without its disks
+        brokers.append(EmbeddedBroker(port=port, advertised_port=proxy.port,
+                                      data_dir=tempfile.mkdtemp(prefix="felrec-rt-")))
+        proxy.restore()  # the worker reconnects while the broker starts and the topic is recreated and refilled
+        brokers[1].start()
+        with TopicAdmin(kafka) as admin:
+            admin.create_topic(topic, 1, exists_ok=True)  # the reconnecting worker's requests may create it
+        replay_events(synthetic_events(1000, seed=8), kafka, topic, progress=False)
+        lines.wait_for(lambda records: proc.poll() is not None or _applied_max(records) > 200,
+                       "the worker stopped or applied events of the new topic", timeout_s=120)
+        if _applied_max(lines.records()) > 200:
+            proc.kill()  # carried on into the new topic
+        code = proc.wait(timeout=60)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        for broker in brokers:
+            broker.stop()
+        proxy.cut()
+    assert code == 2, lines.lines[-5:]
+    wait_for(lambda: any(line.startswith("error: ") for line in lines.lines), 10, "its error line read")
+    assert any("recreated" in line and line.startswith("error: ") for line in lines.lines), lines.lines[-5:]
+    assert _applied_max(lines.records()) == 200  # nothing from the new topic
+    assert SnapshotManager(tmp_path / "snap").latest_valid().meta["applied_events"] <= 200

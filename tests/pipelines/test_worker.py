@@ -101,6 +101,24 @@ def test_dead_letters_are_routed_and_worker_continues(checkpoint, kafka, tmp_pat
     assert_same_store(store_fingerprint(worker.store), store_fingerprint(expected))
 
 
+def test_the_run_summary_counts_dead_letters_of_a_topic_of_only_poison(checkpoint, kafka, tmp_path):
+    """No batch is ever applied: the summary still counts the 5 dead letters the snapshot and the
+    dead-letter topic hold."""
+    topic = f"t-poison-{uuid.uuid4().hex[:8]}"
+    with TopicAdmin(kafka) as admin:
+        admin.create_topic(topic, 1)
+    producer = new_producer(kafka)
+    for i in range(5):
+        producer.send(topic, key=b"u1", value=b"not json %d" % i).get(timeout=10)
+    producer.close()
+    kafka = replace(kafka, dead_letter_topic=f"dlq-{uuid.uuid4().hex[:8]}")
+    options = WorkerConfig(topic, batch_size=BATCH, until_end=True)
+    result = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=tmp_path / "snap").run()
+    assert (result.applied_total, result.dead_letters) == (0, 5)
+    assert SnapshotManager(tmp_path / "snap").latest_valid().meta["dead_letters"] == 5
+    assert end_offsets(kafka, kafka.dead_letter_topic, [0]) == {0: 5}
+
+
 def test_snapshot_of_another_model_is_refused(checkpoint, kafka, stream, tmp_path):
     topic, _ = stream
     snap = tmp_path / "snap"

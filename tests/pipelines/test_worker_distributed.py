@@ -9,8 +9,10 @@ from the last snapshot with every event applied exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -33,6 +35,7 @@ from pipelines.model import load_model
 from pipelines.worker import StreamWorker, build_worker, store_fingerprint
 from tests.distributed import run_ranks
 from tests.pipelines import assert_histories_match_table, assert_same_store, offline_replay, synthetic_events
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 N_EVENTS, BATCH, TOPIC = 600, 32, "in-memory"
@@ -167,6 +170,7 @@ def test_a_killed_rank_stops_the_job_and_a_restart_resumes_exactly_once(checkpoi
     assert [r.get("dist_rank") for r in killed] == [1], stderr[-3000:]
     assert "error: rank 0 of 2: " in stderr  # rank 0 noticed at once and stopped with one line
     assert "error: the 2 ranks of `felrec-stream consume` stopped" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]  # one line per failed rank, not torchrun's traceback
     durable = SnapshotManager(snapshot_dir).latest_valid().meta["applied_events"]
     assert 0 < durable < N_EVENTS
 
@@ -179,3 +183,103 @@ def test_a_killed_rank_stops_the_job_and_a_restart_resumes_exactly_once(checkpoi
     assert meta["applied_events"] == N_EVENTS
     assert_histories_match_table(fingerprint, synthetic_events(N_EVENTS), 8)  # nothing lost, nothing twice
     assert_same_store(fingerprint, uninterrupted, atol=ATOL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (Linux /proc), children first."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop(0)
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            queue += children
+    return found
+
+
+def _lock_is_free(snapshot_dir: Path) -> bool:
+    import fcntl
+
+    with open(snapshot_dir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.kafka
+@pytest.mark.slow  # torchrun and 2 ranks in follow mode, then a restart
+def test_killing_the_nproc_parent_takes_its_ranks_with_it(checkpoint, kafka, topic, uninterrupted, tmp_path):
+    """`kill -9` of `felrec-stream --nproc 2 consume` (the launcher alone, not its process tree):
+    torchrun and both ranks die with it, the writer lock is free, a second consume starts and resumes
+    exactly once."""
+    snapshot_dir = tmp_path / "snap"
+    parent = _nproc_consume(checkpoint, kafka, topic, snapshot_dir, tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    tree: list[int] = []
+    try:
+        wait_for(lambda: (snapshot_dir / "CURRENT").exists(), 120, "the ranks wrote a snapshot")
+        tree = _descendants(parent.pid)
+        assert len(tree) >= 3, tree  # torchrun and its 2 ranks
+        parent.kill()
+        parent.wait(timeout=10)
+        wait_for(lambda: not any(_alive(pid) for pid in tree), 30, "torchrun and the ranks died with their parent")
+        # a killed thread group's leader is a zombie before its other threads let go of the lock
+        wait_for(lambda: _lock_is_free(snapshot_dir), 30, "the writer lock is free")
+    finally:
+        for pid in tree:  # never leave orphans behind, also when the test fails
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+
+    options = WorkerConfig(topic, batch_size=BATCH, until_end=True)
+    result = build_worker(checkpoint, kafka, options, device="cpu", snapshot_dir=snapshot_dir).run()
+    assert result.restored_seq is not None and result.applied_total == N_EVENTS
+    fingerprint, meta = _final_store(snapshot_dir)
+    assert meta["applied_events"] == N_EVENTS
+    assert_histories_match_table(fingerprint, synthetic_events(N_EVENTS), 8)  # nothing lost, nothing twice
+
+
+def _nproc_consume(checkpoint: Path, kafka: KafkaConfig, topic: str, snapshot_dir: Path, tmp_path: Path,
+                   **popen: Any) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from felrec_stream.cli import main; main()", "--log-json", "--nproc", "2",
+               "consume", "--topic", topic, "--checkpoint", str(checkpoint), "--bootstrap-servers",
+               kafka.bootstrap_servers, "--batch-size", str(BATCH), "--snapshot-dir", str(snapshot_dir),
+               "--snapshot-every-events", "128", "--device", "cpu", "--max-wait-ms", "50"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FELREC_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1",
+           "OMP_WAIT_POLICY": "PASSIVE", "FELREC_PARALLEL__TIMEOUT_S": "60"}
+    return subprocess.Popen(command, env=env, cwd=ROOT, **popen)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow  # torchrun and 2 ranks in follow mode
+def test_a_graceful_sigterm_of_nproc_consume_exits_0_without_a_traceback(checkpoint, kafka, topic, tmp_path):
+    snapshot_dir = tmp_path / "snap"
+    proc = _nproc_consume(checkpoint, kafka, topic, snapshot_dir, tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (snapshot_dir / "CURRENT").exists(), 120, "the ranks wrote a snapshot")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "error" not in err.lower().replace('"level": "error"', ""), err[-3000:]
+    summary = json.loads(out)
+    assert summary["stopped_by"] == "signal:SIGTERM"
+    assert SnapshotManager(snapshot_dir).latest_valid().meta["applied_events"] == summary["applied_total"]

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from felrec_stream.config import replace
-from felrec_stream.errors import ConfigError
+from felrec_stream.errors import ConfigError, StoreError
 from felrec_stream.state.faiss_store import make_store
 from felrec_stream.state.snapshot import MANIFEST, SnapshotManager
 from felrec_stream.state.spill import SPILL_DIR
@@ -132,3 +132,74 @@ def test_a_capped_store_must_spill_next_to_its_snapshots(bundle, table, tmp_path
     store = make_store(bundle.dim, bundle.cache)  # private temporary spill directory
     with pytest.raises(ConfigError, match="must spill into"):
         StreamWorker(bundle, store, InMemorySource(table, BATCH), WorkerConfig(TOPIC), SnapshotManager(tmp_path))
+
+
+def test_a_spill_path_that_is_a_file_is_a_one_line_error(bundle, tmp_path):
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / SPILL_DIR).write_text("not a folder")
+    with pytest.raises(StoreError, match=f"spill directory {snap / SPILL_DIR} .*not a directory"):
+        make_store(bundle.dim, bundle.cache, spill_dir=spill_dir_for(snap))
+
+
+class _SpillDeletingSource(InMemorySource):
+    """Deletes every spill file at one batch, as an operator's `rm` while the worker runs would."""
+
+    def __init__(self, table, batch_size: int, spill_dir, at_batch: int) -> None:
+        super().__init__(table, batch_size)
+        self.spill_dir, self.at_batch = spill_dir, at_batch
+
+    def poll_batch(self, timeout_s: float = 0.1):
+        if self.stats.batches == self.at_batch:
+            for path in self.spill_dir.iterdir():
+                path.unlink()
+        return super().poll_batch(timeout_s)
+
+
+def test_spill_files_deleted_under_a_running_worker_stop_it_with_a_one_line_error(bundle, table, uninterrupted,
+                                                                                   tmp_path):
+    snap = tmp_path / "snap"
+    source = _SpillDeletingSource(table, BATCH, snap / SPILL_DIR, at_batch=12)
+    with pytest.raises(StoreError, match="spill file .* is missing"):
+        _worker(bundle, source, snap, snapshot_every_events=96).run()
+    second = _worker(bundle, InMemorySource(table, BATCH), snap)  # the restart recovers exactly once
+    assert second.run().applied_total == N_EVENTS
+    assert_same_store(store_fingerprint(second.store), uninterrupted)
+
+
+def _flip_bytes(path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_spill_file_makes_its_snapshot_unusable_and_an_older_one_is_restored(bundle, table, uninterrupted,
+                                                                                        tmp_path):
+    """4 flipped bytes in a spill file only the newest snapshot needs (same size): the content is
+    verified, that snapshot skipped, the previous one restored, and the run ends like the uninterrupted one."""
+    snap = tmp_path / "snap"
+    _worker(bundle, InMemorySource(table, BATCH), snap, max_events=640, snapshot_every_events=256).run()
+    manager = SnapshotManager(snap)
+    newest = manager.current_seq()
+    refs = json.loads((snap / f"snap-{newest:012d}" / MANIFEST).read_text())["refs"]
+    older = set().union(*(json.loads((snap / f"snap-{s:012d}" / MANIFEST).read_text())["refs"]
+                          for s in manager.snapshots() if s < newest))
+    _flip_bytes(snap / sorted(set(refs) - older)[0])
+    second = _worker(bundle, InMemorySource(table, BATCH), snap)
+    result = second.run()
+    assert second.restored_seq is not None and second.restored_seq < newest
+    assert result.applied_total == N_EVENTS
+    assert_same_store(store_fingerprint(second.store), uninterrupted)
+
+
+def test_a_capped_snapshot_dir_restarted_without_the_cap_is_refused_and_kept(bundle, table, tmp_path):
+    """Not "every snapshot corrupt, start from 0, prune them": a one-line error, and nothing deleted."""
+    snap = tmp_path / "snap"
+    _worker(bundle, InMemorySource(table, BATCH), snap, max_events=640, snapshot_every_events=256).run()
+    before = (SnapshotManager(snap).snapshots(), _spill_files(snap))
+    plain = ModelBundle(bundle.model, replace(bundle.cache, max_entities=0), bundle.configs, bundle.version,
+                        bundle.path)
+    with pytest.raises(ConfigError, match=f"cache.max_entities={CAP}.*--max-entities {CAP}"):
+        _worker(plain, InMemorySource(table, BATCH), snap).run()
+    assert (SnapshotManager(snap).snapshots(), _spill_files(snap)) == before

@@ -90,3 +90,47 @@ def test_train_rejects_the_same_file_with_the_same_line(tmp_path, monkeypatch, c
                   "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "m"))
     assert line == (f"error: {path}: invalid event(s): line 3: 'u\\x01v,j,2': "
                     "field 'user' has control character '\\x01' at 1")
+
+
+_BAD_TIMESTAMPS = [(8_000_000_000, "after the year 2200 in unit 's'"),
+                   (1_700_000_000_000, "after the year 2200 in unit 's'"),  # milliseconds in a file of seconds
+                   (2_524_608_000, "ahead of the consumer's clock")]  # 2050: consume would dead-letter it
+
+
+def _file_with(tmp_path, ts: int):
+    path = tmp_path / "log.csv"
+    path.write_text(f"user,item,timestamp\nu,i,1\nu,j,{ts}\n" + "".join(f"u{n},i{n},{n + 2}\n" for n in range(30)))
+    return path
+
+
+@pytest.mark.parametrize("ts, why", _BAD_TIMESTAMPS)
+def test_train_and_evaluate_reject_the_timestamps_a_consumer_rejects(tmp_path, monkeypatch, capsys, checkpoint,
+                                                                     ts, why):
+    """One timestamp rule for files and the wire: the topic's unit (s unless told), the year 2200,
+    and no more than kafka.future_skew_s ahead of the clock; the error names the file and line."""
+    path = _file_with(tmp_path, ts)
+    line = _fails(monkeypatch, capsys, "train", "--dataset", "csv", "--path", str(path), "--preset", "small",
+                  "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "m"))
+    assert line.startswith(f"error: {path}: invalid event(s): line 3: 'u,j,{ts}': field 'ts'") and why in line
+    line = _fails(monkeypatch, capsys, "evaluate", "--checkpoint", str(checkpoint), "--dataset", "csv", "--path",
+                  str(path), "--baseline", "none")
+    assert line.startswith(f"error: {path}: invalid event(s): line 3: 'u,j,{ts}': field 'ts'") and why in line
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("ts, why", _BAD_TIMESTAMPS)
+def test_replay_rejects_the_same_timestamps_with_file_and_line(kafka_bootstrap, topic_name, tmp_path, monkeypatch,
+                                                                capsys, ts, why):
+    path = _file_with(tmp_path, ts)
+    line = _fails(monkeypatch, capsys, "replay", "--dataset", "csv", "--path", str(path), "--topic", topic_name,
+                  "--bootstrap-servers", kafka_bootstrap, "--no-progress")
+    assert line.startswith(f"error: {path}: invalid event(s): line 3: 'u,j,{ts}': field 'ts'") and why in line
+    with TopicAdmin(KafkaConfig(bootstrap_servers=kafka_bootstrap)) as admin:
+        assert not admin.topic_exists(topic_name)
+
+
+def test_a_file_of_milliseconds_is_accepted_when_it_says_so(tmp_path, monkeypatch):
+    path = _file_with(tmp_path, 1_700_000_000_000)
+    from connectors.datasets import load_dataset
+
+    assert len(load_dataset("csv", path, timestamp_unit="ms")) == 32

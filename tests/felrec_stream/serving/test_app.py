@@ -21,7 +21,7 @@ from felrec_stream.errors import ServiceError
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.serving.app import create_app, serve_in_thread
 from felrec_stream.serving.query import MAX_K, ColdStartEncoder, NotFound, QueryEngine
-from felrec_stream.serving.snapshots import SnapshotFollower, snapshot_state
+from felrec_stream.serving.snapshots import SnapshotFollower, load_store_from_snapshot, snapshot_state
 from felrec_stream.serving.client import FelrecClient, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from felrec_stream.state.engine import cold_vectors, commit_batch, infer_batch, prepare_batch
 from felrec_stream.state.faiss_store import make_store
@@ -550,14 +550,64 @@ def test_large_bodies_are_413_before_parsing_and_errors_never_echo_input(served)
     response = http.post("/v1/vectors", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and len(response.content) < 200
 
-    long_id = "z" * 200_000  # fits the body limit; unknown -> 404 that quotes only a prefix
+    long_id = "z" * 200_000  # fits the body limit; longer than any id of the topic -> 422 that quotes nothing
     response = http.post("/v1/vectors", json={"kind": "user", "ids": [long_id]})
-    assert response.status_code == 404 and len(response.content) < 300 and "200000 characters" in response.text
+    assert response.status_code == 422 and len(response.content) < 300 and "200000 characters" in response.text
     response = http.post("/v1/vectors", json={"kind": "user", "ids": "w" * 500_000})  # not a list: 422
     assert response.status_code == 422 and len(response.content) < 1000 and "www" not in response.text
     response = http.get(f"/v1/users/{'q' * 6000}/recommendations")
-    assert response.status_code == 404 and len(response.content) < 300
+    assert response.status_code == 422 and len(response.content) < 300
     assert client.healthz()
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a\x00b", "tab\there", "x" * 257, "y" * 30_000])
+def test_ids_the_topic_would_reject_are_422_in_a_short_message(model, scored_store, bad):
+    """Empty, control characters, more than 256 characters: never a (cold-start) answer that echoes the id."""
+    from urllib.parse import quote
+
+    engine = QueryEngine(scored_store, cold_start=ColdStartEncoder(model, SCORED_CACHE))
+    handle = serve_in_thread(create_app(lambda: engine), "127.0.0.1", 0)
+    try:
+        with FelrecClient(handle.url) as client:
+            http = client._http
+            for path in (f"/v1/users/{quote(bad, safe='')}/recommendations", f"/v1/users/{quote(bad, safe='')}/similar",
+                         f"/v1/items/{quote(bad, safe='')}/similar"):
+                response = http.get(path)
+                assert response.status_code == 422 and len(response.content) < 300, (path[:40], response.text[:300])
+                assert "id" in response.json()["detail"]
+            response = http.post("/v1/vectors", json={"kind": "item", "ids": ["i1", bad]})
+            assert response.status_code == 422 and len(response.content) < 300
+    finally:
+        handle.stop()
+
+
+def test_head_is_answered_on_every_get_route(served):
+    _, client = served
+    http = client._http
+    for path in ("/healthz", "/readyz", "/v1/catalog", "/v1/users/u1/recommendations", "/v1/items/i1/similar",
+                 "/metrics"):
+        get, head = http.get(path), http.head(path)
+        assert (head.status_code, head.content) == (get.status_code, b""), path
+        assert get.status_code == 200, path
+    assert http.head("/v1/users/nobody/recommendations").status_code == 404
+
+
+def test_a_connection_that_never_finishes_its_request_head_is_closed(monkeypatch):
+    from felrec_stream.serving import app as app_module
+
+    monkeypatch.setattr(app_module, "HEADER_TIMEOUT_S", 0.5, raising=False)
+    handle = serve_in_thread(create_app(lambda: None), "127.0.0.1", 0)
+    try:
+        with socket.create_connection((handle.host, handle.port), timeout=20) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # half a request head, then nothing
+            assert sock.recv(1024) == b""  # closed by the server (socket timeout: a failure, not a hang)
+        with socket.create_connection((handle.host, handle.port), timeout=20) as sock:  # an idle one too
+            assert sock.recv(1024) == b""
+        with socket.create_connection((handle.host, handle.port), timeout=20) as sock:  # a whole request is answered
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+    finally:
+        handle.stop()
 
 
 # ---- the standalone command ------------------------------------------------------------------
@@ -672,3 +722,62 @@ def test_recent_items_stay_excluded_with_the_prior_on_every_backend(backend, wei
     commit_batch(store, prepare_batch(store, batch, "cpu"), u, x)
     engine = QueryEngine(store, scoring=ScoringConfig(popularity_weight=weight))
     assert [r.id for r in engine.top_k_items("u0", k=10)] == ["i2"]  # u0 met i0 and i1
+
+
+def test_a_replica_keeps_serving_the_spill_files_of_its_snapshot_after_the_writer_pruned_them(model, tmp_path):
+    """With --keep-snapshots 1 the worker deletes the spill files only the previous snapshot used as
+    soon as it commits the next one: a replica still serving the previous one must not fail (500)."""
+    root = tmp_path / "snap"
+    live = _capped_store(model, spill_dir=root / "spill")
+    state, meta = snapshot_state(live, CAPPED)
+    SnapshotManager(root).write_state(state, meta, refs={f"spill/{n}": i for n, i in live.spill_refs().items()})
+    follower = SnapshotFollower(root)
+    assert follower.poll_once()
+    users = _evicted_users(live)
+    expected = QueryEngine(live).vectors("user", users)
+    for path in (root / "spill").iterdir():  # pruned by the writer after a newer commit
+        path.unlink()
+    assert follower.current().vectors("user", users) == expected  # read through the pinned files
+
+
+def _flip_bytes(path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_spill_file_is_verified_at_load_and_the_previous_snapshot_served(model, tmp_path):
+    root = tmp_path / "snap"
+    live = _capped_store(model, spill_dir=root / "spill")
+    state, meta = snapshot_state(live, CAPPED)
+    refs = {f"spill/{n}": i for n, i in live.spill_refs().items()}
+    manager = SnapshotManager(root)
+    manager.write_state(state, meta, refs=refs)
+    first = set(refs)
+    filled_store(model, synthetic_batches(n_events=300, seed=1), live)  # more events: more spill files
+    state, meta = snapshot_state(live, CAPPED)
+    refs = {f"spill/{n}": i for n, i in live.spill_refs().items()}
+    manager.write_state(state, meta, refs=refs)
+    _flip_bytes(root / sorted(set(refs) - first)[0])  # a file only the newest snapshot needs
+    follower = SnapshotFollower(root)
+    assert follower.poll_once() and follower.seq == 1
+
+
+def test_a_spill_file_that_breaks_while_served_is_503_with_a_reason(model, tmp_path):
+    """Damage after the snapshot was verified: an answer that needs the file is 503, never 500."""
+    root = tmp_path / "snap"
+    live = _capped_store(model, spill_dir=root / "spill")
+    state, meta = snapshot_state(live, CAPPED)
+    SnapshotManager(root).write_state(state, meta, refs={f"spill/{n}": i for n, i in live.spill_refs().items()})
+    store = load_store_from_snapshot(SnapshotManager(root).latest_valid())
+    store.spill._verified.clear()  # as if verified by another process: the next read checks again
+    for path in (root / "spill").iterdir():
+        _flip_bytes(path)
+    handle = serve_in_thread(create_app(lambda: QueryEngine(store)), "127.0.0.1", 0)
+    try:
+        with FelrecClient(handle.url) as client:
+            response = client._http.get(f"/v1/users/{_evicted_users(live)[0]}/recommendations")
+            assert response.status_code == 503 and "spill file" in response.json()["detail"]
+    finally:
+        handle.stop()

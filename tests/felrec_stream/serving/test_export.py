@@ -136,3 +136,26 @@ def test_export_of_a_capped_snapshot_holds_every_entity_and_indexes_the_resident
         _, by_id = _read_faiss_kind(tmp_path / "out" / layout["faiss"][name]["dir"])
         resident = capped.tables[kind].resident_slots()
         assert set(by_id) - {""} == set(capped.tables[kind].ids.names(resident)) != set(entity.ids.ids())
+
+
+def test_an_export_reads_the_spill_files_of_its_snapshot_even_when_the_writer_prunes_them(tmp_path, store,
+                                                                                           monkeypatch):
+    from felrec_stream.serving import export as export_module
+
+    cache = CacheConfig(history_len=8, shards=3, max_entities=15)
+    root = tmp_path / "snaps"
+    capped = filled_store(tiny_model(), synthetic_batches(n_events=800), make_store(D, cache, spill_dir=root / "spill"))
+    state, meta = snapshot_state(capped, cache)
+    SnapshotManager(root).write_state(state, meta, refs={f"spill/{n}": i for n, i in capped.spill_refs().items()})
+    real_export = export_module.export_store
+
+    def pruned_meanwhile(*args, **kwargs):
+        for path in (root / "spill").iterdir():
+            path.unlink()
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "export_store", pruned_meanwhile)
+    export_module.export_snapshot(root, tmp_path / "out")
+    table = pq.read_table(tmp_path / "out" / "users.parquet")
+    np.testing.assert_array_equal(np.stack(table.column("vector").to_numpy(zero_copy_only=False)),
+                                  store.users.vectors.all().numpy())

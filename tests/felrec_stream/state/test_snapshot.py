@@ -4,9 +4,14 @@ retention, crash before commit, readers racing the writer's pruning, the writer'
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,6 +345,31 @@ def test_acquire_holds_the_directory_for_the_writers_whole_life(tmp_path):
     second.release()
 
 
+_ORPHAN = '''
+import os, sys, time
+from felrec_stream.state.snapshot import SnapshotManager
+if os.fork() == 0:
+    writer = SnapshotManager(sys.argv[1])
+    writer.acquire()
+    print(os.getpid(), flush=True)
+    time.sleep(600)
+'''
+
+
+def test_a_lock_held_by_an_orphan_says_so(tmp_path):
+    """A writer whose parent died (a rank of a killed `--nproc` run) is named an orphan, with how to stop it."""
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    orphan = int(proc.stdout.readline())  # the forked child holds the lock; its parent exits
+    try:
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(StoreError, match=f"in use by another writer \\(pid {orphan}\\).*orphan.*kill {orphan}"):
+            SnapshotManager(tmp_path).acquire()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+
+
 def test_a_bad_directory_fails_at_acquire_in_one_line(tmp_path, monkeypatch):
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -376,10 +406,10 @@ def _shared_file(root, name, data: bytes) -> dict:
     path = root / "spill" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return {f"spill/{name}": {"sha256": "0" * 64, "size": len(data)}}
+    return {f"spill/{name}": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
 def test_a_snapshot_whose_referenced_file_is_damaged_is_skipped(tmp_path, damage):
     manager = SnapshotManager(tmp_path)
     manager.write({"v": np.zeros(3)}, {"value": 1}, refs=_shared_file(tmp_path, "a", b"abc"))
@@ -387,10 +417,12 @@ def test_a_snapshot_whose_referenced_file_is_damaged_is_skipped(tmp_path, damage
                                                          **_shared_file(tmp_path, "b", b"defg")})
     if damage == "missing":
         (tmp_path / "spill" / "b").unlink()
-    else:
+    elif damage == "truncated":
         (tmp_path / "spill" / "b").write_bytes(b"de")
+    else:  # same size, other content
+        (tmp_path / "spill" / "b").write_bytes(b"dexg")
     snap = manager.latest_valid()
-    assert snap.meta["value"] == 1 and snap.refs == {"spill/a": {"sha256": "0" * 64, "size": 3}}
+    assert snap.meta["value"] == 1 and snap.refs == _shared_file(tmp_path, "a", b"abc")
 
 
 def test_pruning_keeps_referenced_files_and_reports_what_kept_snapshots_need(tmp_path):
