@@ -393,7 +393,8 @@ class StreamWorker:
                          dict(self.source.positions()))
         self.model_history = (self.model_history + [swap])[-_HISTORY_KEPT:]
         self._swapped_at = time.time()
-        self.versions.pin(str(self.snapshots.root if self.snapshots else id(self)), self._pinned_versions())
+        if self.snapshots is not None:  # the versions its snapshots may name: never collected
+            self.versions.pin(str(self.snapshots.root.resolve()), self._pinned_versions())
         fault_point("model_swapped")
         pause = time.perf_counter() - started
         self.metrics.swap_pause.observe(pause)

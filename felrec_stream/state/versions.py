@@ -193,12 +193,17 @@ class VersionStore:
         atomic_json(self.root / PINS / f"{key}.json", {"owner": owner, "versions": sorted(set(names))})
 
     def pinned(self) -> set[str]:
+        """Versions some reader pinned; pins of an owner directory that no longer exists (its
+        snapshots were deleted) do not count."""
         out: set[str] = set()
         for path in sorted((self.root / PINS).glob("*.json")) if (self.root / PINS).is_dir() else []:
             try:
-                out.update(json.loads(path.read_text())["versions"])
-            except (json.JSONDecodeError, KeyError, FileNotFoundError):
+                pin = json.loads(path.read_text())
+            except (json.JSONDecodeError, FileNotFoundError):
                 continue  # being replaced: the next collect sees it
+            if Path(pin.get("owner", "")).is_absolute() and not Path(pin["owner"]).exists():
+                continue
+            out.update(pin.get("versions", []))
         return out
 
     # -- reading (worker, serve, export) --

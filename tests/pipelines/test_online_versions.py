@@ -201,6 +201,7 @@ def test_garbage_collection_keeps_every_version_a_worker_snapshot_names(table, i
 
     own = tmp_path / "models"
     shutil.copytree(models, own)
+    shutil.rmtree(own / "pins", ignore_errors=True)  # the other tests' workers pinned every version
     worker = _worker(initial, InMemorySource(table.slice(0, 400), BATCH), own, tmp_path / "snap")
     worker.run()
     named = [swap.version for swap in worker.model_history]

@@ -59,9 +59,13 @@ def test_collect_keeps_the_newest_the_pointer_and_every_pinned_version(tmp_path)
     store = VersionStore(tmp_path)
     for seq in range(1, 7):
         _publish(store, seq, seed=seq)
-    store.pin("/snapshots/a", ["v000002"])
-    store.pin("/snapshots/b", ["v000001", "v000002"])
-    store.pin("/snapshots/b", ["v000003"])  # the same owner replaces its pins
+    a, b, gone = (tmp_path / name for name in ("snap-a", "snap-b", "snap-gone"))
+    a.mkdir()
+    b.mkdir()
+    store.pin(str(a), ["v000002"])
+    store.pin(str(b), ["v000001", "v000002"])
+    store.pin(str(b), ["v000003"])  # the same owner replaces its pins
+    store.pin(str(gone), ["v000004"])  # an owner whose snapshot directory was deleted pins nothing
     deleted = store.collect(keep=2)
     assert deleted == ["v000001", "v000004"]
     assert store.names() == ["v000002", "v000003", "v000005", "v000006"]
