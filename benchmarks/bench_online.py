@@ -127,7 +127,7 @@ def offline_configs(preset: str, seed: int, epochs: int | None, exclude_recent: 
     if epochs:
         training["epochs"] = epochs
     sections["training"] = training
-    return Configs.from_dict(sections)
+    return Configs.load(sections)  # FELREC_<SECTION>__<FIELD> variables apply, as for every command
 
 
 def train_offline(events: pa.Table, configs: Configs, out: Path) -> Checkpoint:
