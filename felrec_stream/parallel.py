@@ -201,6 +201,27 @@ class Ranks:
                                 f"hangs past parallel.timeout_s={self.timeout_s:g} s): {_first_line(exc)}") from None
 
 
+class Leader:
+    """Rank 0's side of a leader/follower protocol (the streaming worker's, pipelines/replicas.py, and
+    the learner's, training/learn_ranks.py): one message to every rank per turn; a follower's reply
+    is None or its stop request, which stops rank 0 gracefully."""
+
+    def __init__(self, ranks: Ranks, request_stop: Callable[[str], None]) -> None:
+        self.ranks, self.request_stop = ranks, request_stop
+
+    def send(self, kind: str, payload: Any = None) -> None:
+        replies = self.ranks.exchange((kind, payload))
+        asked = [reply for reply in replies[1:] if reply]
+        if asked and kind != "stop":
+            log.info("peer_stop_requested", reason=asked[0])
+            self.request_stop(f"peer_{asked[0]}")
+
+    def check(self, store_state: dict[str, Any]) -> None:
+        """Before a snapshot: every rank's store must equal rank 0's (raises ParallelError)."""
+        self.send("check")
+        self.ranks.agree(store_state, "stores")
+
+
 class _SumOverRanks(torch.autograd.Function):
     """all_reduce(SUM) with a gradient: the sum feeds every rank's loss, so each rank's input
     gradient is the sum of all ranks' output gradients (another all_reduce, in backward)."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
@@ -42,25 +42,6 @@ from felrec_stream.state.store import RepresentationStore
 from pipelines.model import ModelBundle, model_and_store
 
 log = get_logger(__name__)
-
-
-class Leader:
-    """Rank 0's side of the protocol (the StreamWorker calls `send` and `check`)."""
-
-    def __init__(self, ranks: Ranks, request_stop: Callable[[str], None]) -> None:
-        self.ranks, self.request_stop = ranks, request_stop
-
-    def send(self, kind: str, payload: Any = None) -> None:
-        replies = self.ranks.exchange((kind, payload))
-        asked = [reply for reply in replies[1:] if reply]
-        if asked and kind != "stop":
-            log.info("peer_stop_requested", reason=asked[0])
-            self.request_stop(f"peer_{asked[0]}")
-
-    def check(self, store_state: dict[str, Any]) -> None:
-        """Before a snapshot: every rank's store must equal rank 0's (raises ParallelError)."""
-        self.send("check")
-        self.ranks.agree(store_state, "stores")
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ from felrec_stream.config import KafkaConfig, WorkerConfig
 from felrec_stream.errors import ConfigError, KafkaError, ModelError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
-from felrec_stream.parallel import Ranks
+from felrec_stream.parallel import Leader, Ranks
 from felrec_stream.state.engine import commit_batch, encode_sequences, infer_encodings, stored_sequences
 from felrec_stream.state.meta import ModelSwap, SnapshotMeta
 from felrec_stream.state.snapshot import SnapshotManager
@@ -116,7 +116,6 @@ from felrec_stream.stream.source import Source
 from pipelines.adoption import VersionAdoption
 from pipelines.model import ModelBundle, bundle_from_version, model_and_store, spill_dir_for
 from pipelines.prometheus import WorkerMetrics
-from pipelines.replicas import Leader
 from pipelines.worker_state import CountingDeadLetters, Progress, WorkerSnapshots
 
 log = get_logger(__name__)

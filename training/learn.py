@@ -46,6 +46,7 @@ from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.model.norms import adapting_norms
 from felrec_stream.model.losses import representation_spread
+from felrec_stream.parallel import Leader, Ranks, sync_batch_norms
 from felrec_stream.state.checkpoint import Checkpoint, model_from
 from felrec_stream.state.engine import encode_sequences, event_sequences, infer_batch, prepare_batch
 from felrec_stream.state.snapshot import SnapshotManager
@@ -171,16 +172,24 @@ class Learner:
     """Restore or start -> read batches -> train -> decide/snapshot/publish -> stop (module docstring)."""
 
     def __init__(self, checkpoint: Checkpoint, source: Source, versions: VersionStore, snapshots: SnapshotManager,
-                 config: LearnConfig, device: torch.device | str = "cpu", checkpoint_path: str = "") -> None:
+                 config: LearnConfig, device: torch.device | str = "cpu", checkpoint_path: str = "",
+                 ranks: Ranks | None = None) -> None:
         self.source, self.versions, self.snapshots, self.config = source, versions, snapshots, config
         self.checkpoint, self.checkpoint_path = checkpoint, checkpoint_path
         cfgs = checkpoint.configs
         self.configs: Configs = cfgs
         self.batch_size = config.batch_size or cfgs.training.batch_size
-        self.device = torch.device(device)
+        # data-parallel (training/learn_ranks.py): rank 0 alone reads, snapshots and publishes; every
+        # rank trains its slice of each batch as `train` does, so the replicas stay identical
+        self.ranks, self.leader = ranks, ranks is None or ranks.leader
+        self.device = torch.device(device) if ranks is None else ranks.place(torch.device(device))
         self.model = self._new_model(checkpoint.online_state or checkpoint.model_state).train()
+        if ranks is not None:
+            ranks.replicate(self.model)
+            sync_batch_norms(self.model, ranks)  # training batch statistics = the whole batch's
         self.optimizer = make_optimizer(self.model, cfgs.training, config.lr or cfgs.training.lr)
-        self.stepper = Stepper(self.optimizer, self.model, 2 if config.replay_ratio > 0 else 1)
+        self.stepper = Stepper(self.optimizer, self.model, 2 if config.replay_ratio > 0 else 1, ranks)
+        self.replicas = None if ranks is None else Leader(ranks, self.request_stop)
         self.store = RepresentationStore.for_cache(cfgs.encoder.d_model, cfgs.cache, self.device)
         self.reservoir = Reservoir(config.reservoir_size, config.seed)
         self.replay_rng = np.random.default_rng([config.seed, 2])
@@ -216,9 +225,11 @@ class Learner:
                     self._stop_reason = "end_of_topic"
                     break
                 batch = self.source.poll_batch(0.1)
+                self._tell("idle" if batch is None else "batch", batch)  # idle: a heartbeat
                 if batch is not None:
                     self.feed(batch)
             self._final()
+            self._tell("stop", self._stop_reason)
         finally:
             self.close()
         return self.result()
@@ -239,12 +250,19 @@ class Learner:
             # start=latest: what the topic holds now is replayed without gradients (records, so a
             # poison record among them moves the boundary by one event)
             self._skip = sum(self.source.lag().values())
+        if self.replicas is not None:
+            self._tell("state", self._replica_state())
         log.info("learner_started", events=self.progress.events, trained=self.progress.trained,
                  published=self.progress.published or "checkpoint", batch_size=self.batch_size)
 
     def close(self) -> None:
         self.source.close()
         self.snapshots.release()
+
+    def _tell(self, kind: str, payload: Any = None) -> None:
+        """Rank 0: one message to the followers (training/learn_ranks.py); nothing in one process."""
+        if self.replicas is not None:
+            self.replicas.send(kind, payload)
 
     def result(self) -> LearnResult:
         return LearnResult(self.progress.events, self.progress.trained, list(self.published_now),
@@ -262,10 +280,11 @@ class Learner:
             batch = batch.take(slice(head, None))
         if len(batch):
             self.train_batch(batch)
-        self.progress.offsets = dict(self.source.positions())
+        if self.leader:  # the followers' positions are rank 0's (they read no topic)
+            self.progress.offsets = dict(self.source.positions())
         if self.progress.trained - self.progress.decided >= self.config.publish_every:
             self.decide()
-        else:
+        elif self.leader:
             self.versions.record_progress(self._position())
 
     def train_batch(self, batch: EventBatch) -> list[StepStats]:
@@ -274,10 +293,13 @@ class Learner:
         if self.config.guard_window and len(batch) >= 2:
             self.guard.add(self._predict(batch))
         replay = self.reservoir.sample(round(self.config.replay_ratio * len(batch)), self.replay_rng)
+        if self.ranks is not None:  # rank r's dropout masks from its own seed (parallel.seed), per batch so
+            # that a restart draws what an uninterrupted run draws on every rank
+            torch.manual_seed(self.ranks.seed(self.config.seed * 1_000_003 + self.progress.batches))
         if replay is not None:
             self._replay_step(replay)
         steps = train_window(self.model, self.store, self.stepper, batch, len(batch), self.configs.cache,
-                             np.random.default_rng([self.config.seed, self.progress.batches]))
+                             np.random.default_rng([self.config.seed, self.progress.batches]), ranks=self.ranks)
         self.stepper.flush()
         self.reservoir.add(batch)
         self.progress.trained += len(batch)
@@ -286,11 +308,11 @@ class Learner:
 
     def _replay_step(self, replay: EventBatch) -> None:
         """Loss on reservoir events from their entities' current histories; the cache is not written."""
-        inputs = prepare_batch(self.store, replay, self.device, self.configs.cache, before=False)
+        inputs = prepare_batch(self.store, replay, self.device, self.configs.cache, before=False, ranks=self.ranks)
         rows = np.arange(len(replay))
-        users, items = event_sequences(self.store, inputs, rows, self.device, self.configs.cache)
+        users, items = event_sequences(self.store, inputs, rows, self.device, self.configs.cache, self.ranks)
         negatives = draw_negatives(self.store, self.model.config, self.replay_rng, self.device)
-        step_rows(self.model, self.store, self.stepper, inputs, rows, users, items, None, 0, negatives)
+        step_rows(self.model, self.store, self.stepper, inputs, rows, users, items, self.ranks, 0, negatives)
 
     @torch.no_grad()
     def _predict(self, batch: EventBatch) -> list[tuple[float, float]]:
@@ -326,7 +348,7 @@ class Learner:
             return
         self.model.eval()
         with adapting_norms(self.model):
-            infer_batch(self.model, self.store, batch, self.configs.cache)
+            infer_batch(self.model, self.store, batch, self.configs.cache, self.ranks)
         self.model.train()
 
     # -- decisions --
@@ -342,11 +364,15 @@ class Learner:
         else:
             p.refused += 1
             log.warning("version_refused", version=manifest.name, reason=why, **manifest.guard)
-        self.snapshot(pending=manifest if why is None else None)
-        fault_point("learner_snapshot_written")
+        if self.ranks is not None:  # cheap insurance once a decision: the replicas must be bit-identical
+            self.ranks.agree({"model": self.model.state_dict(), "store": self.store.state_dict()}, "learner replicas")
+        if self.leader:
+            self.snapshot(pending=manifest if why is None else None)
+            fault_point("learner_snapshot_written")
         if why is None:
             self._publish(manifest)
-        self.versions.record_progress(self._position())
+        if self.leader:
+            self.versions.record_progress(self._position())
 
     def _candidate(self, name: str) -> tuple[VersionManifest, str | None]:
         state = self._served_state()
@@ -369,10 +395,12 @@ class Learner:
 
     def _publish(self, manifest: VersionManifest, state: dict[str, torch.Tensor] | None = None) -> None:
         state = state if state is not None else self._served_state()
-        ckpt = Checkpoint(model_state=state, configs=self.configs, epoch=self.checkpoint.epoch)
-        self.versions.publish(ckpt, manifest)
         self.parent.load_state_dict(state)
         self.published_now.append(manifest.name)
+        if not self.leader:
+            return
+        ckpt = Checkpoint(model_state=state, configs=self.configs, epoch=self.checkpoint.epoch)
+        self.versions.publish(ckpt, manifest)
         log.info("version_published", version=manifest.name, parent=manifest.parent,
                  trained_through=manifest.trained_through.events, **manifest.guard)
         self.versions.collect(self.config.keep_versions)
@@ -383,6 +411,10 @@ class Learner:
     # -- snapshots --
 
     def snapshot(self, pending: VersionManifest | None = None) -> None:
+        self.snapshots.write_state(*self._replica_state(pending))
+
+    def _replica_state(self, pending: VersionManifest | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(state, meta): what a snapshot holds, and what rank 0 sends its followers at start."""
         p = self.progress
         blob = io.BytesIO()
         torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, blob)
@@ -398,7 +430,7 @@ class Learner:
                 "pending": None if pending is None else pending.to_dict(),
                 "learn": to_dict(self.config), "configs": self.configs.to_dict(),
                 "topic_identity": self.source.identity()}
-        self.snapshots.write_state(state, meta)
+        return state, meta
 
     def _restore_or_start(self) -> dict[int, int] | None:
         snap = self.snapshots.latest_valid()
@@ -413,6 +445,15 @@ class Learner:
         if meta["configs"] != self.configs.to_dict():
             raise ModelError(f"learner snapshot {snap.path} was made from another checkpoint's configs; "
                              "use its checkpoint or another --state-dir")
+        self.load_replica(state, meta)
+        if meta.get("pending"):  # decided (the weights as they were then) and maybe not published: idempotent
+            self._publish(VersionManifest.from_dict(meta["pending"]))
+        self.versions.record_progress(self._position())
+        log.info("learner_restored", seq=snap.seq, events=self.progress.events, published=self.progress.published)
+        return dict(self.progress.offsets)
+
+    def load_replica(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Everything `_replica_state` wrote (a snapshot, or rank 0's state sent to a follower)."""
         self.model.load_state_dict(state["model"])
         self.parent.load_state_dict(state["parent"])
         self.store.load_state_dict(state["store"])
@@ -426,11 +467,6 @@ class Learner:
                                       {int(k): int(v) for k, v in meta["offsets"].items()}, int(meta["decided"]),
                                       str(meta["published"]), int(meta["refused"]), int(meta["seq"]))
         self._skip, self._warm, self.lineage = int(meta["skip"]), bool(meta["warm"]), str(meta["lineage"])
-        if meta.get("pending"):  # decided (the weights as they were then) and maybe not published: idempotent
-            self._publish(VersionManifest.from_dict(meta["pending"]))
-        self.versions.record_progress(self._position())
-        log.info("learner_restored", seq=snap.seq, events=self.progress.events, published=self.progress.published)
-        return dict(self.progress.offsets)
 
     def _start(self) -> dict[int, int] | None:
         """The first run: where `learn.start` says (module docstring)."""

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from felrec_stream.cli.cmd_consume import stop_on_signals
-from felrec_stream.cli.group import cli
+from felrec_stream.cli.group import cli, start_ranks
 from felrec_stream.config import LearnConfig, literal_choices
 
 _L = LearnConfig()  # the defaults the help texts show
@@ -58,7 +58,8 @@ def learn(**opts: Any) -> None:
     """Keep training the encoder on the live topic and publish weight versions, exactly once.
 
     Runs until SIGTERM/SIGINT (finishes the batch, snapshots, exits 0) or --until-end. Prints a
-    JSON summary on stdout.
+    JSON summary on stdout. Under `--nproc N` (torchrun) every rank trains a slice of each batch;
+    rank 0 alone reads the topic, snapshots and publishes (training/learn_ranks.py).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from connectors.kafka.broker import ensure_broker
@@ -68,23 +69,35 @@ def learn(**opts: Any) -> None:
     from felrec_stream.state.checkpoint import load_checkpoint
     from felrec_stream.state.snapshot import SnapshotManager
     from felrec_stream.state.versions import VersionStore
-    from felrec_stream.stream.source import SkipDeadLetters
+    from felrec_stream.stream.events import EventBatch
+    from felrec_stream.stream.source import InMemorySource, SkipDeadLetters
     from training.learn import Learner
+    from training.learn_ranks import LearnFollower
 
     sections = read_config_file(opts["config_file"])
     config = load_section(LearnConfig, "learn", sections, {name: opts[name] for name in _LEARN_OPTIONS})
     kafka = load_section(KafkaConfig, "kafka", sections, {"bootstrap_servers": opts["bootstrap_servers"],
                                                           "topic": config.topic})
-    checkpoint = load_checkpoint(opts["checkpoint"])
+    ranks = start_ranks(sections)
+    path = opts["checkpoint"]
+    # every rank gets rank 0's checkpoint (the ranks need not share a file system)
+    checkpoint = load_checkpoint(path) if ranks is None else ranks.from_leader(lambda: load_checkpoint(path))
     batch_size = config.batch_size or checkpoint.configs.training.batch_size
     models = Path(opts["models_dir"])
+    snapshots = SnapshotManager(opts["state_dir"] or models / "learner", keep=config.keep_snapshots)
+    device = resolve_device(opts["device"])
+    if ranks is not None and not ranks.leader:  # rank > 0: no broker, no snapshots, no versions written
+        nothing = InMemorySource(EventBatch.empty())  # followers read no topic: rank 0 sends every batch
+        learner = Learner(checkpoint, nothing, VersionStore(models), snapshots, config, device, path, ranks=ranks)
+        follower = LearnFollower(learner, ranks)
+        with stop_on_signals(follower):  # passed on to rank 0, which stops everyone
+            follower.run()
+        return
     with ensure_broker(kafka) as servers:
         source = KafkaSource(replace(kafka, bootstrap_servers=servers), config.topic, until_end=config.until_end,
                              batch_size=batch_size, max_wait_s=1e9 if config.until_end else 0.05,
                              dead_letters=SkipDeadLetters())
-        learner = Learner(checkpoint, source, VersionStore(models),
-                          SnapshotManager(opts["state_dir"] or models / "learner", keep=config.keep_snapshots),
-                          config, resolve_device(opts["device"]), opts["checkpoint"])
+        learner = Learner(checkpoint, source, VersionStore(models), snapshots, config, device, path, ranks=ranks)
         with stop_on_signals(learner):
             result = learner.run()
     click.echo(json.dumps(dataclasses.asdict(result), default=str))

@@ -31,7 +31,7 @@ from felrec_stream.log import configure_logging  # noqa: E402
 @click.option("--log-json/--no-log-json", default=None, envvar="FELREC_LOG_JSON",
               help="Force JSON log lines (default: JSON when stderr is not a terminal).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Run train, evaluate or consume as N data-parallel ranks on this machine, through torchrun: "
+              help="Run train, evaluate, consume or learn as N data-parallel ranks on this machine, through torchrun: "
                    "the same as `torchrun --standalone --nproc-per-node N --no-python felrec-stream ...` "
                    "(README \"Scaling out\"). Rank 0 reads the input and writes every output.")
 @click.pass_context
@@ -52,7 +52,7 @@ def cli(ctx: click.Context, log_level: str, log_json: bool | None, nproc: int) -
         ctx.exit(launch(nproc, ctx.invoked_subcommand))
 
 
-PARALLEL_COMMANDS = ("train", "evaluate", "consume")
+PARALLEL_COMMANDS = ("train", "evaluate", "consume", "learn")
 LAUNCH_ARGV = "FELREC_LAUNCH_ARGV"  # the command line of `python -m felrec_stream.cli` on each rank of --nproc
 
 

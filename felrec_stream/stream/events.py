@@ -40,6 +40,11 @@ class EventBatch:
         return len(self.user)
 
     @classmethod
+    def empty(cls) -> "EventBatch":
+        return cls(np.empty(0, dtype=object), np.empty(0, dtype=object), np.empty(0, dtype=np.int64),
+                   np.empty(0, dtype=np.int64))
+
+    @classmethod
     def from_table(cls, table: pa.Table) -> "EventBatch":
         return cls(
             user=np.asarray(table.column("user").to_pylist(), dtype=object),
