@@ -105,7 +105,7 @@ from felrec_stream.errors import ConfigError, KafkaError, ModelError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
 from felrec_stream.parallel import Leader, Ranks
-from felrec_stream.state.engine import commit_batch, encode_sequences, infer_encodings, stored_sequences
+from felrec_stream.state.engine import apply_commit, encode_sequences, infer_encodings, stage_commit, stored_sequences
 from felrec_stream.state.meta import ModelSwap, SnapshotMeta
 from felrec_stream.state.snapshot import SnapshotManager
 from felrec_stream.state.store import Kind, RepresentationStore
@@ -305,8 +305,9 @@ class StreamWorker:
 
         1. register the batch's new ids (lock): the only change before the commit. Readers then see
            ids without vectors: `committed_sizes` (read under the lock) keeps them unserved;
-        2. gather the histories' cached vectors and run the encoder (no lock): reads only, and this
-           thread is the store's only writer, so nothing changes under it;
+        2. gather the histories' cached vectors, run the encoder and stage the writes (no lock):
+           reads only, and this thread is the store's only writer, so nothing changes under it.
+           Staging computes the writes' costly read-only part: the IVF list of each new vector;
         3. write vectors, histories and popularity, and publish the new sizes (lock): readers see
            the whole batch or none of it.
         """
@@ -317,9 +318,10 @@ class StreamWorker:
             store.items.slots(batch.item, create=True)
         t1 = time.perf_counter()
         inputs, u, x, after = infer_encodings(self.bundle.model, store, batch, self.bundle.cache, self.ranks)
+        staged = stage_commit(store, inputs, u, x, after)
         t2 = time.perf_counter()
         with self.lock:
-            commit_batch(store, inputs, u, x, after)
+            apply_commit(store, staged)
             self._publish_sizes()
         return (t1 - t0) + (time.perf_counter() - t2)
 

@@ -36,6 +36,7 @@ from felrec_stream.config import CacheConfig
 from felrec_stream.model.felrec import ITEM, USER, ActivationBudget, FELRec
 from felrec_stream.parallel import Ranks
 from felrec_stream.state.store import HistoryPlan, Kind, RepresentationStore, last_occurrence
+from felrec_stream.state.vectors import StagedPut
 from felrec_stream.stream.events import EventBatch
 
 DEFAULT_CACHE = CacheConfig()  # frozen: safe as a default argument
@@ -219,16 +220,39 @@ def commit_batch(store: RepresentationStore, inputs: BatchInputs, u: torch.Tenso
 
     after = (users, items) post-batch encodings aligned with the plans' unique slots ("post_event");
     without it the vector of each entity's latest event in the batch is written ("pre_event")."""
+    apply_commit(store, stage_commit(store, inputs, u, x, after))
+
+
+@dataclass(frozen=True)
+class StagedCommit:
+    """`commit_batch` in two halves: `stage_commit` computes the vector writes' read-only part (e.g.
+    the IVF list assignment) and changes nothing; `apply_commit` writes. The streaming worker holds
+    the query lock only for the second."""
+
+    inputs: BatchInputs
+    users: StagedPut
+    items: StagedPut
+
+
+def stage_commit(store: RepresentationStore, inputs: BatchInputs, u: torch.Tensor | None, x: torch.Tensor | None,
+                 after: tuple[torch.Tensor, torch.Tensor] | None = None) -> StagedCommit:
     plans = ((Kind.USER, inputs.user_plan, inputs.user_slots, u), (Kind.ITEM, inputs.item_plan, inputs.item_slots, x))
+    staged = []
     for n, (kind, plan, slots, vectors) in enumerate(plans):
         if after is not None:
-            store.tables[kind].vectors.put(torch.from_numpy(plan.unique_slots), after[n].detach())
+            staged.append(store.tables[kind].vectors.stage(torch.from_numpy(plan.unique_slots), after[n].detach()))
         else:
             unique, last = last_occurrence(slots)
             assert vectors is not None, "pre_event commits need the events' encodings u, x"
-            store.tables[kind].vectors.put(torch.from_numpy(unique),
-                                           vectors.detach()[torch.from_numpy(last).to(vectors.device)])
-    ts = inputs.batch.timestamp
+            staged.append(store.tables[kind].vectors.stage(
+                torch.from_numpy(unique), vectors.detach()[torch.from_numpy(last).to(vectors.device)]))
+    return StagedCommit(inputs, staged[0], staged[1])
+
+
+def apply_commit(store: RepresentationStore, staged: StagedCommit) -> None:
+    store.users.vectors.put_staged(staged.users)
+    store.items.vectors.put_staged(staged.items)
+    inputs, ts = staged.inputs, staged.inputs.batch.timestamp
     store.users.history.apply(inputs.user_plan, ts[last_occurrence(inputs.user_slots)[1]], inputs.user_slots)
     store.items.history.apply(inputs.item_plan, ts[last_occurrence(inputs.item_slots)[1]], inputs.item_slots)
 

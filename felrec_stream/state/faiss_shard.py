@@ -146,6 +146,7 @@ class IvfAnn:
         self.dim, self.nlist, self.nprobe, self.train_size = dim, nlist, nprobe, train_size
         self.index: Any = None
         self.present = Column(bool, False)
+        self.generation = 0  # +1 whenever the coarse quantizer changes: lists assigned before stay valid until then
 
     def grow(self, n: int) -> None:
         self.present.extend(np.zeros(n, dtype=bool))
@@ -153,7 +154,17 @@ class IvfAnn:
     def ready(self) -> bool:
         return self.index is not None
 
-    def update(self, rows: np.ndarray, unit: np.ndarray, norms: np.ndarray, truth: "Shard") -> None:
+    def assign(self, unit: np.ndarray) -> np.ndarray:
+        """(n,) int64: the inverted list of each unit vector (the costly half of an add). Reads only the
+        trained quantizer, so a writer can compute it before it takes the query lock (`lists` below)."""
+        _, lists = self._quantizer.search(np.ascontiguousarray(unit, dtype=np.float32), 1)
+        return np.ascontiguousarray(lists.reshape(-1), dtype=np.int64)
+
+    def update(self, rows: np.ndarray, unit: np.ndarray, norms: np.ndarray, truth: "Shard",
+               lists: np.ndarray | None = None) -> None:
+        """`lists`: `assign(unit)` computed ahead by the caller (aligned with `rows`), else computed here.
+        What it does is faiss' `update_vectors` (remove, then add) and `add_with_ids`, with the list
+        assignment of both done in one call, so both ways give the same lists."""
         if self.index is None:
             if truth.nonzero >= self.train_size:
                 self._train(truth)
@@ -162,13 +173,21 @@ class IvfAnn:
         gone = rows[present & ~live]
         if len(gone):
             self.index.remove_ids(gone)  # hashtable direct map: O(len(gone)) via IDSelectorArray
-        moved = present & live
-        if moved.any():
-            self.index.update_vectors(np.ascontiguousarray(rows[moved]), np.ascontiguousarray(unit[moved]))
-        fresh = ~present & live
-        if fresh.any():
-            self.index.add_with_ids(np.ascontiguousarray(unit[fresh]), np.ascontiguousarray(rows[fresh]))
+        if live.any():
+            lists = self.assign(unit) if lists is None else lists
+            moved = present & live
+            if moved.any():
+                self.index.remove_ids(np.ascontiguousarray(rows[moved]))
+                self._add(rows[moved], unit[moved], lists[moved])
+            fresh = ~present & live
+            if fresh.any():
+                self._add(rows[fresh], unit[fresh], lists[fresh])
         self.present.data[rows] = live
+
+    def _add(self, rows: np.ndarray, unit: np.ndarray, lists: np.ndarray) -> None:
+        rows, unit = np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(unit, dtype=np.float32)
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        self.index.add_core(len(rows), faiss.swig_ptr(unit), faiss.swig_ptr(rows), faiss.swig_ptr(lists))
 
     def _train(self, truth: "Shard") -> None:
         """Spherical k-means on the first `train_size` non-zero rows, then index every non-zero row."""
@@ -182,6 +201,7 @@ class IvfAnn:
         index.add_with_ids(np.ascontiguousarray(unit[rows]), rows.astype(np.int64))
         index.nprobe = self.nprobe
         self._quantizer, self.index = quantizer, index  # the IVF index borrows the quantizer
+        self.generation += 1
         self.present.data[:] = False
         self.present.data[rows] = True
         log.info("ivf_trained", nlist=self.nlist, train=min(len(rows), self.train_size), rows=len(rows))
@@ -268,13 +288,16 @@ class Shard:
             self.ids[row] = ""
         self.free.extend(rows.tolist())
 
-    def write(self, rows: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
-        """Overwrite `rows` in place: O(len(rows)), the index keeps its size."""
+    def write(self, rows: np.ndarray, unit: np.ndarray, norms: np.ndarray, lists: np.ndarray | None = None) -> None:
+        """Overwrite `rows` in place: O(len(rows)), the index keeps its size. `lists`: the IVF lists of
+        `unit` assigned ahead (`IvfAnn.assign`), or None."""
         self.nonzero += int((norms > 0).sum()) - int((self.norms.data[rows] > 0).sum())
         self.unit_view()[rows] = unit
         self.norms.data[rows] = norms
         self.gpu_index = None
-        if self.ann is not None:
+        if isinstance(self.ann, IvfAnn):
+            self.ann.update(rows, unit, norms, self, lists)
+        elif self.ann is not None:
             self.ann.update(rows, unit, norms, self)
 
     def read(self, rows: np.ndarray) -> np.ndarray:

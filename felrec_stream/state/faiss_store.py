@@ -48,7 +48,7 @@ from felrec_stream.log import get_logger
 from felrec_stream.state.faiss_shard import Column, HnswAnn, IvfAnn, Shard, unit_and_norm, write_shard
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.state.tables import last_occurrence
-from felrec_stream.state.vectors import VectorBackend, raw_vectors, slot_array
+from felrec_stream.state.vectors import StagedPut, VectorBackend, raw_vectors, slot_array
 
 log = get_logger(__name__)
 
@@ -216,6 +216,31 @@ class ShardedFaissVectors(VectorBackend):
 
     def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
         """Overwrite rows in place (O(batch) per shard); the indexes keep their size."""
+        self._write_unit(*self._unit_rows(slots, vectors))
+
+    def stage(self, slots: torch.Tensor, vectors: torch.Tensor) -> StagedPut:
+        """Unit vectors, norms and each IVF shard's list assignment, computed ahead (module docstring)."""
+        flat, unit, norms = self._unit_rows(slots, vectors)
+        if len(flat) and flat.max() >= self.size:
+            return StagedPut(slots, vectors)  # `put` raises the error
+        shard_ids = self._slot_shard.data[flat].copy()
+        lists = np.full(len(flat), -1, dtype=np.int64)
+        generations: dict[int, int] = {}
+        for s in np.unique(shard_ids).tolist():
+            ann = self.shards[s].ann
+            if isinstance(ann, IvfAnn) and ann.ready():
+                mine = shard_ids == s
+                lists[mine], generations[s] = ann.assign(unit[mine]), ann.generation
+        return StagedPut(slots, vectors, _FaissPlan(flat, unit, norms, shard_ids, lists, generations))
+
+    def put_staged(self, staged: StagedPut) -> None:
+        plan = staged.plan
+        if isinstance(plan, _FaissPlan):
+            self._write_unit(plan.flat, plan.unit, plan.norms, plan)
+        else:
+            self.put(staged.slots, staged.vectors)
+
+    def _unit_rows(self, slots: torch.Tensor, vectors: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         flat = np.asarray(torch.as_tensor(slots).detach().cpu().reshape(-1).numpy(), dtype=np.int64)
         values = torch.as_tensor(vectors).detach().to("cpu", torch.float32).numpy().reshape(len(flat), -1)
         if values.shape[1] != self.dim:
@@ -225,15 +250,18 @@ class ShardedFaissVectors(VectorBackend):
         if len(np.unique(flat)) != len(flat):  # keep the latest write per slot, like the in-batch rule
             flat, last = last_occurrence(flat)
             values = values[last]
-        self._write_unit(flat, *unit_and_norm(values))
+        return (flat, *unit_and_norm(values))
 
-    def _write_unit(self, slots: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> None:
+    def _write_unit(self, slots: np.ndarray, unit: np.ndarray, norms: np.ndarray,
+                    plan: "_FaissPlan | None" = None) -> None:
         with self._lock:
             self._check_slots(slots)
             shard_ids, rows = self._slot_shard.data[slots], self._slot_row.data[slots]
             for s in np.unique(shard_ids):
                 mine = shard_ids == s
-                self.shards[s].write(rows[mine], unit[mine], norms[mine])
+                shard = self.shards[s]
+                lists = None if plan is None else plan.lists_for(int(s), mine, shard)
+                shard.write(rows[mine], unit[mine], norms[mine], lists)
 
     def reset(self) -> None:
         with self._lock:
@@ -494,3 +522,22 @@ def make_store(dim: int, cache_config: CacheConfig | None = None, device: torch.
         max_entities=cache.max_entities, spill_dir=spill_dir, spill_read_only=spill_read_only,
         popularity_halflife=cache.popularity_halflife,
     )
+
+
+class _FaissPlan:
+    """`stage`'s precomputation: unit vectors and norms, and per IVF shard the lists of its rows."""
+
+    def __init__(self, flat: np.ndarray, unit: np.ndarray, norms: np.ndarray, shard_ids: np.ndarray,
+                 lists: np.ndarray, generations: dict[int, int]) -> None:
+        self.flat, self.unit, self.norms = flat, unit, norms
+        self.shard_ids, self.lists, self.generations = shard_ids, lists, generations
+
+    def lists_for(self, s: int, mine: np.ndarray, shard: Shard) -> np.ndarray | None:
+        """The staged lists of shard `s`'s rows, if still valid: the rows are in the shard they were
+        staged for and its quantizer is the one they were assigned with (else the write assigns)."""
+        ann = shard.ann
+        if (not isinstance(ann, IvfAnn) or self.generations.get(s) != ann.generation
+                or not (self.shard_ids[mine] == s).all()):
+            return None
+        return self.lists[mine]
+

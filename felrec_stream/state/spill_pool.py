@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from felrec_stream.state.tables import SLOT_COLUMNS, HistoryBuffer, HistoryPlan
-from felrec_stream.state.vectors import VectorBackend, grow
+from felrec_stream.state.vectors import StagedPut, VectorBackend, grow
 
 
 class SpillingVectors(VectorBackend):
@@ -74,9 +74,15 @@ class SpillingVectors(VectorBackend):
         return out
 
     def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
-        flat = torch.as_tensor(slots).detach().cpu().reshape(-1).numpy().astype(np.int64, copy=False)
+        self.put_staged(StagedPut(slots, vectors))
+
+    def stage(self, slots: torch.Tensor, vectors: torch.Tensor) -> StagedPut:
+        return self.inner.stage(slots, vectors)  # a plan whose rows move on a restore is redone (inner's rule)
+
+    def put_staged(self, staged: StagedPut) -> None:
+        flat = torch.as_tensor(staged.slots).detach().cpu().reshape(-1).numpy().astype(np.int64, copy=False)
         self._restore(flat[flat >= 0])
-        self.inner.put(slots, vectors)
+        self.inner.put_staged(staged)
         self._wrote(flat)
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None, *,

@@ -11,6 +11,7 @@ tables, felrec_stream/state/spill.py); the streaming worker uses the sharded FAI
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -18,6 +19,17 @@ import numpy as np
 import torch
 
 from felrec_stream.errors import StoreError
+
+
+@dataclass(frozen=True)
+class StagedPut:
+    """A `put` whose costly, read-only part was computed ahead (`VectorBackend.stage`), so that the
+    writer holds the query lock only for `put_staged`. `plan` is the backend's own precomputation
+    (None: nothing to precompute; `put_staged` is then `put`)."""
+
+    slots: torch.Tensor
+    vectors: torch.Tensor
+    plan: object = None
 
 
 class VectorBackend(abc.ABC):
@@ -36,6 +48,14 @@ class VectorBackend(abc.ABC):
     @abc.abstractmethod
     def put(self, slots: torch.Tensor, vectors: torch.Tensor) -> None:
         """Overwrite rows `slots` (unique, >= 0) with `vectors` (N, D). Detached from autograd."""
+
+    def stage(self, slots: torch.Tensor, vectors: torch.Tensor) -> StagedPut:
+        """The read-only part of `put(slots, vectors)`, changing nothing (callable without the query
+        lock by the store's one writer); `put_staged` applies it with the same result as `put`."""
+        return StagedPut(slots, vectors)
+
+    def put_staged(self, staged: StagedPut) -> None:
+        self.put(staged.slots, staged.vectors)
 
     @abc.abstractmethod
     def reset(self) -> None:

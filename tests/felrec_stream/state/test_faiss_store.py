@@ -220,6 +220,69 @@ def test_ivf_exact_before_training_then_recall_with_update_vectors():
     assert recall >= 0.9
 
 
+def _ivf_bytes(backend: ShardedFaissVectors) -> list[bytes]:
+    return [faiss.serialize_index(shard.ann.index).tobytes() for shard in backend.shards]
+
+
+def test_ivf_update_equals_faiss_update_vectors_and_add_with_ids():
+    """IvfAnn.update (one list assignment, then remove/add_core) builds the index faiss' own
+    update_vectors + add_with_ids builds."""
+    rng = np.random.default_rng(3)
+    n, dim = 1500, 24
+    x = _clustered(n, dim, rng)
+    backend = ShardedFaissVectors(dim, 1, "ivf", ivf_nlist=16, ivf_nprobe=4, ivf_train_size=600)
+    backend.ensure(n + 100, _ids(0, n + 100))
+    backend.put(torch.arange(n), torch.from_numpy(x))
+    ann = backend.shards[0].ann
+    reference = faiss.clone_index(ann.index)
+    rows = np.concatenate([rng.choice(n, 200, replace=False), np.arange(n, n + 100)])  # moved, then fresh
+    new = _clustered(len(rows), dim, rng)
+    backend.put(torch.from_numpy(rows), torch.from_numpy(new))
+    unit = new / np.linalg.norm(new, axis=1, keepdims=True)
+    moved = rows < n
+    reference.update_vectors(np.ascontiguousarray(rows[moved]), np.ascontiguousarray(unit[moved]))
+    reference.add_with_ids(np.ascontiguousarray(unit[~moved]), np.ascontiguousarray(rows[~moved]))
+    assert faiss.serialize_index(reference).tobytes() == _ivf_bytes(backend)[0]
+
+
+def test_staged_puts_equal_plain_puts_and_stay_correct_when_the_quantizer_changes_between():
+    """stage (no lock: unit vectors, norms, IVF lists) + put_staged = put, bit for bit, on every
+    shard; a plan staged before a shard's IVF is trained (or retrained) falls back to assigning."""
+    rng = np.random.default_rng(4)
+    n, dim = 2400, 24
+    x = _clustered(n, dim, rng)
+    plain, staged = (ShardedFaissVectors(dim, 2, "ivf", ivf_nlist=16, ivf_nprobe=4, ivf_train_size=500)
+                     for _ in range(2))
+    for backend in (plain, staged):
+        backend.ensure(n, _ids(0, n))
+    first = staged.stage(torch.arange(1200), torch.from_numpy(x[:1200]))  # staged before any training
+    assert not first.plan.generations
+    plain.put(torch.arange(1200), torch.from_numpy(x[:1200]))
+    staged.put_staged(first)
+    for _ in range(4):  # trained now: the plans carry each shard's lists
+        slots = torch.from_numpy(rng.choice(n, 300, replace=False))
+        values = torch.from_numpy(_clustered(300, dim, rng))
+        plan = staged.stage(slots, values)
+        assert set(plan.plan.generations) == {0, 1}
+        plain.put(slots, values)
+        staged.put_staged(plan)
+    assert _ivf_bytes(staged) == _ivf_bytes(plain)
+    np.testing.assert_array_equal(staged.all().numpy(), plain.all().numpy())
+    stale = staged.stage(torch.arange(200), torch.from_numpy(x[:200]))
+    other = torch.from_numpy(-_clustered(n - 200, dim, np.random.default_rng(5)))  # other data, other centroids
+    for backend in (plain, staged):
+        backend.put(torch.arange(200, n), other)
+        for shard in backend.shards:
+            shard.ann._train(shard)  # the quantizer changes between stage and write
+    assert stale.plan.lists_for(0, stale.plan.shard_ids == 0, staged.shards[0]) is None
+    staged.put_staged(stale)
+    plain.put(torch.arange(200), torch.from_numpy(x[:200]))
+    assert _ivf_bytes(staged) == _ivf_bytes(plain)
+    q = _clustered(20, dim, rng)
+    for a, b in zip(staged.search(q, 10), plain.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_store_from_make_store_matches_tensor_store():
     rng = np.random.default_rng(10)
     cache = CacheConfig(history_len=4, shards=3)
