@@ -414,7 +414,7 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     `max_activation_mb` of activations for backward (0 = no limit; `ActivationBudget`). frozen:
     no optimizer step (the learning control: the loss is still computed and reported). A `Stepper`
     with a writer (the weights' moving average, training.ema_decay) writes the cache instead of them.
-    precision="bf16": every encoding of the window in bf16 (`encode_pair`), the rest in fp32."""
+    precision="bf16": the window's encodings in bf16 (`encode_pair`; a one-event window: fp32), the rest in fp32."""
     stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer, model, ranks=ranks)
     writer = stepper.writer
     if len(window) < 2:
