@@ -24,7 +24,11 @@ earliest ML-100K events) or of the synthetic generator. Prints one line per figu
 Levers (each run in its own process: peak RSS is per process): `--no-buckets` (one padded pass per
 kind and batch), `--max-activation-mb N` (0 = keep every activation), `--torch-dropout` (torch's
 dropout kernels instead of the PCG64 masks), `--allocator` (fixed glibc malloc thresholds),
-`--eval-no-grad` (evaluation under no_grad instead of inference_mode). Targets (issue 11): training
+`--eval-no-grad` (evaluation under no_grad instead of inference_mode), `--precision bf16` (issue
+21: the same steps and evaluation timed again under `training.precision=bf16`, after the fp32 ones,
+with the speed-up per CPU-second and the share of the measured bf16 peak; the product evaluates in
+fp32, so the bf16 evaluation here wraps the encoder in bf16 autocast: what a bf16 evaluation would
+give, a measurement only). Targets (issue 11): training
 >= 3x the reference trainer (114-119 interactions/s with 2 threads on the same events: >= 350/s),
 peak RSS <= 1 GB; evaluation >= 1,200 interactions/s.
 """
@@ -47,7 +51,7 @@ from flop_rate import EncoderFlops, Peak, best, fp32, measure_peak, rate_line  #
 from felrec_stream.config import PRESETS, Configs, preset_sections  # noqa: E402
 from felrec_stream.data import synthetic  # noqa: E402
 from felrec_stream.data.split import chronological_split  # noqa: E402
-from felrec_stream.device import resolve_device  # noqa: E402
+from felrec_stream.device import autocast, check_precision, resolve_device  # noqa: E402
 from felrec_stream.log import configure_logging  # noqa: E402
 from felrec_stream.model import felrec  # noqa: E402
 from felrec_stream.state import engine  # noqa: E402
@@ -115,8 +119,8 @@ def cpu_share(flops: EncoderFlops, cpu_s: float, wall_s: float, peak: Peak) -> f
     return flops.flops / cpu_s / 1e9 / peak.per_cpu
 
 
-def bench_training(configs: Configs, train_events, args: argparse.Namespace, device: torch.device
-                   ) -> tuple[felrec.FELRec, tuple[EncoderFlops, float, float] | None]:
+def bench_training(configs: Configs, train_events, args: argparse.Namespace, device: torch.device,
+                   precision: str = "fp32") -> tuple[felrec.FELRec, tuple[EncoderFlops, float, float] | None]:
     torch.manual_seed(0)
     model = felrec.FELRec(configs.encoder, configs.model).to(device)
     if args.no_buckets:
@@ -132,8 +136,10 @@ def bench_training(configs: Configs, train_events, args: argparse.Namespace, dev
         for batch in warm:
             engine.infer_batch(model.eval(), store, batch, configs.cache)
     shares = [padding_share(store, timed, device, o) for o in (10**9, felrec.BUCKET_OVERHEAD)]
-    print(f"train: padding share of encoded positions: one pass per kind {shares[0]:.0%}, "
-          f"length buckets {shares[1]:.0%}")
+    tag = "" if precision == "fp32" else f"[{precision}]"
+    if not tag:
+        print(f"train: padding share of encoded positions: one pass per kind {shares[0]:.0%}, "
+              f"length buckets {shares[1]:.0%}")
     timer: dict[str, float] = {}
     if not timed:
         return model, None
@@ -141,36 +147,46 @@ def bench_training(configs: Configs, train_events, args: argparse.Namespace, dev
     started, cpu = time.perf_counter(), time.process_time()
     with EncoderFlops(configs.encoder) as flops:
         for batch in timed:
-            train_step(model, store, optimizer, batch, configs.cache, timer, max_activation_mb=args.max_activation_mb)
+            train_step(model, store, optimizer, batch, configs.cache, timer, max_activation_mb=args.max_activation_mb,
+                       precision=precision)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     n = sum(len(b) for b in timed)
     split = " ".join(f"{k}={1e3 * v / len(timed):.0f}ms" for k, v in timer.items())
-    print(f"train: {n / seconds:,.1f} interactions/s (target >= {TRAIN_TARGET:.0f}; {len(timed)} batches of "
+    print(f"train{tag}: {n / seconds:,.1f} interactions/s (target >= {TRAIN_TARGET:.0f}; {len(timed)} batches of "
           f"{configs.training.batch_size} after {len(warm) * configs.training.batch_size} events; "
-          f"{cpu / len(timed):.1f} CPU-s per step; per step: {split})")
-    print(f"train: peak RSS {peak_rss_mb():,.0f} MB (target <= {RSS_TARGET_MB:.0f}; now {rss_mb():,.0f} MB)")
-    print(f"train: encoded {flops.computed:,} positions in {len(flops.buckets)} buckets, padding "
+          f"{cpu / len(timed):.1f} CPU-s per step, {n / cpu:,.1f} interactions per CPU-s; per step: {split})")
+    print(f"train{tag}: peak RSS {peak_rss_mb():,.0f} MB (target <= {RSS_TARGET_MB:.0f}; now {rss_mb():,.0f} MB)")
+    print(f"train{tag}: encoded {flops.computed:,} positions in {len(flops.buckets)} buckets, padding "
           f"{flops.padding:.1%} of them (the timed steps, as computed)")
     return model, (flops, seconds, cpu)
 
 
-def bench_eval(configs: Configs, model: felrec.FELRec, split, args: argparse.Namespace, device: torch.device
-               ) -> tuple[EncoderFlops, float, float]:
+def bench_eval(configs: Configs, model: felrec.FELRec, split, args: argparse.Namespace, device: torch.device,
+               precision: str = "fp32") -> tuple[EncoderFlops, float, float]:
+    tag = "" if precision == "fp32" else f"[{precision}]"
+    if precision != "fp32":  # a measurement only: the product's evaluation encodes in fp32
+        encode_kind = model.encode_kind
+
+        def encode_in_precision(*args_: object, **kwargs: object) -> torch.Tensor:
+            with autocast(precision, device):
+                return encode_kind(*args_, **kwargs).float()  # type: ignore[arg-type]
+        model.encode_kind = encode_in_precision  # type: ignore[method-assign]
     store = RepresentationStore.for_cache(configs.encoder.d_model, configs.cache, device)
     online = FELRecOnline(model.eval(), store, configs.cache, protocol="serve", scoring=configs.scoring)
     for batch in iter_batches(split.train, configs.eval.batch_size):
         online.observe(batch)
-    print(f"eval: RSS after replaying the training split {rss_mb():,.0f} MB (peak {peak_rss_mb():,.0f} MB)")
+    print(f"eval{tag}: RSS after replaying the training split {rss_mb():,.0f} MB (peak {peak_rss_mb():,.0f} MB)")
     mode = torch.no_grad() if args.eval_no_grad else torch.inference_mode()
     cpu = time.process_time()
     with mode, EncoderFlops(configs.encoder) as flops:
         result = evaluate(online, split.val, split.train, configs.eval)
     cpu = time.process_time() - cpu
     total = result.summary()["total"]
-    print(f"eval: {len(split.val) / result.seconds:,.1f} interactions/s (target >= {EVAL_TARGET:,.0f}; serve "
+    print(f"eval{tag}: {len(split.val) / result.seconds:,.1f} interactions/s (target >= {EVAL_TARGET:,.0f}; serve "
           f"protocol, full-catalog rank {total['rank']:.4f}, HR@10 {total['hit_rate']:.4f}, {len(split.val)} events, "
           f"{'no_grad' if args.eval_no_grad else 'inference_mode'}; {len(split.val) / cpu:,.1f} per CPU-s)")
-    print(f"eval: encoded {flops.computed:,} positions in {len(flops.buckets)} buckets, padding {flops.padding:.1%}")
+    print(f"eval{tag}: encoded {flops.computed:,} positions in {len(flops.buckets)} buckets, "
+          f"padding {flops.padding:.1%}")
     return flops, result.seconds, cpu
 
 
@@ -212,6 +228,9 @@ def main() -> None:
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--catalog", type=int, default=0, help="also score 1,000 events against N catalog items")
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="the configuration measured")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: after the fp32 figures, the same steps and evaluation in bf16 "
+                             "(training.precision), the speed-up per CPU-second and the share of the bf16 peak")
     args = parser.parse_args()
     configure_logging(level="WARNING")
     if args.threads:
@@ -235,22 +254,54 @@ def main() -> None:
           f"buckets={not args.no_buckets} bucket_tokens={args.bucket_tokens or felrec.BUCKET_TOKENS} "
           f"max_activation_mb={args.max_activation_mb} "
           f"dropout={'torch' if args.torch_dropout else 'pcg64'} allocator={'tuned' if args.allocator else 'default'}")
+    precisions = ["fp32"] if args.precision == "fp32" else ["fp32", args.precision]
+    check_precision(args.precision, device)
     before = measure_peak(torch.get_num_threads(), device)
-    model, trained = bench_training(configs, split.train, args, device)
-    evaluated = None if args.skip_eval else bench_eval(configs, model, split, args, device)
+    measured: dict[str, dict[str, tuple[EncoderFlops, float, float] | None]] = {}
+    for precision in precisions:
+        model, trained = bench_training(configs, split.train, args, device, precision)
+        evaluated = None if args.skip_eval else bench_eval(configs, model, split, args, device, precision)
+        measured[precision] = {"train": trained, "eval": evaluated}
     if args.catalog:
         bench_large_catalog(configs, model, args.catalog, device)
     print(f"peak RSS {peak_rss_mb():,.0f} MB")
     peaks = best(before, measure_peak(torch.get_num_threads(), device))  # before and after: the higher
     for peak in peaks:
         print(peak.describe())
-    shares = {}
-    for name, measured in (("train", trained), ("eval", evaluated)):
-        if measured is not None:
-            flops, seconds, cpu = measured
-            print(rate_line(f"{name} rate", flops.flops, seconds, cpu if device.type == "cpu" else None, fp32(peaks)))
-            shares[name] = f"{100 * cpu_share(flops, cpu, seconds, fp32(peaks)):.1f}%"
-    print(f"share of measured fp32 peak: train {shares.get('train', 'n/a')}, eval {shares.get('eval', 'n/a')}")
+    report_rates(measured, peaks, device)
+
+
+def report_rates(measured: dict[str, dict[str, tuple[EncoderFlops, float, float] | None]], peaks: list[Peak],
+                 device: torch.device) -> None:
+    """Per precision and stage the encoder's FLOP rate against the peak of its dtype (and fp32's),
+    the closing share line(s), and bf16's speed-up per CPU-second over fp32 (the same steps/events)."""
+    cpu_only = device.type == "cpu"
+    by_dtype = {p.dtype: p for p in peaks}
+    for precision, stages in measured.items():
+        tag = "" if precision == "fp32" else f"[{precision}]"
+        shares: dict[str, str] = {}
+        for name, stage in stages.items():
+            if stage is None:
+                continue
+            flops, seconds, cpu = stage
+            print(rate_line(f"{name}{tag} rate", flops.flops, seconds, cpu if cpu_only else None, fp32(peaks)))
+            own = by_dtype.get(precision, fp32(peaks))
+            if own is not fp32(peaks):
+                print(rate_line(f"{name}{tag} rate", flops.flops, seconds, cpu if cpu_only else None, own))
+            shares[name] = f"{100 * cpu_share(flops, cpu, seconds, own):.1f}%"
+        run = f" ({precision} run)" if tag else ""
+        print(f"share of measured {by_dtype.get(precision, fp32(peaks)).dtype} peak{run}: "
+              f"train {shares.get('train', 'n/a')}, eval {shares.get('eval', 'n/a')}")
+    if len(measured) > 1:
+        base, other = measured["fp32"], measured[list(measured)[-1]]
+        ratios = []
+        for name in ("train", "eval"):
+            a, b = base.get(name), other.get(name)
+            if a is not None and b is not None:  # the same steps/events: the ratio of CPU-seconds (wall on a GPU)
+                ratios.append(f"{name} {(a[2] / b[2] if cpu_only else a[1] / b[1]):.2f}x "
+                              f"(wall {a[1] / b[1]:.2f}x)")
+        per = "CPU" if cpu_only else "wall"
+        print(f"{list(measured)[-1]} speed-up over fp32 per {per}-second: {', '.join(ratios)}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 - `measure_peak(threads, device)`: a (2048 x 2048) @ (2048 x 2048) fp32 matmul, `repeats` times
   after one warm-up, with `threads` torch threads, in this process: the best repetition's GFLOP/s
   per wall-second and per CPU-second of the process (on the CPU). bf16 as well where the CPU has
-  AVX512-BF16 or AMX (read from /proc/cpuinfo's flags, never assumed), reported as such. On CUDA:
-  per wall-second only (the GPU's time is not CPU time), fp32 with TF32 as torch has it set.
+  AVX512-BF16 or AMX (`felrec_stream.device.bf16_units`: /proc/cpuinfo's flags, never assumed),
+  reported as such. On CUDA: per wall-second only (the GPU's time is not CPU time), fp32 with TF32
+  as torch has it set.
 - `EncoderFlops`: records every length bucket the FELRec encoder computes while it is active (it
   wraps `felrec.length_buckets`, which `Encoder.forward` calls once per forward), with whether
   autograd was recording: such a forward is counted with its backward (3 x forward,
@@ -27,31 +28,11 @@ from typing import Any
 import torch
 
 from felrec_stream.config import EncoderConfig
+from felrec_stream.device import bf16_units
 from felrec_stream.model import felrec
 from felrec_stream.model.flops import encoder_flops
 
 MATMUL_SIZE = 2048
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def bf16_units() -> str | None:
-    """'AMX' or 'AVX512-BF16' where the CPU has bf16 matmul units, else None."""
-    flags = cpu_flags()
-    if "amx_bf16" in flags:
-        return "AMX" + (" + AVX512-BF16" if "avx512_bf16" in flags else "")
-    return "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
 @dataclass(frozen=True)

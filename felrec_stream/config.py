@@ -156,6 +156,10 @@ class TrainingConfig:
     # it are encoded again during backward (exact: same dropout masks, same gradients; costs their
     # forward once more). 0 = no limit. See model/felrec.py ActivationBudget.
     max_activation_mb: int = 256
+    # bf16: the encoder's forward (and so its backward) in training steps runs under
+    # torch.autocast(bfloat16); weights, optimizer, loss, cache and validation stay fp32. Only where
+    # the device has bf16 matmul units (felrec_stream.device.check_precision refuses it elsewhere).
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")

@@ -1,6 +1,11 @@
-"""The one place a device name from a config or an option becomes a torch.device."""
+"""The one place a device name from a config or an option becomes a torch.device, and what a
+device can compute in: bf16 units (`bf16_units`, `check_precision`) and the `autocast` of
+`training.precision`."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 import torch
 
@@ -28,3 +33,46 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {name!r} requested but torch sees no MPS device")
     return device
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the CPU's bf16 matmul units
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_units() -> str | None:
+    """'AMX', 'AMX + AVX512-BF16' or 'AVX512-BF16' where the CPU has bf16 matmul units, else None
+    (read from the flags, never assumed: without them torch emulates bf16, ~20x slower than fp32)."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX" + (" + AVX512-BF16" if "avx512_bf16" in flags else "")
+    return "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse `training.precision=bf16` where the device has no bf16 matmul units (one line)."""
+    if precision != "bf16":
+        return
+    if device.type == "cpu" and bf16_units() is None:
+        raise ConfigError("training.precision=bf16 needs a CPU with bf16 matmul units (AVX512-BF16 or AMX); "
+                          "this CPU has neither: use fp32")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"training.precision=bf16 needs bf16 support, which {device} lacks: use fp32")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16: torch.autocast to bfloat16 on `device`'s type (matmuls in bf16, weights stay fp32);
+    fp32: nothing at all (the default path is unchanged, bit for bit)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -26,7 +26,7 @@ import torch
 
 from felrec_stream.config import CacheConfig, Configs, EvalConfig, ModelConfig, ScoringConfig, TrainingConfig, replace
 from felrec_stream.data.split import chronological_split
-from felrec_stream.device import resolve_device
+from felrec_stream.device import autocast, check_precision, resolve_device
 from felrec_stream.errors import ConfigError, ModelError, TrainingError
 from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives
@@ -35,9 +35,9 @@ from felrec_stream.model.losses import representation_spread
 from felrec_stream.progress import ProgressLog
 from felrec_stream.state.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from felrec_stream.parallel import Ranks, sync_batch_norms
-from felrec_stream.state.engine import (DEFAULT_CACHE, BatchInputs, Sequences, commit_batch, encode_after,
-                                        encode_sequences, event_sequences, infer_batch, prepare_batch, whole_after,
-                                        whole_rows, with_after)
+from felrec_stream.state.engine import (DEFAULT_CACHE, BatchInputs, Sequences, commit_batch,
+                                        encode_sequences, event_sequences, infer_batch, prepare_batch,
+                                        whole_after, whole_rows, with_after)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch, iter_batches
 from training.evaluate import DEFAULT_EXCLUDE_RECENT, EvalResult, evaluate, evaluate_variants
@@ -101,6 +101,7 @@ def train(events: pa.Table, configs: Configs, out_dir: str | Path, resume: bool 
         device = ranks.place(device)
         if training_cfg.ema_decay > 0:
             raise ConfigError("training.ema_decay is not supported with data-parallel ranks yet")
+    check_precision(training_cfg.precision, device)
     if training_cfg.ema_decay > 0 and configs.encoder.output_norm == "batch":
         raise ConfigError("training.ema_decay needs encoder.output_norm running, whiten or none: the moving "
                           "average encodes in eval mode, where batch statistics would stay at their start")
@@ -183,7 +184,7 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
                         cfgs.cache, desc=f"epoch {epoch + 1}/{cfgs.training.epochs}", ranks=ranks,
                         max_activation_mb=cfgs.training.max_activation_mb, window=cfgs.training.window, seed=seed,
                         frozen=cfgs.training.frozen, writer=state.writer, ema_decay=cfgs.training.ema_decay,
-                        accumulate=cfgs.training.accumulate)
+                        accumulate=cfgs.training.accumulate, precision=cfgs.training.precision)
     if state.writer is not None and cfgs.training.ema_decay == 1.0:  # synced once an epoch
         state.writer.load_state_dict(state.model.state_dict())
     served = state.writer or state.model  # the weights that wrote the cache
@@ -352,10 +353,11 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
                 events: pa.Table, batch_size: int, cache: CacheConfig = DEFAULT_CACHE, desc: str = "epoch",
                 timer: dict[str, float] | None = None, ranks: Ranks | None = None,
                 max_activation_mb: int = 0, window: int = 0, seed: int = 0, frozen: bool = False,
-                writer: FELRec | None = None, ema_decay: float = 0.0, accumulate: int = 1) -> EpochStats:
+                writer: FELRec | None = None, ema_decay: float = 0.0, accumulate: int = 1,
+                precision: str = "fp32") -> EpochStats:
     """Empty the cache, replay `events` in order, window by window (`train_window`; window 0 =
     batch_size: consecutive batches); `seed` draws the batches of each window; one optimizer step
-    every `accumulate` batches (`Stepper`)."""
+    every `accumulate` batches (`Stepper`); precision: `encode_pair`."""
     from tqdm import tqdm
 
     store.reset()
@@ -367,7 +369,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
     with tqdm(total=len(events), desc=desc, unit="ev", leave=False, disable=not sys.stderr.isatty()) as bar:
         for n, events_in in enumerate(iter_batches(events, window)):
             done = train_window(model, store, stepper, events_in, batch_size, cache,
-                                np.random.default_rng([seed, n]), timer, ranks, max_activation_mb, frozen)
+                                np.random.default_rng([seed, n]), timer, ranks, max_activation_mb, frozen, precision)
             steps.extend(done)
             loss = done[-1].loss if done else None
             if loss is not None:
@@ -385,10 +387,11 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
 def train_step(model: FELRec, store: RepresentationStore, optimizer: torch.optim.Optimizer, batch: EventBatch,
                cache: CacheConfig = DEFAULT_CACHE, timer: dict[str, float] | None = None,
                ranks: Ranks | None = None, max_activation_mb: int = 0,
-               rng: np.random.Generator | None = None) -> float | None:
+               rng: np.random.Generator | None = None, precision: str = "fp32") -> float | None:
     """One optimizer step on the whole batch (`train_window` with one batch); its loss, or None
     for a batch of one event (BatchNorm needs two), which only updates the cache."""
-    steps = train_window(model, store, optimizer, batch, len(batch), cache, rng, timer, ranks, max_activation_mb)
+    steps = train_window(model, store, optimizer, batch, len(batch), cache, rng, timer, ranks, max_activation_mb,
+                         precision=precision)
     return steps[0].loss if steps else None
 
 
@@ -396,7 +399,7 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
                  window: EventBatch,
                  batch_size: int, cache: CacheConfig = DEFAULT_CACHE, rng: np.random.Generator | None = None,
                  timer: dict[str, float] | None = None, ranks: Ranks | None = None,
-                 max_activation_mb: int = 0, frozen: bool = False) -> list[StepStats]:
+                 max_activation_mb: int = 0, frozen: bool = False, precision: str = "fp32") -> list[StepStats]:
     """Train on a window of time-ordered events: prepare -> per batch (encode -> loss -> step) -> commit.
 
     Every event of the window reads the cache as it was before the window, its histories hold
@@ -410,7 +413,8 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     summed over the ranks and every rank commits the whole window. The encoder keeps at most
     `max_activation_mb` of activations for backward (0 = no limit; `ActivationBudget`). frozen:
     no optimizer step (the learning control: the loss is still computed and reported). A `Stepper`
-    with a writer (the weights' moving average, training.ema_decay) writes the cache instead of them."""
+    with a writer (the weights' moving average, training.ema_decay) writes the cache instead of them.
+    precision="bf16": the window's encodings in bf16 (`encode_pair`; a one-event window: fp32), the rest in fp32."""
     stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer, model, ranks=ranks)
     writer = stepper.writer
     if len(window) < 2:
@@ -431,15 +435,15 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
         users, items = event_sequences(store, inputs, rows, device, cache, ranks)
         if len(rows) < 2:
             with torch.no_grad():
-                u, x = encode_sequences(writer or model, users), encode_sequences(writer or model, items)
+                u, x = encode_pair(writer or model, users, items, precision)
         else:
             negatives = draw_negatives(store, model.config, rng, device)
             u, x, stats = step_rows(model, store, stepper, inputs, rows, users, items, ranks, max_activation_mb,
-                                negatives, frozen)
+                                negatives, frozen, precision)
             steps.append(stats)
             if writer is not None and not post:  # the writer's encodings are what the cache receives
                 with torch.no_grad(), adapting_norms(writer):
-                    u, x = encode_sequences(writer, users), encode_sequences(writer, items)
+                    u, x = encode_pair(writer, users, items, precision)
         if not post:
             u, x = whole_rows(ranks, u.detach(), x.detach(), len(rows))
             U = u.new_empty((len(window), u.shape[1])) if U is None else U
@@ -449,7 +453,8 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
     if post:
         with torch.no_grad(), adapting_norms(writer or model):
             inputs = with_after(store, inputs, device, cache, ranks)
-            after = whole_after(ranks, inputs, encode_after(writer or model, inputs))
+            after = whole_after(ranks, inputs, encode_pair(writer or model, inputs.users_after, inputs.items_after,
+                                                           precision))
         commit_batch(store, inputs, None, None, after)
     else:
         commit_batch(store, inputs, U, X)
@@ -463,13 +468,14 @@ def train_window(model: FELRec, store: RepresentationStore, optimizer: torch.opt
 def step_rows(model: FELRec, store: RepresentationStore, stepper: Stepper, inputs: BatchInputs,
           rows: np.ndarray,
           users: Sequences, items: Sequences, ranks: Ranks | None, max_activation_mb: int,
-          negatives: Negatives | None = None, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor, StepStats]:
+          negatives: Negatives | None = None, frozen: bool = False,
+          precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, StepStats]:
     """encode -> loss -> optimizer step on the events `rows` of a window; (u, x) of this rank's rows.
-    frozen: the loss only, no step (the learning control)."""
+    frozen: the loss only, no step (the learning control). precision: `encode_pair`."""
     device = users.h.device
     budget = ActivationBudget(max_activation_mb << 20)
     with torch.set_grad_enabled(not frozen):
-        u, x = encode_sequences(model, users, budget), encode_sequences(model, items, budget)  # (b, D) each
+        u, x = encode_pair(model, users, items, precision, budget)  # (b, D) each
     mine = rows if ranks is None else rows[ranks.span(len(rows))]
     ids = None
     if model.config.mask_own_negatives:
@@ -488,6 +494,18 @@ def step_rows(model: FELRec, store: RepresentationStore, stepper: Stepper, input
         value = ranks.sum(value)  # the shares add up to the batch mean
         chance = ranks.sum(chance * len(mine)) / len(rows)
     return u, x, StepStats(value, chance, len(np.unique(inputs.user_slots[rows])))
+
+
+def encode_pair(model: FELRec, users: Sequences | None, items: Sequences | None, precision: str = "fp32",
+                budget: ActivationBudget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_u, D), (R_x, D) fp32 encodings of the users' and the items' sequences: the one place
+    training calls the encoder. precision="bf16" (training.precision): its forward under
+    torch.autocast(bfloat16) (and so its backward; a bucket the budget defers replays under it too),
+    the outputs cast back to fp32 before the loss or the cache sees them; "fp32": the plain call."""
+    device = next(model.parameters()).device
+    with autocast(precision, device):
+        u, x = encode_sequences(model, users, budget), encode_sequences(model, items, budget)
+    return u.float(), x.float()
 
 
 def served_targets(model: FELRec, store: RepresentationStore, inputs: BatchInputs, rows: np.ndarray, u: torch.Tensor,

@@ -292,7 +292,7 @@ class ActivationBudget:
             state = _rng_state(h.device)
             with torch.no_grad():
                 leaf = run().requires_grad_()
-            self._deferred.append((run, state, leaf))
+            self._deferred.append((_under_autocast(run, h.device.type), state, leaf))
             return leaf
         return pool
 
@@ -308,6 +308,19 @@ class ActivationBudget:
                 run().backward(leaf.grad)
         _set_rng_state(device, end)
         self._deferred.clear()
+
+
+def _under_autocast(run: Callable[[], torch.Tensor], device_type: str) -> Callable[[], torch.Tensor]:
+    """`run` replayed under the autocast state it was first run under (a bf16 step's deferred
+    bucket re-encodes in bf16, after the autocast block has ended); as is without autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return run
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def replay() -> torch.Tensor:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return run()
+    return replay
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
