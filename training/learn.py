@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from felrec_stream.config import Configs, LearnConfig, to_dict
+from felrec_stream.device import check_precision
 from felrec_stream.errors import ModelError
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
@@ -183,6 +184,7 @@ class Learner:
         # rank trains its slice of each batch as `train` does, so the replicas stay identical
         self.ranks, self.leader = ranks, ranks is None or ranks.leader
         self.device = torch.device(device) if ranks is None else ranks.place(torch.device(device))
+        check_precision(cfgs.training.precision, self.device)  # the checkpoint's training.precision, as `train`
         self.model = self._new_model(checkpoint.online_state or checkpoint.model_state).train()
         if ranks is not None:
             ranks.replicate(self.model)
@@ -299,7 +301,8 @@ class Learner:
         if replay is not None:
             self._replay_step(replay)
         steps = train_window(self.model, self.store, self.stepper, batch, len(batch), self.configs.cache,
-                             np.random.default_rng([self.config.seed, self.progress.batches]), ranks=self.ranks)
+                             np.random.default_rng([self.config.seed, self.progress.batches]), ranks=self.ranks,
+                             precision=self.configs.training.precision)
         self.stepper.flush()
         self.reservoir.add(batch)
         self.progress.trained += len(batch)
@@ -312,7 +315,8 @@ class Learner:
         rows = np.arange(len(replay))
         users, items = event_sequences(self.store, inputs, rows, self.device, self.configs.cache, self.ranks)
         negatives = draw_negatives(self.store, self.model.config, self.replay_rng, self.device)
-        step_rows(self.model, self.store, self.stepper, inputs, rows, users, items, self.ranks, 0, negatives)
+        step_rows(self.model, self.store, self.stepper, inputs, rows, users, items, self.ranks, 0, negatives,
+                  precision=self.configs.training.precision)
 
     @torch.no_grad()
     def _predict(self, batch: EventBatch) -> list[tuple[float, float]]:

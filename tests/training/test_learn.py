@@ -66,6 +66,41 @@ def test_learner_from_the_first_event_trains_bit_identically_to_one_epoch_of_tra
     assert np.array_equal(learner.store.users.vectors.all().numpy(), store.users.vectors.all().numpy())
 
 
+def test_the_learner_trains_in_the_checkpoints_precision_as_train_does(tmp_path, monkeypatch):
+    """training.precision=bf16 in the checkpoint: the learner's steps equal one epoch of `train` in
+    bf16 (the same encode_pair), bit for bit; without bf16 units it is refused as `train` refuses it."""
+    import dataclasses
+
+    from felrec_stream import device as device_module
+    from felrec_stream.errors import ConfigError
+    from felrec_stream.state.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(device_module, "bf16_units", lambda: "AMX")  # autocast runs on any CPU, slowly
+    events = _events(320)
+    ckpt_path, configs = _checkpoint(tmp_path)
+    ckpt = load_checkpoint(ckpt_path)
+    bf16 = dataclasses.replace(configs, training=dataclasses.replace(configs.training, precision="bf16"))
+    save_checkpoint(Checkpoint(ckpt.model_state, bf16, epoch=0), tmp_path / "bf16.pt")
+    learner = _learner(tmp_path, events, tmp_path / "bf16.pt")
+    learner.run()
+    torch.manual_seed(0)
+    reference = FELRec(ENC, MODEL)
+    reference.load_state_dict(ckpt.model_state)
+    store = RepresentationStore.for_cache(ENC.d_model, CACHE)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=configs.training.momentum,
+                                weight_decay=configs.training.weight_decay)
+    torch.manual_seed(0)
+    train_epoch(reference, store, optimizer, events, BATCH, CACHE, seed=0, precision="bf16")
+    fp32 = _learner(tmp_path, events, ckpt_path, name="fp32")
+    fp32.run()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(learner.model.state_dict()[name], tensor), name
+    assert any(not torch.equal(fp32.model.state_dict()[n], t) for n, t in reference.state_dict().items())
+    monkeypatch.setattr(device_module, "bf16_units", lambda: None)
+    with pytest.raises(ConfigError, match="bf16"):
+        _learner(tmp_path, events, tmp_path / "bf16.pt", name="refused")
+
+
 def test_versions_are_published_every_n_events_with_their_position_and_parent(tmp_path):
     events = _events()
     ckpt_path, _ = _checkpoint(tmp_path)
