@@ -42,7 +42,7 @@ from felrec_stream.state.engine import (BatchInputs, commit_batch, encode, encod
                                         prepare_batch, whole_after, whole_batch)
 from felrec_stream.state.store import RepresentationStore
 from felrec_stream.stream.events import EventBatch
-from training.in_batch import previous_same, visible_updates, written_vectors
+from training.in_batch import previous_same, set_visible_scores, visible_updates, written_vectors
 from training.protocol import EVAL_PARTITIONS, ItemCatalog
 
 DEFAULT_SCORING = ScoringConfig()
@@ -112,7 +112,7 @@ class FELRecOnline:
         similarity = Q @ F.normalize(items, dim=-1).T  # (B, C)
         col = torch.from_numpy(catalog.index(batch.item)).to(Q.device)  # (B,)
         i, j = (torch.from_numpy(a).to(Q.device) for a in visible_updates(inputs.item_slots, self.protocol == "paper"))
-        similarity[i, col[j]] = (Q[i] * F.normalize(W_x[j], dim=-1)).sum(-1)  # written earlier in the batch
+        set_visible_scores(similarity, Q, W_x, i, j, col)  # items written earlier in the batch
         if self.protocol == "serve":  # an item's first interaction: its no-history encoding
             first = torch.from_numpy(np.flatnonzero(inputs.item_plan.event_length == 0)).to(Q.device)
             similarity[first, col[first]] = (Q[first] * F.normalize(x[first], dim=-1)).sum(-1)
