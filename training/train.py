@@ -26,7 +26,7 @@ import torch
 
 from felrec_stream.config import CacheConfig, Configs, EvalConfig, ModelConfig, ScoringConfig, TrainingConfig, replace
 from felrec_stream.data.split import chronological_split
-from felrec_stream.device import resolve_device
+from felrec_stream.device import release_freed_memory, resolve_device
 from felrec_stream.errors import ConfigError, ModelError, TrainingError
 from felrec_stream.log import get_logger
 from felrec_stream.model.felrec import ActivationBudget, FELRec, Negatives
@@ -194,6 +194,7 @@ def _run_epoch(state: _State, train_events: pa.Table, val_events: pa.Table, out:
     store_state = state.store.state_dict()  # the cache after training, before validation moves it on
     if ranks is not None:  # cheap insurance once an epoch: the replicas must be bit-identical
         ranks.agree({"model": served.state_dict(), "store": store_state}, "model and cache after the epoch")
+    release_freed_memory()
     val, scoring = validate(served, state.store, cfgs, val_events, train_events, ranks)
     val_rank = val.mean_rank
     state.epoch = epoch + 1
@@ -374,6 +375,7 @@ def train_epoch(model: FELRec, store: RepresentationStore, optimizer: torch.opti
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(len(events_in))
             progress.update(len(events_in), loss)
+            release_freed_memory()  # else the heap's holes add up to ~0.7 GB of RSS over an epoch at paper size
     stepper.flush()
     progress.finish()
     if not steps:
