@@ -40,7 +40,7 @@ def test_releasing_freed_memory_changes_no_result_and_training_stays_determinist
     calls = []
     monkeypatch.setattr(train_module, "release_freed_memory", lambda: calls.append(1) or False)
     kept = _train_once(events)
-    assert len(calls) == 4  # once per window of 100 events
+    assert len(calls) > 2 * 4  # per window of 100 events, before each loss, between re-encoded buckets
     _assert_identical(released, kept)
 
 
