@@ -155,7 +155,7 @@ class TrainingConfig:
     # Memory: the most encoder activations (MiB) a training step keeps for backward; buckets beyond
     # it are encoded again during backward (exact: same dropout masks, same gradients; costs their
     # forward once more). 0 = no limit. See model/felrec.py ActivationBudget.
-    max_activation_mb: int = 256
+    max_activation_mb: int = 128  # paper size: peak RSS <= 1 GB (README "Memory at the paper's size")
 
     def __post_init__(self) -> None:
         check(self.epochs >= 0 and 0 <= self.warmup_epochs, "training.epochs and warmup_epochs must be >= 0")

@@ -1,16 +1,23 @@
-"""Memory levers of training change no result: the heap handed back after every window (and the
-activation budget) leave losses, weights and cache bit-identical, run after run."""
+"""Memory levers change no result: the heap handed back to the OS (training and evaluation) leaves
+losses, weights, cache and scores bit-identical, run after run; a smaller activation budget changes
+the trained weights by float rounding only."""
 
 import platform
 
+import pytest
 import torch
 
+import training.evaluate as evaluate_module
 import training.train as train_module
-from felrec_stream.config import CacheConfig, EncoderConfig, ModelConfig
+from felrec_stream.config import CacheConfig, EncoderConfig, EvalConfig, ModelConfig
 from felrec_stream.data import synthetic
+from felrec_stream.data.split import chronological_split
 from felrec_stream.device import release_freed_memory
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.state.store import RepresentationStore
+from felrec_stream.stream.events import iter_batches
+from training.evaluate import evaluate
+from training.felrec_online import FELRecOnline
 
 ENC = EncoderConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32)
 MODEL = ModelConfig(variant="q", queue_size=64, proj_hidden=16, proj_out=16)
@@ -49,3 +56,36 @@ def test_release_freed_memory_is_a_no_op_without_glibc():
     assert isinstance(result, bool)
     if platform.system() != "Linux":
         assert result is False
+
+
+def test_a_smaller_activation_budget_trains_the_same_model_up_to_float_rounding():
+    """The budget re-encodes the buckets beyond it for backward: the same masks and outputs, the
+    gradients summed in another order (so not bit for bit: the default went 256 -> 128 MB)."""
+    events = synthetic.generate(synthetic.SyntheticConfig(n_users=30, n_items=20, n_events=400, n_clusters=2,
+                                                          seed=3)).events
+    every, budgeted = _train_once(events, max_activation_mb=0), _train_once(events, max_activation_mb=1)
+    assert budgeted[0].loss == pytest.approx(every[0].loss, rel=1e-6)
+    for key, value in every[1].items():
+        torch.testing.assert_close(budgeted[1][key], value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(budgeted[2], every[2], rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_with_freed_memory_released_scores_the_same(monkeypatch):
+    events = synthetic.generate(synthetic.SyntheticConfig(n_users=30, n_items=20, n_events=600, n_clusters=2,
+                                                          seed=4)).events
+    split = chronological_split(events, 0.2, 0.1)
+    torch.manual_seed(0)
+    model = FELRec(ENC, MODEL).eval()
+
+    def run():
+        store = RepresentationStore.for_cache(ENC.d_model, CacheConfig(), "cpu")
+        online = FELRecOnline(model, store, CacheConfig())
+        for batch in iter_batches(split.train, 64):
+            online.observe(batch)
+        return evaluate(online, split.val, split.train, EvalConfig(batch_size=32)).events
+
+    released = run()
+    calls = []
+    monkeypatch.setattr(evaluate_module, "release_freed_memory", lambda: calls.append(1) or False)
+    kept = run()
+    assert calls and released.equals(kept)
