@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from felrec_stream.config import EVAL_MODES, CacheConfig, ScoringConfig
+from felrec_stream.device import release_freed_memory
 from felrec_stream.errors import ModelError
 from felrec_stream.model.felrec import FELRec
 from felrec_stream.model.norms import adapting_norms
@@ -85,6 +86,7 @@ class FELRecOnline:
                 infer_batch(self.model, self.store, batch, self.cache_cfg, self.ranks)
         finally:
             self.model.train(was_training)
+        release_freed_memory()  # a replay of 24 paper-size batches otherwise kept ~0.4 GB of freed heap
 
     @torch.no_grad()
     def score_parts(self, batch: EventBatch, catalog: ItemCatalog,
