@@ -155,7 +155,7 @@ class TrainingConfig:
     # Memory: the most encoder activations (MiB) a training step keeps for backward; buckets beyond
     # it are encoded again during backward (exact: same dropout masks, same gradients; costs their
     # forward once more). 0 = no limit. See model/felrec.py ActivationBudget.
-    max_activation_mb: int = 256
+    max_activation_mb: int = 128  # paper size: peak RSS <= 1 GB (README "Memory at the paper's size")
     # bf16: the encoder's forward (and so its backward) in training steps runs under
     # torch.autocast(bfloat16); weights, optimizer, loss, cache and validation stay fp32. Only where
     # the device has bf16 matmul units (felrec_stream.device.check_precision refuses it elsewhere).

@@ -274,10 +274,12 @@ class ActivationBudget:
     (after the loss's backward) re-encodes each such bucket from that state, so with the very same
     dropout masks and the same outputs, and backpropagates the leaf's gradient through it. Gradients
     and outputs are those of the plain step; the cost is one more forward of the deferred buckets.
-    The random-number stream continues afterwards as if nothing had been replayed."""
+    The random-number stream continues afterwards as if nothing had been replayed. `between` (e.g.
+    handing freed memory back to the OS) runs after each re-encoded bucket's backward."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, between: Callable[[], object] | None = None) -> None:
         self.left = max_bytes if max_bytes > 0 else math.inf
+        self.between = between
         self._deferred: list[tuple[Callable[[], torch.Tensor], Any, torch.Tensor]] = []
 
     def pool(self, encoder: Encoder) -> Callable[..., torch.Tensor]:
@@ -306,6 +308,8 @@ class ActivationBudget:
             if leaf.grad is not None:
                 _set_rng_state(device, state)
                 run().backward(leaf.grad)
+                if self.between is not None:
+                    self.between()
         _set_rng_state(device, end)
         self._deferred.clear()
 

@@ -18,9 +18,12 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float,
     """
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (B, 1)
     l_neg = torch.einsum("nc,kc->nk", q, queue)  # (B, K)
+    # In place where autograd allows it (the einsum's and cat's backward do not read their outputs):
+    # the same values as out-of-place, without two more (B, K) temporaries (32 MB each at paper size).
     if exclude is not None:
-        l_neg = l_neg.masked_fill(exclude, float("-inf"))
-    logits = torch.cat([l_pos, l_neg], dim=1) / T  # (B, 1 + K)
+        l_neg.masked_fill_(exclude, float("-inf"))
+    logits = torch.cat([l_pos, l_neg], dim=1).div_(T)  # (B, 1 + K)
+    del l_neg
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
     if total is None:
         return F.cross_entropy(logits, labels)
