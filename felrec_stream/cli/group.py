@@ -189,13 +189,16 @@ def _joined_job() -> bool:
 def leave_job(code: int) -> NoReturn:
     """End this rank now, with `code`, without the interpreter's teardown (`os._exit`).
 
-    A rank that exits normally while another rank of the job still runs can die in that teardown,
-    after its last line of Python ("terminate called without an active exception" from libtorch,
-    SIGABRT), at random: a follower of `consume --nproc 2` leaves as soon as rank 0 says stop,
-    while rank 0 still closes its Kafka clients. torchrun then reports that rank as failed, stops
-    the others and exits 1 after a job that completed. Everything a rank leaves behind is durable
-    or closed when its command returns; the process group ends with the process, as it does when a
-    rank is killed. Logs, stdout and stderr are flushed first."""
+    Why: a ProcessGroupGloo worker thread drops its last collective's work (tensors that hold
+    Python objects, e.g. `all_gather_object`'s) a moment after the collective returns; when the
+    interpreter is already finalizing, that decref's GIL acquire ends the thread mid-C++ and
+    libstdc++ aborts the process ("terminate called without an active exception", SIGABRT; core:
+    AsyncAllgatherWork::~AsyncAllgatherWork <- ProcessGroupGloo::runLoop -> take_gil ->
+    PyThread_exit_thread). destroy_process_group at exit does not prevent it. A follower of
+    `consume --nproc 2` exits right after rank 0's last message, so it was the one that died, at
+    random: torchrun then reported the rank failed and the completed job exited 1. Everything a
+    rank leaves behind is durable or closed when its command returns; the process group ends with
+    the process, as when a rank is killed. Logs, stdout and stderr are flushed first."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

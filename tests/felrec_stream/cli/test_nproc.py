@@ -114,9 +114,10 @@ main(sys.argv[2:])
 @pytest.mark.parametrize("args,code,out", [(["--version"], 0, "felrec-stream, version"),
                                             (["no-such-command"], 2, "")])
 def test_a_rank_leaves_with_its_exit_code_and_output_but_without_the_interpreter_teardown(role, args, code, out):
-    """A rank that exits while another still runs could abort in libtorch's teardown (SIGABRT after
-    its last line, at random; the job then exited 1 after completing): ranks leave with os._exit,
-    their exit code and flushed output kept. One process (no job joined) ends as before."""
+    """A rank's interpreter teardown could abort it at random (a gloo worker thread releasing the last
+    collective's Python objects during finalization: SIGABRT after the last line, and the completed
+    job exited 1): ranks leave with os._exit, their exit code and flushed output kept. One process
+    (no job joined) ends as before."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _RANK_EXIT, role, *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
