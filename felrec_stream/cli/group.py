@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # faiss and torch each load an OpenMP runtime; with the default spin-waiting their threads starve
 # each other (and the broker) on small machines. Must be set before either library is imported.
@@ -141,21 +143,64 @@ def parse_key_values(pairs: tuple[str, ...], option: str = "--dataset-option") -
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry point: FelrecError -> one clear line on stderr, exit code 2."""
+    """Console-script entry point: FelrecError -> one clear line on stderr, exit code 2. A rank of
+    a data-parallel job ends through `leave_job` (no interpreter teardown), whatever the outcome."""
+    try:
+        code = _run(args)
+    except Exception:
+        if not _joined_job():
+            raise
+        traceback.print_exc()  # what the interpreter would print, before leaving without its teardown
+        code = 1
+    if _joined_job():
+        leave_job(code)
+    if code:
+        sys.exit(code)
+
+
+def _run(args: list[str] | None) -> int:
+    """The command's exit code (errors reported on stderr as one line)."""
     try:
         code = cli.main(args=args, standalone_mode=False)
         # standalone_mode=False returns ctx.exit()'s code instead of exiting with it
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        return code if isinstance(code, int) else 0
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except FelrecError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
+
+
+def _joined_job() -> bool:
+    """This process joined a torch.distributed job (a rank under torchrun; never imports torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def leave_job(code: int) -> NoReturn:
+    """End this rank now, with `code`, without the interpreter's teardown (`os._exit`).
+
+    Why: a ProcessGroupGloo worker thread drops its last collective's work (tensors that hold
+    Python objects, e.g. `all_gather_object`'s) a moment after the collective returns; when the
+    interpreter is already finalizing, that decref's GIL acquire ends the thread mid-C++ and
+    libstdc++ aborts the process ("terminate called without an active exception", SIGABRT; core:
+    AsyncAllgatherWork::~AsyncAllgatherWork <- ProcessGroupGloo::runLoop -> take_gil ->
+    PyThread_exit_thread). destroy_process_group at exit does not prevent it. A follower of
+    `consume --nproc 2` exits right after rank 0's last message, so it was the one that died, at
+    random: torchrun then reported the rank failed and the completed job exited 1. Everything a
+    rank leaves behind is durable or closed when its command returns; the process group ends with
+    the process, as when a rank is killed. Logs, stdout and stderr are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

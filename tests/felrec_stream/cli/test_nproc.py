@@ -95,3 +95,32 @@ def test_train_under_torchrun_and_evaluate_with_nproc_equal_one_process(monkeypa
     _single_cli(monkeypatch, [*evaluate, str(tmp_path / "eval_one")])
     np.testing.assert_allclose(_event_ranks(tmp_path / "eval_ranks"), _event_ranks(tmp_path / "eval_one"),
                                rtol=0, atol=1e-6)
+
+
+# ---- how a rank ends ---------------------------------------------------------------------------
+
+_RANK_EXIT = """
+import atexit, sys
+import torch.distributed as dist
+from felrec_stream.cli.group import main
+if sys.argv[1] == "rank":  # a job of one rank: what every rank under torchrun has joined
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+atexit.register(lambda: print("teardown ran", flush=True))
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("role", ["rank", "single"])
+@pytest.mark.parametrize("args,code,out", [(["--version"], 0, "felrec-stream, version"),
+                                            (["no-such-command"], 2, "")])
+def test_a_rank_leaves_with_its_exit_code_and_output_but_without_the_interpreter_teardown(role, args, code, out):
+    """A rank's interpreter teardown could abort it at random (a gloo worker thread releasing the last
+    collective's Python objects during finalization: SIGABRT after the last line, and the completed
+    job exited 1): ranks leave with os._exit, their exit code and flushed output kept. One process
+    (no job joined) ends as before."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _RANK_EXIT, role, *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert out in proc.stdout
+    assert ("teardown ran" in proc.stdout) == (role == "single")
