@@ -312,8 +312,13 @@ def test_randomized_kill_points_across_plain_capped_and_two_rank_workers(checkpo
                 name = rng.choice(DRILL_POINTS[mode])
                 point, trigger = f"{name}@{rng.randint(1, 8 if name == 'replica_batch_applied' else 2)}", None
             trials.append(f"{mode}:{point or 'SIGKILL'}")
-            rc, records, _ = _run(command, env if point is None else {**env, FAULT_ENV: point}, trigger)
+            lines: list[str] = []
+            rc, records, _ = _run(command, env if point is None else {**env, FAULT_ENV: point}, trigger, other=lines)
             context = f"seed {seed} (FELREC_DRILL_SEED), trials {trials}, last records {records[-2:]}"
+            # any non-zero exit passes here (the kill), but no rank may die on its own: a rank that
+            # aborted in its teardown (cli.group.leave_job's docstring) would otherwise pass unseen
+            aborted = [line for line in lines if "SIGABRT" in line or "terminate called" in line]
+            assert not aborted, (context, lines[-10:])
             assert rc != 0 or _durable(snapshot_dir) == N_EVENTS, context  # killed, or it reached the end first
             assert _durable(snapshot_dir) >= durable, context  # never behind what was durable
             wait_for(lambda root=snapshot_dir: _lock_free(root), 30, f"the killed worker let go of its lock; {context}")
