@@ -222,6 +222,37 @@ class Leader:
         self.ranks.agree(store_state, "stores")
 
 
+class FollowerBase:
+    """A rank > 0's side of `Leader`'s protocol: `follow` hands each of rank 0's messages to
+    `_handle` until rank 0 says ("stop", reason); a stop this rank is asked for (a signal) travels
+    back to rank 0 with its next reply, and rank 0 stops everyone. Subclasses: the streaming
+    worker's `pipelines.replicas.Follower`, the learner's `training.learn_ranks.LearnFollower`."""
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+        self._asked: str | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._asked is not None
+
+    def request_stop(self, reason: str = "signal") -> None:
+        """Passed on to rank 0 with the next reply (safe in a signal handler)."""
+        if self._asked is None:
+            self._asked = reason
+
+    def follow(self) -> str:
+        """Rank 0's messages to `_handle` until its stop; returns rank 0's reason."""
+        while True:
+            kind, payload = self.ranks.exchange(self._asked)[0]
+            if kind == "stop":
+                return str(payload)
+            self._handle(kind, payload)
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        raise NotImplementedError
+
+
 class _SumOverRanks(torch.autograd.Function):
     """all_reduce(SUM) with a gradient: the sum feeds every rank's loss, so each rank's input
     gradient is the sum of all ranks' output gradients (another all_reduce, in backward)."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from felrec_stream.faults import fault_point
 from felrec_stream.log import get_logger
-from felrec_stream.parallel import Ranks
+from felrec_stream.parallel import FollowerBase, Ranks
 from felrec_stream.state.engine import infer_batch
 from felrec_stream.state.store import RepresentationStore
 from pipelines.model import ModelBundle, model_and_store
@@ -53,34 +53,22 @@ class FollowerResult:
     seconds: float
 
 
-class Follower:
+class Follower(FollowerBase):
     """A rank > 0 of `consume`: applies what rank 0 sends to its replica of the store; writes nothing."""
 
     def __init__(self, bundle: ModelBundle, store: RepresentationStore, ranks: Ranks) -> None:
-        self.bundle, self.store, self.ranks = bundle, store, ranks
-        self._asked: str | None = None
+        super().__init__(ranks)
+        self.bundle, self.store = bundle, store
         self.applied = self.batches = 0
-
-    @property
-    def stopping(self) -> bool:
-        return self._asked is not None
-
-    def request_stop(self, reason: str = "signal") -> None:
-        """Passed on to rank 0 with the next reply (safe in a signal handler)."""
-        if self._asked is None:
-            self._asked = reason
 
     def run(self) -> FollowerResult:
         started = time.perf_counter()
         log.info("follower_started", model_version=self.bundle.version)
-        while True:
-            kind, payload = self.ranks.exchange(self._asked)[0]
-            if kind == "stop":
-                break
-            self._handle(kind, payload)
+        stopped_by = self.follow()
         seconds = round(time.perf_counter() - started, 3)
-        log.info("follower_stopped", applied=self.applied, batches=self.batches, stopped_by=payload, seconds=seconds)
-        return FollowerResult(self.ranks.rank, self.applied, self.batches, str(payload), seconds)
+        log.info("follower_stopped", applied=self.applied, batches=self.batches, stopped_by=stopped_by,
+                 seconds=seconds)
+        return FollowerResult(self.ranks.rank, self.applied, self.batches, stopped_by, seconds)
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "state" and payload is not None:

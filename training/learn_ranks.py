@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from felrec_stream.log import get_logger
-from felrec_stream.parallel import Ranks
+from felrec_stream.parallel import FollowerBase, Ranks
 from training.learn import Learner
 
 log = get_logger(__name__)
@@ -43,34 +43,21 @@ class LearnFollowerResult:
     seconds: float
 
 
-class LearnFollower:
+class LearnFollower(FollowerBase):
     """A rank > 0 of `learn`: trains its slice of what rank 0 sends; writes nothing."""
 
     def __init__(self, learner: Learner, ranks: Ranks) -> None:
         if ranks.leader:
             raise ValueError("rank 0 runs the Learner itself, not a follower")
-        self.learner, self.ranks = learner, ranks
-        self._asked: str | None = None
-
-    @property
-    def stopping(self) -> bool:
-        return self._asked is not None
-
-    def request_stop(self, reason: str = "signal") -> None:
-        """Passed on to rank 0 with the next reply (safe in a signal handler)."""
-        if self._asked is None:
-            self._asked = reason
+        super().__init__(ranks)
+        self.learner = learner
 
     def run(self) -> LearnFollowerResult:
         started = time.perf_counter()
-        while True:
-            kind, payload = self.ranks.exchange(self._asked)[0]
-            if kind == "stop":
-                break
-            self._handle(kind, payload)
+        stopped_by = self.follow()
         p = self.learner.progress
         result = LearnFollowerResult(self.ranks.rank, p.events, p.trained, list(self.learner.published_now),
-                                     str(payload), round(time.perf_counter() - started, 3))
+                                     stopped_by, round(time.perf_counter() - started, 3))
         log.info("learn_follower_stopped", events=result.events, trained=result.trained, stopped_by=result.stopped_by)
         return result
 
